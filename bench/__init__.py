@@ -1,0 +1,1 @@
+"""pipetrain's benchmarks: ``python -m bench`` is the main job (see README)."""

@@ -1,0 +1,33 @@
+"""The main job: every benchmark section in turn, printing tables and writing pictures.
+
+Usage: ``python -m bench [--quick] [--out DIR] [--only SECTION ...]``
+Each section is a module in ``bench/`` with ``run(quick: bool, out: pathlib.Path) -> None``.
+"""
+
+import argparse
+import importlib
+import pathlib
+import sys
+
+# Sections in the order they run; a section whose module is absent is reported, not fatal.
+SECTIONS = ["schedule_table"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/out"),
+                        help="where pictures and traces go (default: bench/out)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or SECTIONS:
+        module = importlib.import_module(f"bench.{name}")
+        print(f"\n=== {name} ===")
+        module.run(quick=args.quick, out=args.out)
+    print(f"\noutputs in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
