@@ -10,7 +10,7 @@ import pathlib
 import sys
 
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
-SECTIONS = ["schedule_table"]
+SECTIONS = ["schedule_table", "executor_overhead", "training", "optim_kernels"]
 
 
 def main(argv=None) -> int:
@@ -22,8 +22,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or SECTIONS:
-        module = importlib.import_module(f"bench.{name}")
         print(f"\n=== {name} ===")
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"bench.{name}":
+                raise
+            print(f"(section {name} is not built yet)")
+            continue
         module.run(quick=args.quick, out=args.out)
     print(f"\noutputs in {args.out}/")
     return 0
