@@ -20,6 +20,8 @@ namespace pipetrain::schedule {
 //          before the first I: every device is busy from its first action to its last (a
 //          parallelogram, which tiles across iterations when the optimizer step needs no
 //          global sync), at up to 2p - 1 activations in flight on stage 0 (sec. 2.2).
+//          It needs m >= 2p - 1 to fill that warm-up; with fewer micro-batches it can be
+//          slower than ZB-H1 (p = 3, m = 3, F = I = W: 12 slots against 11).
 //
 // ZB-H1, p = 4, m = 8 (unit-cost time slots):
 //
