@@ -63,6 +63,14 @@ def test_zb_h2_p3_m6():
     assert rows(schedules.build("zb-h2", 3, 6)) == [want[0], want[1], want[2]]
 
 
+def test_zb_h2_few_microbatches_shortens_the_w_lag():
+    # m = 3 < 2p-1 = 5: warm-up min(m, 2(p-s)-1) = 3, 3, 1; lag min(2s, m-(p-s)) = 0, 1, 2.
+    want = expand({0: "F0 F1 F2 I0 W0 I1 W1 I2 W2",
+                   1: "F0 F1 F2 I0 I1 W0 I2 W1 W2",
+                   2: "F0 I0 F1 I1 F2 I2 W0 W1 W2"})
+    assert rows(schedules.build("zb-h2", 3, 3)) == [want[0], want[1], want[2]]
+
+
 def test_single_stage_degenerates_to_alternation():
     for name in ("1f1b", "zb-h1", "zb-h2"):
         s = schedules.build(name, 1, 3)
