@@ -153,7 +153,7 @@ class Executor:
 
     def __init__(self, num_devices: int, backend: str = "cpu", *,
                  streams: Sequence[int] | None = None, nvtx: bool | None = None,
-                 profile_steps: tuple[int, int] | None = None, spin: int = 4000, yields: int = 16):
+                 profile_steps: tuple[int, int] | None = None, spin: int = 0, yields: int = 64):
         if num_devices <= 0:
             raise ValueError(f"num_devices must be positive, got {num_devices}")
         self.num_devices = num_devices

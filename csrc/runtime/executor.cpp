@@ -99,8 +99,11 @@ void Executor::worker(int device) {
 
 bool Executor::wait_done(int dep, std::uint32_t epoch) {
   std::atomic<std::uint32_t>& flag = done_[dep];
-  // Spin first: on a busy pipeline the producer is usually microseconds away, and a
-  // condvar sleep/wake round trip costs tens of microseconds.
+  // The producer is usually microseconds away and a condvar sleep/wake round trip costs
+  // tens of microseconds, so poll before blocking. Yielding beats pure spinning when
+  // threads outnumber cores (measured: 1F1B p=4 on 2 cores, no-op actions, 0.9 us/action
+  // yielding vs 11 us spinning 4000 pauses): sched_yield hands the core to the producer,
+  // whereas a spinner takes it away. `spin` stays for hosts with a core per thread.
   for (int k = 0; k < options_.spin; ++k) {
     if (flag.load(std::memory_order_acquire) == epoch) return true;
     if (cancel_.load(std::memory_order_relaxed)) return false;

@@ -67,8 +67,8 @@ struct RunError {
 };
 
 struct ExecutorOptions {
-  int spin = 4000;    // busy-polls of a missing dependency before yielding
-  int yields = 16;    // sched_yield rounds before blocking
+  int spin = 0;       // busy-polls of a missing dependency before yielding
+  int yields = 64;    // sched_yield rounds before blocking
   bool ranges = false;  // push a profiler range (NVTX "s1/F3") around every action
 };
 
