@@ -157,11 +157,11 @@ const char* kind_name(runtime::RunError::Kind kind) {
 
 class PyExecutor {
  public:
-  PyExecutor(int num_devices, PyBackend backend, std::vector<Handle> streams, int spin,
-             int yields, bool ranges)
+  PyExecutor(int num_devices, PyBackend backend, std::vector<Handle> streams,
+             std::vector<int> device_ids, int spin, int yields, bool ranges)
       : backend_(std::move(backend)), host_(std::make_shared<PyHost>(num_devices)) {
     core_ = runtime::Executor::create(num_devices, *backend_.impl, host_, std::move(streams),
-                                      {spin, yields, ranges});
+                                      {spin, yields, ranges, std::move(device_ids)});
   }
   ~PyExecutor() { close(); }
 
@@ -299,9 +299,9 @@ void bind_runtime(py::module_& m) {
       });
 
   py::class_<PyExecutor>(m, "Executor", "One issuing thread per device; see engine/executor.py.")
-      .def(py::init<int, PyBackend, std::vector<Handle>, int, int, bool>(),
-           py::arg("num_devices"), py::arg("backend"), py::arg("streams"), py::arg("spin"),
-           py::arg("yields"), py::arg("ranges"))
+      .def(py::init<int, PyBackend, std::vector<Handle>, std::vector<int>, int, int, bool>(),
+           py::arg("num_devices"), py::arg("backend"), py::arg("streams"),
+           py::arg("device_ids"), py::arg("spin"), py::arg("yields"), py::arg("ranges"))
       .def("run", &PyExecutor::run, py::arg("plan"), py::arg("run_action"), py::arg("timeout"))
       .def("timeline", &PyExecutor::timeline)
       .def("close", &PyExecutor::close)

@@ -41,8 +41,16 @@ Executor::Executor(int num_devices, Backend& backend, std::shared_ptr<HostContex
       streams_(std::move(streams)), options_(options) {
   if (num_devices <= 0) throw std::invalid_argument("executor: num_devices must be positive");
   if (!host_) host_ = std::make_shared<HostContext>();
+  if (options_.device_ids.empty()) {
+    for (int d = 0; d < num_devices; ++d) options_.device_ids.push_back(d);
+  }
+  if (static_cast<int>(options_.device_ids.size()) != num_devices) {
+    throw std::invalid_argument("executor: expected one device id per device (" +
+                                std::to_string(num_devices) + "), got " +
+                                std::to_string(options_.device_ids.size()));
+  }
   if (streams_.empty()) {
-    for (int d = 0; d < num_devices; ++d) streams_.push_back(backend_.default_stream(d));
+    for (int d = 0; d < num_devices; ++d) streams_.push_back(backend_.default_stream(device_id(d)));
   }
   if (static_cast<int>(streams_.size()) != num_devices) {
     throw std::invalid_argument("executor: expected one stream per device (" +
@@ -77,7 +85,7 @@ void Executor::shutdown() {
 }
 
 void Executor::worker(int device) {
-  backend_.bind_thread(device);
+  backend_.bind_thread(device_id(device));
   host_->attach(device);
   std::uint64_t seen = 0;
   for (;;) {
@@ -262,7 +270,7 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
     st.current.store(-1);
     st.waiting_on.store(-1);
     if (!backend_.synchronous()) {
-      while (static_cast<int>(st.events.size()) < n) st.events.push_back(backend_.create_event(d));
+      while (static_cast<int>(st.events.size()) < n) st.events.push_back(backend_.create_event(device_id(d)));
     }
   }
   plan_ = std::move(plan);
