@@ -194,6 +194,19 @@ def test_slow_action_times_out_then_executor_recovers(ex2):
     ex2.run(plan, lambda d, i: None, timeout=1.0)
 
 
+def test_timeout_without_waiter_names_the_running_action():
+    with Executor(1) as ex:
+        with pytest.raises(ExecutorError, match="0F1.*running") as info:
+            ex.run([[("0F0", []), ("0F1", [])]], lambda d, i: time.sleep(0.4 * i), timeout=0.25)
+        assert (info.value.kind, info.value.device, info.value.index) == ("timeout", 0, 1)
+        assert info.value.dependency is None
+
+
+def test_empty_plan(ex2):
+    timeline = ex2.run([[], []], lambda d, i: None, timeout=1.0)
+    assert [len(s) for s in timeline.start_ns] == [0, 0] and timeline.busy_ns(0) == 0
+
+
 def test_stuck_action_poisons_executor():
     release = threading.Event()
     ex = Executor(1)

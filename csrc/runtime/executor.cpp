@@ -320,6 +320,13 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
             err.dep_index = plan_->idx[dep];
           }
         }
+        for (int d = 0; d < num_devices_ && err.device < 0; ++d) {
+          const int cur = state_[d].current.load();  // nobody waits: blame the one running
+          if (cur >= 0 && state_[d].active.load()) {
+            err.device = d;
+            err.index = plan_->idx[cur];
+          }
+        }
         err.message = "no action completed for " + std::to_string(timeout_s) + " s: " +
                       describe_stall();
         fail(std::move(err));
