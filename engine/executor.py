@@ -188,6 +188,11 @@ class Executor:
         self._core = _rt.Executor(num_devices, self._backend, list(streams), devices, spin,
                                   yields, bool(nvtx))
         self._lock = threading.Lock()  # one run at a time
+        if profile_steps is not None:
+            a, b = profile_steps
+            if not 0 <= a < b:
+                raise ValueError(f"profile_steps must be (start, stop) with 0 <= start < stop, "
+                                 f"got {profile_steps}")
         self._profile = profile_steps
         self._runs = 0
         self._copy_streams: dict[tuple[int, int], int] = {}

@@ -332,6 +332,14 @@ def test_one_run_at_a_time(ex2):
     assert inner == [1]
 
 
+def test_profile_window_validated_and_harmless_on_cpu():
+    with pytest.raises(ValueError, match="profile_steps"):
+        Executor(1, profile_steps=(3, 3))
+    with Executor(1, profile_steps=(1, 2), nvtx=True) as ex:  # no-ops on the CPU backend
+        for _ in range(3):
+            ex.run([[("0F0", [])]], lambda d, i: None, timeout=1.0)
+
+
 def test_cuda_only_arguments_rejected_on_cpu():
     with pytest.raises(ValueError, match="CUDA backend"):
         Executor(2, streams=[0, 0])
