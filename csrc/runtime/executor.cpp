@@ -85,7 +85,11 @@ void Executor::shutdown() {
 }
 
 void Executor::worker(int device) {
-  backend_.bind_thread(device_id(device));
+  try {
+    backend_.bind_thread(device_id(device));
+  } catch (const std::exception& err) {
+    state_[device].bind_error = std::string(backend_.name()) + " backend: " + err.what();
+  }
   host_->attach(device);
   std::uint64_t seen = 0;
   for (;;) {
@@ -162,6 +166,11 @@ void Executor::run_device(int d) {
   void* const ctx = ctx_.get();
   bool entered = false;
   int g = begin;
+  if (!st.bind_error.empty()) {
+    fail({RunError::Kind::kBackend, d, -1, -1, -1,
+          "device " + std::to_string(d) + ": " + st.bind_error});
+    return;
+  }
   st.active.store(true);
   try {
     for (; g < end; ++g) {
@@ -270,7 +279,15 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
     st.current.store(-1);
     st.waiting_on.store(-1);
     if (!backend_.synchronous()) {
-      while (static_cast<int>(st.events.size()) < n) st.events.push_back(backend_.create_event(device_id(d)));
+      try {
+        while (static_cast<int>(st.events.size()) < n) {
+          st.events.push_back(backend_.create_event(device_id(d)));
+        }
+      } catch (const std::exception& err) {
+        return {RunError::Kind::kBackend, d, -1, -1, -1,
+                std::string("device ") + std::to_string(d) + ": " + backend_.name() +
+                    " backend: creating events: " + err.what()};
+      }
     }
   }
   plan_ = std::move(plan);

@@ -113,6 +113,7 @@ class Executor : public std::enable_shared_from_this<Executor> {
     std::vector<WaitRecord> waits;             // preallocated; nwaits used
     std::int32_t nwaits = 0;
     std::vector<Handle> events;                // CUDA: one event per action index, reused
+    std::string bind_error;                    // bind_thread failed: every run fails on it
   };
 
   void worker(int device);
