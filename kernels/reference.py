@@ -222,5 +222,7 @@ def non_finite_check(grad: torch.Tensor, found_inf: torch.Tensor) -> None:
         found_inf: 1-element fp32 flag on grad's device, updated in place.
     """
     check_tensors("grad", grad, param_like={}, state_like={}, found_inf=found_inf)
+    if found_inf is None:
+        raise ValueError("found_inf (a 1-element float32 tensor) is required")
     bad = ~torch.isfinite(grad).all()
     found_inf.copy_(torch.where(bad, torch.ones_like(found_inf), found_inf))

@@ -11,7 +11,7 @@ import torch
 
 from pipetrain.kernels import reference as ref
 from pipetrain.kernels import sgd_step
-from pipetrain.kernels._launch import BLOCK, check_runnable
+from pipetrain.kernels._launch import BLOCK
 
 SIZES = [1, 7, BLOCK + 3, 4 * BLOCK + 1]
 LOW = [torch.bfloat16, torch.float16]
@@ -180,9 +180,3 @@ def test_rejects_bad_input(change, match):
         sgd_step(args.pop("param"), args.pop("grad"), args.pop("momentum_buf"), lr=0.1,
                  momentum=0.9, first_step=True, **args)
 
-
-def test_cpu_tensors_need_the_interpreter():
-    def compiled_kernel():   # stands in for a JIT (not interpreted) kernel
-        pass
-    with pytest.raises(ValueError, match="CUDA tensors"):
-        check_runnable(compiled_kernel, torch.device("cpu"))
