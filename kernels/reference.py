@@ -183,9 +183,9 @@ def sgd_predict(param: torch.Tensor, momentum_buf: torch.Tensor, out: torch.Tens
 def adam_predict(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  out: torch.Tensor, *, s: float, lr: float, beta1: float, beta2: float,
                  eps: float, step: int) -> None:
-    """XPipe Adam-based prediction: ``out = w - s*lr*mhat/(sqrt(vhat)+eps)``, moments bias-corrected at ``step``.
+    """XPipe Adam-based prediction: ``out = w - s*lr*mhat/(sqrt(vhat)+eps)``, bias-corrected at ``step``.
 
-    Computed in the same op order as the update, ``w - (s*lr/(1-b1**t)) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``,
+    Computed in the update's op order, ``w - (s*lr/(1-b1**t)) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``,
     so a fused update-then-predict equals update followed by this. ``step == 0`` (no update yet,
     bias correction undefined) gives ``out = w``.
 

@@ -196,8 +196,12 @@ def test_fused_sgd_step_equals_step_then_predict(master):
     w, g, buf = _state(n, seed=16)
     dtype = torch.bfloat16 if master else torch.float32
     opts = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, first_step=False)
-    pa, ba, ma, outa = w.to(dtype, copy=True), buf.clone(), w.clone() if master else None, torch.empty(n, dtype=dtype)
-    pb, bb, mb, outb = w.to(dtype, copy=True), buf.clone(), w.clone() if master else None, torch.empty(n, dtype=dtype)
+
+    def fresh():   # param (copied even when dtype is fp32), buffer, master, prediction
+        return (w.to(dtype, copy=True), buf.clone(), w.clone() if master else None,
+                torch.empty(n, dtype=dtype))
+
+    (pa, ba, ma, outa), (pb, bb, mb, outb) = fresh(), fresh()
     K.sgd_step(pa, g, ba, master=ma, predict_out=outa, predict_s=s, **opts)
     K.sgd_step(pb, g, bb, master=mb, **opts)
     K.sgd_predict(mb if master else pb, bb, outb, s=s, lr=opts["lr"])
@@ -212,8 +216,12 @@ def test_fused_adam_step_equals_step_then_predict(master):
     g = torch.randn(n, generator=torch.Generator().manual_seed(18))
     dtype = torch.float16 if master else torch.float32
     opts = dict(ADAM, weight_decay=0.1, decoupled=True, step=step)
-    a = [w.to(dtype, copy=True), m.clone(), v.clone(), w.clone() if master else None, torch.empty(n, dtype=dtype)]
-    b = [w.to(dtype, copy=True), m.clone(), v.clone(), w.clone() if master else None, torch.empty(n, dtype=dtype)]
+
+    def fresh():   # param (copied even when dtype is fp32), m, v, master, prediction
+        return [w.to(dtype, copy=True), m.clone(), v.clone(), w.clone() if master else None,
+                torch.empty(n, dtype=dtype)]
+
+    a, b = fresh(), fresh()
     K.adam_step(a[0], g, a[1], a[2], master=a[3], predict_out=a[4], predict_s=s, **opts)
     K.adam_step(b[0], g, b[1], b[2], master=b[3], **opts)
     K.adam_predict(b[3] if master else b[0], b[1], b[2], b[4], s=s, step=step, **ADAM)
