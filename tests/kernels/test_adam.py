@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipetrain.kernels import adam_step
 from pipetrain.kernels import reference as ref
@@ -176,3 +178,23 @@ def test_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         adam_step(args.pop("param"), args.pop("grad"), args.pop("exp_avg"),
                   args.pop("exp_avg_sq"), **args)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(lr=st.floats(1e-5, 0.1), beta1=st.floats(0.0, 0.999), beta2=st.floats(0.0, 0.9999),
+       eps=st.sampled_from([1e-8, 1e-6, 1e-3]), weight_decay=st.floats(0.0, 0.5),
+       decoupled=st.booleans(), maximize=st.booleans(), step=st.integers(1, 10_000),
+       s=st.floats(0.0, 8.0), n=st.integers(1, 2 * BLOCK + 1))
+def test_any_hyperparameters_match_reference(lr, beta1, beta2, eps, weight_decay, decoupled,
+                                             maximize, step, s, n, fp32_close):
+    """Random hyperparameters (both lerp branches, late steps) and sizes: kernel == reference."""
+    opts = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                decoupled=decoupled, maximize=maximize, step=step, predict_s=s)
+    w, g, m, v = _inputs(n, seed=n)
+    k = [w.clone(), m.clone(), v.clone(), torch.empty(n)]
+    r = [w.clone(), m.clone(), v.clone(), torch.empty(n)]
+    adam_step(k[0], g, k[1], k[2], predict_out=k[3], **opts)
+    ref.adam_step(r[0], g, r[1], r[2], predict_out=r[3], **opts)
+    for a, b in zip(k, r):
+        fp32_close(a, b)   # the fixture is a pure function: safe to share across examples

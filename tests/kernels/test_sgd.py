@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipetrain.kernels import reference as ref
 from pipetrain.kernels import sgd_step
@@ -180,3 +182,27 @@ def test_rejects_bad_input(change, match):
         sgd_step(args.pop("param"), args.pop("grad"), args.pop("momentum_buf"), lr=0.1,
                  momentum=0.9, first_step=True, **args)
 
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                             HealthCheck.function_scoped_fixture])
+@given(lr=st.floats(1e-4, 1.0), momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+       dampening=st.floats(0.0, 0.9), nesterov=st.booleans(), weight_decay=st.floats(0.0, 0.5),
+       maximize=st.booleans(), first_step=st.booleans(), s=st.floats(0.0, 8.0),
+       n=st.integers(1, 2 * BLOCK + 1))
+def test_any_hyperparameters_match_reference(lr, momentum, dampening, nesterov, weight_decay,
+                                             maximize, first_step, s, n, fp32_close):
+    """Random hyperparameters (torch.optim's valid region) and sizes: kernel == reference (fp32)."""
+    if nesterov:
+        momentum, dampening = max(momentum, 0.5), 0.0
+    opts = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                weight_decay=weight_decay, maximize=maximize, first_step=first_step,
+                predict_s=s)
+    w, g, buf = _inputs(n, seed=n)
+    k = [w.clone(), buf.clone() if momentum else None, torch.empty(n)]
+    r = [w.clone(), buf.clone() if momentum else None, torch.empty(n)]
+    sgd_step(k[0], g, k[1], predict_out=k[2], **opts)
+    ref.sgd_step(r[0], g, r[1], predict_out=r[2], **opts)
+    for a, b in zip(k, r):
+        if a is not None:
+            fp32_close(a, b)   # the fixture is a pure function: safe to share across examples
