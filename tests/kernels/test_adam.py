@@ -162,6 +162,25 @@ def test_found_inf_leaves_everything_bit_identical(n):
     assert not torch.equal(m, before[1])
 
 
+@pytest.mark.parametrize("beta2", [0.999, 0.9999])
+@pytest.mark.parametrize("step", [1, 2, 10])
+def test_bias_correction_is_accurate_in_early_steps(step, beta2, tracked, within_bound):
+    """Bias corrections are formed on the host in fp64 and rounded once to fp32. Forming
+    1 - beta2**t from beta2 rounded to fp32 (as an in-kernel fp32 computation would) is off by
+    ~1e-5 relative at t = 1 (fp32(0.999) = 0.99900001287...), i.e. ~6e-6 in the update — far
+    outside the fp32 error bound once the update dominates w (here w = 0, lr = 1)."""
+    n = BLOCK + 3
+    _, g, m, v = _inputs(n, seed=50 + step)
+    w = torch.zeros(n)
+    opts = dict(lr=1.0, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.0, decoupled=False,
+                maximize=False, step=step, predict_s=2.0)
+    k = [w.clone(), m.clone(), v.clone(), torch.empty(n)]
+    adam_step(k[0], g, k[1], k[2], predict_out=k[3], **opts)
+    exact = _adam_tracked(tracked, w, g, m, v, **opts)
+    within_bound(k[0], exact[0], "w")
+    within_bound(k[3], exact[3], "pred")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(grad=torch.zeros(3)), "same numel"),
     (dict(exp_avg=torch.zeros(8)[::2]), "contiguous"),
@@ -180,15 +199,37 @@ def test_rejects_bad_input(kwargs, match):
                   args.pop("exp_avg_sq"), **args)
 
 
-@settings(max_examples=25, deadline=None,
+def _adam_tracked(T, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                  step, predict_s):
+    """Adam in the kernel's op order on :class:`Tracked` values: fp64 result + fp32 error bound."""
+    w, g, m, v = T(w), T(g), T(m), T(v)
+    g = -g if maximize else g
+    if weight_decay != 0.0:
+        if decoupled:
+            w = w * T.const(1.0 - lr * weight_decay)
+        else:
+            g = g + T.const(weight_decay) * w
+    w1 = T.const(1.0 - beta1)
+    diff = g - m
+    small = float(torch.tensor(1.0 - beta1, dtype=torch.float32)) < 0.5   # the fp32 weight
+    m = m + w1 * diff if small else g - diff * (T(1.0) - w1)
+    v = v * T.const(beta2) + T.const(1.0 - beta2) * g * g
+    step_size = lr / (1.0 - beta1 ** step)
+    denom = v.sqrt() / T.const((1.0 - beta2 ** step) ** 0.5) + T.const(eps)
+    w = w + T.const(-step_size) * m / denom
+    return w, m, v, w + T.const(-predict_s * step_size) * m / denom
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(lr=st.floats(1e-5, 0.1), beta1=st.floats(0.0, 0.999), beta2=st.floats(0.0, 0.9999),
        eps=st.sampled_from([1e-8, 1e-6, 1e-3]), weight_decay=st.floats(0.0, 0.5),
        decoupled=st.booleans(), maximize=st.booleans(), step=st.integers(1, 10_000),
        s=st.floats(0.0, 8.0), n=st.integers(1, 2 * BLOCK + 1))
 def test_any_hyperparameters_match_reference(lr, beta1, beta2, eps, weight_decay, decoupled,
-                                             maximize, step, s, n, fp32_close):
-    """Random hyperparameters (both lerp branches, late steps) and sizes: kernel == reference."""
+                                             maximize, step, s, n, tracked, within_bound):
+    """Random hyperparameters (both lerp branches, late steps, cancellation) and sizes: kernel and
+    reference both lie within the propagated fp32 error bound of the exact result."""
     opts = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 decoupled=decoupled, maximize=maximize, step=step, predict_s=s)
     w, g, m, v = _inputs(n, seed=n)
@@ -196,5 +237,7 @@ def test_any_hyperparameters_match_reference(lr, beta1, beta2, eps, weight_decay
     r = [w.clone(), m.clone(), v.clone(), torch.empty(n)]
     adam_step(k[0], g, k[1], k[2], predict_out=k[3], **opts)
     ref.adam_step(r[0], g, r[1], r[2], predict_out=r[3], **opts)
-    for a, b in zip(k, r):
-        fp32_close(a, b)   # the fixture is a pure function: safe to share across examples
+    exact = _adam_tracked(tracked, w, g, m, v, **opts)
+    for name, a, b, t in zip(("w", "m", "v", "pred"), k, r, exact):
+        within_bound(a, t, f"kernel {name}")
+        within_bound(b, t, f"reference {name}")
