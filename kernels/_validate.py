@@ -12,6 +12,7 @@ float >= 0.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -111,10 +112,10 @@ def check_distance(name: str, s) -> float:
 
 def check_step(step, *, minimum: int) -> int:
     """Return the Adam step count as an int after checking ``step >= minimum``."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < minimum:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < minimum:
         raise ValueError(f"step must be an int >= {minimum} (the count after this update), "
                          f"got {step!r}")
-    return step
+    return int(step)
 
 
 def check_sgd_options(momentum: float, dampening: float, nesterov: bool,

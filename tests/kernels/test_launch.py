@@ -9,6 +9,8 @@ vector (v4) instructions. This is also the only test that runs the GPU code path
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -18,6 +20,7 @@ import sys
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from pipetrain.kernels._launch import BLOCK, NUM_WARPS, check_runnable, launch_config
 
@@ -36,6 +39,29 @@ def test_cpu_tensors_need_the_interpreter():
     with pytest.raises(ValueError, match="CUDA tensors"):
         check_runnable(compiled_kernel, torch.device("cpu"))
     check_runnable(compiled_kernel, torch.device("cuda", 0))   # CUDA is always accepted
+
+
+# Compile-time switches per kernel: structural choices only. Every hyperparameter that may change
+# between steps or calls (lr, momentum, dampening, betas, eps, weight decay, the bias corrections
+# that encode the step, the distance s) must be a run-time argument so it never recompiles.
+_CONSTEXPRS = {
+    "sgd._sgd_step_kernel": {"HAS_MOMENTUM", "FIRST_STEP", "NESTEROV", "HAS_WD", "MAXIMIZE",
+                             "HAS_MASTER", "HAS_FOUND_INF", "HAS_PREDICT", "BLOCK"},
+    "adam._adam_step_kernel": {"HAS_WD", "DECOUPLED", "MAXIMIZE", "HAS_MASTER", "HAS_FOUND_INF",
+                               "HAS_PREDICT", "BLOCK"},
+    "predict._sgd_predict_kernel": {"BLOCK"},
+    "predict._adam_predict_kernel": {"BLOCK"},
+    "found_inf._non_finite_kernel": {"BLOCK"},
+}
+
+
+@pytest.mark.parametrize("qualname", list(_CONSTEXPRS))
+def test_hyperparameters_are_runtime_arguments(qualname):
+    module, name = qualname.split(".")
+    kernel = getattr(importlib.import_module(f"pipetrain.kernels.{module}"), name)
+    params = inspect.signature(kernel.fn).parameters
+    constexpr = {p for p, v in params.items() if v.annotation in (tl.constexpr, "tl.constexpr")}
+    assert constexpr == _CONSTEXPRS[qualname]
 
 
 _COMPILE = r"""
