@@ -3,11 +3,15 @@
 // The kernels are written once (fused_optim.cpp) against a "V" with:
 //   V::W                        lanes;  V::T  the register type (float for Scalar)
 //   set1(x), sqrt(x)            broadcast, IEEE square root (correctly rounded, as sqrtf)
+//   fma(a, b, c)                a*b + c rounded once
 //   load(const P*), store(P*, T) for P in {float, BF16, _Float16}: widen to fp32 / round back
 //   stream(float*, T)           non-temporal store (write-only outputs of huge buffers)
-// and GCC's vector operators (+ - * / unary -) on T. No FMA is ever formed (the build uses
-// -std=c++17, i.e. -ffp-contract=off, and intrinsics are never contracted), so the vector
-// body and the scalar tail round identically, op for op, like torch's unfused ops.
+// and GCC's vector operators (+ - * / unary -) on T. The compiler never forms an FMA on its
+// own (the build uses -std=c++17, i.e. -ffp-contract=off); the kernels call fma() exactly
+// where torch's vectorised CPU ops do (add with alpha, lerp, addcmul), so results match
+// torch.optim bit for bit on the elements torch runs through its vector body. The scalar
+// tail uses fma() too (fmaf: exact, just slower), so every element of one call is computed
+// by the same formula whatever its position or thread.
 //
 // Why hand-written intrinsics rather than auto-vectorised loops: sqrtf sets errno, so GCC
 // refuses to vectorise a loop containing it unless -fno-math-errno is on, and that flag
@@ -57,6 +61,7 @@ struct Scalar {
   static constexpr int W = 1;
   static PT_INLINE T set1(float x) { return x; }
   static PT_INLINE T sqrt(T x) { return __builtin_sqrtf(x); }
+  static PT_INLINE T fma(T a, T b, T c) { return __builtin_fmaf(a, b, c); }
   static PT_INLINE T load(const float* p) { return *p; }
   static PT_INLINE T load(const BF16* p) { return bf16_to_f32(p->bits); }
   static PT_INLINE T load(const _Float16* p) { return static_cast<float>(*p); }
@@ -81,6 +86,7 @@ struct Avx2 {
   static constexpr int W = 8;
   static PT_AVX2 T set1(float x) { return _mm256_set1_ps(x); }
   static PT_AVX2 T sqrt(T x) { return _mm256_sqrt_ps(x); }
+  static PT_AVX2 T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static PT_AVX2 T load(const float* p) { return _mm256_loadu_ps(p); }
   static PT_AVX2 T load(const BF16* p) {
     __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -124,6 +130,7 @@ struct Avx512 {
   static constexpr int W = 16;
   static PT_AVX512 T set1(float x) { return _mm512_set1_ps(x); }
   static PT_AVX512 T sqrt(T x) { return _mm512_sqrt_ps(x); }
+  static PT_AVX512 T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static PT_AVX512 T load(const float* p) { return _mm512_loadu_ps(p); }
   static PT_AVX512 T load(const BF16* p) {
     __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
