@@ -22,7 +22,7 @@ NUM_WARPS = 4
 
 @dataclass(frozen=True)
 class Launch:
-    """Where and how to launch: ``kernel[launch.grid](..., BLOCK=launch.block, num_warps=launch.num_warps)``."""
+    """How to launch: ``kernel[l.grid](..., BLOCK=l.block, num_warps=l.num_warps)``."""
 
     grid: tuple[int]
     block: int

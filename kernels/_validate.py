@@ -4,12 +4,15 @@ Every public kernel entry point (reference or Triton) calls these before touchin
 both raise the same ``ValueError`` for the same bad input: tensors must be flat (1-D),
 contiguous, on one device, of equal numel; params/grads/prediction outputs are fp32, bf16 or
 fp16; optimizer state and master weights are fp32; ``found_inf`` is a 1-element fp32 tensor;
-the prediction distance ``s`` is a finite float >= 0.
+no buffer that is written shares memory with any other buffer (outputs are written in place, in
+one pass, so an alias would make the result depend on the order of loads and stores); the prediction distance ``s`` is a finite
+float >= 0.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -18,6 +21,9 @@ import torch
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dtype required for optimizer state (momentum, exp_avg, exp_avg_sq) and master weights.
 STATE_DTYPE = torch.float32
+#: buffers the fused steps write (grad and found_inf are read-only).
+SGD_WRITES = ("param", "momentum_buf", "master", "predict_out")
+ADAM_WRITES = ("param", "exp_avg", "exp_avg_sq", "master", "predict_out")
 
 
 def _names(dtypes) -> str:
@@ -31,6 +37,7 @@ def check_tensors(
     param_like: dict[str, Optional[torch.Tensor]],
     state_like: dict[str, Optional[torch.Tensor]],
     found_inf: Optional[torch.Tensor] = None,
+    written: tuple[str, ...] = (),
 ) -> None:
     """Check that every given tensor is flat, contiguous, on ``ref``'s device, with ``ref``'s numel.
 
@@ -40,6 +47,8 @@ def check_tensors(
         param_like: name -> tensor that must be fp32/bf16/fp16 (None entries are skipped).
         state_like: name -> tensor that must be fp32 (None entries are skipped).
         found_inf: optional 1-element fp32 flag on the same device.
+        written: names of the tensors the kernel writes; each must not overlap any other tensor
+            (read-only tensors may alias each other).
 
     Raises:
         ValueError: naming the offending argument and what is allowed.
@@ -74,6 +83,20 @@ def check_tensors(
         if found_inf.device != ref.device:
             raise ValueError(f"found_inf is on {found_inf.device} but {ref_name} is on "
                              f"{ref.device}; it must be on the same device (read without host sync)")
+    named = {ref_name: ref, **param_like, **state_like, "found_inf": found_inf}
+    _check_no_overlap({k: t for k, t in named.items() if t is not None}, written)
+
+
+def _check_no_overlap(tensors: dict[str, torch.Tensor], written: tuple[str, ...]) -> None:
+    """Raise ValueError if a written tensor shares bytes with any other (real devices only)."""
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+             for name, t in tensors.items() if t.device.type != "meta" and t.numel() > 0]
+    for i, (start_a, end_a, name_a) in enumerate(spans):
+        for start_b, end_b, name_b in spans[i + 1:]:
+            if (name_a in written or name_b in written) and start_a < end_b and start_b < end_a:
+                raise ValueError(f"{name_a} and {name_b} share memory; a buffer the kernel "
+                                 "writes must be separate from every other buffer "
+                                 "(predictions go to their own buffer)")
 
 
 def check_distance(name: str, s) -> float:
@@ -89,10 +112,10 @@ def check_distance(name: str, s) -> float:
 
 def check_step(step, *, minimum: int) -> int:
     """Return the Adam step count as an int after checking ``step >= minimum``."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < minimum:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < minimum:
         raise ValueError(f"step must be an int >= {minimum} (the count after this update), "
                          f"got {step!r}")
-    return step
+    return int(step)
 
 
 def check_sgd_options(momentum: float, dampening: float, nesterov: bool,

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ._dtypes import load_f32, store_f32
 from ._launch import check_runnable, launch_config
-from ._validate import check_adam_options, check_distance, check_step, check_tensors
+from ._validate import (ADAM_WRITES, check_adam_options, check_distance, check_step,
+                        check_tensors)
 
 __all__ = ["adam_step"]
 
@@ -113,7 +114,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     """
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
                   state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "master": master},
-                  found_inf=found_inf)
+                  found_inf=found_inf, written=ADAM_WRITES)
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=1)
     s = check_distance("predict_s", predict_s)

@@ -43,7 +43,8 @@ def non_finite_check(grad: torch.Tensor, found_inf: torch.Tensor) -> None:
     Raises:
         ValueError: bad dtype/shape/device/contiguity, or CPU tensors outside the interpreter.
     """
-    check_tensors("grad", grad, param_like={}, state_like={}, found_inf=found_inf)
+    check_tensors("grad", grad, param_like={}, state_like={}, found_inf=found_inf,
+                  written=("found_inf",))
     if found_inf is None:
         raise ValueError("found_inf (a 1-element float32 tensor) is required")
     check_runnable(_non_finite_kernel, grad.device)

@@ -65,7 +65,8 @@ def sgd_predict(param: torch.Tensor, momentum_buf: torch.Tensor, out: torch.Tens
         ValueError: bad dtype/shape/device/numel/contiguity, s < 0, or CPU tensors outside
             the Triton interpreter.
     """
-    check_tensors("param", param, param_like={"out": out}, state_like={"momentum_buf": momentum_buf})
+    check_tensors("param", param, param_like={"out": out}, state_like={"momentum_buf": momentum_buf},
+                  written=("out",))
     s = check_distance("s", s)
     check_runnable(_sgd_predict_kernel, param.device)
     n = param.numel()
@@ -94,7 +95,7 @@ def adam_predict(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
             tensors outside the Triton interpreter.
     """
     check_tensors("param", param, param_like={"out": out},
-                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, written=("out",))
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=0)
     s = check_distance("s", s)

@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from ._validate import (check_adam_options, check_distance, check_sgd_options, check_step,
+from ._validate import (ADAM_WRITES as _ADAM_WRITES, SGD_WRITES as _SGD_WRITES,
+                        check_adam_options, check_distance, check_sgd_options, check_step,
                         check_tensors)
 
 __all__ = ["sgd_step", "adam_step", "sgd_predict", "adam_predict", "non_finite_check"]
@@ -72,7 +73,8 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buf: Optional[tor
         ValueError: bad dtype, shape, device, numel, contiguity, options, or predict_s < 0.
     """
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
-                  state_like={"momentum_buf": momentum_buf, "master": master}, found_inf=found_inf)
+                  state_like={"momentum_buf": momentum_buf, "master": master}, found_inf=found_inf,
+                  written=_SGD_WRITES)
     check_sgd_options(momentum, dampening, nesterov, momentum_buf)
     s = check_distance("predict_s", predict_s)
     skip = _skip_mask(found_inf)
@@ -134,7 +136,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     """
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
                   state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "master": master},
-                  found_inf=found_inf)
+                  found_inf=found_inf, written=_ADAM_WRITES)
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=1)
     s = check_distance("predict_s", predict_s)
@@ -175,7 +177,8 @@ def sgd_predict(param: torch.Tensor, momentum_buf: torch.Tensor, out: torch.Tens
         s: version distance >= 0 (how many updates happen before this version's gradient lands).
         lr: learning rate.
     """
-    check_tensors("param", param, param_like={"out": out}, state_like={"momentum_buf": momentum_buf})
+    check_tensors("param", param, param_like={"out": out}, state_like={"momentum_buf": momentum_buf},
+                  written=("out",))
     s = check_distance("s", s)
     out.copy_(param.float().add(momentum_buf, alpha=-s * lr))
 
@@ -183,9 +186,9 @@ def sgd_predict(param: torch.Tensor, momentum_buf: torch.Tensor, out: torch.Tens
 def adam_predict(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  out: torch.Tensor, *, s: float, lr: float, beta1: float, beta2: float,
                  eps: float, step: int) -> None:
-    """XPipe Adam-based prediction: ``out = w - s*lr*mhat/(sqrt(vhat)+eps)``, moments bias-corrected at ``step``.
+    """XPipe Adam-based prediction: ``out = w - s*lr*mhat/(sqrt(vhat)+eps)``, bias-corrected at ``step``.
 
-    Computed in the same op order as the update, ``w - (s*lr/(1-b1**t)) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``,
+    Computed in the update's op order, ``w - (s*lr/(1-b1**t)) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``,
     so a fused update-then-predict equals update followed by this. ``step == 0`` (no update yet,
     bias correction undefined) gives ``out = w``.
 
@@ -198,7 +201,7 @@ def adam_predict(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
         step: int >= 0, the number of updates folded into m and v.
     """
     check_tensors("param", param, param_like={"out": out},
-                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, written=("out",))
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=0)
     s = check_distance("s", s)
@@ -221,6 +224,9 @@ def non_finite_check(grad: torch.Tensor, found_inf: torch.Tensor) -> None:
         grad: (N,) fp32/bf16/fp16 gradient buffer.
         found_inf: 1-element fp32 flag on grad's device, updated in place.
     """
-    check_tensors("grad", grad, param_like={}, state_like={}, found_inf=found_inf)
+    check_tensors("grad", grad, param_like={}, state_like={}, found_inf=found_inf,
+                  written=("found_inf",))
+    if found_inf is None:
+        raise ValueError("found_inf (a 1-element float32 tensor) is required")
     bad = ~torch.isfinite(grad).all()
     found_inf.copy_(torch.where(bad, torch.ones_like(found_inf), found_inf))

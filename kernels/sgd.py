@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._dtypes import load_f32, store_f32
 from ._launch import check_runnable, launch_config
-from ._validate import check_distance, check_sgd_options, check_tensors
+from ._validate import SGD_WRITES, check_distance, check_sgd_options, check_tensors
 
 __all__ = ["sgd_step"]
 
@@ -106,7 +106,8 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buf: Optional[tor
             tensors outside the Triton interpreter.
     """
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
-                  state_like={"momentum_buf": momentum_buf, "master": master}, found_inf=found_inf)
+                  state_like={"momentum_buf": momentum_buf, "master": master}, found_inf=found_inf,
+                  written=SGD_WRITES)
     check_sgd_options(momentum, dampening, nesterov, momentum_buf)
     s = check_distance("predict_s", predict_s)
     check_runnable(_sgd_step_kernel, param.device)

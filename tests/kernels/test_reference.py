@@ -205,3 +205,19 @@ def test_predict_rejects_negative_distance():
     with pytest.raises(ValueError, match="s must be"):
         ref.adam_predict(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), s=-1,
                          lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=1)
+
+
+def test_rejects_aliased_buffers():
+    """Outputs are written in place in one pass: a buffer passed twice (or overlapping views of
+    one allocation) would make the result depend on load/store order, so it is refused."""
+    w, g = torch.zeros(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="share memory"):
+        ref.sgd_predict(w, g, w, s=1.0, lr=0.1)
+    with pytest.raises(ValueError, match="share memory"):
+        ref.sgd_step(w, g, None, lr=0.1, first_step=True, predict_out=w)
+    big = torch.zeros(12)
+    with pytest.raises(ValueError, match="share memory"):
+        ref.adam_step(big[:8], g, big[4:], torch.zeros(8), lr=0.1, beta1=0.9, beta2=0.99,
+                      eps=1e-8, step=1)
+    ref.adam_step(big[:4], torch.zeros(4), big[4:8], big[8:], lr=0.1, beta1=0.9, beta2=0.99,
+                  eps=1e-8, step=1)   # adjacent, disjoint views of one allocation are fine
