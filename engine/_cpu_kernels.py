@@ -20,6 +20,10 @@ import torch
 
 from pipetrain import _C
 
+# The shared checks (and the lists of buffers each kernel writes, which may not alias any
+# other buffer), so the C++, Triton and reference twins raise the same errors.
+from pipetrain.kernels._validate import ADAM_WRITES as _ADAM_WRITES
+from pipetrain.kernels._validate import SGD_WRITES as _SGD_WRITES
 from pipetrain.kernels._validate import (check_adam_options, check_distance, check_sgd_options,
                                          check_step, check_tensors)
 
@@ -73,7 +77,8 @@ def sgd_step(param, grad, momentum_buf, *, lr, momentum=0.0, dampening=0.0, nest
     """
     buf = momentum_buf if momentum != 0 else None
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
-                  state_like={"momentum_buf": buf, "master": master}, found_inf=found_inf)
+                  state_like={"momentum_buf": buf, "master": master}, found_inf=found_inf,
+                  written=_SGD_WRITES)
     _cpu(param=param)
     check_sgd_options(momentum, dampening, nesterov, buf)
     s = check_distance("predict_s", predict_s)
@@ -94,7 +99,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
         raise ValueError("exp_avg and exp_avg_sq (fp32, same numel as param) are required")
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
                   state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "master": master},
-                  found_inf=found_inf)
+                  found_inf=found_inf, written=_ADAM_WRITES)
     _cpu(param=param)
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=1)
@@ -112,7 +117,7 @@ def sgd_predict(param, momentum_buf, out, *, s, lr) -> None:
     if out is None:
         raise ValueError("out (fp32/bf16/fp16, same numel as param) is required")
     check_tensors("param", param, param_like={"out": out},
-                  state_like={"momentum_buf": momentum_buf})
+                  state_like={"momentum_buf": momentum_buf}, written=("out",))
     _cpu(param=param)
     s = check_distance("s", s)
     _ops.sgd_predict(param.data_ptr(), DTYPE_CODES[param.dtype], _addr(momentum_buf),
@@ -125,7 +130,7 @@ def adam_predict(param, exp_avg, exp_avg_sq, out, *, s, lr, beta1, beta2, eps, s
     if exp_avg is None or exp_avg_sq is None or out is None:
         raise ValueError("exp_avg, exp_avg_sq (fp32) and out are required")
     check_tensors("param", param, param_like={"out": out},
-                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, written=("out",))
     _cpu(param=param)
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=0)

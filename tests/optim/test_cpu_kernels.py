@@ -245,3 +245,9 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match=">= 1"):
         K.set_num_threads(0)
     assert K.simd_level() in ("avx512", "avx2", "scalar")
+
+
+def test_aliased_written_buffer_rejected():
+    w, g, m = torch.randn(10), torch.randn(10), torch.zeros(10)
+    with pytest.raises(ValueError, match="share memory"):
+        K.sgd_step(w, g, m, lr=0.1, momentum=0.9, first_step=True, predict_out=w)
