@@ -181,3 +181,23 @@ def test_errors():
         opt.predict(-1.0)
     with pytest.raises(ValueError, match="s must be"):
         opt.step_and_predict(-2)
+
+
+def test_cuda_dispatch_calls_triton_kernels_correctly(monkeypatch):
+    """As test_adam's twin: the Triton route (interpreted on CPU) equals the C++ route."""
+    import pipetrain.kernels as triton_kernels
+    from pipetrain.optim import sgd as sgd_mod
+
+    x, y = _data()
+    a, b = _model(), _model()
+    fb.flatten(a)
+    fb.flatten(b)
+    oa = po.SGD(a.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    ob = po.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    _train(a, oa, 2, x, y)
+    pa = [t.clone() for t in oa.step_and_predict(2.0)]
+    monkeypatch.setattr(sgd_mod, "kernels_for", lambda device: triton_kernels)
+    _train(b, ob, 2, x, y)
+    pb = ob.step_and_predict(2.0)
+    for u, v in zip(list(a.parameters()) + pa, list(b.parameters()) + pb):
+        torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-7)
