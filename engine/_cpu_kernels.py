@@ -2,14 +2,16 @@
 
 Same signatures, semantics and ``ValueError``s as ``pipetrain.kernels.reference``
 (CONTRACTS.md §3; the input checks are the shared ``pipetrain.kernels._validate``): every
-tensor is a flat 1-D contiguous CPU tensor of the same numel, updated in place. ``param`` / ``grad`` / ``predict_out`` may be float32, bfloat16 or float16
-(``predict_out`` has param's dtype); ``momentum_buf``, ``exp_avg``, ``exp_avg_sq``,
+tensor is a flat 1-D contiguous CPU tensor of the same numel, updated in place. ``param``,
+``grad`` and ``predict_out`` may be float32, bfloat16 or float16 (``predict_out`` has
+param's dtype); ``momentum_buf``, ``exp_avg``, ``exp_avg_sq``,
 ``master`` and ``found_inf`` (one element) are float32. All maths is fp32, one pass over
 memory, split across ``get_num_threads()`` threads with the GIL released.
 
-Numerics: the C++ applies torch.optim's op order, with an FMA exactly where torch's
-vectorised CPU ops fuse (add with alpha, lerp, addcmul), so fp32 results equal torch's bit
-for bit except, rarely, 1 ulp where torch takes its unfused scalar remainder path.
+Numerics: the C++ applies torch.optim's op order, with an FMA exactly where torch's CPU ops
+fuse (add with alpha, lerp, addcmul), so fp32 results equal torch's bit for bit, except that
+torch's CPU sqrt is not always correctly rounded (we use IEEE sqrt): an Adam element can
+then differ by an ulp (measured: ~1e-3 of elements).
 Bad input raises ``ValueError`` naming the argument and what is allowed; nothing reaches
 the C++ side unchecked (it trusts raw addresses).
 """

@@ -113,7 +113,8 @@ class FlatBucket:
     def owns(self, param: torch.Tensor, index: int) -> bool:
         """True if ``param`` is still a view of ``data`` at slot ``index``."""
         return (index < len(self.params) and self.params[index] is param
-                and param.data_ptr() == self.data.data_ptr() + self.offsets[index] * self.data.element_size())
+                and param.data_ptr() == self.data.data_ptr()
+                + self.offsets[index] * self.data.element_size())
 
     # --- weight versions -------------------------------------------------------------------
     def load_(self, version: torch.Tensor) -> None:
@@ -174,7 +175,8 @@ class FlatBucket:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 1 or t.numel() != self.numel:
-            raise ValueError(f"{name} must be a flat ({self.numel},) buffer, got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be a flat ({self.numel},) buffer, "
+                             f"got shape {tuple(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
         if dtype is not None and t.dtype != dtype:

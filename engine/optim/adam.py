@@ -99,7 +99,8 @@ class Adam(FusedOptimizer):
         out = outs.flat(b) if outs is not None else None
         kernels_for(b.device).adam_step(
             b.data, b.grad, flat["exp_avg"], flat["exp_avg_sq"], **self._kernel_args(group, t),
-            master=flat.get("master_param"), predict_out=out, predict_s=s if out is not None else 0.0)
+            master=flat.get("master_param"), predict_out=out,
+            predict_s=s if out is not None else 0.0)
         flat["step"].fill_(t)
         if outs is not None and out is None:
             for p in b.params:
@@ -116,7 +117,8 @@ class Adam(FusedOptimizer):
             p.data.view(-1), p.grad.contiguous().view(-1), st["exp_avg"].view(-1),
             st["exp_avg_sq"].view(-1), **self._kernel_args(group, t),
             master=None if master is None else master.view(-1),
-            predict_out=None if out is None else out.view(-1), predict_s=s if out is not None else 0.0)
+            predict_out=None if out is None else out.view(-1),
+            predict_s=s if out is not None else 0.0)
         st["step"].fill_(t)
 
     def _predict_flat(self, group, unit, flat, out, s):

@@ -157,7 +157,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch casts loaded state to the parameter's dtype; ours is always fp32 (mixed
         # precision keeps fp32 moments), and 'step' stays a CPU float tensor as in torch.
         if key == "step":
-            return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            if isinstance(value, torch.Tensor):
+                return value.detach().clone()
+            return torch.tensor(float(value))
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.to(device=param.device, dtype=torch.float32)
         return value
@@ -385,7 +387,8 @@ class _Outputs:
         elif isinstance(out, torch.Tensor):
             if len(buckets) != 1 or len(params) != len(buckets[0].params):
                 raise ValueError("out as one flat tensor needs the optimizer to hold exactly one "
-                                 "flat bucket; pass a {bucket: tensor} dict or a per-parameter list")
+                                 "flat bucket; pass a {bucket: tensor} dict or a per-parameter "
+                                 "list")
             buckets[0]._check_layout("out", out, dtype=buckets[0].dtype)
             self._flat[id(buckets[0])] = out
         elif isinstance(out, dict):

@@ -132,7 +132,8 @@ def test_step_and_predict_equals_step_then_predict():
     x, y = _data()
     a, b = _model(), _model()
     fa, fbk = fb.flatten(a), fb.flatten(b)
-    oa, ob = po.SGD(a.parameters(), lr=0.1, momentum=0.9), po.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    oa = po.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    ob = po.SGD(b.parameters(), lr=0.1, momentum=0.9)
     for step in range(3):
         for m, o in ((a, oa), (b, ob)):
             o.zero_grad()
