@@ -251,3 +251,37 @@ def test_aliased_written_buffer_rejected():
     w, g, m = torch.randn(10), torch.randn(10), torch.zeros(10)
     with pytest.raises(ValueError, match="share memory"):
         K.sgd_step(w, g, m, lr=0.1, momentum=0.9, first_step=True, predict_out=w)
+
+
+def test_concurrent_calls_from_two_threads():
+    """Pipeline stages step their optimizers on their own threads at once (the GIL is
+    released): one call gets the pool, the other runs on its own thread; both are exact."""
+    import threading
+
+    sets = [_inputs(300_007, torch.float32, torch.float32, seed=s) for s in (21, 22)]
+    expect = []
+    for x in sets:
+        p, m, v = x["param"].clone(), x["m"].clone(), x["v"].clone()
+        R.adam_step(p, x["grad"], m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=2)
+        expect.append(p)
+    errors = []
+
+    def work(x):
+        try:
+            for _ in range(20):  # re-run from the same start: each result must be exact
+                p, m, v = x["param"].clone(), x["m"].clone(), x["v"].clone()
+                K.adam_step(p, x["grad"], m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                            step=2)
+                x.setdefault("results", []).append(p)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for x, want in zip(sets, expect):
+        for got in x["results"]:
+            _close(got, want, torch.float32)
