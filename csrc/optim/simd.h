@@ -1,6 +1,6 @@
 // Vector types for the fused CPU optimizer kernels: one interface, three widths.
 //
-// The kernels are written once (fused_optim.cpp) against a "V" with:
+// The kernels are written once (fused_body.inc) against a "V" with:
 //   V::W                        lanes;  V::T  the register type (float for Scalar)
 //   set1(x), sqrt(x)            broadcast, IEEE square root (correctly rounded, as sqrtf)
 //   fma(a, b, c)                a*b + c rounded once
@@ -8,10 +8,10 @@
 //   stream(float*, T)           non-temporal store (write-only outputs of huge buffers)
 // and GCC's vector operators (+ - * / unary -) on T. The compiler never forms an FMA on its
 // own (the build uses -std=c++17, i.e. -ffp-contract=off); the kernels call fma() exactly
-// where torch's vectorised CPU ops do (add with alpha, lerp, addcmul), so results match
-// torch.optim bit for bit on the elements torch runs through its vector body. The scalar
-// tail uses fma() too (fmaf: exact, just slower), so every element of one call is computed
-// by the same formula whatever its position or thread.
+// where torch's CPU ops fuse (add with alpha, lerp, addcmul: intrinsics in torch's vector
+// body, compiler contraction in its scalar remainder), so results match torch.optim bit for
+// bit — except where torch's CPU sqrt is not correctly rounded. Our scalar tail uses fma()
+// too, so every element of a call gets the same formula whatever its position or thread.
 //
 // Why hand-written intrinsics rather than auto-vectorised loops: sqrtf sets errno, so GCC
 // refuses to vectorise a loop containing it unless -fno-math-errno is on, and that flag
