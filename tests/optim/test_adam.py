@@ -225,3 +225,23 @@ def test_cuda_dispatch_calls_triton_kernels_correctly(monkeypatch, flat):
     pb = ob.step_and_predict(2.0)
     for u, v in zip(list(a.parameters()) + pa, list(b.parameters()) + pb):
         torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_params_never_reach_triton(monkeypatch):
+    """CPU tensors run the C++ kernels, never the Triton interpreter."""
+    import pipetrain.kernels as triton_kernels
+
+    def boom(*args, **kwargs):
+        raise AssertionError("Triton kernel called for CPU tensors")
+
+    for name in ("adam_step", "adam_predict", "sgd_step", "sgd_predict"):
+        monkeypatch.setattr(triton_kernels, name, boom, raising=False)
+    x, y = _data()
+    for flat in (False, True):
+        m = _model()
+        if flat:
+            fb.flatten(m)
+        for opt in (po.AdamW(m.parameters()), po.SGD(m.parameters(), lr=0.1, momentum=0.9)):
+            _train(m, opt, 1, x, y)
+            opt.step_and_predict(1.0)
+            opt.predict(1.0)
