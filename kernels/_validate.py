@@ -4,9 +4,9 @@ Every public kernel entry point (reference or Triton) calls these before touchin
 both raise the same ``ValueError`` for the same bad input: tensors must be flat (1-D),
 contiguous, on one device, of equal numel; params/grads/prediction outputs are fp32, bf16 or
 fp16; optimizer state and master weights are fp32; ``found_inf`` is a 1-element fp32 tensor;
-no buffer that is written shares memory with any other buffer (outputs are written in place, in
-one pass, so an alias would make the result depend on the order of loads and stores); the prediction distance ``s`` is a finite
-float >= 0.
+no buffer that is written shares memory with any other buffer (outputs are written in place in
+one pass, so an alias would make the result depend on the order of loads and stores); the
+prediction distance ``s`` is a finite float >= 0.
 """
 
 from __future__ import annotations
