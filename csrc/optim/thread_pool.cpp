@@ -37,8 +37,14 @@ void ThreadPool::set_num_threads(int n) {
 }
 
 void ThreadPool::start_workers(int count) {
+  // No worker runs here (we hold call_mutex_ and stop_workers joined them all), so
+  // generation_ is stable. A new worker must wait for the NEXT generation: starting from 0
+  // it would wake at once on a stale generation and run a task that is not published yet
+  // (task_ is null between calls) -- a crash seen after set_num_threads restarted the pool.
   stopping_ = false;
-  for (int i = 1; i <= count; ++i) workers_.emplace_back(&ThreadPool::worker_loop, this, i);
+  const uint64_t current = generation_;
+  for (int i = 1; i <= count; ++i)
+    workers_.emplace_back(&ThreadPool::worker_loop, this, i, current);
 }
 
 void ThreadPool::stop_workers() {
@@ -51,8 +57,7 @@ void ThreadPool::stop_workers() {
   workers_.clear();
 }
 
-void ThreadPool::worker_loop(int index) {
-  uint64_t seen = 0;
+void ThreadPool::worker_loop(int index, uint64_t seen) {
   for (;;) {
     const std::function<void(int64_t, int64_t)>* task;
     int64_t begin, end;

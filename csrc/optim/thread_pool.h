@@ -39,7 +39,8 @@ class ThreadPool {
   ThreadPool();
   void start_workers(int count);
   void stop_workers();
-  void worker_loop(int index);
+  // `seen`: the generation current when the worker starts; it waits for the next one.
+  void worker_loop(int index, uint64_t seen);
 
   int num_threads_ = 1;
   long owner_pid_ = 0;  // workers do not survive fork(); a child runs everything inline

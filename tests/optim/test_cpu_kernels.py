@@ -285,3 +285,20 @@ def test_concurrent_calls_from_two_threads():
     for x, want in zip(sets, expect):
         for got in x["results"]:
             _close(got, want, torch.float32)
+
+
+def test_pool_restart_is_safe():
+    """Resizing restarts the workers; a new worker must not run a call that is not yet
+    published (it used to wake on a stale generation and call a null task: a segfault)."""
+    n = 70_001
+    g = torch.Generator().manual_seed(11)
+    grad = torch.randn(n, generator=g)
+    expect = None
+    for i in range(200):
+        K.set_num_threads(2 + i % 2)
+        p, buf = torch.ones(n), torch.zeros(n)
+        K.sgd_step(p, grad, buf, lr=0.5, momentum=0.9, first_step=True)
+        if expect is None:
+            expect = p.clone()
+        assert torch.equal(p, expect), i
+    K.set_num_threads(torch.get_num_threads())
