@@ -34,7 +34,33 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_
 from pipetrain import checkpoint as ckpt
 from pipetrain.microbatch import Spec, flatten, unflatten
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "Meter"]
+
+
+class Meter:
+    """What a device keeps between forward and backward, now and at peak.
+
+    ``bytes`` / ``count``: boundary inputs (and, without re-materialization, the saved
+    activations of the graph) of the micro-batches in flight — from the start of F to the end
+    of B, or of I for a split backward (the simulator's definition of in flight).
+    ``w_bytes``: what split backwards keep from I until their W. Stages sharing a device
+    (interleaved) share one meter; all are touched only by that device's thread.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = self.count = self.w_bytes = 0
+        self.peak_bytes = self.peak_count = self.peak_w_bytes = 0
+
+    def add(self, nbytes: int, count: int = 0, w_bytes: int = 0) -> None:
+        self.bytes += nbytes
+        self.count += count
+        self.w_bytes += w_bytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        self.peak_count = max(self.peak_count, self.count)
+        self.peak_w_bytes = max(self.peak_w_bytes, self.w_bytes)
+
+    def reset_peaks(self) -> None:
+        self.peak_bytes, self.peak_count, self.peak_w_bytes = self.bytes, self.count, self.w_bytes
 
 
 @dataclass
@@ -47,7 +73,9 @@ class _Saved:
     weight: float = 1.0                   # last stage: loss weight (micro-batch size / batch size)
     rng: Optional[ckpt.RNGState] = None   # re-materialized: RNG state at forward start
     outputs: Optional[List[Any]] = None   # output leaves carrying the graph (None until built)
-    nbytes: int = 0                       # bytes this entry accounts for in the stash
+    nbytes: int = 0                       # bytes counted in the stash (until B or I)
+    w_nbytes: int = 0                     # bytes counted as waiting for W (after I)
+    inflight: bool = True                 # between F and the end of B / I
     recomputed: List[Any] = field(default_factory=list)  # tensors saved by a recomputation
     # Between I and W: the deferred weight-gradient work.
     w_full: Optional[Tuple[list, list]] = None        # (tensors, grads): one full pass (stage 0)
@@ -85,12 +113,13 @@ class Stage:
         rng_lock: serialize this stage's forward/recompute with other random stages (see
             :mod:`pipetrain.checkpoint`); ``None`` detects dropout-like modules.
         check_finite: last stage: raise ``FloatingPointError`` on a non-finite loss.
+        meter: the device's :class:`Meter` (shared by the stages of one device); own if None.
     """
 
     def __init__(self, index: int, layers: Sequence[nn.Module], device: Any = "cpu", *,
                  checkpoint: bool = False, loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
                  input_grad: bool = True, rng_lock: Optional[bool] = None,
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, meter: Optional[Meter] = None) -> None:
         self.index = index
         self.layers = list(layers)
         self.device = torch.device(device)
@@ -101,9 +130,8 @@ class Stage:
         self._rng_lock_setting = rng_lock
         self.params = [p for p in self.parameters() if p.requires_grad]
         self._stash: Dict[int, _Saved] = {}
-        self.stash_bytes = 0         # bytes kept now (boundary inputs + saved activations)
-        self.peak_stash_bytes = 0    # maximum of stash_bytes since reset_stats()
-        self.peak_inflight = 0       # maximum number of micro-batches stashed at once
+        self.meter = meter if meter is not None else Meter()
+        self.own = Meter()           # this stage's share of the device meter
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -126,27 +154,48 @@ class Stage:
             return self._rng_lock_setting
         return any(ckpt.uses_rng(m) for m in self.layers)
 
+    @property
+    def stash_bytes(self) -> int:
+        """Bytes this stage keeps now for micro-batches between F and B (or I)."""
+        return self.own.bytes
+
+    @property
+    def peak_stash_bytes(self) -> int:
+        return self.own.peak_bytes
+
+    @property
+    def peak_inflight(self) -> int:
+        return self.own.peak_count
+
     def reset_stats(self) -> None:
-        self.peak_stash_bytes = self.stash_bytes
-        self.peak_inflight = len(self._stash)
+        self.own.reset_peaks()
+        self.meter.reset_peaks()
 
     def clear(self) -> None:
         """Drop every stashed micro-batch (after a failed step)."""
         self._stash.clear()
-        self.stash_bytes = 0
+        self.meter.add(-self.own.bytes, -self.own.count, -self.own.w_bytes)
+        self.own = Meter()
 
     def inflight(self) -> List[int]:
         """Micro-batches whose forward ran and whose backward has not finished."""
         return sorted(self._stash)
 
-    def _account(self, saved: _Saved, nbytes: int) -> None:
-        self.stash_bytes += nbytes - saved.nbytes
-        saved.nbytes = nbytes
-        self.peak_stash_bytes = max(self.peak_stash_bytes, self.stash_bytes)
+    def _add(self, nbytes: int, count: int = 0, w_bytes: int = 0) -> None:
+        self.own.add(nbytes, count, w_bytes)
+        self.meter.add(nbytes, count, w_bytes)
+
+    def _leave_inflight(self, saved: _Saved) -> None:
+        if saved.inflight:
+            self._add(-saved.nbytes, -1)
+            saved.nbytes, saved.inflight = 0, False
 
     def _pop(self, mb: int) -> _Saved:
         saved = self._stash.pop(mb)
-        self.stash_bytes -= saved.nbytes
+        self._leave_inflight(saved)
+        if saved.w_nbytes:
+            self._add(0, 0, -saved.w_nbytes)
+            saved.w_nbytes = 0
         return saved
 
     def _get(self, mb: int) -> _Saved:
@@ -202,8 +251,8 @@ class Stage:
                 exclude = {p.data_ptr() for p in self.params}
                 nbytes = _tensor_bytes(x_leaves + packed, exclude)
         self._stash[mb] = saved
-        self._account(saved, nbytes)
-        self.peak_inflight = max(self.peak_inflight, len(self._stash))
+        saved.nbytes = nbytes
+        self._add(nbytes, 1)
         if self.loss_fn is not None:
             loss = out.detach()
             if self.check_finite and not bool(torch.isfinite(loss)):
@@ -325,11 +374,15 @@ class Stage:
         return self._input_grads(saved)
 
     def _after_input(self, saved: _Saved, outputs: List[Any]) -> None:
-        # Between I and W a re-materialized stage holds the recomputed graph: account for it.
+        # I ends the micro-batch's flight; until W the graph stays (kept or recomputed).
+        w = saved.nbytes
         if saved.recomputed:
             exclude = {p.data_ptr() for p in self.params}
-            self._account(saved, _tensor_bytes(saved.inputs + saved.recomputed, exclude))
+            w = _tensor_bytes(saved.inputs + saved.recomputed, exclude)
             saved.recomputed = []
+        self._leave_inflight(saved)
+        saved.w_nbytes = w
+        self._add(0, 0, w)
 
     def backward_weight(self, mb: int) -> None:
         """``W`` of micro-batch ``mb``: accumulate the parameter gradients into ``p.grad``."""
