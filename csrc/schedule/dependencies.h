@@ -1,0 +1,45 @@
+// The one dependency-resolution routine: for each action, the actions it waits for.
+//
+// Actions get a global id gid = offset[device] + index. resolve() indexes every action by
+// (kind, stage, micro-batch[, edge]) in flat arrays (linear time, no hashing), checks each
+// action on its own and the schedule's completeness, then lists for each action the gids
+// it must wait for beyond program order on its own device. Rules (stage edges, not s +- 1):
+//
+//   F(s, mb)    after F(pred, mb) for every predecessor          (lowered, cross-device:
+//                                                                 after RF(s, mb < pred))
+//   B/I(s, mb)  after F(s, mb), and after B/I(succ, mb) for every successor (lowered,
+//                                                                 cross-device: after RB)
+//   W(s, mb)    after I(s, mb)
+//   SF / SB     after the F / B-or-I that produced what they send
+//   RF / RB     after their matching send
+//
+// The validator (order check + deadlock walk), the simulator and Schedule.dependencies()
+// for the executor all read this one structure.
+#pragma once
+#include <vector>
+
+#include "schedule/rules.h"
+#include "schedule/schedule.h"
+
+namespace pipetrain::schedule {
+
+struct DepGraph {
+  std::vector<int> offset;     // size D + 1: device d's actions are gids offset[d]..offset[d+1)
+  std::vector<int> device;     // gid -> device
+  std::vector<int> dep_start;  // size N + 1: deps of gid are dep[dep_start[g]..dep_start[g+1])
+  std::vector<int> dep;        // gids waited for
+  std::vector<Rule> dep_rule;  // the rule each dependency comes from (for error messages)
+  bool lowered = false;
+
+  int num_actions() const { return static_cast<int>(device.size()); }
+  int index_of(int gid) const { return gid - offset[device[gid]]; }
+};
+
+// Fills *out and returns the first structural or completeness violation (ok() if none).
+// Dependency order and deadlock are the validator's business (validator.h).
+Violation resolve(const Schedule& s, DepGraph* out);
+
+// The action a gid names (for messages).
+const Action& action_at(const Schedule& s, const DepGraph& g, int gid);
+
+}  // namespace pipetrain::schedule

@@ -1,0 +1,67 @@
+// Zero-bubble handcrafted schedules ZB-H1 and ZB-H2 (Qi et al., arXiv 2401.10241, sec. 2).
+#include "schedule/generators.h"
+
+#include <algorithm>
+
+namespace pipetrain::schedule {
+
+// The backward is split into I (input gradient, on the critical path) and W (weight
+// gradient, needed only before the optimizer step), so W can wait and fill bubbles.
+// Stage s of p runs `warmup` forwards, then for each micro-batch j in order: I(j), every
+// W that is now `lag` micro-batches old (W(j - lag)), then the next forward; then the
+// remaining W's.
+//
+//   ZB-H1: warmup = p - s, lag = s. Before each F, stage s holds p - s activations awaiting
+//          their I -- the same peak as 1F1B -- and s pending W's (the paper's
+//          (p-s) M_B + s M_W, sec. 2.1). B starts earlier than in 1F1B and the deferred W's
+//          fill the tail: bubble (p-1)(F+I-W), a third of 1F1B's (p-1)(F+I+W) when
+//          F = I = W (needs m >= p).
+//   ZB-H2: warmup = 2(p - s) - 1, lag = 2s. The extra warm-up forwards fill the bubble
+//          before the first I: every device is busy from its first action to its last (a
+//          parallelogram, which tiles across iterations when the optimizer step needs no
+//          global sync), at up to 2p - 1 activations in flight on stage 0 (sec. 2.2).
+//
+// ZB-H1, p = 4, m = 8 (unit-cost time slots):
+//
+//   d0: 0F0 0F1 0F2 0F3  .   .   .  0I0 0W0 0F4 0I1 0W1 0F5 0I2 0W2 0F6 0I3 0W3 0F7 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7
+//   d1:  .  1F0 1F1 1F2  .   .  1I0 1F3 1I1 1W0 1F4 1I2 1W1 1F5 1I3 1W2 1F6 1I4 1W3 1F7 1I5 1W4 1I6 1W5 1I7 1W6 1W7
+//   d2:  .   .  2F0 2F1  .  2I0 2F2 2I1 2F3 2I2 2W0 2F4 2I3 2W1 2F5 2I4 2W2 2F6 2I5 2W3 2F7 2I6 2W4 2I7 2W5 2W6 2W7
+//   d3:  .   .   .  3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3W0 3F4 3I4 3W1 3F5 3I5 3W2 3F6 3I6 3W3 3F7 3I7 3W4 3W5 3W6 3W7
+//
+// ZB-H2, p = 4, m = 8 (unit-cost time slots):
+//
+//   d0: 0F0 0F1 0F2 0F3 0F4 0F5 0F6 0I0 0W0 0F7 0I1 0W1 0I2 0W2 0I3 0W3 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7
+//   d1:  .  1F0 1F1 1F2 1F3 1F4 1I0 1F5 1I1 1F6 1I2 1W0 1F7 1I3 1W1 1I4 1W2 1I5 1W3 1I6 1W4 1I7 1W5 1W6 1W7
+//   d2:  .   .  2F0 2F1 2F2 2I0 2F3 2I1 2F4 2I2 2F5 2I3 2F6 2I4 2W0 2F7 2I5 2W1 2I6 2W2 2I7 2W3 2W4 2W5 2W6 2W7
+//   d3:  .   .   .  3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3F4 3I4 3F5 3I5 3F6 3I6 3W0 3F7 3I7 3W1 3W2 3W3 3W4 3W5 3W6 3W7
+Schedule zero_bubble(int p, int m, bool h2) {
+  Schedule s;
+  s.name = h2 ? "zb-h2" : "zb-h1";
+  s.graph = StageGraph::chain(p);
+  s.num_microbatches = m;
+  s.per_device.resize(p);
+  for (int st = 0; st < p; ++st) {
+    auto& row = s.per_device[st];
+    row.reserve(3 * static_cast<size_t>(m));
+    auto push = [&](int mb, Kind k) {
+      Action a;
+      a.stage = st;
+      a.microbatch = mb;
+      a.kind = k;
+      row.push_back(a);
+    };
+    const int warmup = std::min(m, h2 ? 2 * (p - st) - 1 : p - st);
+    const int lag = h2 ? 2 * st : st;
+    int f = 0, w = 0;
+    for (; f < warmup; ++f) push(f, Kind::F);
+    for (int j = 0; j < m; ++j) {
+      push(j, Kind::I);
+      for (; w <= j - lag; ++w) push(w, Kind::W);
+      if (f < m) push(f++, Kind::F);
+    }
+    for (; w < m; ++w) push(w, Kind::W);
+  }
+  return s;
+}
+
+}  // namespace pipetrain::schedule

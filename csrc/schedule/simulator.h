@@ -1,0 +1,45 @@
+// Discrete-event simulation of a validated schedule: makespan, busy/idle, bubble, memory.
+//
+// Costs are per stage. F costs forward[s]; B costs backward[s] (the full backward); for a
+// split backward, W costs weight[s] and I costs backward[s] - weight[s], so the same
+// arguments describe 1F1B and zero-bubble schedules. Transfers take no device time: a
+// dependency on an action of another device becomes available transfer_latency +
+// transfer_bytes / bandwidth after that action ends (in a lowered schedule this is the
+// send -> receive edge; unlowered, the compute -> compute edge).
+//
+// Each action starts at max(end of the previous action on its device, availability of each
+// dependency) -- the executor's semantics (validator.h), evaluated in topological order.
+//
+// "In flight" (activation memory, in (stage, micro-batch) units): an (s, mb) is in flight on
+// s's device from the start of F(s, mb) to the end of the backward pass that frees its
+// activations -- B, or I for a split backward (W needs only the stage input and the output
+// gradient, which the paper's Table 1 counts as far smaller). It depends only on each
+// device's order, not on costs.
+#pragma once
+#include <vector>
+
+#include "schedule/validator.h"
+
+namespace pipetrain::schedule {
+
+struct Costs {
+  std::vector<double> forward, backward, weight;  // size num_stages each
+  bool weight_given = false;  // false: a split backward costs backward / 2 for each of I, W
+  double transfer = 0.0;      // seconds per cross-device dependency (latency + bytes / bw)
+};
+
+struct SimResult {
+  double makespan = 0.0;
+  std::vector<double> busy, idle;      // per device; idle = makespan - busy
+  double bubble_ratio = 0.0;           // sum idle / (devices * makespan)
+  std::vector<int> peak_inflight;      // per device
+  std::vector<std::vector<double>> start, end;  // per device, per action
+};
+
+// Throws std::invalid_argument if the costs do not fit the schedule (sizes, negatives).
+SimResult simulate(const Schedule& s, const Validated& v, const Costs& c);
+
+// Peak in-flight count per device from the order alone (see above).
+std::vector<int> peak_inflight(const Schedule& s);
+
+}  // namespace pipetrain::schedule
