@@ -1,6 +1,314 @@
-// Binds the runtime component into pipetrain._C.runtime (placeholder until the component lands).
+// Binds the runtime into pipetrain._C.runtime: Backend (streams, events, copies), Plan,
+// Executor. The Python wrapper is engine/executor.py; this layer only converts types, owns
+// the GIL protocol (PyHost) and turns action failures into a status the wrapper raises.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
 #include "bindings.h"
+#include "runtime/backend.h"
+#include "runtime/executor.h"
+#include "runtime/plan.h"
+
+namespace py = pybind11;
 
 namespace pipetrain {
-void bind_runtime(pybind11::module_& m) { (void)m; }
+namespace {
+
+using runtime::Backend;
+using runtime::Handle;
+
+// Each issuing thread gets its own PyThreadState, registered as the thread's GILState
+// state (PyGILState_Ensure on the thread itself), so code inside an action that calls
+// PyGILState_Ensure (pybind11, torch) finds it instead of deadlocking on a second one.
+// enter/leave are then a plain PyEval_RestoreThread/SaveThread: no allocation.
+class PyHost final : public runtime::HostContext {
+ public:
+  explicit PyHost(int n) : gil_(n), ts_(n, nullptr) {}
+  void attach(int d) override {
+    gil_[d] = PyGILState_Ensure();
+    ts_[d] = PyEval_SaveThread();
+  }
+  void detach(int d) override {
+    PyEval_RestoreThread(ts_[d]);
+    PyGILState_Release(gil_[d]);
+  }
+  void enter(int d) override { PyEval_RestoreThread(ts_[d]); }
+  void leave(int d) override { ts_[d] = PyEval_SaveThread(); }
+  bool poll() override {
+    // Runs on the thread that called run(), which released the GIL: let Ctrl-C through.
+    PyGILState_STATE s = PyGILState_Ensure();
+    const bool ok = PyErr_CheckSignals() == 0;
+    if (!ok) interrupt_ = fetch_error();
+    PyGILState_Release(s);
+    return ok;
+  }
+  // Needs the GIL.
+  py::object take_interrupt() { return std::exchange(interrupt_, py::object()); }
+
+  static py::object fetch_error() {
+    PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return py::reinterpret_steal<py::object>(value);
+  }
+
+ private:
+  std::vector<PyGILState_STATE> gil_;
+  std::vector<PyThreadState*> ts_;
+  py::object interrupt_;
+};
+
+// The per-run Python callable and the exception each device's action raised.
+struct PyAction {
+  py::object fn;
+  std::vector<py::object> errors;
+};
+
+// run_action(device, index) with the GIL held: one vectorcall, two small ints.
+bool call_action(void* ctx, int device, int index) {
+  auto* action = static_cast<PyAction*>(ctx);
+  PyObject* args[3] = {nullptr, PyLong_FromLong(device), PyLong_FromLong(index)};
+  PyObject* result = PyObject_Vectorcall(action->fn.ptr(), args + 1,
+                                         2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+  Py_DECREF(args[1]);
+  Py_DECREF(args[2]);
+  if (result == nullptr) {
+    action->errors[device] = PyHost::fetch_error();
+    return false;
+  }
+  Py_DECREF(result);
+  return true;
+}
+
+// A backend as seen from Python: the CPU singleton, or the CUDA one from _C_cuda's capsule
+// (kept alive through `owner`).
+struct PyBackend {
+  Backend* impl;
+  py::object owner;
+};
+
+PyBackend backend_from_capsule(const py::capsule& capsule) {
+  if (std::string(capsule.name() ? capsule.name() : "") != runtime::kBackendCapsule) {
+    throw std::invalid_argument(std::string("expected a capsule named ") + runtime::kBackendCapsule);
+  }
+  return {capsule.get_pointer<Backend>(), capsule};
+}
+
+void run_py_callback(void* arg) {
+  py::gil_scoped_acquire gil;
+  auto* fn = static_cast<py::object*>(arg);
+  try {
+    (*fn)();
+  } catch (py::error_already_set& err) {
+    err.discard_as_unraisable("pipetrain host_callback");
+  }
+  delete fn;
+}
+
+std::shared_ptr<const runtime::Plan> build_plan(int num_devices, const py::sequence& plan) {
+  // Hand-converted (not via the STL casters) to keep a large plan's conversion cheap and
+  // the error messages specific.
+  std::vector<std::vector<runtime::ActionSpec>> spec(py::len(plan));
+  for (std::size_t d = 0; d < spec.size(); ++d) {
+    py::sequence actions = py::reinterpret_borrow<py::sequence>(plan[d]);
+    spec[d].resize(py::len(actions));
+    for (std::size_t i = 0; i < spec[d].size(); ++i) {
+      py::sequence item = py::reinterpret_borrow<py::sequence>(actions[i]);
+      if (py::len(item) != 2) {
+        throw std::invalid_argument("plan: device " + std::to_string(d) + " action " +
+                                    std::to_string(i) + " must be (label, deps)");
+      }
+      spec[d][i].label = py::str(item[0]);
+      for (py::handle dep : py::reinterpret_borrow<py::sequence>(item[1])) {
+        py::sequence pair = py::reinterpret_borrow<py::sequence>(dep);
+        if (py::len(pair) != 2) {
+          throw std::invalid_argument("plan: device " + std::to_string(d) + " action " +
+                                      std::to_string(i) + ": a dependency is (device, index)");
+        }
+        spec[d][i].deps.emplace_back(pair[0].cast<int>(), pair[1].cast<int>());
+      }
+    }
+  }
+  return std::make_shared<const runtime::Plan>(runtime::Plan::build(num_devices, spec));
+}
+
+const char* kind_name(runtime::RunError::Kind kind) {
+  using K = runtime::RunError::Kind;
+  switch (kind) {
+    case K::kNone: return "";
+    case K::kAction: return "action";
+    case K::kBackend: return "backend";
+    case K::kTimeout: return "timeout";
+    case K::kInterrupted: return "interrupted";
+    case K::kStuck: return "stuck";
+  }
+  return "?";
+}
+
+class PyExecutor {
+ public:
+  PyExecutor(int num_devices, PyBackend backend, std::vector<Handle> streams, int spin,
+             int yields, bool ranges)
+      : backend_(std::move(backend)), host_(std::make_shared<PyHost>(num_devices)) {
+    core_ = runtime::Executor::create(num_devices, *backend_.impl, host_, std::move(streams),
+                                      {spin, yields, ranges});
+  }
+  ~PyExecutor() { close(); }
+
+  void close() {
+    if (!core_) return;
+    py::gil_scoped_release nogil;  // the workers take the GIL to drop their thread states
+    core_->shutdown();
+    core_.reset();
+  }
+
+  // Returns (kind, device, index, dep_device, dep_index, label, message, cause); kind "" = ok.
+  py::tuple run(py::object plan_or_list, py::object fn, double timeout_s) {
+    if (!core_) throw std::runtime_error("executor is closed");
+    std::shared_ptr<const runtime::Plan> plan;
+    if (py::isinstance<PlanHolder>(plan_or_list)) {
+      plan = plan_or_list.cast<PlanHolder&>().plan;
+    } else {
+      plan = build_plan(core_->num_devices(), plan_or_list);
+    }
+    auto action = std::make_shared<PyAction>();
+    action->fn = std::move(fn);
+    action->errors.resize(core_->num_devices());
+    std::shared_ptr<void> ctx(action.get(), [keep = action](void*) mutable {
+      py::gil_scoped_acquire gil;  // dropping Python references needs the GIL
+      keep.reset();
+    });
+    runtime::RunError err;
+    {
+      py::gil_scoped_release nogil;
+      err = core_->run(plan, &call_action, std::move(ctx), timeout_s);
+    }
+    py::object cause = py::none();
+    if (err.kind == runtime::RunError::Kind::kAction) cause = action->errors[err.device];
+    if (err.kind == runtime::RunError::Kind::kInterrupted) cause = host_->take_interrupt();
+    std::string label;
+    if (err.device >= 0 && err.index >= 0) label = plan->labels[plan->offset[err.device] + err.index];
+    return py::make_tuple(kind_name(err.kind), err.device, err.index, err.dep_device,
+                          err.dep_index, label, err.message, cause);
+  }
+
+  // (start_ns, end_ns, offsets, waits per device as int64 (n, 5) arrays, wall_ns)
+  py::tuple timeline() const {
+    if (!core_ || !core_->plan()) throw std::runtime_error("no run yet");
+    const runtime::Plan& plan = *core_->plan();
+    py::array_t<std::int64_t> start(core_->start_ns().size(), core_->start_ns().data());
+    py::array_t<std::int64_t> end(core_->end_ns().size(), core_->end_ns().data());
+    py::list waits;
+    for (int d = 0; d < core_->num_devices(); ++d) {
+      std::vector<runtime::WaitRecord> w = core_->waits(d);
+      py::array_t<std::int64_t> arr({static_cast<py::ssize_t>(w.size()), py::ssize_t{5}});
+      auto a = arr.mutable_unchecked<2>();
+      for (std::size_t k = 0; k < w.size(); ++k) {
+        a(k, 0) = w[k].index;
+        a(k, 1) = w[k].dep_device;
+        a(k, 2) = w[k].dep_index;
+        a(k, 3) = w[k].start_ns;
+        a(k, 4) = w[k].end_ns;
+      }
+      waits.append(arr);
+    }
+    return py::make_tuple(start, end, plan.offset, waits, core_->wall_ns());
+  }
+
+  struct PlanHolder {
+    std::shared_ptr<const runtime::Plan> plan;
+  };
+
+  std::shared_ptr<runtime::Executor> core_;
+  PyBackend backend_;
+  std::shared_ptr<PyHost> host_;
+};
+
+}  // namespace
+
+void bind_runtime(py::module_& m) {
+  using PlanHolder = PyExecutor::PlanHolder;
+
+  py::class_<PyBackend>(m, "Backend", "A device backend: streams, events, record, wait, copy, "
+                                      "host callback. Handles are integers.")
+      .def_static("cpu", [] { return PyBackend{&runtime::cpu_backend(), py::none()}; },
+                  "the CPU backend (host threads, CUDA's ordering semantics)")
+      .def_static("from_capsule", &backend_from_capsule, py::arg("capsule"),
+                  "wrap a backend exported by an extension (pipetrain._C_cuda.backend())")
+      .def_property_readonly("name", [](const PyBackend& b) { return std::string(b.impl->name()); })
+      .def_property_readonly("synchronous", [](const PyBackend& b) { return b.impl->synchronous(); })
+      .def("device_count", [](const PyBackend& b) { return b.impl->device_count(); })
+      .def("default_stream", [](PyBackend& b, int d) { return b.impl->default_stream(d); })
+      .def("create_stream", [](PyBackend& b, int d) { return b.impl->create_stream(d); })
+      .def("destroy_stream", [](PyBackend& b, Handle s) {
+        py::gil_scoped_release nogil;  // a CPU stream joins its thread
+        b.impl->destroy_stream(s);
+      })
+      .def("create_event", [](PyBackend& b, int d) { return b.impl->create_event(d); })
+      .def("destroy_event", [](PyBackend& b, Handle e) { b.impl->destroy_event(e); })
+      .def("record", [](PyBackend& b, Handle e, Handle s) { b.impl->record(e, s); },
+           py::arg("event"), py::arg("stream"))
+      .def("stream_wait", [](PyBackend& b, Handle s, Handle e) {
+        py::gil_scoped_release nogil;  // on the CPU immediate stream this blocks the caller
+        b.impl->stream_wait(s, e);
+      }, py::arg("stream"), py::arg("event"))
+      .def("query", [](PyBackend& b, Handle e) { return b.impl->query(e); })
+      .def("copy", [](PyBackend& b, Handle s, std::uintptr_t dst, int dst_device,
+                      std::uintptr_t src, int src_device, std::size_t nbytes) {
+        py::gil_scoped_release nogil;
+        b.impl->copy(s, reinterpret_cast<void*>(dst), dst_device,
+                     reinterpret_cast<const void*>(src), src_device, nbytes);
+      }, py::arg("stream"), py::arg("dst"), py::arg("dst_device"), py::arg("src"),
+         py::arg("src_device"), py::arg("nbytes"))
+      .def("host_callback", [](PyBackend& b, Handle s, py::function fn) {
+        b.impl->host_callback(s, &run_py_callback, new py::object(std::move(fn)));
+      }, py::arg("stream"), py::arg("fn"))
+      .def("synchronize", [](PyBackend& b, Handle s, double timeout_s) {
+        py::gil_scoped_release nogil;
+        return b.impl->synchronize(s, timeout_s);
+      }, py::arg("stream"), py::arg("timeout"))
+      .def("wait_event", [](PyBackend& b, Handle e, double timeout_s) {
+        py::gil_scoped_release nogil;
+        return runtime::host_wait(*b.impl, e, timeout_s);
+      }, py::arg("event"), py::arg("timeout"), "block the caller until the event completes")
+      .def("range_push", [](PyBackend& b, const std::string& name) { b.impl->range_push(name.c_str()); })
+      .def("range_pop", [](PyBackend& b) { b.impl->range_pop(); })
+      .def("profiler_start", [](PyBackend& b) { b.impl->profiler_start(); })
+      .def("profiler_stop", [](PyBackend& b) { b.impl->profiler_stop(); });
+
+  py::class_<PlanHolder>(m, "Plan", "A validated plan, reusable across runs.")
+      .def(py::init([](int num_devices, py::sequence plan) {
+             return PlanHolder{build_plan(num_devices, plan)};
+           }), py::arg("num_devices"), py::arg("plan"))
+      .def_property_readonly("num_devices", [](const PlanHolder& p) { return p.plan->num_devices(); })
+      .def("__len__", [](const PlanHolder& p) { return p.plan->size(); })
+      .def("count", [](const PlanHolder& p, int d) { return p.plan->count(d); })
+      .def("labels", [](const PlanHolder& p, int d) {
+        return std::vector<std::string>(p.plan->labels.begin() + p.plan->offset[d],
+                                        p.plan->labels.begin() + p.plan->offset[d + 1]);
+      });
+
+  py::class_<PyExecutor>(m, "Executor", "One issuing thread per device; see engine/executor.py.")
+      .def(py::init<int, PyBackend, std::vector<Handle>, int, int, bool>(),
+           py::arg("num_devices"), py::arg("backend"), py::arg("streams"), py::arg("spin"),
+           py::arg("yields"), py::arg("ranges"))
+      .def("run", &PyExecutor::run, py::arg("plan"), py::arg("run_action"), py::arg("timeout"))
+      .def("timeline", &PyExecutor::timeline)
+      .def("close", &PyExecutor::close)
+      .def("stream", [](const PyExecutor& e, int d) { return e.core_->stream(d); })
+      .def_property_readonly("poisoned", [](const PyExecutor& e) { return e.core_ && e.core_->poisoned(); });
+
+  m.def("range_name", &runtime::range_name, py::arg("label"), "NVTX range name: '1F3' -> 's1/F3'");
+}
+
 }  // namespace pipetrain

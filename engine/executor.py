@@ -1,0 +1,309 @@
+"""The executor: runs a validated plan with one issuing thread per device.
+
+A plan is, per device, a list of ``(label, deps)`` in issue order; ``deps`` lists the
+``(device, index)`` of actions (on any device) that must finish before this one starts,
+beyond program order on its own device -- exactly what ``Schedule.dependencies(device)``
+returns. The executor (C++, ``pipetrain._C.runtime``) starts one thread per device; each
+walks its list, waits for missing dependencies with the GIL released, then calls
+``run_action(device, index)`` with the GIL held::
+
+    ex = Executor(2)
+    plan = [[("0F0", []), ("0B0", [(1, 1)])],
+            [("1F0", [(0, 0)]), ("1B0", [])]]
+    timeline = ex.run(plan, lambda device, index: ..., timeout=10.0)
+
+Backends: ``"cpu"`` (host threads; a stream is an ordered queue, an event a completion flag)
+and ``"cuda"`` (``pipetrain._C_cuda``: real streams and events; the host-side dependency is
+"the producer was issued", the device-side one a ``cudaEvent`` the consumer's stream waits
+on). ``"auto"`` picks CUDA when a CUDA build and device exist.
+
+Failures raise :class:`ExecutorError` naming the device, index and label, with the action's
+exception as ``__cause__``; every thread stops and the executor stays usable. If no action
+completes for ``timeout`` seconds the run is cancelled with an error saying which device
+waited on which dependency.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import weakref
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from pipetrain import _C
+from pipetrain.timeline import Timeline
+
+_rt = _C.runtime
+
+PlanList = Sequence[Sequence[tuple[str, Sequence[tuple[int, int]]]]]
+
+
+class ExecutorError(RuntimeError):
+    """A run failed: an action raised, a dependency never came, or a backend call failed.
+
+    Attributes:
+        device, index, label: the action that failed or was left waiting (None if unknown).
+        dependency: for a timeout, the (device, index) it waited on; else None.
+        kind: "action", "timeout", "backend" or "stuck".
+    """
+
+    def __init__(self, message: str, *, kind: str = "action", device: int | None = None,
+                 index: int | None = None, label: str | None = None,
+                 dependency: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.device = device
+        self.index = index
+        self.label = label
+        self.dependency = dependency
+
+
+def cuda_backend_available() -> bool:
+    """True when ``pipetrain._C_cuda`` was built and sees at least one CUDA device."""
+    try:
+        cuda = importlib.import_module("pipetrain._C_cuda")
+    except ImportError:
+        return False
+    return cuda.device_count() > 0
+
+
+def _backend(name: str):
+    if name == "auto":
+        name = "cuda" if cuda_backend_available() else "cpu"
+    if name == "cpu":
+        return _rt.Backend.cpu()
+    if name == "cuda":
+        try:
+            cuda = importlib.import_module("pipetrain._C_cuda")
+        except ImportError as err:
+            raise ValueError("backend='cuda' needs pipetrain._C_cuda, which was not built "
+                             "(build with nvcc and PIPETRAIN_CUDA=1)") from err
+        if cuda.device_count() == 0:
+            raise ValueError("backend='cuda' needs a CUDA device; none is visible")
+        return _rt.Backend.from_capsule(cuda.backend())
+    raise ValueError(f"backend must be 'cpu', 'cuda' or 'auto', not {name!r}")
+
+
+class Event:
+    """A backend event (CUDA: a ``cudaEvent_t``; CPU: a completion flag)."""
+
+    def __init__(self, backend, handle: int, device: int):
+        self._backend, self.handle, self.device = backend, handle, device
+
+    def query(self) -> bool:
+        """True once everything before the event's record has run."""
+        return self._backend.query(self.handle)
+
+    def synchronize(self, timeout: float = 60.0) -> None:
+        """Block (GIL released) until the event completes; ExecutorError after ``timeout``."""
+        if not self._backend.wait_event(self.handle, timeout):
+            raise ExecutorError(f"event on device {self.device} did not complete in {timeout} s",
+                                kind="timeout", device=self.device)
+
+    def __del__(self):
+        # A CPU event still referenced by a pending stream task must outlive it: leak it then.
+        try:
+            if self._backend.query(self.handle):
+                self._backend.destroy_event(self.handle)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class CompiledPlan:
+    """A validated plan, reusable across runs (skips re-validation and conversion)."""
+
+    def __init__(self, num_devices: int, plan: PlanList):
+        self._plan = _rt.Plan(num_devices, plan)
+        self.labels = [list(self._plan.labels(d)) for d in range(num_devices)]
+
+    @property
+    def num_devices(self) -> int:
+        return self._plan.num_devices
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Worker threads hold Python thread states: stop them before the interpreter finalizes.
+    for ex in list(_live):
+        ex.close()
+
+
+class Executor:
+    """Runs plans on ``num_devices`` devices, one issuing thread each (created once, reused).
+
+    Args:
+        num_devices: number of devices (plan rows).
+        backend: "cpu", "cuda" or "auto".
+        streams: CUDA only: one raw ``cudaStream_t`` per device, as integers
+            (``torch.cuda.Stream.cuda_stream``); default: torch's current stream of each device.
+        nvtx: push an NVTX range ``s1/F3`` around each action (default: on for CUDA).
+        profile_steps: ``(start, stop)``: call cudaProfilerStart before run number ``start``
+            and cudaProfilerStop after run number ``stop - 1`` (runs counted from 0).
+        spin, yields: how long a thread busy-polls, then yields, before it blocks on a
+            missing dependency (tuning knobs; the defaults suit a loaded CPU).
+    """
+
+    def __init__(self, num_devices: int, backend: str = "cpu", *,
+                 streams: Sequence[int] | None = None, nvtx: bool | None = None,
+                 profile_steps: tuple[int, int] | None = None, spin: int = 0, yields: int = 64):
+        if num_devices <= 0:
+            raise ValueError(f"num_devices must be positive, got {num_devices}")
+        self.num_devices = num_devices
+        self._backend = _backend(backend)
+        self.backend = self._backend.name
+        if self._backend.synchronous:
+            if streams is not None:
+                raise ValueError("streams are for the CUDA backend; the CPU backend issues inline")
+            streams = []
+        elif streams is None:
+            import torch
+            streams = [torch.cuda.current_stream(d).cuda_stream for d in range(num_devices)]
+        if len(streams) not in (0, num_devices):
+            raise ValueError(f"expected {num_devices} streams (one per device), got {len(streams)}")
+        if nvtx is None:
+            nvtx = self.backend == "cuda"
+        self._core = _rt.Executor(num_devices, self._backend, list(streams), spin, yields, bool(nvtx))
+        self._profile = profile_steps
+        self._runs = 0
+        self._copy_streams: dict[tuple[int, int], int] = {}
+        _live.add(self)
+
+    # -- running -------------------------------------------------------------------------
+
+    def compile(self, plan: PlanList) -> CompiledPlan:
+        """Validate ``plan`` once for repeated runs. Raises ValueError for a bad plan."""
+        return CompiledPlan(self.num_devices, plan)
+
+    def run(self, plan: PlanList | CompiledPlan, run_action: Callable[[int, int], None],
+            timeout: float = 60.0) -> Timeline:
+        """Run every action of ``plan`` once, respecting its dependencies.
+
+        Args:
+            plan: per device, a list of (label, deps), or a :class:`CompiledPlan`.
+            run_action: ``run_action(device, index)``, called on that device's thread with
+                the GIL held.
+            timeout: seconds without any action completing before the run is cancelled.
+        Returns:
+            the run's :class:`Timeline`.
+        Raises:
+            ValueError: the plan is malformed (before anything runs).
+            ExecutorError: an action raised, the run timed out, or a backend call failed.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        if isinstance(plan, CompiledPlan):
+            if plan.num_devices != self.num_devices:
+                raise ValueError(f"plan has {plan.num_devices} devices, executor {self.num_devices}")
+            core_plan, labels = plan._plan, plan.labels
+        else:
+            if len(plan) != self.num_devices:
+                raise ValueError(f"plan has {len(plan)} device rows, executor has {self.num_devices}")
+            core_plan = plan
+            labels = [[str(a[0]) for a in row] for row in plan]
+        step = self._runs
+        self._runs += 1
+        if self._profile and step == self._profile[0]:
+            self._backend.profiler_start()
+        try:
+            kind, device, index, dep_device, dep_index, label, message, cause = \
+                self._core.run(core_plan, run_action, float(timeout))
+        finally:
+            if self._profile and step == self._profile[1] - 1:
+                self._backend.profiler_stop()
+        if kind:
+            self._raise(kind, device, index, dep_device, dep_index, label, message, cause)
+        return self.timeline(labels)
+
+    def _raise(self, kind, device, index, dep_device, dep_index, label, message, cause):
+        if kind == "interrupted" and cause is not None:
+            raise cause
+        dep = (dep_device, dep_index) if dep_device >= 0 else None
+        where = dict(device=device if device >= 0 else None, index=index if index >= 0 else None,
+                     label=label or None, dependency=dep)
+        if kind == "action":
+            msg = f"device {device} action {index} ({label}) raised {type(cause).__name__}: {cause}"
+            raise ExecutorError(msg, kind=kind, **where) from cause
+        raise ExecutorError(message, kind=kind, **where)
+
+    def timeline(self, labels: list[list[str]]) -> Timeline:
+        """The timeline of the last run (``labels`` as in the plan)."""
+        start, end, offsets, waits, wall = self._core.timeline()
+        cut = offsets[1:-1]
+        return Timeline(labels=labels, start_ns=np.split(start, cut), end_ns=np.split(end, cut),
+                        waits=list(waits), wall_ns=int(wall))
+
+    # -- streams, events, copies ------------------------------------------------------------
+
+    def stream(self, device: int) -> int:
+        """The compute stream handle of ``device`` (CUDA: a cudaStream_t; CPU: 0, inline)."""
+        return self._core.stream(device)
+
+    def record(self, device: int) -> Event:
+        """An event recorded now on ``device``'s compute stream (after the work issued so far)."""
+        ev = Event(self._backend, self._backend.create_event(device), device)
+        self._backend.record(ev.handle, self.stream(device))
+        return ev
+
+    def wait(self, device: int, event: Event, timeout: float = 60.0) -> None:
+        """Make ``device``'s later work wait for ``event``: on CUDA its stream waits (the host
+        does not block); on CPU the calling thread blocks, at most ``timeout`` seconds."""
+        if self._backend.synchronous:
+            event.synchronize(timeout)
+        else:
+            self._backend.stream_wait(self.stream(device), event.handle)
+
+    def copy(self, src_ptr: int, dst_ptr: int, nbytes: int, src_device: int, dst_device: int,
+             after: Event | None = None) -> Event:
+        """Enqueue a copy of ``nbytes`` from ``src_ptr`` (on ``src_device``) to ``dst_ptr`` (on
+        ``dst_device``) on the copy stream of that device pair, after ``after`` (default: an
+        event recorded now on ``src_device``'s compute stream). Returns the event the consumer
+        passes to :meth:`wait`. On CUDA: ``cudaMemcpyPeerAsync`` with peer access where the
+        hardware allows, else staged through pinned host buffers; on CPU: ``memcpy``.
+        """
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        for name, dev in (("src_device", src_device), ("dst_device", dst_device)):
+            if not 0 <= dev < self.num_devices:
+                raise ValueError(f"{name} must be in [0, {self.num_devices}), got {dev}")
+        key = (src_device, dst_device)
+        stream = self._copy_streams.get(key)
+        if stream is None:
+            stream = self._copy_streams[key] = self._backend.create_stream(src_device)
+        if after is None:
+            after = self.record(src_device)
+        self._backend.stream_wait(stream, after.handle)
+        self._backend.copy(stream, dst_ptr, dst_device, src_ptr, src_device, nbytes)
+        done = Event(self._backend, self._backend.create_event(src_device), src_device)
+        self._backend.record(done.handle, stream)
+        done._keep = after  # the copy stream refers to `after` until it has waited on it
+        return done
+
+    def synchronize(self, timeout: float = 60.0) -> None:
+        """Wait for all work on the compute and copy streams; ExecutorError after ``timeout``."""
+        streams = [self.stream(d) for d in range(self.num_devices)] + list(self._copy_streams.values())
+        for s in streams:
+            if not self._backend.synchronize(s, timeout):
+                raise ExecutorError(f"stream {s:#x} did not drain within {timeout} s", kind="timeout")
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the worker threads and release copy streams (idempotent)."""
+        self._core.close()
+        streams, self._copy_streams = self._copy_streams, {}
+        for s in streams.values():
+            self._backend.destroy_stream(s)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
