@@ -142,6 +142,7 @@ class Pipeline:
                       for d in range(p)]
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self._executor = Executor(p, backend="cuda" if cuda else "cpu")
+        self._compiled = self._executor.compile(self._plan)   # validated once, reused each step
         if num_threads is None:
             num_threads = 0 if cuda else max(1, _cores() // p)
         if num_threads < 0:
@@ -262,7 +263,9 @@ class Pipeline:
             if self.num_threads:
                 torch.set_num_threads(self.num_threads)
             try:
-                timeline = self._executor.run(self._plan, self._run_action, timeout=self.timeout)
+                with _nvtx_range(f"pipetrain/step {getattr(self.schedule, 'name', '')}"):
+                    timeline = self._executor.run(self._compiled, self._run_action,
+                                                  timeout=self.timeout)
             except ExecutorError as err:
                 raise self._error(err) from (err.__cause__ or err)
             finally:
@@ -381,6 +384,17 @@ class Pipeline:
         return (f"Pipeline(schedule={getattr(self.schedule, 'name', self.schedule)!r}, "
                 f"p={self.num_devices}, stages={self.num_stages}, m={self.num_microbatches}, "
                 f"balance={self.balance}, checkpoint={self.checkpoint!r})")
+
+
+def _nvtx_range(name: str) -> Any:
+    """An NVTX range via :mod:`pipetrain.nvtx` (a no-op on CPU); the executor itself marks
+    each action (``s1/F3``) on CUDA."""
+    try:
+        from pipetrain import nvtx
+    except ImportError:
+        import contextlib
+        return contextlib.nullcontext()
+    return nvtx.range(name)
 
 
 def _to(obj: Any, device: torch.device) -> Any:
