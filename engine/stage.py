@@ -24,6 +24,7 @@ them. ``I + W`` therefore costs about one ``B`` plus the graph walk.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -237,9 +238,12 @@ class Stage:
         x_leaves = [self._boundary(t) for t in leaves]
         saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight)
         x = unflatten(x_leaves, spec)
-        with ckpt.maybe_lock(self.uses_rng):
+        random = self.uses_rng
+        with ckpt.maybe_lock(random):
             if self.checkpoint:
-                saved.rng = ckpt.save_rng_state(self.device)
+                # Only a stage with random ops saves (and later restores) the generator: a
+                # restore changes the global generator, which other threads may be drawing from.
+                saved.rng = ckpt.save_rng_state(self.device) if random else None
                 with torch.no_grad():
                     out = self._run_layers(x, saved)
                 nbytes = _tensor_bytes(x_leaves)
@@ -288,7 +292,9 @@ class Stage:
             return saved.outputs
         x = unflatten(saved.inputs, saved.spec)
         packed: List[torch.Tensor] = []
-        with ckpt.maybe_lock(self.uses_rng), ckpt.restore_rng_state(saved.rng), \
+        random = saved.rng is not None
+        replay = ckpt.restore_rng_state(saved.rng) if random else contextlib.nullcontext()
+        with ckpt.maybe_lock(random), replay, \
                 torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
             out = self._run_layers(x, saved)
         saved.outputs = flatten(self._scaled(out, saved))[0]
@@ -348,9 +354,14 @@ class Stage:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
             self._after_input(saved, outputs)
             return None
-        edges, fallback = _split_plan(tensors, grads, leaves, self.params)
+        edges, fallback, ri_nodes = _split_plan(tensors, grads, leaves, self.params)
         captured: Dict[Any, tuple] = {}
-        handles = [node.register_prehook(_capture(captured, node)) for node, _ in edges]
+        handles = []
+        for node, _ in edges:
+            if _is_custom(node):   # capture what its backward returned (see _split_plan)
+                handles.append(node.register_hook(_capture_post(captured, node)))
+            elif not isinstance(node, torch.Tensor):
+                handles.append(node.register_prehook(_capture(captured, node)))
         try:
             in_grads = torch.autograd.grad(tensors, leaves, grads, retain_graph=True, allow_unused=True)
         finally:
@@ -364,6 +375,16 @@ class Stage:
                 continue
             gs = captured.get(node)
             if gs is None:
+                continue
+            if _is_custom(node):
+                # Restart below the node, at its weight-side children, with the gradients its
+                # backward already produced during I.
+                slots = [(k, c, nr) for k, (c, nr) in enumerate(node.next_functions)
+                         if c is not None and k < len(gs) and gs[k] is not None
+                         and c not in ri_nodes]
+                if slots:
+                    saved.w_edges.append(([GradientEdge(c, nr) for _, c, nr in slots],
+                                          [gs[k] for k, _, _ in slots], params))
                 continue
             ks = [k for k, g in enumerate(gs) if g is not None]
             if ks:
@@ -415,6 +436,18 @@ def _index_of(tensors: List[torch.Tensor], t: torch.Tensor) -> int:
     raise ValueError("tensor not among the outputs")
 
 
+def _is_custom(node: Any) -> bool:
+    """A node of a Python ``autograd.Function``: its backward sees a fixed
+    ``ctx.needs_input_grad`` and computes every input's gradient on each call."""
+    return isinstance(node, torch.autograd.function.BackwardCFunction)
+
+
+def _capture_post(store: Dict[Any, tuple], node: Any):
+    def hook(grad_inputs, grad_outputs):
+        store[node] = tuple(grad_inputs)
+    return hook
+
+
 def _capture(store: Dict[Any, tuple], node: Any):
     def hook(grad_outputs):
         store[node] = tuple(grad_outputs)
@@ -430,9 +463,16 @@ def _split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Ten
     """Plan the I/W split of one backward (see the module docstring).
 
     Returns:
-        ``(edges, fallback)``: ``edges`` lists ``(frontier, params)`` — a graph node (or an
-        output tensor whose graph reaches no input) and the parameters ``W`` gets from it;
-        ``fallback`` the parameters that need one full pass from the outputs.
+        ``(edges, fallback, input_nodes)``: ``edges`` lists ``(frontier, params)`` — a graph
+        node (or an output tensor whose graph reaches no input) and the parameters ``W`` gets
+        from it; ``fallback`` the parameters that need one full pass from the outputs;
+        ``input_nodes`` the nodes that lead to a stage input (I's part of the graph).
+
+    Built-in nodes compute only the gradients the running pass needs, so ``W`` restarts at a
+    frontier node with the gradient captured flowing into it. A Python ``autograd.Function``
+    computes all its input gradients whenever it runs (its ``needs_input_grad`` is fixed at
+    forward time), so I captures what its backward returned and ``W`` restarts at its
+    weight-side children instead — no part of it runs twice.
     """
     input_nodes = {_node_of(t) for t in leaves}
     param_of = {}
@@ -480,4 +520,4 @@ def _split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Ten
         keep = [by_id[i] for i in ps if i not in conflict]
         if keep:
             edges.append((node, keep))
-    return edges, [by_id[i] for i in conflict]
+    return edges, [by_id[i] for i in conflict], {n for n, r in ri.items() if r}

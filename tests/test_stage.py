@@ -163,3 +163,51 @@ def test_misuse_is_reported():
     nan = Stage(5, [nn.Linear(D, D)], loss_fn=lambda o, t: (o * float("nan")).mean(), check_finite=True)
     with pytest.raises(FloatingPointError, match="nan"):
         nan.forward(0, torch.ones(2, D), None)
+
+
+class _Scale(torch.autograd.Function):
+    """y = x * w with a hand-written backward that counts its calls."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        _Scale.calls += 1
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum(0)
+
+
+class _ScaleLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, D, dtype=torch.float64))
+
+    def forward(self, x):
+        return _Scale.apply(torch.tanh(x), self.w)
+
+
+def test_custom_function_split_runs_its_backward_once():
+    """A Python autograd.Function computes both gradients whenever it runs; the split keeps
+    its weight gradient from I instead of running it again in W."""
+    layers = [_ScaleLayer(), nn.Linear(D, D).double(), _ScaleLayer()]
+    x, g = torch.randn(3, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64)
+    ref_stage = Stage(1, layers)
+    ref_stage.forward(0, x)
+    ref_in = ref_stage.backward(0, g)
+    ref = [p.grad.clone() for p in ref_stage.params]
+    for p in ref_stage.params:
+        p.grad = None
+    stage = Stage(1, layers)
+    stage.forward(0, x)
+    _Scale.calls = 0
+    grad_in = stage.backward_input(0, g)
+    stage.backward_weight(0)
+    assert _Scale.calls == 2  # once per use, all in I
+    torch.testing.assert_close(grad_in, ref_in, rtol=1e-12, atol=1e-14)
+    for p, r in zip(stage.params, ref):
+        torch.testing.assert_close(p.grad, r, rtol=1e-12, atol=1e-14)
