@@ -141,8 +141,8 @@ class Pipeline:
         self._plan = [[(str(a), [tuple(x) for x in deps[d][i]]) for i, a in enumerate(self._actions[d])]
                       for d in range(p)]
         cuda = all(dev.type == "cuda" for dev in self.devices)
-        self._executor = Executor(p, backend="cuda" if cuda else "cpu")
-        self._compiled = self._executor.compile(self._plan)   # validated once, reused each step
+        self._backend = "cuda" if cuda else "cpu"
+        self._new_executor()
         if num_threads is None:
             num_threads = 0 if cuda else max(1, _cores() // p)
         if num_threads < 0:
@@ -152,6 +152,10 @@ class Pipeline:
         self._stats: Optional[StepStats] = None
         self._lock = threading.Lock()
         self._step_state: Dict[str, Any] = {}
+        # Actions running now, device -> label: after a failed step, stage state is cleared
+        # only once no action of that step can still touch it.
+        self._active: Dict[int, str] = {}
+        self._active_cv = threading.Condition()
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -216,6 +220,21 @@ class Pipeline:
             raise ValueError("CUDA devices requested but torch.cuda.is_available() is False")
         return devices
 
+    def _new_executor(self) -> None:
+        from pipetrain.executor import Executor
+        self._executor = Executor(self.num_devices, backend=self._backend)
+        self._compiled = self._executor.compile(self._plan)   # validated once, reused each step
+
+    def _settle(self, wait_s: float, raise_: bool = True) -> None:
+        """Wait (at most ``wait_s``) until no action of an earlier step is still running."""
+        with self._active_cv:
+            if self._active_cv.wait_for(lambda: not self._active, timeout=wait_s):
+                return
+            busy = ", ".join(f"{label} on device {d}" for d, label in sorted(self._active.items()))
+        if raise_:
+            raise PipelineError(f"an action of an earlier step is still running ({busy}); "
+                                "the pipeline cannot start a new step until it returns")
+
     # -- the step -------------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
@@ -257,6 +276,7 @@ class Pipeline:
                 "acts": {}, "grads": {}, "losses": [None] * m,
                 "threads_set": [False] * self.num_devices,
             }
+            self._settle(self.timeout)
             for st in self.stages:
                 st.reset_stats()
             old_threads = torch.get_num_threads()
@@ -267,6 +287,13 @@ class Pipeline:
                     timeline = self._executor.run(self._compiled, self._run_action,
                                                   timeout=self.timeout)
             except ExecutorError as err:
+                self._settle(2 * self.timeout, raise_=False)
+                if getattr(err, "kind", "action") != "action":
+                    # After a timeout a thread may be stuck in an action, which leaves the
+                    # executor unusable ("poisoned"); a fresh one serves the next step.
+                    old = self._executor
+                    self._new_executor()
+                    old.close()
                 raise self._error(err) from (err.__cause__ or err)
             finally:
                 if self.num_threads:
@@ -292,6 +319,16 @@ class Pipeline:
             torch.set_num_threads(self.num_threads)   # intra-op threads are per thread
             state["threads_set"][device] = True
         a = self._actions[device][index]
+        with self._active_cv:
+            self._active[device] = str(a)
+        try:
+            self._dispatch(state, a)
+        finally:
+            with self._active_cv:
+                del self._active[device]
+                self._active_cv.notify_all()
+
+    def _dispatch(self, state: Dict[str, Any], a: Any) -> None:
         kind, k, mb = a.kind, a.stage, a.microbatch
         stage = self.stages[k]
         last = k == self.num_stages - 1
