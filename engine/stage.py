@@ -130,6 +130,7 @@ class Stage:
         self.check_finite = check_finite
         self._rng_lock_setting = rng_lock
         self.params = [p for p in self.parameters() if p.requires_grad]
+        self._accumulators: Optional[List[Any]] = None
         self._stash: Dict[int, _Saved] = {}
         self.meter = meter if meter is not None else Meter()
         self.own = Meter()           # this stage's share of the device meter
@@ -354,7 +355,12 @@ class Stage:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
             self._after_input(saved, outputs)
             return None
-        edges, fallback, ri_nodes = _split_plan(tensors, grads, leaves, self.params)
+        if self._accumulators is None:
+            # Holding each parameter's AccumulateGrad node keeps it alive, so every later
+            # graph uses the same node objects (as DDP does for its hooks).
+            self._accumulators = [get_gradient_edge(p).node for p in self.params]
+        edges, fallback, ri_nodes = _split_plan(tensors, grads, leaves, self.params,
+                                                self._accumulators)
         captured: Dict[Any, tuple] = {}
         handles = []
         for node, _ in edges:
@@ -459,7 +465,7 @@ def _node_of(t: torch.Tensor) -> Any:
 
 
 def _split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tensor],
-                params: List[torch.Tensor]) -> Tuple[List[Tuple[Any, list]], list]:
+                params: List[torch.Tensor], accumulators: List[Any]) -> Tuple[list, list, set]:
     """Plan the I/W split of one backward (see the module docstring).
 
     Returns:
@@ -475,49 +481,55 @@ def _split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Ten
     weight-side children instead — no part of it runs twice.
     """
     input_nodes = {_node_of(t) for t in leaves}
-    param_of = {}
-    for p in params:
-        param_of[get_gradient_edge(p).node] = p
-    # Post-order walk: ri[n] = n leads to a stage input; rp[n] = parameters n leads to.
+    # Parameters as bits of an int: set unions become integer ORs (the walk runs per action).
+    bit_of = {node: 1 << i for i, node in enumerate(accumulators)}
+    # Post-order walk: ri[n] = n leads to a stage input; rp[n] = bits of the parameters n
+    # leads to; kids caches next_functions (each access builds a new tuple).
     ri: Dict[Any, bool] = {}
-    rp: Dict[Any, frozenset] = {}
+    rp: Dict[Any, int] = {}
+    kids: Dict[Any, list] = {}
     roots = [_node_of(t) for t in tensors]
-    stack = [(n, False) for n in roots if n is not None]
+    stack = [n for n in roots if n is not None]
     while stack:
-        node, done = stack.pop()
+        node = stack[-1]
         if node in ri:
+            stack.pop()
             continue
-        children = [c for c, _ in node.next_functions if c is not None]
-        if not done:
-            stack.append((node, True))
-            stack.extend((c, False) for c in children if c not in ri)
-            continue
-        reach_in = node in input_nodes or any(ri[c] for c in children)
-        ps = set()
-        if node in param_of:
-            ps.add(id(param_of[node]))
+        children = kids.get(node)
+        if children is None:
+            children = kids[node] = [c for c, _ in node.next_functions if c is not None]
+            pending = [c for c in children if c not in ri]
+            if pending:
+                stack.extend(pending)
+                continue
+        stack.pop()
+        reach_in = node in input_nodes
+        bits = bit_of.get(node, 0)
         for c in children:
-            ps |= rp[c]
-        ri[node], rp[node] = reach_in, frozenset(ps)
-    by_id = {id(p): p for p in params}
-    frontier: List[Tuple[Any, frozenset]] = []
-    conflict: set = set()
+            reach_in = reach_in or ri[c]
+            bits |= rp[c]
+        ri[node], rp[node] = reach_in, bits
+    frontier: List[Tuple[Any, int]] = []
+    conflict = 0
     for node, reach_in in ri.items():
         if not reach_in:
             continue
-        children = [c for c, _ in node.next_functions if c is not None]
-        weight_side = frozenset().union(*[rp[c] for c in children if not ri[c]])
-        if not weight_side:
-            continue
-        input_side = frozenset().union(*[rp[c] for c in children if ri[c]])
-        conflict |= weight_side & input_side
-        frontier.append((node, weight_side))
+        weight_side = input_side = 0
+        for c in kids[node]:
+            if ri[c]:
+                input_side |= rp[c]
+            else:
+                weight_side |= rp[c]
+        if weight_side:
+            conflict |= weight_side & input_side
+            frontier.append((node, weight_side))
     for t, n in zip(tensors, roots):
         if n is not None and not ri[n] and rp[n]:
             frontier.append((t, rp[n]))
     edges = []
-    for node, ps in frontier:
-        keep = [by_id[i] for i in ps if i not in conflict]
+    for node, bits in frontier:
+        keep = [p for i, p in enumerate(params) if bits >> i & 1 and not conflict >> i & 1]
         if keep:
             edges.append((node, keep))
-    return edges, [by_id[i] for i in conflict], {n for n, r in ri.items() if r}
+    fallback = [p for i, p in enumerate(params) if conflict >> i & 1]
+    return edges, fallback, {n for n, r in ri.items() if r}

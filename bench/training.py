@@ -1,0 +1,117 @@
+"""Bench section ``training``: train a small model on CPU through every synchronous schedule.
+
+Per schedule it prints the measured bubble ratio, the simulator's bubble ratio fed the
+per-stage action costs measured in the same step, the step time and samples/s (medians over
+steps after warm-up), plus a reference row: the unsplit model's step time in the same run.
+It writes each schedule's last measured timeline as a picture (``training_<schedule>.png``,
+one row per device, colour per action kind) and a Chrome trace (``training_<schedule>.json``).
+It also reports what the I/W split costs relative to a full backward (zero-bubble rows).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from pipetrain.pipeline import Pipeline
+
+SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
+
+
+class Block(nn.Module):
+    """Pre-norm residual MLP block: x + W2 gelu(W1 LN(x))."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.gelu(self.up(self.ln(x))))
+
+
+def make_model(d: int, layers: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block(d) for _ in range(layers)])
+
+
+def mse(out, target):
+    return ((out - target) ** 2).mean()
+
+
+def _unsplit_step_time(model, x, y, steps, warmup):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        times.append(time.perf_counter() - t0)
+        opt.step()
+    return statistics.median(times[warmup:])
+
+
+def run(quick: bool, out: pathlib.Path) -> None:
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d, n_layers, batch, p, m = (64, 8, 32, 4, 8) if quick else (256, 8, 64, 4, 8)
+    steps, warmup = (3, 1) if quick else (10, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, d, generator=g), torch.randn(batch, d, generator=g)
+    print(f"model: {n_layers} pre-norm residual MLP blocks, d={d} ({sum(q.numel() for q in make_model(d, n_layers).parameters()) / 1e6:.2f} M params), "
+          f"batch {batch}, p={p}, m={m}, CPU, {torch.get_num_threads()} torch threads "
+          f"outside steps; medians over {steps} steps after {warmup} warm-up")
+    ref_model = make_model(d, n_layers)
+    unsplit = _unsplit_step_time(ref_model, x, y, steps, warmup)
+
+    header = f"{'schedule':<18}{'bubble meas.':>13}{'bubble sim.':>12}{'sim. ideal':>11}{'step ms':>10}{'samples/s':>11}{'vs unsplit':>11}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'unsplit model':<18}{'':>13}{'':>12}{'':>11}{unsplit * 1e3:>10.1f}{batch / unsplit:>11.0f}{1.0:>11.2f}")
+    backward_cost = {}
+    for name in SCHEDULES:
+        kwargs = {"num_chunks": 2} if name.startswith("interleaved") else {}
+        model = make_model(d, n_layers)
+        pipe = Pipeline(model, p, schedule=name, num_microbatches=m, loss_fn=mse, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        meas, sim, ideal, wall = [], [], [], []
+        for i in range(warmup + steps):
+            opt.zero_grad()
+            pipe.step(x, y)
+            opt.step()
+            if i < warmup:
+                continue
+            st = pipe.stats()
+            meas.append(st.bubble_ratio)
+            sim.append(pipe.simulate(st).bubble_ratio)
+            wall.append(st.wall_s)
+        st = pipe.stats()
+        c = st.costs_s
+        # The simulator with equal stage costs (the textbook number), from this run's means.
+        f_mean = statistics.mean(c["F"])
+        b_mean = statistics.mean([a + b for a, b in zip(c.get("I", c.get("B")), c.get("W", [0.0] * len(c["F"])))]
+                                 if "W" in c else c["B"])
+        w_mean = statistics.mean(c["W"]) if "W" in c else None
+        ideal_sim = pipe.schedule.simulate(forward=f_mean, backward=b_mean, weight=w_mean).bubble_ratio
+        step = statistics.median(wall)
+        print(f"{name:<18}{100 * statistics.median(meas):>12.1f}%{100 * statistics.median(sim):>11.1f}%"
+              f"{100 * ideal_sim:>10.1f}%{step * 1e3:>10.1f}{batch / step:>11.0f}{unsplit / step:>11.2f}")
+        backward_cost[name] = c
+        pipe.plot_timeline(out / f"training_{name}.png",
+                           f"{name}: p={p} m={m}, measured bubble {100 * st.bubble_ratio:.1f} %")
+        pipe.export_trace(out / f"training_{name}.json")
+        pipe.close()
+    # I/W split cost: per stage (skipping stage 0, which needs no input gradient), I + W of a
+    # zero-bubble run against B of the 1F1B run of the same model.
+    b = backward_cost["1f1b"]["B"][1:]
+    for name in ("zb-h1", "zb-h2"):
+        c = backward_cost[name]
+        i_w = [i + w for i, w in zip(c["I"][1:], c["W"][1:])]
+        ratio = sum(i_w) / sum(b)
+        share = sum(c["I"][1:]) / sum(i_w)
+        print(f"{name}: I + W = {ratio:.2f} x B of 1f1b (stages 1..); I is {100 * share:.0f} % of I + W")
+    print(f"pictures and Chrome traces: {out}/training_<schedule>.png / .json")
