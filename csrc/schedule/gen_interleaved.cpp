@@ -9,13 +9,16 @@ namespace pipetrain::schedule {
 // go through micro-batches in groups of p: for each group, chunk 0 of the group's p
 // micro-batches, then chunk 1, ...; backwards walk the chunks in reverse. Device d runs
 // (p-d-1)*2 + (v-1)*p warm-up forwards (capped at m*v), then alternates one forward and one
-// backward, then drains. m must be a multiple of p. p = 2, v = 2, m = 4 (stage ids shown):
+// backward, then drains. m must be a multiple of p. p = 4, v = 2, m = 4 (unit-cost time
+// slots, B one slot wide; stages 0-3 are chunk 0, stages 4-7 chunk 1):
 //
-//   d0: 0F0 0F1 2F0 2F1 0F2 0F3 2F2  .  2B0 2F3 2B1 0B0 0B1 2B2 2B3 0B2 0B3
-//   d1: 1F0 1F1 3F0 3F1 1F2 3B0 1F3 3B1 3F2 1B0 3F3 1B1 3B2 3B3 1B2 1B3
+//   d0: 0F0 0F1 0F2 0F3 4F0 4F1 4F2 4F3  .   .   .  4B0  .  4B1  .  4B2  .  4B3 0B0 0B1 0B2 0B3
+//   d1:  .  1F0 1F1 1F2 1F3 5F0 5F1 5F2 5F3  .  5B0  .  5B1  .  5B2  .  5B3 1B0 1B1 1B2 1B3
+//   d2:  .   .  2F0 2F1 2F2 2F3 6F0 6F1 6F2 6B0 6F3 6B1  .  6B2  .  6B3 2B0 2B1 2B2 2B3
+//   d3:  .   .   .  3F0 3F1 3F2 3F3 7F0 7B0 7F1 7B1 7F2 7B2 7F3 7B3 3B0 3B1 3B2 3B3
 //
-// (columns are issue slots). Bubble (p-1)/(v*m+p-1) with equal per-stage costs.
-// v = 1 is plain 1F1B.
+// Peak in flight on device d: min((p-d-1)*2 + (v-1)*p + 1, m*v) stage-activations.
+// Bubble (p-1)/(v*m+p-1) with equal per-stage costs. v = 1 is plain 1F1B.
 Schedule interleaved_1f1b(int p, int m, int v) {
   if (v == 1) {
     Schedule s = one_f_one_b(p, m);

@@ -1,0 +1,98 @@
+"""Generators: golden orders for small p, hand-derived from each schedule's definition."""
+
+import pytest
+
+from pipetrain import schedules
+
+
+def rows(s):
+    return [[str(a) for a in s.actions(d)] for d in range(s.num_devices)]
+
+
+def expand(spec):
+    """'F0 F1 B0' on stage 2 -> ['2F0', '2F1', '2B0']."""
+    return {stage: [f"{stage}{tok}" for tok in text.split()] for stage, text in spec.items()}
+
+
+def test_gpipe_p2_m3():
+    # All forwards in micro-batch order, then all backwards in micro-batch order.
+    s = schedules.build("gpipe", num_stages=2, num_microbatches=3)
+    assert rows(s) == [["0F0", "0F1", "0F2", "0B0", "0B1", "0B2"],
+                       ["1F0", "1F1", "1F2", "1B0", "1B1", "1B2"]]
+
+
+def test_1f1b_p3_m4():
+    # Stage s: p-s-1 warm-up forwards, then F/B pairs, then the remaining backwards.
+    want = expand({0: "F0 F1 F2 B0 F3 B1 B2 B3",
+                   1: "F0 F1 B0 F2 B1 F3 B2 B3",
+                   2: "F0 B0 F1 B1 F2 B2 F3 B3"})
+    assert rows(schedules.build("1f1b", 3, 4)) == [want[0], want[1], want[2]]
+
+
+def test_1f1b_fewer_microbatches_than_stages():
+    # p = 4, m = 2: warm-up is capped at m.
+    want = expand({0: "F0 F1 B0 B1", 1: "F0 F1 B0 B1", 2: "F0 F1 B0 B1", 3: "F0 B0 F1 B1"})
+    assert rows(schedules.build("1f1b", 4, 2)) == [want[k] for k in range(4)]
+
+
+def test_interleaved_p2_v2_m4():
+    # Forward order (group of p micro-batches, chunk 0 then chunk 1): (c0,0) (c0,1) (c1,0)
+    # (c1,1) (c0,2) (c0,3) (c1,2) (c1,3); backward walks chunks in reverse. Stage = c*p + d.
+    # Warm-up on device d: (p-d-1)*2 + (v-1)*p = 4 on d0, 2 on d1.
+    s = schedules.build("interleaved-1f1b", 2, 4, num_chunks=2)
+    assert rows(s) == [
+        "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3".split(),
+        "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3".split(),
+    ]
+    assert [s.chunk_of(k) for k in range(4)] == [0, 0, 1, 1]
+
+
+def test_zb_h1_p3_m4():
+    # Warm-up p-s forwards; then per micro-batch j: I(j), W(j - s) if due, next F.
+    want = expand({0: "F0 F1 F2 I0 W0 F3 I1 W1 I2 W2 I3 W3",
+                   1: "F0 F1 I0 F2 I1 W0 F3 I2 W1 I3 W2 W3",
+                   2: "F0 I0 F1 I1 F2 I2 W0 F3 I3 W1 W2 W3"})
+    assert rows(schedules.build("zb-h1", 3, 4)) == [want[0], want[1], want[2]]
+
+
+def test_zb_h2_p3_m6():
+    # Warm-up 2(p-s)-1 forwards, W lag 2s.
+    want = expand({0: "F0 F1 F2 F3 F4 I0 W0 F5 I1 W1 I2 W2 I3 W3 I4 W4 I5 W5",
+                   1: "F0 F1 F2 I0 F3 I1 F4 I2 W0 F5 I3 W1 I4 W2 I5 W3 W4 W5",
+                   2: "F0 I0 F1 I1 F2 I2 F3 I3 F4 I4 W0 F5 I5 W1 W2 W3 W4 W5"})
+    assert rows(schedules.build("zb-h2", 3, 6)) == [want[0], want[1], want[2]]
+
+
+def test_zb_h2_few_microbatches_shortens_the_w_lag():
+    # m = 3 < 2p-1 = 5: warm-up min(m, 2(p-s)-1) = 3, 3, 1; lag min(2s, m-(p-s)) = 0, 1, 2.
+    want = expand({0: "F0 F1 F2 I0 W0 I1 W1 I2 W2",
+                   1: "F0 F1 F2 I0 I1 W0 I2 W1 W2",
+                   2: "F0 I0 F1 I1 F2 I2 W0 W1 W2"})
+    assert rows(schedules.build("zb-h2", 3, 3)) == [want[0], want[1], want[2]]
+
+
+def test_single_stage_degenerates_to_alternation():
+    for name in ("1f1b", "zb-h1", "zb-h2"):
+        s = schedules.build(name, 1, 3)
+        kinds = "".join(a.kind for a in s.actions(0))
+        assert kinds == ("FBFBFB" if name == "1f1b" else "FIWFIWFIW"), name
+
+
+def test_printed_grid_shows_time_slots():
+    # Unit slots: d1 runs 1F0@1 1F1@2 1B0@3 1B1@4; d0's 0B0 waits for 1B0 (ends 4).
+    s = schedules.build("gpipe", 2, 2)
+    assert str(s).splitlines() == [
+        "# schedule gpipe stages=2 devices=2 microbatches=2",
+        "d0: 0F0 0F1  .   .  0B0 0B1",
+        "d1:  .  1F0 1F1 1B0 1B1",
+    ]
+
+
+@pytest.mark.parametrize("name", schedules.NAMES)
+def test_every_action_is_on_its_stages_device(name):
+    kw = {"num_chunks": 3} if name == "interleaved-1f1b" else {}
+    s = schedules.build(name, 4, 8, **kw)
+    for d in range(s.num_devices):
+        for a in s.actions(d):
+            assert s.device_of(a.stage) == d == a.device
+            assert a.chunk == a.stage // 4

@@ -1,0 +1,173 @@
+"""Validator: every generated schedule passes; every kind of broken schedule fails by name."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pipetrain import schedules
+from pipetrain.schedules import Action, Schedule, ScheduleError
+
+FAST = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def generated(draw, max_p=16, max_m=64):
+    name = draw(st.sampled_from(schedules.NAMES))
+    p = draw(st.integers(1, max_p))
+    if name == "interleaved-1f1b":
+        v = draw(st.integers(1, 4))
+        m = p * draw(st.integers(1, max(1, max_m // p)))
+        return schedules.build(name, p, m, num_chunks=v)
+    return schedules.build(name, p, draw(st.integers(1, max_m)))
+
+
+def rebuild(s, per_device):
+    return Schedule.from_actions(per_device, num_stages=s.num_stages,
+                                 num_microbatches=s.num_microbatches, edges=s.edges,
+                                 placement=[s.device_of(k) for k in range(s.num_stages)])
+
+
+def rule_of(s):
+    with pytest.raises(ScheduleError) as err:
+        schedules.validate(s)
+    return err.value
+
+
+@FAST
+@given(s=generated())
+def test_every_generated_schedule_validates(s):
+    schedules.validate(s)
+    counts = {}
+    for d in range(s.num_devices):
+        for a in s.actions(d):
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+    n = s.num_stages * s.num_microbatches
+    if s.split_backward:
+        assert counts == {"F": n, "I": n, "W": n}
+    else:
+        assert counts == {"F": n, "B": n}
+
+
+@FAST
+@given(s=generated(max_p=6, max_m=12), data=st.data())
+def test_dropped_action_is_missing(s, data):
+    per = [s.actions(d) for d in range(s.num_devices)]
+    d = data.draw(st.integers(0, s.num_devices - 1))
+    i = data.draw(st.integers(0, len(per[d]) - 1))
+    gone = per[d].pop(i)
+    err = rule_of(rebuild(s, per))
+    want = {"F": "missing-forward", "B": "missing-backward", "I": "missing-backward",
+            "W": "missing-weight"}[gone.kind]
+    assert err.rule == want
+    assert err.action == str(Action(gone.stage, "B" if gone.kind == "B" else
+                                     ("I" if gone.kind == "I" else gone.kind), gone.microbatch))
+    assert err.index == -1 and err.device == d
+
+
+@FAST
+@given(s=generated(max_p=6, max_m=12), data=st.data())
+def test_duplicated_action_is_named(s, data):
+    per = [s.actions(d) for d in range(s.num_devices)]
+    d = data.draw(st.integers(0, s.num_devices - 1))
+    i = data.draw(st.integers(0, len(per[d]) - 1))
+    j = data.draw(st.integers(0, len(per[d])))
+    copy = per[d][i]
+    per[d].insert(j, copy)
+    err = rule_of(rebuild(s, per))
+    # The second occurrence is the offender: the original shifted to i+1, or the copy at j.
+    assert err.rule == "duplicate" and err.action == str(copy)
+    assert (err.device, err.index) == (d, i + 1 if j <= i else j)
+
+
+def dependent_pairs(s):
+    """(device, i, j, expected rule) where action i needs action j (j < i) on the same
+    device, and j is the latest of i's same-device needs -- swapping them breaks exactly
+    that need. The expected rule is read off the two actions' kinds and stages."""
+    out = []
+    for d in range(s.num_devices):
+        acts = s.actions(d)
+        for i, deps in enumerate(s.dependencies(d)):
+            local = [j for dd, j in deps if dd == d]
+            if not local:
+                continue
+            j = max(local)
+            x, y = acts[i], acts[j]
+            if x.kind == "F":
+                rule = "forward-after-predecessor"
+            elif x.kind == "W":
+                rule = "weight-after-input-grad"
+            elif y.kind == "F" and y.stage == x.stage:
+                rule = "backward-after-forward"
+            else:
+                rule = "backward-after-successor"
+            out.append((d, i, j, rule))
+    return out
+
+
+@FAST
+@given(s=generated(max_p=6, max_m=12), data=st.data())
+def test_swapped_dependent_actions_break_that_dependency(s, data):
+    pairs = dependent_pairs(s)
+    d, i, j, want = data.draw(st.sampled_from(pairs))
+    per = [s.actions(k) for k in range(s.num_devices)]
+    per[d][i], per[d][j] = per[d][j], per[d][i]
+    err = rule_of(rebuild(s, per))
+    assert err.rule == want
+    assert (err.device, err.index, err.action) == (d, j, str(per[d][j]))
+
+
+@FAST
+@given(s=generated(max_p=6, max_m=12), data=st.data())
+def test_action_on_wrong_device(s, data):
+    if s.num_devices < 2:
+        return
+    per = [s.actions(k) for k in range(s.num_devices)]
+    d = data.draw(st.integers(0, s.num_devices - 1))
+    i = data.draw(st.integers(0, len(per[d]) - 1))
+    other = (d + 1) % s.num_devices
+    moved = per[d].pop(i)
+    per[other].insert(0, moved)
+    err = rule_of(rebuild(s, per))
+    assert err.rule == "wrong-device" and err.action == str(moved)
+    assert (err.device, err.index) == (other, 0)
+
+
+def test_cross_device_cycle_is_a_deadlock():
+    # d1 runs micro-batch 1 first; its 1F1 waits for 0F1, which d0 issues only after 0B0,
+    # which waits for 1B0, which d1 issues after 1F1.
+    s = Schedule.from_actions([["0F0", "0B0", "0F1", "0B1"], ["1F1", "1B1", "1F0", "1B0"]])
+    err = rule_of(s)
+    assert err.rule == "deadlock"
+    assert (err.action, err.device, err.index) == ("0B0", 0, 1)
+    assert "1F1" in str(err) and "0F1" in str(err)
+
+
+def test_structural_rules():
+    two = [["0F0", "0B0"], ["1F0", "1B0"]]
+    assert rule_of(Schedule.from_actions(two, num_stages=1, placement=[0])).rule == "stage-range"
+    bad_mb = [["0F0", "0B0", "0F5"], ["1F0", "1B0"]]
+    assert rule_of(Schedule.from_actions(bad_mb, num_microbatches=1)).rule == "microbatch-range"
+    mixed = [["0F0", "0B0", "0W0"], ["1F0", "1B0"]]
+    err = rule_of(Schedule.from_actions(mixed))
+    assert (err.rule, err.action) == ("mixed-backward", "0W0")
+    # A DAG: stage 0 feeds 1 and 2; stage 0's backward needs both successors' backwards.
+    dag = [["0F0", "0B0"], ["1F0", "1B0"], ["2F0", "2B0"]]
+    ok = Schedule.from_actions(dag, edges=[(0, 1), (0, 2)])
+    schedules.validate(ok)
+    assert sorted(ok.dependencies(0)[1]) == [(0, 0), (1, 1), (2, 1)]
+    assert ok.successors(0) == [1, 2] and ok.predecessors(2) == [0]
+
+
+def test_error_message_shows_the_row():
+    s = Schedule.from_actions([["0B0", "0F0"]])
+    err = rule_of(s)
+    assert err.rule == "backward-after-forward"
+    assert "[0B0] 0F0" in str(err) and "0B0 (device 0, position 0)" in str(err)
+
+
+def test_bad_stage_graphs_are_value_errors():
+    with pytest.raises(ValueError, match="cycle"):
+        Schedule.from_actions([["0F0", "0B0"], ["1F0", "1B0"]], edges=[(0, 1), (1, 0)])
+    with pytest.raises(ValueError, match="outside"):
+        Schedule.from_actions([["0F0", "0B0"]], edges=[(0, 3)])
+    with pytest.raises(ValueError, match="cannot parse action"):
+        Schedule.from_actions([["0X0"]])
