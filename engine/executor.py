@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -103,9 +104,10 @@ class Event:
                                 kind="timeout", device=self.device)
 
     def __del__(self):
-        # A CPU event still referenced by a pending stream task must outlive it: leak it then.
+        # CUDA releases a pending event once it completes; a CPU event still referenced by a
+        # pending stream task must outlive it, so it is leaked then (rare: tiny).
         try:
-            if self._backend.query(self.handle):
+            if not self._backend.synchronous or self._backend.query(self.handle):
                 self._backend.destroy_event(self.handle)
         except Exception:  # interpreter shutdown
             pass
@@ -144,6 +146,8 @@ class Executor:
         backend: "cpu", "cuda" or "auto".
         streams: CUDA only: one raw ``cudaStream_t`` per device, as integers
             (``torch.cuda.Stream.cuda_stream``); default: torch's current stream of each device.
+        devices: CUDA only: the CUDA ordinal of each plan device (default ``0..num_devices-1``);
+            several plan devices may share a GPU (give them distinct ``streams`` to overlap).
         nvtx: push an NVTX range ``s1/F3`` around each action (default: on for CUDA).
         profile_steps: ``(start, stop)``: call cudaProfilerStart before run number ``start``
             and cudaProfilerStop after run number ``stop - 1`` (runs counted from 0).
@@ -152,7 +156,8 @@ class Executor:
     """
 
     def __init__(self, num_devices: int, backend: str = "cpu", *,
-                 streams: Sequence[int] | None = None, nvtx: bool | None = None,
+                 streams: Sequence[int] | None = None, devices: Sequence[int] | None = None,
+                 nvtx: bool | None = None,
                  profile_steps: tuple[int, int] | None = None, spin: int = 0, yields: int = 64):
         if num_devices <= 0:
             raise ValueError(f"num_devices must be positive, got {num_devices}")
@@ -160,17 +165,34 @@ class Executor:
         self._backend = _backend(backend)
         self.backend = self._backend.name
         if self._backend.synchronous:
-            if streams is not None:
-                raise ValueError("streams are for the CUDA backend; the CPU backend issues inline")
+            if streams is not None or devices is not None:
+                raise ValueError("streams and devices are for the CUDA backend; "
+                                 "the CPU backend issues inline on its threads")
             streams = []
-        elif streams is None:
-            import torch
-            streams = [torch.cuda.current_stream(d).cuda_stream for d in range(num_devices)]
+        devices = list(range(num_devices)) if devices is None else [int(d) for d in devices]
+        if len(devices) != num_devices:
+            raise ValueError(f"expected {num_devices} device ids (one per device), got {len(devices)}")
+        if not self._backend.synchronous:
+            count = self._backend.device_count()
+            if any(not 0 <= d < count for d in devices):
+                raise ValueError(f"device ids must be in [0, {count}) (visible CUDA devices), "
+                                 f"got {devices}")
+            if streams is None:
+                import torch
+                streams = [torch.cuda.current_stream(d).cuda_stream for d in devices]
+        self.devices = devices
         if len(streams) not in (0, num_devices):
             raise ValueError(f"expected {num_devices} streams (one per device), got {len(streams)}")
         if nvtx is None:
             nvtx = self.backend == "cuda"
-        self._core = _rt.Executor(num_devices, self._backend, list(streams), spin, yields, bool(nvtx))
+        self._core = _rt.Executor(num_devices, self._backend, list(streams), devices, spin,
+                                  yields, bool(nvtx))
+        self._lock = threading.Lock()  # one run at a time
+        if profile_steps is not None:
+            a, b = profile_steps
+            if not 0 <= a < b:
+                raise ValueError(f"profile_steps must be (start, stop) with 0 <= start < stop, "
+                                 f"got {profile_steps}")
         self._profile = profile_steps
         self._runs = 0
         self._copy_streams: dict[tuple[int, int], int] = {}
@@ -208,16 +230,21 @@ class Executor:
                 raise ValueError(f"plan has {len(plan)} device rows, executor has {self.num_devices}")
             core_plan = plan
             labels = [[str(a[0]) for a in row] for row in plan]
-        step = self._runs
-        self._runs += 1
-        if self._profile and step == self._profile[0]:
-            self._backend.profiler_start()
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("Executor.run is already running (one run at a time)")
         try:
-            kind, device, index, dep_device, dep_index, label, message, cause = \
-                self._core.run(core_plan, run_action, float(timeout))
+            step = self._runs
+            self._runs += 1
+            if self._profile and step == self._profile[0]:
+                self._backend.profiler_start()
+            try:
+                kind, device, index, dep_device, dep_index, label, message, cause = \
+                    self._core.run(core_plan, run_action, float(timeout))
+            finally:
+                if self._profile and step == self._profile[1] - 1:
+                    self._backend.profiler_stop()
         finally:
-            if self._profile and step == self._profile[1] - 1:
-                self._backend.profiler_stop()
+            self._lock.release()
         if kind:
             self._raise(kind, device, index, dep_device, dep_index, label, message, cause)
         return self.timeline(labels)
@@ -248,7 +275,7 @@ class Executor:
 
     def record(self, device: int) -> Event:
         """An event recorded now on ``device``'s compute stream (after the work issued so far)."""
-        ev = Event(self._backend, self._backend.create_event(device), device)
+        ev = Event(self._backend, self._backend.create_event(self.devices[device]), device)
         self._backend.record(ev.handle, self.stream(device))
         return ev
 
@@ -276,12 +303,13 @@ class Executor:
         key = (src_device, dst_device)
         stream = self._copy_streams.get(key)
         if stream is None:
-            stream = self._copy_streams[key] = self._backend.create_stream(src_device)
+            stream = self._copy_streams[key] = self._backend.create_stream(self.devices[src_device])
         if after is None:
             after = self.record(src_device)
         self._backend.stream_wait(stream, after.handle)
-        self._backend.copy(stream, dst_ptr, dst_device, src_ptr, src_device, nbytes)
-        done = Event(self._backend, self._backend.create_event(src_device), src_device)
+        self._backend.copy(stream, dst_ptr, self.devices[dst_device], src_ptr,
+                           self.devices[src_device], nbytes)
+        done = Event(self._backend, self._backend.create_event(self.devices[src_device]), src_device)
         self._backend.record(done.handle, stream)
         done._keep = after  # the copy stream refers to `after` until it has waited on it
         return done

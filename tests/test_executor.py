@@ -1,5 +1,6 @@
 """The executor on the CPU backend: ordering, real concurrency, errors, timeouts, timeline."""
 
+import contextlib
 import random
 import threading
 import time
@@ -7,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from pipetrain.executor import CompiledPlan, Executor, ExecutorError
+from pipetrain.executor import CompiledPlan, Executor, ExecutorError, cuda_backend_available
 
 
 def random_dag_plan(seed: int, devices: int, per_device: int, max_deps: int = 3):
@@ -193,6 +194,19 @@ def test_slow_action_times_out_then_executor_recovers(ex2):
     ex2.run(plan, lambda d, i: None, timeout=1.0)
 
 
+def test_timeout_without_waiter_names_the_running_action():
+    with Executor(1) as ex:
+        with pytest.raises(ExecutorError, match="0F1.*running") as info:
+            ex.run([[("0F0", []), ("0F1", [])]], lambda d, i: time.sleep(0.4 * i), timeout=0.25)
+        assert (info.value.kind, info.value.device, info.value.index) == ("timeout", 0, 1)
+        assert info.value.dependency is None
+
+
+def test_empty_plan(ex2):
+    timeline = ex2.run([[], []], lambda d, i: None, timeout=1.0)
+    assert [len(s) for s in timeline.start_ns] == [0, 0] and timeline.busy_ns(0) == 0
+
+
 def test_stuck_action_poisons_executor():
     release = threading.Event()
     ex = Executor(1)
@@ -287,3 +301,91 @@ def test_copy_default_after_is_issued_work():
         np.testing.assert_array_equal(dst, src)
         with pytest.raises(ValueError, match="dst_device"):
             ex.copy(src.ctypes.data, dst.ctypes.data, 8, 0, 2)
+
+
+def test_ctrl_c_interrupts_a_run():
+    import _thread
+
+    def run_action(d, i):
+        if i == 0:
+            _thread.interrupt_main()  # as if Ctrl-C arrived while run() waits
+        time.sleep(0.01)
+
+    with Executor(1) as ex:
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            ex.run([[(f"0F{i}", []) for i in range(200)]], run_action, timeout=10.0)
+        assert time.perf_counter() - t0 < 1.0
+        ex.run([[("0F0", [])]], lambda d, i: None, timeout=1.0)
+
+
+def test_one_run_at_a_time(ex2):
+    inner = []
+
+    def run_action(d, i):
+        if d == 0:
+            with pytest.raises(RuntimeError, match="already running"):
+                ex2.run([[("0F0", [])], [("1F0", [])]], lambda *a: None)
+            inner.append(1)
+
+    ex2.run([[("0F0", [])], [("1F0", [])]], run_action, timeout=5.0)
+    assert inner == [1]
+
+
+def test_profile_window_validated_and_harmless_on_cpu():
+    with pytest.raises(ValueError, match="profile_steps"):
+        Executor(1, profile_steps=(3, 3))
+    with Executor(1, profile_steps=(1, 2), nvtx=True) as ex:  # no-ops on the CPU backend
+        for _ in range(3):
+            ex.run([[("0F0", [])]], lambda d, i: None, timeout=1.0)
+
+
+def test_cuda_only_arguments_rejected_on_cpu():
+    with pytest.raises(ValueError, match="CUDA backend"):
+        Executor(2, streams=[0, 0])
+    with pytest.raises(ValueError, match="CUDA backend"):
+        Executor(2, devices=[0, 0])
+
+
+def _check_handoff(backend: str):
+    """Device 0 produces tensor k (slowly, on CUDA), copies it to device 1 through the copy
+    stream; device 1 waits on the copy's event and doubles it. Any missing ordering shows up
+    as a stale (zero) buffer in the result."""
+    import torch
+
+    m, n = 6, 1 << 14
+    cuda = backend == "cuda"
+    gpus = torch.cuda.device_count() if cuda else 0
+    dev = [torch.device("cuda", min(d, gpus - 1)) if cuda else torch.device("cpu") for d in range(2)]
+    streams = [torch.cuda.Stream(dev[d]) for d in range(2)] if cuda else None
+    kwargs = dict(streams=[s.cuda_stream for s in streams], devices=[x.index for x in dev]) if cuda else {}
+    x = [torch.zeros(n, device=dev[0]) for _ in range(m)]
+    buf = [torch.zeros(n, device=dev[1]) for _ in range(m)]
+    y = [None] * m
+    events = [None] * m
+    plan = [[(f"0F{k}", []) for k in range(m)], [(f"1F{k}", [(0, k)]) for k in range(m)]]
+    with Executor(2, backend=backend, **kwargs) as ex:
+        def run_action(d, k):
+            ctx = torch.cuda.stream(streams[d]) if cuda else contextlib.nullcontext()
+            with ctx:
+                if d == 0:
+                    if cuda:
+                        torch.cuda._sleep(2_000_000)  # keep the producer's stream busy
+                    x[k].fill_(k + 1.0)
+                    events[k] = ex.copy(x[k].data_ptr(), buf[k].data_ptr(), x[k].nbytes, 0, 1)
+                else:
+                    ex.wait(1, events[k])
+                    y[k] = buf[k] * 2
+        ex.run(plan, run_action, timeout=30.0)
+        ex.synchronize(30.0)
+    for k in range(m):
+        torch.testing.assert_close(y[k].cpu(), torch.full((n,), 2.0 * (k + 1)))
+
+
+def test_handoff_through_copy_stream_cpu():
+    _check_handoff("cpu")
+
+
+@pytest.mark.skipif(not cuda_backend_available(), reason="needs pipetrain._C_cuda and a CUDA device")
+def test_handoff_through_copy_stream_cuda():
+    _check_handoff("cuda")

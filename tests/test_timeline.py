@@ -63,3 +63,21 @@ def test_chrome_trace(tmp_path):
     assert json.loads(path.read_text()) == trace
     names = {(e["tid"], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
     assert {(0, "0F0"), (0, "0F1"), (1, "1F0"), (1, "1F1"), (1, "wait 0F0")} <= names
+
+
+def test_gil_contention_is_recorded_as_a_wait():
+    # Pure-Python actions hold the GIL: the second thread to start must wait for it (CPython
+    # hands it over after its 5 ms switch interval), and the timeline says so (dep -1).
+    def spin(d, i):
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.02:
+            pass
+
+    with Executor(2) as ex:
+        ex.run([[("0F0", [])], [("1F0", [])]], lambda d, i: None, timeout=5.0)  # warm threads
+        tl = ex.run([[("0F0", []), ("0F1", [])], [("1F0", []), ("1F1", [])]], spin, timeout=5.0)
+    gil = [w for d in range(2) for w in tl.waits[d] if w[1] == -1]
+    assert gil, "no GIL wait recorded"
+    assert max(w[4] - w[3] for w in gil) >= 1e6  # at least 1 ms
+    for d in range(2):
+        assert tl.wait_ns(d) >= tl.wait_ns(d, gil=False)

@@ -41,8 +41,16 @@ Executor::Executor(int num_devices, Backend& backend, std::shared_ptr<HostContex
       streams_(std::move(streams)), options_(options) {
   if (num_devices <= 0) throw std::invalid_argument("executor: num_devices must be positive");
   if (!host_) host_ = std::make_shared<HostContext>();
+  if (options_.device_ids.empty()) {
+    for (int d = 0; d < num_devices; ++d) options_.device_ids.push_back(d);
+  }
+  if (static_cast<int>(options_.device_ids.size()) != num_devices) {
+    throw std::invalid_argument("executor: expected one device id per device (" +
+                                std::to_string(num_devices) + "), got " +
+                                std::to_string(options_.device_ids.size()));
+  }
   if (streams_.empty()) {
-    for (int d = 0; d < num_devices; ++d) streams_.push_back(backend_.default_stream(d));
+    for (int d = 0; d < num_devices; ++d) streams_.push_back(backend_.default_stream(device_id(d)));
   }
   if (static_cast<int>(streams_.size()) != num_devices) {
     throw std::invalid_argument("executor: expected one stream per device (" +
@@ -77,7 +85,11 @@ void Executor::shutdown() {
 }
 
 void Executor::worker(int device) {
-  backend_.bind_thread(device);
+  try {
+    backend_.bind_thread(device_id(device));
+  } catch (const std::exception& err) {
+    state_[device].bind_error = std::string(backend_.name()) + " backend: " + err.what();
+  }
   host_->attach(device);
   std::uint64_t seen = 0;
   for (;;) {
@@ -154,6 +166,11 @@ void Executor::run_device(int d) {
   void* const ctx = ctx_.get();
   bool entered = false;
   int g = begin;
+  if (!st.bind_error.empty()) {
+    fail({RunError::Kind::kBackend, d, -1, -1, -1,
+          "device " + std::to_string(d) + ": " + st.bind_error});
+    return;
+  }
   st.active.store(true);
   try {
     for (; g < end; ++g) {
@@ -262,7 +279,15 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
     st.current.store(-1);
     st.waiting_on.store(-1);
     if (!backend_.synchronous()) {
-      while (static_cast<int>(st.events.size()) < n) st.events.push_back(backend_.create_event(d));
+      try {
+        while (static_cast<int>(st.events.size()) < n) {
+          st.events.push_back(backend_.create_event(device_id(d)));
+        }
+      } catch (const std::exception& err) {
+        return {RunError::Kind::kBackend, d, -1, -1, -1,
+                std::string("device ") + std::to_string(d) + ": " + backend_.name() +
+                    " backend: creating events: " + err.what()};
+      }
     }
   }
   plan_ = std::move(plan);
@@ -310,6 +335,13 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
             err.index = plan_->idx[cur];
             err.dep_device = plan_->dev[dep];
             err.dep_index = plan_->idx[dep];
+          }
+        }
+        for (int d = 0; d < num_devices_ && err.device < 0; ++d) {
+          const int cur = state_[d].current.load();  // nobody waits: blame the one running
+          if (cur >= 0 && state_[d].active.load()) {
+            err.device = d;
+            err.index = plan_->idx[cur];
           }
         }
         err.message = "no action completed for " + std::to_string(timeout_s) + " s: " +

@@ -70,6 +70,9 @@ struct ExecutorOptions {
   int spin = 0;       // busy-polls of a missing dependency before yielding
   int yields = 64;    // sched_yield rounds before blocking
   bool ranges = false;  // push a profiler range (NVTX "s1/F3") around every action
+  // Backend device of each plan device (empty: plan device d is backend device d). Lets
+  // several plan devices share one GPU, each with its own stream.
+  std::vector<int> device_ids;
 };
 
 class Executor : public std::enable_shared_from_this<Executor> {
@@ -89,6 +92,7 @@ class Executor : public std::enable_shared_from_this<Executor> {
   int num_devices() const { return num_devices_; }
   Backend& backend() { return backend_; }
   Handle stream(int device) const { return streams_[device]; }
+  int device_id(int device) const { return options_.device_ids[device]; }
   bool poisoned() const { return poisoned_; }
 
   // Timeline of the last run, in ns since its start (steady clock), by global action id.
@@ -109,6 +113,7 @@ class Executor : public std::enable_shared_from_this<Executor> {
     std::vector<WaitRecord> waits;             // preallocated; nwaits used
     std::int32_t nwaits = 0;
     std::vector<Handle> events;                // CUDA: one event per action index, reused
+    std::string bind_error;                    // bind_thread failed: every run fails on it
   };
 
   void worker(int device);

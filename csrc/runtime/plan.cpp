@@ -11,7 +11,13 @@ std::string range_name(const std::string& label) {
   std::size_t digits = 0;
   while (digits < label.size() && std::isdigit(static_cast<unsigned char>(label[digits]))) ++digits;
   if (digits == 0 || digits == label.size()) return label;
-  return "s" + label.substr(0, digits) + "/" + label.substr(digits);
+  std::string name;
+  name.reserve(label.size() + 2);
+  name.push_back('s');
+  name.append(label, 0, digits);
+  name.push_back('/');
+  name.append(label, digits, std::string::npos);
+  return name;
 }
 
 Plan Plan::build(int num_devices, const std::vector<std::vector<ActionSpec>>& actions) {
