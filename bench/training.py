@@ -10,6 +10,7 @@ It also reports what the I/W split costs relative to a full backward (zero-bubbl
 
 from __future__ import annotations
 
+import os
 import pathlib
 import statistics
 import time
@@ -32,6 +33,13 @@ class Block(nn.Module):
 
     def forward(self, x):
         return x + self.down(nn.functional.gelu(self.up(self.ln(x))))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def make_model(d: int, layers: int) -> nn.Sequential:
@@ -58,20 +66,33 @@ def _unsplit_step_time(model, x, y, steps, warmup):
 def run(quick: bool, out: pathlib.Path) -> None:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    d, n_layers, batch, p, m = (64, 8, 32, 4, 8) if quick else (256, 8, 64, 4, 8)
+    # One pipeline device per core (at most 4): with more devices than cores, stages contend
+    # for the CPU and the timeline measures that contention rather than the schedule.
+    p = max(2, min(4, _cores()))
+    d, n_layers, batch, m = (64, 8, 32, 8) if quick else (256, 8, 64, 8)
     steps, warmup = (3, 1) if quick else (10, 2)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, d, generator=g), torch.randn(batch, d, generator=g)
     print(f"model: {n_layers} pre-norm residual MLP blocks, d={d} ({sum(q.numel() for q in make_model(d, n_layers).parameters()) / 1e6:.2f} M params), "
           f"batch {batch}, p={p}, m={m}, CPU, {torch.get_num_threads()} torch threads "
           f"outside steps; medians over {steps} steps after {warmup} warm-up")
-    ref_model = make_model(d, n_layers)
-    unsplit = _unsplit_step_time(ref_model, x, y, steps, warmup)
-
     header = f"{'schedule':<18}{'bubble meas.':>13}{'bubble sim.':>12}{'sim. ideal':>11}{'step ms':>10}{'samples/s':>11}{'vs unsplit':>11}"
     print(header)
     print("-" * len(header))
-    print(f"{'unsplit model':<18}{'':>13}{'':>12}{'':>11}{unsplit * 1e3:>10.1f}{batch / unsplit:>11.0f}{1.0:>11.2f}")
+    # The reference: the unsplit model, same batch, with torch's default intra-op threads and
+    # with one thread (what each pipeline device gets when devices >= cores).
+    default_threads = torch.get_num_threads()
+    unsplit = {}
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        try:
+            unsplit[threads] = _unsplit_step_time(make_model(d, n_layers), x, y, steps, warmup + 1)
+        finally:
+            torch.set_num_threads(default_threads)
+        label = f"unsplit, {threads} thr"
+        print(f"{label:<18}{'':>13}{'':>12}{'':>11}{unsplit[threads] * 1e3:>10.1f}"
+              f"{batch / unsplit[threads]:>11.0f}{unsplit[default_threads] / unsplit[threads]:>11.2f}")
+    unsplit = unsplit[default_threads]
     backward_cost = {}
     for name in SCHEDULES:
         kwargs = {"num_chunks": 2} if name.startswith("interleaved") else {}

@@ -80,9 +80,10 @@ def plot_timeline(records: Sequence[Sequence[ActionRecord]], path: Union[str, pa
     ax.set_xlim(0, end)
     kinds = sorted({r.kind for d in records for r in d}, key="FBIW".find)
     ax.legend(handles=[Patch(color=KIND_COLORS.get(k, "grey"), label=k) for k in kinds],
-              loc="upper right", fontsize=7, ncol=len(kinds))
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=len(kinds),
+              frameon=False)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
