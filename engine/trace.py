@@ -54,7 +54,8 @@ def write_chrome_trace(records: Sequence[Sequence[ActionRecord]], path: Union[st
 def plot_timeline(records: Sequence[Sequence[ActionRecord]], path: Union[str, pathlib.Path],
                   title: str = "") -> pathlib.Path:
     """Draw the timeline (matplotlib, Agg): one row per device, one bar per action coloured by
-    kind and labelled with its micro-batch where it fits. Returns the path (PNG/SVG by suffix)."""
+    kind (hatched for an interleaved schedule's later chunks, stage >= p) and labelled with its
+    micro-batch where it fits. Returns the path (PNG/SVG by suffix)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,8 +70,9 @@ def plot_timeline(records: Sequence[Sequence[ActionRecord]], path: Union[str, pa
         row = p - 1 - d
         for r in per_device:
             x0, w = r.start_ns / 1e6, (r.end_ns - r.start_ns) / 1e6
+            # Later chunks of an interleaved schedule (stage >= p) are hatched.
             ax.broken_barh([(x0, w)], (row - 0.4, 0.8), facecolors=KIND_COLORS.get(r.kind, "grey"),
-                           edgecolor="white", linewidth=0.3)
+                           edgecolor="white", linewidth=0.3, hatch="//" if r.stage >= p else None)
             if w > end / 120:
                 ax.text(x0 + w / 2, row, str(r.microbatch), ha="center", va="center",
                         fontsize=6, color="white")
