@@ -11,11 +11,14 @@ model had run on the whole mini-batch, so any torch optimizer steps as usual.
 Data between stages lives in two tables keyed by (stage, micro-batch): the forward output of
 a stage waiting for its successor's F, and the input gradient of a stage waiting for its
 predecessor's B / I. The schedule's dependencies guarantee the producer finished first.
-For 1F1B with p = 3, m = 4 the action lists are (time runs right)::
+For 1F1B with p = 3, m = 4 the action lists are (``print(pipe.schedule)``, unit costs)::
 
-    device 0:  0F0 0F1 0F2         0B0 0F3 0B1     0B2     0B3
-    device 1:      1F0 1F1     1B0 1F2 1B1 1F3 1B2     1B3
-    device 2:          2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3
+    d0: 0F0 0F1 0F2  .   .  0B0 0F3 0B1  .  0B2  .  0B3
+    d1:  .  1F0 1F1  .  1B0 1F2 1B1 1F3 1B2  .  1B3
+    d2:  .   .  2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3
+
+``2F1`` waits for ``1F1``'s output in the activation table; ``1B0`` for ``2B0``'s input
+gradient in the gradient table.
 """
 
 from __future__ import annotations
@@ -222,7 +225,12 @@ class Pipeline:
 
     def _new_executor(self) -> None:
         from pipetrain.executor import Executor
-        self._executor = Executor(self.num_devices, backend=self._backend)
+        kwargs = {}
+        if self._backend == "cuda":
+            # Device d of the pipeline is devices[d] (not necessarily cuda:d): give the
+            # executor torch's current stream of each, the streams the stages compute on.
+            kwargs["streams"] = [torch.cuda.current_stream(dev).cuda_stream for dev in self.devices]
+        self._executor = Executor(self.num_devices, backend=self._backend, **kwargs)
         self._compiled = self._executor.compile(self._plan)   # validated once, reused each step
 
     def _settle(self, wait_s: float, raise_: bool = True) -> None:
