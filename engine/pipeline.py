@@ -23,6 +23,7 @@ gradient in the gradient table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -259,7 +260,8 @@ class Pipeline:
         Returns:
             The mini-batch loss: the micro-batch losses weighted by micro-batch size
             (equal to the unsplit model's loss when ``loss_fn`` is a mean). Parameter
-            gradients have been accumulated into ``p.grad``.
+            gradients have been accumulated into ``p.grad``. A caller's ``torch.autocast``
+            applies to the stages' forwards (and recomputations) on the executor's threads.
 
         Raises:
             ValueError: the batch cannot be split (smaller than num_microbatches, mismatched).
@@ -283,6 +285,9 @@ class Pipeline:
                 "x": x_mbs, "y": y_mbs, "w": [n / total for n in sizes],
                 "acts": {}, "grads": {}, "losses": [None] * m,
                 "threads_set": [False] * self.num_devices,
+                # Autocast is thread-local: the caller's carries over to the issuing threads.
+                "autocast": [(dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda")
+                             if torch.is_autocast_enabled(dt)],
             }
             self._settle(self.timeout)
             for st in self.stages:
@@ -330,7 +335,13 @@ class Pipeline:
         with self._active_cv:
             self._active[device] = str(a)
         try:
-            self._dispatch(state, a)
+            if state["autocast"] and a.kind != "W":   # F, and B / I which may recompute F
+                with contextlib.ExitStack() as stack:
+                    for device_type, dtype in state["autocast"]:
+                        stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                    self._dispatch(state, a)
+            else:
+                self._dispatch(state, a)
         finally:
             with self._active_cv:
                 del self._active[device]

@@ -251,3 +251,36 @@ def test_measured_bubble_matches_simulator(schedule, p, m):
     for kind in kinds:
         for c, e in zip(st.costs_s[kind], expect[kind]):
             assert e * 0.9 <= c < e + 0.01, (kind, st.costs_s[kind])
+
+
+class AutocastProbe(nn.Module):
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return x
+
+
+def test_callers_autocast_reaches_the_stages():
+    """Autocast is thread-local; a step under ``torch.autocast`` runs its stages (and their
+    recomputation) under it on the executor's threads."""
+    torch.manual_seed(4)
+    seen = []
+    model = nn.Sequential(nn.Linear(D, D), AutocastProbe(seen), nn.Linear(D, D), AutocastProbe(seen))
+    x, y = torch.randn(4, D), torch.randn(4, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = mse(model(x).float(), y)
+    pipe = Pipeline(model, 2, num_microbatches=2, loss_fn=lambda o, t: mse(o.float(), t),
+                    checkpoint="always")
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pipe.step(x, y)
+    # 2 stages x 2 micro-batches, forward and recomputation.
+    assert seen == [(True, torch.bfloat16)] * 8
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)   # bf16 matmuls: ~3 digits
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    seen.clear()
+    pipe.step(x, y)
+    assert seen == [(False, torch.bfloat16)] * 8
