@@ -12,7 +12,7 @@ def _records_from_simulation(s, sim):
     for d in range(s.num_devices):
         out.append([ActionRecord(d, str(a), a.kind, a.stage, a.microbatch,
                                  round(t0 * 1e9), round(t1 * 1e9))
-                    for a, t0, t1 in zip(s.actions(d), sim.starts[d], sim.ends[d])])
+                    for a, t0, t1 in zip(s.actions(d), sim.starts(d), sim.ends(d))])
     return out
 
 
