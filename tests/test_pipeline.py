@@ -284,3 +284,21 @@ def test_callers_autocast_reaches_the_stages():
     seen.clear()
     pipe.step(x, y)
     assert seen == [(False, torch.bfloat16)] * 8
+
+
+def test_a_built_schedule_object_drives_the_pipeline():
+    from pipetrain import schedules
+    model = mlp(4)
+    x, y = torch.randn(6, D, dtype=torch.float64), torch.randn(6, D, dtype=torch.float64)
+    ref_loss = mse(model(x), y)
+    ref_loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sched = schedules.build("zb-h1", num_stages=2, num_microbatches=3)
+    pipe = Pipeline(model, schedule=sched, loss_fn=mse, balance=[1, 3])
+    assert pipe.schedule is sched and pipe.balance == [1, 3]
+    assert pipe.step(x, y).item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    for p, g in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="num_microbatches=4 but the schedule has 3"):
+        Pipeline(model, schedule=sched, loss_fn=mse, num_microbatches=4)
