@@ -302,3 +302,23 @@ def test_a_built_schedule_object_drives_the_pipeline():
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="num_microbatches=4 but the schedule has 3"):
         Pipeline(model, schedule=sched, loss_fn=mse, num_microbatches=4)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts OS threads via /proc")
+def test_dropping_a_pipeline_releases_its_threads():
+    import gc
+    import weakref
+
+    def os_threads():
+        return len(os.listdir("/proc/self/task"))
+
+    model = mlp(4)
+    gc.collect()
+    before = os_threads()
+    pipe = Pipeline(model, 4, num_microbatches=2, loss_fn=mse)
+    pipe.step(torch.randn(2, D, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64))
+    assert os_threads() >= before + 4            # one issuing thread per device
+    ref = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert ref() is None and os_threads() <= before
