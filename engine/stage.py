@@ -130,6 +130,7 @@ class Stage:
         self.check_finite = check_finite
         self._rng_lock_setting = rng_lock
         self.params = [p for p in self.parameters() if p.requires_grad]
+        self._buffers = list({id(b): b for layer in self.layers for b in layer.buffers()}.values())
         self._accumulators: Optional[List[Any]] = None
         self._stash: Dict[int, _Saved] = {}
         self.meter = meter if meter is not None else Meter()
@@ -145,6 +146,9 @@ class Stage:
                     seen.add(id(p))
                     out.append(p)
         return out
+
+    def _training(self) -> bool:
+        return any(m.training for layer in self.layers for m in layer.modules())
 
     @property
     def is_last(self) -> bool:
@@ -295,9 +299,15 @@ class Stage:
         packed: List[torch.Tensor] = []
         random = saved.rng is not None
         replay = ckpt.restore_rng_state(saved.rng) if random else contextlib.nullcontext()
+        # The recomputation must not update buffers a second time (BatchNorm running stats):
+        # snapshot them and restore after. Through .data, so that autograd's version counters
+        # (BatchNorm saves its running stats for backward) do not see a change.
+        buffers = [(b, b.detach().clone()) for b in self._buffers] if self._training() else []
         with ckpt.maybe_lock(random), replay, \
                 torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
             out = self._run_layers(x, saved)
+        for b, value in buffers:
+            b.data.copy_(value)
         saved.outputs = flatten(self._scaled(out, saved))[0]
         saved.recomputed = packed
         return saved.outputs

@@ -69,3 +69,32 @@ def test_uses_rng():
     assert ckpt.uses_rng(nn.RReLU())
     assert Stage(0, [nn.Linear(2, 2)], rng_lock=True).uses_rng
     assert not Stage(0, [nn.Dropout(0.5)], rng_lock=False).uses_rng
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_recomputation_does_not_update_batchnorm_twice(schedule):
+    """BatchNorm sees each micro-batch's statistics (as in any micro-batched run) and its
+    running stats advance once per micro-batch forward: the reference is a plain loop over
+    micro-batches; re-materialized or not, the pipeline must match it exactly."""
+    from pipetrain.pipeline import Pipeline
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(),
+                             nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+
+    def mse(o, t):
+        return ((o - t) ** 2).mean()
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    ref = make()
+    for xj, yj in zip(x.split(2), y.split(2)):
+        (mse(ref(xj), yj) / 4).backward()
+    for mode in ("never", "always"):
+        model = make()
+        Pipeline(model, balance=[3, 2], schedule=schedule, num_microbatches=4, loss_fn=mse,
+                 checkpoint=mode).step(x, y)
+        for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"{mode}: {name}")
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
