@@ -1,0 +1,158 @@
+"""Bench section ``training``: train a small model on CPU through every synchronous schedule.
+
+Per schedule it prints the measured bubble ratio, the simulator's bubble ratio fed the
+per-stage action costs measured in the same step, the step time and samples/s (medians over
+steps after warm-up), plus a reference row: the unsplit model's step time in the same run.
+It writes each schedule's last measured timeline as a picture (``training_<schedule>.png``,
+one row per device, colour per action kind) and a Chrome trace (``training_<schedule>.json``).
+It also reports what the zero-bubble I/W split costs relative to a full backward B.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from pipetrain.pipeline import Pipeline
+
+SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
+
+
+class Block(nn.Module):
+    """Pre-norm residual MLP block: x + W2 gelu(W1 LN(x))."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.gelu(self.up(self.ln(x))))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def make_model(d: int, layers: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block(d) for _ in range(layers)])
+
+
+def mse(out, target):
+    return ((out - target) ** 2).mean()
+
+
+def _unsplit_step_time(model, x, y, steps, warmup):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        times.append(time.perf_counter() - t0)
+        opt.step()
+    return statistics.median(times[warmup:])
+
+
+def _split_cost(d: int, rows: int, reps: int) -> None:
+    """What the zero-bubble I/W split costs against one full backward B, on one stage of two
+    blocks (one micro-batch), alternating B and I + W in the same loop so that load from
+    other processes hits both alike. Medians of per-repeat ratios."""
+    from pipetrain.stage import Stage
+
+    stage = Stage(1, list(make_model(d, 2)))
+    x, g = torch.randn(rows, d), torch.randn(rows, d)
+    ratios, shares = [], []
+    for r in range(reps + 2):
+        stage.forward(0, x)
+        t0 = time.perf_counter()
+        stage.backward(0, g)
+        t_b = time.perf_counter() - t0
+        stage.forward(0, x)
+        t0 = time.perf_counter()
+        stage.backward_input(0, g)
+        t_i = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stage.backward_weight(0)
+        t_w = time.perf_counter() - t0
+        if r >= 2:
+            ratios.append((t_i + t_w) / t_b)
+            shares.append(t_i / (t_i + t_w))
+    print(f"I/W split on one stage (2 blocks, micro-batch {rows} x {d}): I + W = "
+          f"{statistics.median(ratios):.2f} x B, I = {100 * statistics.median(shares):.0f} % of I + W")
+
+
+def run(quick: bool, out: pathlib.Path) -> None:
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One pipeline device per core (at most 4): with more devices than cores, stages contend
+    # for the CPU and the timeline measures that contention rather than the schedule.
+    p = max(2, min(4, _cores()))
+    d, n_layers, batch, m = (64, 8, 32, 8) if quick else (256, 8, 64, 8)
+    steps, warmup = (3, 1) if quick else (10, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, d, generator=g), torch.randn(batch, d, generator=g)
+    print(f"model: {n_layers} pre-norm residual MLP blocks, d={d} ({sum(q.numel() for q in make_model(d, n_layers).parameters()) / 1e6:.2f} M params), "
+          f"batch {batch}, p={p}, m={m}, CPU, {torch.get_num_threads()} torch threads "
+          f"outside steps; medians over {steps} steps after {warmup} warm-up")
+    header = f"{'schedule':<18}{'bubble meas.':>13}{'bubble sim.':>12}{'sim. ideal':>11}{'step ms':>10}{'samples/s':>11}{'vs unsplit':>11}"
+    print(header)
+    print("-" * len(header))
+    # The reference: the unsplit model, same batch, with torch's default intra-op threads and
+    # with one thread (what each pipeline device gets when devices >= cores).
+    default_threads = torch.get_num_threads()
+    unsplit = {}
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        try:
+            unsplit[threads] = _unsplit_step_time(make_model(d, n_layers), x, y, steps, warmup + 1)
+        finally:
+            torch.set_num_threads(default_threads)
+    # "vs unsplit": speed relative to the faster unsplit configuration (> 1: faster than it).
+    best = min(unsplit.values())
+    for threads, t in unsplit.items():
+        label = f"unsplit, {threads} thr"
+        print(f"{label:<18}{'':>13}{'':>12}{'':>11}{t * 1e3:>10.1f}{batch / t:>11.0f}{best / t:>11.2f}")
+    unsplit = best
+    for name in SCHEDULES:
+        kwargs = {"num_chunks": 2} if name.startswith("interleaved") else {}
+        model = make_model(d, n_layers)
+        pipe = Pipeline(model, p, schedule=name, num_microbatches=m, loss_fn=mse, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        meas, sim, ideal, wall = [], [], [], []
+        for i in range(warmup + steps):
+            opt.zero_grad()
+            pipe.step(x, y)
+            opt.step()
+            if i < warmup:
+                continue
+            st = pipe.stats()
+            meas.append(st.bubble_ratio)
+            sim.append(pipe.simulate(st).bubble_ratio)
+            wall.append(st.wall_s)
+        st = pipe.stats()
+        c = st.costs_s
+        # The simulator with equal stage costs (the textbook number), from this run's means.
+        f_mean = statistics.mean(c["F"])
+        b_mean = statistics.mean([a + b for a, b in zip(c.get("I", c.get("B")), c.get("W", [0.0] * len(c["F"])))]
+                                 if "W" in c else c["B"])
+        w_mean = statistics.mean(c["W"]) if "W" in c else None
+        ideal_sim = pipe.schedule.simulate(forward=f_mean, backward=b_mean, weight=w_mean).bubble_ratio
+        step = statistics.median(wall)
+        print(f"{name:<18}{100 * statistics.median(meas):>12.1f}%{100 * statistics.median(sim):>11.1f}%"
+              f"{100 * ideal_sim:>10.1f}%{step * 1e3:>10.1f}{batch / step:>11.0f}{unsplit / step:>11.2f}")
+        pipe.plot_timeline(out / f"training_{name}.png",
+                           f"{name}: p={p} m={m}, measured bubble {100 * st.bubble_ratio:.1f} %")
+        pipe.export_trace(out / f"training_{name}.json")
+        pipe.close()
+    _split_cost(d, batch // m, reps=5 if quick else 20)
+    print(f"pictures and Chrome traces: {out}/training_<schedule>.png / .json")

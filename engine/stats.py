@@ -1,0 +1,112 @@
+"""Step statistics: what one training step did, measured from the executor's timeline.
+
+Definitions (the same as the schedule simulator's, so measured and simulated numbers compare):
+
+- makespan: from the first action's start to the last action's end, over all devices;
+- busy(d): the summed durations of device d's actions; idle(d) = makespan - busy(d);
+- bubble ratio: the idle fraction of all device time, ``sum_d idle(d) / (p * makespan)``.
+  For GPipe / 1F1B with equal stage costs this is ``(p-1)/(m+p-1)``.
+
+Times from the executor are nanoseconds on a steady clock, relative to the run's start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+__all__ = ["ActionRecord", "StepStats", "measure", "per_stage_costs"]
+
+
+class ActionRecord(NamedTuple):
+    """One executed action: where, what, and when (ns since the run started)."""
+
+    device: int
+    label: str        # e.g. "1F3": stage 1, forward, micro-batch 3
+    kind: str         # "F", "B", "I" or "W"
+    stage: int
+    microbatch: int
+    start_ns: int
+    end_ns: int
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) * 1e-9
+
+
+@dataclass
+class StepStats:
+    """The last step, measured. All times in seconds.
+
+    Attributes:
+        schedule: schedule name.
+        num_devices / num_stages / num_microbatches: the pipeline's shape.
+        samples: samples in the mini-batch.
+        wall_s: the whole ``step()`` call (scatter, run, gather of the loss).
+        makespan_s: first action start to last action end.
+        busy_s / idle_s: per device.
+        bubble_ratio: ``sum(idle) / (p * makespan)``.
+        samples_per_s: ``samples / wall_s``.
+        costs_s: per kind ("F", "B", "I", "W"), per stage: the mean action duration.
+        peak_stash_bytes / peak_inflight: per stage, the most bytes / micro-batches kept
+            between forward and backward during the step.
+        records: every action, per device in issue order.
+    """
+
+    schedule: str
+    num_devices: int
+    num_stages: int
+    num_microbatches: int
+    samples: int
+    wall_s: float
+    makespan_s: float
+    busy_s: List[float]
+    idle_s: List[float]
+    bubble_ratio: float
+    samples_per_s: float
+    costs_s: Dict[str, List[float]]
+    peak_stash_bytes: List[int] = field(default_factory=list)
+    peak_inflight: List[int] = field(default_factory=list)
+    records: List[List[ActionRecord]] = field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        lines = [f"{self.schedule}: p={self.num_devices} stages={self.num_stages} "
+                 f"m={self.num_microbatches} samples={self.samples}",
+                 f"  wall {self.wall_s * 1e3:.2f} ms, makespan {self.makespan_s * 1e3:.2f} ms, "
+                 f"bubble {100 * self.bubble_ratio:.1f} %, {self.samples_per_s:.1f} samples/s"]
+        for d, (b, i) in enumerate(zip(self.busy_s, self.idle_s)):
+            lines.append(f"  device {d}: busy {b * 1e3:.2f} ms, idle {i * 1e3:.2f} ms")
+        return "\n".join(lines)
+
+
+def per_stage_costs(records: Sequence[Sequence[ActionRecord]], num_stages: int) -> Dict[str, List[float]]:
+    """Mean duration per action kind and stage (0.0 where a kind never ran on a stage)."""
+    sums: Dict[str, List[float]] = {}
+    counts: Dict[str, List[int]] = {}
+    for per_device in records:
+        for r in per_device:
+            sums.setdefault(r.kind, [0.0] * num_stages)[r.stage] += r.duration_s
+            counts.setdefault(r.kind, [0] * num_stages)[r.stage] += 1
+    return {k: [s / c if c else 0.0 for s, c in zip(sums[k], counts[k])] for k in sums}
+
+
+def measure(records: Sequence[Sequence[ActionRecord]], *, schedule: str, num_stages: int,
+            num_microbatches: int, samples: int, wall_s: float,
+            peak_stash_bytes: Optional[List[int]] = None,
+            peak_inflight: Optional[List[int]] = None) -> StepStats:
+    """Build :class:`StepStats` from one run's action records (one list per device)."""
+    p = len(records)
+    starts = [r.start_ns for d in records for r in d]
+    ends = [r.end_ns for d in records for r in d]
+    makespan = (max(ends) - min(starts)) * 1e-9 if starts else 0.0
+    busy = [sum(r.duration_s for r in d) for d in records]
+    idle = [max(0.0, makespan - b) for b in busy]
+    bubble = sum(idle) / (p * makespan) if makespan > 0 else 0.0
+    return StepStats(
+        schedule=schedule, num_devices=p, num_stages=num_stages,
+        num_microbatches=num_microbatches, samples=samples, wall_s=wall_s,
+        makespan_s=makespan, busy_s=busy, idle_s=idle, bubble_ratio=bubble,
+        samples_per_s=samples / wall_s if wall_s > 0 else 0.0,
+        costs_s=per_stage_costs(records, num_stages),
+        peak_stash_bytes=list(peak_stash_bytes or []), peak_inflight=list(peak_inflight or []),
+        records=[list(d) for d in records])

@@ -1,0 +1,40 @@
+"""Tests for pipetrain.stats: step statistics from action records, against closed forms."""
+
+import pytest
+
+from pipetrain import schedules
+from pipetrain.stats import ActionRecord, measure, per_stage_costs
+
+
+def _records_from_simulation(s, sim):
+    """Action records with the simulator's start/end times (seconds -> ns)."""
+    out = []
+    for d in range(s.num_devices):
+        out.append([ActionRecord(d, str(a), a.kind, a.stage, a.microbatch,
+                                 round(t0 * 1e9), round(t1 * 1e9))
+                    for a, t0, t1 in zip(s.actions(d), sim.starts(d), sim.ends(d))])
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,m", [(2, 2), (4, 8), (3, 5)])
+def test_bubble_of_fill_drain_is_closed_form(name, p, m):
+    """GPipe / 1F1B with equal stage costs: bubble = (p-1)/(m+p-1) (GPipe paper)."""
+    s = schedules.build(name, num_stages=p, num_microbatches=m)
+    sim = s.simulate(forward=0.001, backward=0.002)
+    st = measure(_records_from_simulation(s, sim), schedule=name, num_stages=p,
+                 num_microbatches=m, samples=4 * m, wall_s=sim.makespan * 1.5)
+    assert st.bubble_ratio == pytest.approx((p - 1) / (m + p - 1), abs=1e-6)
+    assert st.makespan_s == pytest.approx((m + p - 1) * 0.003, rel=1e-6)
+    assert st.busy_s == pytest.approx([m * 0.003] * p, rel=1e-6)
+    assert st.samples_per_s == pytest.approx(4 * m / (sim.makespan * 1.5))
+    assert st.costs_s["F"] == pytest.approx([0.001] * p, rel=1e-6)
+    assert st.costs_s["B"] == pytest.approx([0.002] * p, rel=1e-6)
+    assert "bubble" in str(st)
+
+
+def test_per_stage_costs_means_and_missing_kinds():
+    recs = [[ActionRecord(0, "0F0", "F", 0, 0, 0, 10), ActionRecord(0, "0F1", "F", 0, 1, 10, 40),
+             ActionRecord(0, "2F0", "F", 2, 0, 40, 50)]]
+    costs = per_stage_costs(recs, 3)
+    assert costs == {"F": pytest.approx([20e-9, 0.0, 10e-9])}
