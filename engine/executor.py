@@ -323,6 +323,12 @@ class Executor:
 
     # -- lifetime ----------------------------------------------------------------------------
 
+    @property
+    def poisoned(self) -> bool:
+        """True once a thread failed to leave an action within a cancelled run's timeout:
+        the executor cannot run again (make a new one)."""
+        return bool(self._core.poisoned)
+
     def close(self) -> None:
         """Stop the worker threads and release copy streams (idempotent)."""
         self._core.close()

@@ -305,9 +305,9 @@ class Pipeline:
                                                   timeout=self.timeout)
             except ExecutorError as err:
                 self._settle(2 * self.timeout, raise_=False)
-                if getattr(err, "kind", "action") != "action":
-                    # After a timeout a thread may be stuck in an action, which leaves the
-                    # executor unusable ("poisoned"); a fresh one serves the next step.
+                if self._executor.poisoned:
+                    # A thread stuck in an action leaves the executor unusable; a fresh one
+                    # serves the next step.
                     old = self._executor
                     self._new_executor()
                     old.close()

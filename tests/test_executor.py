@@ -389,3 +389,23 @@ def test_handoff_through_copy_stream_cpu():
 @pytest.mark.skipif(not cuda_backend_available(), reason="needs pipetrain._C_cuda and a CUDA device")
 def test_handoff_through_copy_stream_cuda():
     _check_handoff("cuda")
+
+
+def test_run_releases_the_callable():
+    """After run() returns, the executor holds no reference to run_action, so whatever it
+    references (a Pipeline, and through it the executor's threads) can be collected."""
+    import gc
+    import weakref
+
+    class Owner:
+        def act(self, device, index):
+            pass
+
+    owner = Owner()
+    ref = weakref.ref(owner)
+    with Executor(2) as ex:
+        ex.run([[("0F0", [])], [("1F0", [(0, 0)])]], owner.act, timeout=5.0)
+        del owner
+        gc.collect()
+        assert ref() is None
+        assert not ex.poisoned

@@ -372,6 +372,11 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
     }
   }
   wall_ns_ = now_ns() - base_ns_;
+  // Every worker has finished, so nothing uses the caller's callable any more: drop it. Kept,
+  // it would keep alive whatever it references (a Pipeline and, through it, this executor's
+  // threads) until the next run. A poisoned run (above) keeps it: a stuck thread may use it.
+  fn_ = nullptr;
+  ctx_.reset();
   std::lock_guard<std::mutex> lock(error_mutex_);
   return error_;
 }
