@@ -27,7 +27,6 @@ import contextlib
 import os
 import threading
 import time
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -161,9 +160,6 @@ class Pipeline:
         # only once no action of that step can still touch it.
         self._active: Dict[int, str] = {}
         self._active_cv = threading.Condition()
-        # The executor's C++ core keeps the last run's callable; a bound method there would
-        # keep this Pipeline (and its executor threads) alive forever, out of the GC's sight.
-        self._trampoline = _weak_call(weakref.WeakMethod(self._run_action))
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -301,7 +297,7 @@ class Pipeline:
                 torch.set_num_threads(self.num_threads)
             try:
                 with _nvtx_range(f"pipetrain/step {getattr(self.schedule, 'name', '')}"):
-                    timeline = self._executor.run(self._compiled, self._trampoline,
+                    timeline = self._executor.run(self._compiled, self._run_action,
                                                   timeout=self.timeout)
             except ExecutorError as err:
                 self._settle(2 * self.timeout, raise_=False)
@@ -445,14 +441,6 @@ class Pipeline:
                 f"p={self.num_devices}, stages={self.num_stages}, m={self.num_microbatches}, "
                 f"balance={self.balance}, checkpoint={self.checkpoint!r})")
 
-
-def _weak_call(method: "weakref.WeakMethod") -> Callable[[int, int], None]:
-    def run_action(device: int, index: int) -> None:
-        bound = method()
-        if bound is None:
-            raise RuntimeError("the Pipeline was garbage-collected during a step")
-        bound(device, index)
-    return run_action
 
 
 def _nvtx_range(name: str) -> Any:
