@@ -97,7 +97,7 @@ def run(quick: bool, out: pathlib.Path) -> None:
     # One pipeline device per core (at most 4): with more devices than cores, stages contend
     # for the CPU and the timeline measures that contention rather than the schedule.
     p = max(2, min(4, _cores()))
-    d, n_layers, batch, m = (64, 8, 32, 8) if quick else (256, 8, 64, 8)
+    d, n_layers, batch, m = (64, 8, 32, 8) if quick else (256, 8, 512, 8)
     steps, warmup = (3, 1) if quick else (10, 2)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, d, generator=g), torch.randn(batch, d, generator=g)

@@ -1,7 +1,19 @@
-"""pipetrain: pipeline-parallel training for PyTorch, every schedule from one IR."""
+"""pipetrain: pipeline-parallel training for PyTorch, every schedule from one IR.
+
+Modules: ``schedules`` (the schedule IR: build, parse, validate, simulate), ``Pipeline``
+(train an ``nn.Sequential`` through any synchronous schedule), ``executor`` (the C++
+executor), ``optim`` (fused SGD/Adam/AdamW with weight prediction), ``flat_buffer`` (one
+contiguous buffer per stage), ``kernels`` (Triton kernels and their torch references).
+"""
 
 from pipetrain import _C  # noqa: F401  (the compiled core; fails loudly if the build is missing)
 
 __version__ = "0.1.0"
 
-from pipetrain.pipeline import Pipeline, PipelineError  # noqa: E402  (after _C: fails loudly first)
+# After _C, so a missing build fails with the clearest error first.
+from pipetrain import flat_buffer, optim, schedules  # noqa: E402
+from pipetrain.pipeline import Pipeline, PipelineError  # noqa: E402
+from pipetrain.schedules import ScheduleError  # noqa: E402
+
+__all__ = ["Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "optim", "schedules",
+           "__version__"]
