@@ -1,6 +1,6 @@
 """Executor overhead per action: the C++ executor against a plain single-threaded Python loop.
 
-Both run the same 1F1B plan (p stages, m micro-batches, built from the closed form) with an
+Both run the same 1F1B plan (p stages, m micro-batches, from ``schedules.build``) with an
 empty stage compute, so everything measured is scheduling: for the executor, dependency
 checks and waits across threads, taking and dropping the GIL, and one Python call per action;
 for the loop, one Python call per action in a precomputed topological order (the floor any
@@ -13,35 +13,15 @@ import pathlib
 import statistics
 import time
 
+from pipetrain import schedules
 from pipetrain.executor import Executor
 
 
 def one_f_one_b(p: int, m: int) -> list[list[tuple[str, list[tuple[int, int]]]]]:
-    """1F1B plan: stage s runs min(p-1-s, m) warm-up forwards, then alternates F and B.
-    F(s, k) depends on F(s-1, k); B(s, k) on B(s+1, k)."""
-    orders = []
-    for s in range(p):
-        warm = min(p - 1 - s, m)
-        order = [("F", k) for k in range(warm)]
-        f = warm
-        for b in range(m):
-            if f < m:
-                order.append(("F", f))
-                f += 1
-            order.append(("B", b))
-        orders.append(order)
-    pos = [{a: i for i, a in enumerate(order)} for order in orders]
-    plan = []
-    for s, order in enumerate(orders):
-        row = []
-        for kind, k in order:
-            if kind == "F":
-                deps = [(s - 1, pos[s - 1][("F", k)])] if s > 0 else []
-            else:
-                deps = [(s + 1, pos[s + 1][("B", k)])] if s < p - 1 else []
-            row.append((f"{s}{kind}{k}", deps))
-        plan.append(row)
-    return plan
+    """The 1F1B plan the pipeline runs: labels and dependencies from the schedule IR."""
+    sched = schedules.build("1f1b", num_stages=p, num_microbatches=m)
+    return [[(str(a), list(deps)) for a, deps in zip(sched.actions(d), sched.dependencies(d))]
+            for d in range(sched.num_devices)]
 
 
 def topological_order(plan) -> list[tuple[int, int]]:
