@@ -25,6 +25,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CXX_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-pthread", "-fvisibility=hidden", "-Wall", "-Wextra"]
+# CI sets PIPETRAIN_WERROR=1 so that a C++ warning fails the build (nvcc's already do).
+if os.environ.get("PIPETRAIN_WERROR") == "1":
+    CXX_FLAGS.append("-Werror")
 # nvcc's own flags; host flags go through -Xcompiler.
 NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr",
               "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall,-Wextra", "-Werror=all-warnings"]
