@@ -83,7 +83,8 @@ class Parcel:
 
     Attributes:
         value: the value with every copied tensor replaced by its destination tensor (on
-            the destination device; valid only after :meth:`Transfer.receive`).
+            the destination device; to be read through :meth:`Transfer.receive`, which
+            hands it over and clears this attribute).
         event: the executor event of the last copy (``None`` if nothing was copied).
         sources: the source tensors the copy stream reads (kept alive until it is done).
         src, dst: pipeline device indices. copies, nbytes: how many copies, how many bytes.
@@ -164,7 +165,8 @@ class Transfer:
             if dst_dev.type == "cuda":
                 # Order the copy stream after the destination stream's queued work: the
                 # caching allocator may have handed us a block those kernels still read.
-                ex.copy(0, 0, 0, src, dst, after=ex.record(dst))
+                s0, d0 = jobs[0]
+                ex.copy(s0.data_ptr(), d0.data_ptr(), 0, src, dst, after=ex.record(dst))
             after = ex.record(src)   # the producer's outputs are complete at this point
             for s, d in jobs:
                 event = ex.copy(s.data_ptr(), d.data_ptr(), s.numel() * s.element_size(),
@@ -178,6 +180,7 @@ class Transfer:
         if parcel.received:
             raise RuntimeError(f"{parcel!r} was already received")
         parcel.received = True
+        value, parcel.value = parcel.value, None   # a retired parcel holds only its sources
         if parcel.event is not None:
             self.executor.wait(parcel.dst, parcel.event, timeout=self.timeout)
             if parcel.event.query():
@@ -186,7 +189,7 @@ class Transfer:
                 with self._lock:               # CUDA: the wait is stream-side only
                     self._retired.append(parcel)
         self.release()
-        return parcel.value
+        return value
 
     def release(self) -> int:
         """Drop the sources of received parcels whose copies have completed (non-blocking).
