@@ -19,6 +19,12 @@ For 1F1B with p = 3, m = 4 the action lists are (``print(pipe.schedule)``, unit 
 
 ``2F1`` waits for ``1F1``'s output in the activation table; ``1B0`` for ``2B0``'s input
 gradient in the gradient table.
+
+Between devices a value moves either directly (``Tensor.to``; nothing at all on CPU) or, with
+``transfer="copy"`` (and ``"auto"`` across CUDA devices), through the executor's copy stream
+(:mod:`pipetrain.transfer`): the producer enqueues the copy right after its action, so it
+overlaps the producer's next computation, and the table holds the in-flight parcel, which
+the consumer waits on before its action.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 
 from pipetrain import checkpoint as ckpt
 from pipetrain import partition
+from pipetrain import transfer as xfer
 from pipetrain.microbatch import scatter, tree_map
 from pipetrain.stage import Meter, Stage
 from pipetrain.stats import ActionRecord, StepStats, measure
@@ -93,6 +100,14 @@ class Pipeline:
         rng_lock: serialize forwards of stages with random ops (see
             :mod:`pipetrain.checkpoint`); ``None`` detects dropout-like modules.
         timeout: seconds without progress after which ``step`` fails instead of hanging.
+        transfer: how activations (stage -> successor) and gradients (stage -> predecessor)
+            cross pipeline devices. ``"auto"`` (default): through the executor's copy
+            streams (``cudaMemcpyPeerAsync``, ordered by events, overlapping compute) when
+            the two stages sit on different CUDA devices, handed over directly otherwise
+            (on CPU in one process: no copy at all). ``"copy"``: always through the copy
+            streams when the pipeline devices differ, also on CPU (a ``memcpy`` in stream
+            order; for testing that path). ``"direct"``: ``Tensor.to(device,
+            non_blocking=True)`` on the consumer's thread. See :mod:`pipetrain.transfer`.
 
     Raises:
         ValueError: inconsistent or unsupported arguments, with what is allowed.
@@ -104,7 +119,7 @@ class Pipeline:
                  devices: Optional[Sequence[Any]] = None, checkpoint: str = "never",
                  num_chunks: Optional[int] = None, check_finite: bool = False,
                  num_threads: Optional[int] = None, rng_lock: Optional[bool] = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, transfer: str = "auto") -> None:
         from pipetrain import schedules
         from pipetrain.executor import Executor
 
@@ -113,6 +128,7 @@ class Pipeline:
         layers = partition.layers_of(model)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds; got {timeout}")
+        self.transfer = xfer.check_mode(transfer)
         self.schedule = self._build_schedule(schedules, schedule, num_stages, balance,
                                              num_microbatches, num_chunks, len(layers))
         s = self.schedule
@@ -146,13 +162,17 @@ class Pipeline:
                       for d in range(p)]
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self._backend = "cuda" if cuda else "cpu"
+        self._device_of = [s.device_of(k) for k in range(total)]
+        # (from device, to device) pairs whose hand-overs go through the copy streams.
+        self._copies = {(a, b) for a in range(p) for b in range(p)
+                        if xfer.uses_copy(transfer, a, b, self.devices[a], self.devices[b])}
+        self.timeout = timeout
         self._new_executor()
         if num_threads is None:
             num_threads = 0 if cuda else max(1, _cores() // p)
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0 (0: leave torch's setting); got {num_threads}")
         self.num_threads = num_threads
-        self.timeout = timeout
         self._stats: Optional[StepStats] = None
         self._lock = threading.Lock()
         self._step_state: Dict[str, Any] = {}
@@ -231,7 +251,11 @@ class Pipeline:
             # Device d of the pipeline is devices[d] (not necessarily cuda:d): give the
             # executor torch's current stream of each, the streams the stages compute on.
             kwargs["streams"] = [torch.cuda.current_stream(dev).cuda_stream for dev in self.devices]
+            # ... and their CUDA ordinals: events and peer copies are made on those.
+            kwargs["devices"] = [dev.index if dev.index is not None else torch.cuda.current_device()
+                                 for dev in self.devices]
         self._executor = Executor(self.num_devices, backend=self._backend, **kwargs)
+        self._transfer = xfer.Transfer(self._executor, self.devices, timeout=self.timeout)
         self._compiled = self._executor.compile(self._plan)   # validated once, reused each step
 
     def _settle(self, wait_s: float, raise_: bool = True) -> None:
@@ -301,6 +325,11 @@ class Pipeline:
                                                   timeout=self.timeout)
             except ExecutorError as err:
                 self._settle(2 * self.timeout, raise_=False)
+                if self._copies:
+                    # Parcels of the failed step may still be copied into: let the copy
+                    # streams finish before the step's tables (and tensors) are dropped.
+                    with contextlib.suppress(Exception):
+                        self._transfer.drain(self.timeout)
                 if self._executor.poisoned:
                     # A thread stuck in an action leaves the executor unusable; a fresh one
                     # serves the next step.
@@ -352,21 +381,37 @@ class Pipeline:
         stage = self.stages[k]
         last = k == self.num_stages - 1
         if kind == "F":
-            x = state["x"][mb] if k == 0 else state["acts"].pop((k - 1, mb))
-            x = _to(x, stage.device)
+            if k == 0:
+                x = _to(state["x"][mb], stage.device)
+            else:
+                x = self._receive(state["acts"].pop((k - 1, mb)), stage.device)
             if last:
                 state["losses"][mb] = stage.forward(mb, x, _to(state["y"][mb], stage.device),
                                                     weight=state["w"][mb]).to("cpu")
             else:
-                state["acts"][(k, mb)] = stage.forward(mb, x)
+                state["acts"][(k, mb)] = self._send(stage.forward(mb, x), k, k + 1)
         elif kind in ("B", "I"):
-            g = None if last else _to(state["grads"].pop((k + 1, mb)), stage.device)
+            g = None if last else self._receive(state["grads"].pop((k + 1, mb)), stage.device)
             gi = stage.backward(mb, g) if kind == "B" else stage.backward_input(mb, g)
-            if k > 0:
-                state["grads"][(k, mb)] = gi
+            if k > 0:   # zero-bubble: I sends the gradient, W has nothing to send
+                state["grads"][(k, mb)] = self._send(gi, k, k - 1)
         elif kind == "W":
             stage.backward_weight(mb)
         # other kinds (transfers of a lowered schedule) need no work: tensors move in F / B.
+
+    def _send(self, value: Any, stage: int, to_stage: int) -> Any:
+        """Producer side of a hand-over: start the copy now if this edge copies (the table
+        then holds the in-flight :class:`~pipetrain.transfer.Parcel`), else the value."""
+        a, b = self._device_of[stage], self._device_of[to_stage]
+        if (a, b) in self._copies:
+            return self._transfer.send(value, a, b)
+        return value
+
+    def _receive(self, obj: Any, device: torch.device) -> Any:
+        """Consumer side: wait for a parcel's copies, or move a direct value to ``device``."""
+        if isinstance(obj, xfer.Parcel):
+            return self._transfer.receive(obj)
+        return _to(obj, device)
 
     def _error(self, err: Exception) -> PipelineError:
         cause = err.__cause__
