@@ -96,3 +96,43 @@ def test_every_action_is_on_its_stages_device(name):
         for a in s.actions(d):
             assert s.device_of(a.stage) == d == a.device
             assert a.chunk == a.stage // 4
+
+
+# -- p = 4, derived by hand from each definition ------------------------------------------
+
+def test_gpipe_p4_m3():
+    # Fill-drain: every stage runs all forwards, then all backwards, in micro-batch order.
+    want = expand({s: "F0 F1 F2 B0 B1 B2" for s in range(4)})
+    assert rows(schedules.build("gpipe", 4, 3)) == [want[s] for s in range(4)]
+
+
+def test_1f1b_p4_m6():
+    # Stage s: p-s-1 warm-up forwards, then (F, B) pairs while forwards remain, then drain.
+    want = expand({0: "F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5",
+                   1: "F0 F1 F2 B0 F3 B1 F4 B2 F5 B3 B4 B5",
+                   2: "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 B5",
+                   3: "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5"})
+    assert rows(schedules.build("1f1b", 4, 6)) == [want[s] for s in range(4)]
+
+
+def test_interleaved_p4_v2_m4():
+    # Stage = chunk * p + device. Forward order on a device: chunk 0 for micro-batches 0..3,
+    # then chunk 1; backward order: chunk 1 first, then chunk 0. Warm-up forwards on device
+    # d: min((p-d-1)*2 + (v-1)*p, m*v) = 8, 8, 6, 4; then (F, B) pairs; then the drain.
+    s = schedules.build("interleaved-1f1b", 4, 4, num_chunks=2)
+    assert rows(s) == [
+        "0F0 0F1 0F2 0F3 4F0 4F1 4F2 4F3 4B0 4B1 4B2 4B3 0B0 0B1 0B2 0B3".split(),
+        "1F0 1F1 1F2 1F3 5F0 5F1 5F2 5F3 5B0 5B1 5B2 5B3 1B0 1B1 1B2 1B3".split(),
+        "2F0 2F1 2F2 2F3 6F0 6F1 6F2 6B0 6F3 6B1 6B2 6B3 2B0 2B1 2B2 2B3".split(),
+        "3F0 3F1 3F2 3F3 7F0 7B0 7F1 7B1 7F2 7B2 7F3 7B3 3B0 3B1 3B2 3B3".split(),
+    ]
+
+
+def test_zb_h1_p4_m5():
+    # Warm-up p-s forwards; then for each j: I(j), every W(k) with k <= j - s, the next F;
+    # then the remaining W's.
+    want = expand({0: "F0 F1 F2 F3 I0 W0 F4 I1 W1 I2 W2 I3 W3 I4 W4",
+                   1: "F0 F1 F2 I0 F3 I1 W0 F4 I2 W1 I3 W2 I4 W3 W4",
+                   2: "F0 F1 I0 F2 I1 F3 I2 W0 F4 I3 W1 I4 W2 W3 W4",
+                   3: "F0 I0 F1 I1 F2 I2 F3 I3 W0 F4 I4 W1 W2 W3 W4"})
+    assert rows(schedules.build("zb-h1", 4, 5)) == [want[s] for s in range(4)]
