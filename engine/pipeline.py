@@ -33,7 +33,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -108,6 +108,10 @@ class Pipeline:
             streams when the pipeline devices differ, also on CPU (a ``memcpy`` in stream
             order; for testing that path). ``"direct"``: ``Tensor.to(device,
             non_blocking=True)`` on the consumer's thread. See :mod:`pipetrain.transfer`.
+        profile_steps: ``(start, stop)``: on CUDA, ``cudaProfilerStart`` before step number
+            ``start`` and ``cudaProfilerStop`` after step ``stop - 1`` (steps counted from 0),
+            so ``nsys profile --capture-range=cudaProfilerApi`` records just that window, with
+            an NVTX range ``s1/F3`` per action. A no-op on CPU.
 
     Raises:
         ValueError: inconsistent or unsupported arguments, with what is allowed.
@@ -119,7 +123,8 @@ class Pipeline:
                  devices: Optional[Sequence[Any]] = None, checkpoint: str = "never",
                  num_chunks: Optional[int] = None, check_finite: bool = False,
                  num_threads: Optional[int] = None, rng_lock: Optional[bool] = None,
-                 timeout: float = 60.0, transfer: str = "auto") -> None:
+                 timeout: float = 60.0, transfer: str = "auto",
+                 profile_steps: Optional[Tuple[int, int]] = None) -> None:
         from pipetrain import schedules
         from pipetrain.executor import Executor
 
@@ -167,6 +172,7 @@ class Pipeline:
         self._copies = {(a, b) for a in range(p) for b in range(p)
                         if xfer.uses_copy(transfer, a, b, self.devices[a], self.devices[b])}
         self.timeout = timeout
+        self.profile_steps = profile_steps
         self._new_executor()
         if num_threads is None:
             num_threads = 0 if cuda else max(1, _cores() // p)
@@ -254,7 +260,8 @@ class Pipeline:
             # ... and their CUDA ordinals: events and peer copies are made on those.
             kwargs["devices"] = [dev.index if dev.index is not None else torch.cuda.current_device()
                                  for dev in self.devices]
-        self._executor = Executor(self.num_devices, backend=self._backend, **kwargs)
+        self._executor = Executor(self.num_devices, backend=self._backend,
+                                  profile_steps=self.profile_steps, **kwargs)
         self._transfer = xfer.Transfer(self._executor, self.devices, timeout=self.timeout)
         self._compiled = self._executor.compile(self._plan)   # validated once, reused each step
 

@@ -326,3 +326,35 @@ def test_dropping_a_pipeline_releases_its_threads():
     del pipe
     gc.collect()
     assert ref() is None and os_threads() <= before
+
+
+class _ProfilerSpy:
+    """Stands in for the executor's backend, recording profiler calls and delegating the rest."""
+
+    def __init__(self, inner, log, counter):
+        self._inner, self._log, self._counter = inner, log, counter
+
+    def profiler_start(self):
+        self._log.append(("start", self._counter[0]))
+        self._inner.profiler_start()
+
+    def profiler_stop(self):
+        self._log.append(("stop", self._counter[0]))
+        self._inner.profiler_stop()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_profile_steps_bracket_the_chosen_window():
+    """profile_steps=(1, 3): the profiler starts before step 1 and stops after step 2."""
+    pipe = Pipeline(mlp(), 2, num_microbatches=2, loss_fn=mse, profile_steps=(1, 3))
+    log, counter = [], [0]
+    pipe._executor._backend = _ProfilerSpy(pipe._executor._backend, log, counter)
+    x, y = torch.randn(4, D, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
+    for step in range(5):
+        counter[0] = step
+        pipe.step(x, y)
+    assert log == [("start", 1), ("stop", 2)]
+    with pytest.raises(ValueError, match="profile_steps"):
+        Pipeline(mlp(), 2, num_microbatches=2, loss_fn=mse, profile_steps=(3, 1))
