@@ -40,6 +40,15 @@ struct Action {
   }
 };
 
+// A compute action (F, B, I or W): stage `stage`, micro-batch `mb`.
+inline Action compute_action(int stage, int mb, Kind k) {
+  Action a;
+  a.stage = stage;
+  a.microbatch = mb;
+  a.kind = k;
+  return a;
+}
+
 // "1F3", or "1SF3>2" / "2RF3<1" for transfers.
 std::string to_string(const Action& a);
 

@@ -40,14 +40,6 @@ int transfer_edge(const StageGraph& g, const Action& a) {
   }
 }
 
-Action compute_action(int stage, int mb, Kind k) {
-  Action a;
-  a.stage = stage;
-  a.microbatch = mb;
-  a.kind = k;
-  return a;
-}
-
 }  // namespace
 
 const Action& action_at(const Schedule& s, const DepGraph& g, int gid) {
