@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._dtypes import load_f32, store_f32
 from ._launch import check_runnable, launch_config
+from ._step import load_weights, step_lanes, store_weights
 from ._validate import (ADAM_WRITES, check_adam_options, check_distance, check_step,
                         check_tensors)
 
@@ -46,17 +47,8 @@ def _adam_step_kernel(
     HAS_MASTER: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_PREDICT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    limit = n
-    if HAS_FOUND_INF:
-        # Flag read on device; set -> every lane masked -> no load, no store (no host sync).
-        limit = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    mask = offs < limit
-
-    if HAS_MASTER:
-        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    else:
-        w = load_f32(param_ptr, offs, mask)
+    offs, mask = step_lanes(found_inf_ptr, n, BLOCK, HAS_FOUND_INF)
+    w = load_weights(param_ptr, master_ptr, offs, mask, HAS_MASTER)
     g = load_f32(grad_ptr, offs, mask)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
@@ -80,9 +72,7 @@ def _adam_step_kernel(
 
     tl.store(exp_avg_ptr + offs, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, w, mask=mask)
-    store_f32(param_ptr, offs, w, mask)                # param = round(w)
+    store_weights(param_ptr, master_ptr, offs, w, mask, HAS_MASTER)   # master = w, param = round(w)
     if HAS_PREDICT:
         # XPipe: w_hat = w_new - s*lr*m_hat/(sqrt(v_hat)+eps), new moments, same denominator.
         store_f32(pred_ptr, offs, w + tl.div_rn(neg_pred_step_size * m, denom), mask)

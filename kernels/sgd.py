@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ._dtypes import load_f32, store_f32
 from ._launch import check_runnable, launch_config
+from ._step import load_weights, step_lanes, store_weights
 from ._validate import SGD_WRITES, check_distance, check_sgd_options, check_tensors
 
 __all__ = ["sgd_step"]
@@ -41,19 +42,8 @@ def _sgd_step_kernel(
     HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, HAS_PREDICT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    limit = n
-    if HAS_FOUND_INF:
-        # Read the flag on device (no host sync). A set flag shrinks the range to nothing: every
-        # lane is masked, so the step neither loads nor stores anything.
-        limit = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    mask = offs < limit
-
-    # All maths in fp32: w from the fp32 master if given, else param upcast.
-    if HAS_MASTER:
-        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    else:
-        w = load_f32(param_ptr, offs, mask)
+    offs, mask = step_lanes(found_inf_ptr, n, BLOCK, HAS_FOUND_INF)
+    w = load_weights(param_ptr, master_ptr, offs, mask, HAS_MASTER)   # all maths in fp32
     g = load_f32(grad_ptr, offs, mask)
     if MAXIMIZE:
         g = -g                                   # g = -grad
@@ -75,9 +65,7 @@ def _sgd_step_kernel(
         d = g
     w = w + neg_lr * d                           # w = w - lr*d
 
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, w, mask=mask)
-    store_f32(param_ptr, offs, w, mask)          # param = round(w)  (= master rounded)
+    store_weights(param_ptr, master_ptr, offs, w, mask, HAS_MASTER)   # master = w, param = round(w)
     if HAS_PREDICT:
         # SpecTrain: w_hat = w_new - s*lr*buf_new, from the fp32 w_new, same pass.
         store_f32(pred_ptr, offs, w + neg_pred_lr * buf, mask)
