@@ -43,8 +43,7 @@ void ThreadPool::start_workers(int count) {
   // (task_ is null between calls) -- a crash seen after set_num_threads restarted the pool.
   stopping_ = false;
   const uint64_t current = generation_;
-  for (int i = 1; i <= count; ++i)
-    workers_.emplace_back(&ThreadPool::worker_loop, this, i, current);
+  for (int i = 0; i < count; ++i) workers_.emplace_back(&ThreadPool::worker_loop, this, current);
 }
 
 void ThreadPool::stop_workers() {
@@ -57,24 +56,26 @@ void ThreadPool::stop_workers() {
   workers_.clear();
 }
 
-void ThreadPool::worker_loop(int index, uint64_t seen) {
+void ThreadPool::run_chunks() {
+  for (int i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < chunks_;) {
+    (*task_)(bounds_[i], bounds_[i + 1]);
+  }
+}
+
+void ThreadPool::worker_loop(uint64_t seen) {
   for (;;) {
-    const std::function<void(int64_t, int64_t)>* task;
-    int64_t begin, end;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
       if (stopping_) return;
       seen = generation_;
-      if (index >= chunks_) continue;  // this call uses fewer chunks than threads
-      task = task_;
-      begin = bounds_[index];
-      end = bounds_[index + 1];
+      if (!open_) continue;  // woke after the call finished: nothing left to join
+      ++running_;
     }
-    (*task)(begin, end);
+    run_chunks();
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      if (--running_ == 0) done_.notify_one();
     }
   }
 }
@@ -84,8 +85,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, int64_t min_per_thread,
   if (n <= 0) return;
   align = std::max<int64_t>(1, align);
   int64_t by_size = n / std::max<int64_t>(1, min_per_thread);
-  int chunks = static_cast<int>(std::min<int64_t>(num_threads_, by_size));
-  if (chunks < 2 || static_cast<long>(getpid()) != owner_pid_) {
+  if (std::min<int64_t>(num_threads_, by_size) < 2 || static_cast<long>(getpid()) != owner_pid_) {
     fn(0, n);
     return;
   }
@@ -94,11 +94,12 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, int64_t min_per_thread,
     fn(0, n);
     return;
   }
-  chunks = std::min(chunks, num_threads_);
   if (static_cast<int>(workers_.size()) != num_threads_ - 1) {
     stop_workers();
     start_workers(num_threads_ - 1);
   }
+  // A few chunks per thread, so a late worker leaves its share to the others.
+  const int chunks = static_cast<int>(std::min<int64_t>(4 * int64_t(num_threads_), by_size));
   {
     std::lock_guard<std::mutex> lock(mutex_);
     bounds_.assign(chunks + 1, n);
@@ -108,13 +109,16 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, int64_t min_per_thread,
     for (int i = 1; i < chunks; ++i) bounds_[i] = std::min<int64_t>(n, per * i);
     task_ = &fn;
     chunks_ = chunks;
-    pending_ = chunks - 1;
+    next_.store(0, std::memory_order_relaxed);
+    running_ = 0;
+    open_ = true;
     ++generation_;
   }
   wake_.notify_all();
-  fn(bounds_[0], bounds_[1]);
+  run_chunks();  // the caller works too, and takes whatever the workers have not
   std::unique_lock<std::mutex> lock(mutex_);
-  done_.wait(lock, [&] { return pending_ == 0; });
+  open_ = false;  // from here no worker joins; wait for those that did
+  done_.wait(lock, [&] { return running_ == 0; });
   task_ = nullptr;
 }
 

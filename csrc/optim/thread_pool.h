@@ -4,8 +4,16 @@
 // cannot saturate DRAM, so each call is cut into contiguous chunks run at once. Workers are
 // created once (lazily, on the first large call) and sleep on a condition variable between
 // calls — never a thread per call, whose start-up would cost more than a small step.
+//
+// A call is cut into a few more chunks than threads, and every participant, the caller
+// included, takes chunks from a shared counter until none is left. A worker that wakes late
+// (its core busy: torch's OpenMP threads spin for a while after each parallel op) finds the
+// work already done instead of holding the caller up. (A worker that joins and then loses its
+// core mid-chunk can still delay the caller by that chunk.) Chunk bounds depend only on n, so
+// results do not depend on who ran which chunk.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -40,7 +48,9 @@ class ThreadPool {
   void start_workers(int count);
   void stop_workers();
   // `seen`: the generation current when the worker starts; it waits for the next one.
-  void worker_loop(int index, uint64_t seen);
+  void worker_loop(uint64_t seen);
+  // Runs chunks of the current call until the shared counter passes the last one.
+  void run_chunks();
 
   int num_threads_ = 1;
   long owner_pid_ = 0;  // workers do not survive fork(); a child runs everything inline
@@ -51,11 +61,13 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   uint64_t generation_ = 0;
   bool stopping_ = false;
-  int pending_ = 0;
-  // The current call: chunk i (1-based for workers; the caller runs chunk 0).
+  // The current call (written under mutex_ before generation_ moves on).
   const std::function<void(int64_t, int64_t)>* task_ = nullptr;
-  std::vector<int64_t> bounds_;
+  std::vector<int64_t> bounds_;  // chunk i is [bounds_[i], bounds_[i + 1])
   int chunks_ = 0;
+  std::atomic<int> next_{0};     // the next chunk to take
+  bool open_ = false;            // workers may still join the current call
+  int running_ = 0;              // workers inside run_chunks() for the current call
 };
 
 }  // namespace pipetrain::optim
