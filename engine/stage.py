@@ -1,25 +1,30 @@
-"""A stage: one contiguous partition of the model, its forward, backward and I/W-split backward.
+"""A stage: one convex piece of the model with named input and output edges of the stage graph.
 
-A :class:`Stage` owns a list of layers (the user's module objects, never copies), runs them on
-one micro-batch at a time, and keeps per micro-batch what its backward will need (its
-*stash*) from the forward until the backward is done:
+A :class:`Stage` owns a list of layers (the user's module objects, never copies) and runs
+them on one micro-batch at a time. It is wired by edges, not by neighbours: ``inputs`` and
+``outputs`` are edge ids of ``schedule.stage_graph`` (see :mod:`pipetrain.schedules`). A
+stage with one input edge receives that edge's value, with several a tuple in edge order,
+with none (a source) the user's micro-batch; its output value goes out on every output edge,
+and its backward sums the gradients that come back on them. A stage without output edges (a
+sink) computes the loss.
 
-- normal stage: the boundary inputs (detached leaves) and the autograd graph of the forward;
-- re-materialized stage: the boundary inputs and the RNG state only; the backward recomputes.
+Between a micro-batch's forward and its backward the stage keeps its *stash*: the boundary
+inputs (detached leaves) and the autograd graph, or only the inputs and the RNG state when
+re-materialized (the backward recomputes). Backward comes whole (``B``) or split for
+zero-bubble schedules into ``I`` and ``W`` (:mod:`pipetrain.split_backward`).
 
-Backward comes whole (``B``: input and weight gradients in one autograd pass) or split for
-zero-bubble schedules into ``I`` (gradient w.r.t. the stage inputs, on the critical path) and
-``W`` (gradient w.r.t. the parameters, deferred). The split is done on the autograd graph,
-without changing the model: before ``I`` the graph is walked from the stage outputs, and every
-node that leads to a stage input and also has a child leading only to parameters (the
-*frontier*: ``AddmmBackward`` of a Linear, ``NativeLayerNormBackward``...) gets a pre-hook
-that saves the gradient flowing into it. ``I`` runs ``autograd.grad`` w.r.t. the inputs only —
-the engine skips every weight-gradient computation — and ``W`` later restarts autograd at each
-frontier node (``GradientEdge``) asking only for that node's parameters, so weight gradients
-are computed once, without recomputing input gradients. A parameter reached both from a
-frontier node's weight side and through the input side (weights reused along the chain)
-cannot be split this way; those fall back to one full pass from the outputs restricted to
-them. ``I + W`` therefore costs about one ``B`` plus the graph walk.
+Runs and failures. All state a step creates (stash, memory meters, gradients) lives in a
+per-run object made by :meth:`Stage.begin_run`; each method picks the run up when it starts.
+Parameter gradients of a run are *staged* — accumulated aside — and added to ``p.grad`` only
+by :meth:`Stage.commit_grads` (at the run's successful end, or at an update ``U``). So when a
+step fails, :meth:`Stage.end_run` drops the run and ``.grad`` is exactly what it was before
+the step, and an action of the failed step that is still running (stuck past the timeout)
+can only touch its own abandoned run, never the next step's state or ``.grad``. Used on its
+own (no ``begin_run``) a stage accumulates straight into ``p.grad``.
+
+Weights. :attr:`Stage.versions` binds the weight version an action runs on
+(:mod:`pipetrain.versions`); :meth:`Stage.update` is the ``U`` action when the pipeline owns
+the optimizer.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
+from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 
 from pipetrain import checkpoint as ckpt
+from pipetrain import split_backward as split
 from pipetrain.microbatch import Spec, flatten, unflatten
+from pipetrain.versions import WeightVersions
 
 __all__ = ["Stage", "Meter"]
 
@@ -70,8 +77,10 @@ class _Saved:
 
     inputs: List[Any]                     # boundary-input leaves (detached; floats may require grad)
     spec: Spec                            # nesting of the inputs
-    target: Any = None                    # last stage: this micro-batch's target
-    weight: float = 1.0                   # last stage: loss weight (micro-batch size / batch size)
+    target: Any = None                    # sink: this micro-batch's target
+    target_leaves: List[Any] = field(default_factory=list)  # its leaves (those needing grad marked)
+    target_spec: Optional[Spec] = None
+    weight: float = 1.0                   # sink: loss weight (micro-batch size / batch size)
     rng: Optional[ckpt.RNGState] = None   # re-materialized: RNG state at forward start
     outputs: Optional[List[Any]] = None   # output leaves carrying the graph (None until built)
     nbytes: int = 0                       # bytes counted in the stash (until B or I)
@@ -79,9 +88,27 @@ class _Saved:
     inflight: bool = True                 # between F and the end of B / I
     recomputed: List[Any] = field(default_factory=list)  # tensors saved by a recomputation
     # Between I and W: the deferred weight-gradient work.
-    w_full: Optional[Tuple[list, list]] = None        # (tensors, grads): one full pass (stage 0)
-    w_edges: List[Tuple[list, list, list]] = field(default_factory=list)  # (edges, grads, params)
+    w_full: Optional[Tuple[list, list]] = None        # (tensors, grads): W is the whole backward
+    w_edges: List[Tuple[list, list, list]] = field(default_factory=list)  # (outputs, grads, params)
     w_fallback: Optional[Tuple[list, list, list]] = None  # (tensors, grads, params)
+
+
+class _Run:
+    """The state of one run on one stage (see the module docstring)."""
+
+    __slots__ = ("stash", "own", "meter", "staged", "target_grads")
+
+    def __init__(self, meter: Meter, staged: bool) -> None:
+        self.stash: Dict[int, _Saved] = {}
+        self.own = Meter()          # this stage's share of the device meter
+        self.meter = meter          # the device's meter (shared by its stages in this run)
+        # param -> gradient accumulated in this run; None: accumulate into p.grad directly.
+        self.staged: Optional[Dict[nn.Parameter, torch.Tensor]] = {} if staged else None
+        self.target_grads: Dict[int, Any] = {}   # sink: mb -> gradient of a target needing one
+
+    def add(self, nbytes: int, count: int = 0, w_bytes: int = 0) -> None:
+        self.own.add(nbytes, count, w_bytes)
+        self.meter.add(nbytes, count, w_bytes)
 
 
 def _tensor_bytes(tensors: Sequence[Any], exclude: Optional[set] = None) -> int:
@@ -99,42 +126,75 @@ def _tensor_bytes(tensors: Sequence[Any], exclude: Optional[set] = None) -> int:
     return total
 
 
+def _accumulate(into: Optional[Dict[nn.Parameter, torch.Tensor]], params: Sequence[nn.Parameter],
+                grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """Add ``grads`` to ``params``' gradients: into the staging dict, or ``p.grad`` if None.
+
+    The first gradient is kept as is (no copy, as autograd's AccumulateGrad does), in the
+    parameter's own layout, so optimizers and flat buffers see the strides they expect.
+    """
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        current = p.grad if into is None else into.get(p)
+        if current is None:
+            if not g.is_sparse and g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)
+            if into is None:
+                p.grad = g
+            else:
+                into[p] = g
+        else:
+            current.add_(g)
+
+
 class Stage:
     """One pipeline stage.
 
     Args:
-        index: global (virtual) stage id.
+        index: stage id in the stage graph.
         layers: the layers, called in order like ``nn.Sequential`` (one argument in, one out).
         device: where the layers' parameters live and where the stage computes.
+        inputs, outputs: edge ids of the stage graph feeding / fed by this stage (default:
+            none; the pipeline builds stages from ``schedule.stage_graph``).
         checkpoint: re-materialize (keep only boundary inputs between forward and backward).
         loss_fn: ``loss_fn(output, target) -> scalar`` (mean over the micro-batch); given only
-            to the last stage, which then returns the loss from :meth:`forward`.
-        input_grad: whether the gradient w.r.t. the boundary inputs is needed (False for the
-            first stage: the user's data).
+            to a sink stage, which then returns the loss from :meth:`forward`.
+        input_grad: whether gradients w.r.t. the boundary inputs are needed (False for a
+            source: the user's data — but an input tensor that requires grad gets its
+            gradient anyway, as in the unsplit model).
         rng_lock: serialize this stage's forward/recompute with other random stages (see
             :mod:`pipetrain.checkpoint`); ``None`` detects dropout-like modules.
-        check_finite: last stage: raise ``FloatingPointError`` on a non-finite loss.
-        meter: the device's :class:`Meter` (shared by the stages of one device); own if None.
+        check_finite: sink: raise ``FloatingPointError`` on a non-finite loss.
+        meter: the device's :class:`Meter` when used without runs; own if None.
     """
 
     def __init__(self, index: int, layers: Sequence[nn.Module], device: Any = "cpu", *,
+                 inputs: Sequence[int] = (), outputs: Sequence[int] = (),
                  checkpoint: bool = False, loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
                  input_grad: bool = True, rng_lock: Optional[bool] = None,
                  check_finite: bool = False, meter: Optional[Meter] = None) -> None:
         self.index = index
         self.layers = list(layers)
         self.device = torch.device(device)
+        self.inputs, self.outputs = list(inputs), list(outputs)
         self.checkpoint = checkpoint
         self.loss_fn = loss_fn
         self.input_grad = input_grad
         self.check_finite = check_finite
         self._rng_lock_setting = rng_lock
-        self.params = [p for p in self.parameters() if p.requires_grad]
-        self._buffers = list({id(b): b for layer in self.layers for b in layer.buffers()}.values())
+        self._all_params = self.parameters()
+        self.params: List[nn.Parameter] = []
         self._accumulators: Optional[List[Any]] = None
-        self._stash: Dict[int, _Saved] = {}
+        self.refresh_params()
+        self._buffers = list({id(b): b for layer in self.layers for b in layer.buffers()}.values())
+        # Whether the layers modify their boundary input in place (ReLU(inplace=True) right
+        # after a cut): decided on the first forward, which always works on copies.
+        self._clone_inputs: Optional[bool] = None
         self.meter = meter if meter is not None else Meter()
-        self.own = Meter()           # this stage's share of the device meter
+        self._run = _Run(self.meter, staged=False)
+        self.versions = WeightVersions(self._all_params, name=f"stage {index}")
+        self.optimizer: Any = None
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -147,11 +207,19 @@ class Stage:
                     out.append(p)
         return out
 
+    def refresh_params(self) -> None:
+        """Re-read which parameters require grad (users freeze and unfreeze between steps)."""
+        params = [p for p in self._all_params if p.requires_grad]
+        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+            self.params = params
+            self._accumulators = None
+
     def _training(self) -> bool:
         return any(m.training for layer in self.layers for m in layer.modules())
 
     @property
     def is_last(self) -> bool:
+        """A sink: it computes the loss (no output edges)."""
         return self.loss_fn is not None
 
     @property
@@ -161,52 +229,86 @@ class Stage:
         return any(ckpt.uses_rng(m) for m in self.layers)
 
     @property
+    def own(self) -> Meter:
+        """This stage's share of its device's meter, in the current run."""
+        return self._run.own
+
+    @property
     def stash_bytes(self) -> int:
         """Bytes this stage keeps now for micro-batches between F and B (or I)."""
-        return self.own.bytes
+        return self._run.own.bytes
 
     @property
     def peak_stash_bytes(self) -> int:
-        return self.own.peak_bytes
+        return self._run.own.peak_bytes
 
     @property
     def peak_inflight(self) -> int:
-        return self.own.peak_count
+        return self._run.own.peak_count
 
     def reset_stats(self) -> None:
-        self.own.reset_peaks()
-        self.meter.reset_peaks()
+        self._run.own.reset_peaks()
+        self._run.meter.reset_peaks()
+
+    # -- runs ----------------------------------------------------------------------------
+    def begin_run(self, meter: Meter) -> None:
+        """Start a run: fresh stash and meters, gradients staged until :meth:`commit_grads`."""
+        self.refresh_params()
+        self._run = _Run(meter, staged=True)
+
+    def commit_grads(self) -> None:
+        """Add the gradients staged so far in this run to ``p.grad`` (and stage no more until
+        the next one arrives)."""
+        run = self._run
+        if run.staged:
+            _accumulate(None, list(run.staged), list(run.staged.values()))
+            run.staged.clear()
+
+    def end_run(self, commit: bool) -> None:
+        """End the run: commit its staged gradients (``commit``) or drop them and everything
+        stashed (a failed run). The stage is then as if used on its own."""
+        if commit:
+            self.commit_grads()
+        self.versions.release()
+        self._run = _Run(self.meter, staged=False)
 
     def clear(self) -> None:
-        """Drop every stashed micro-batch (after a failed step)."""
-        self._stash.clear()
-        self.meter.add(-self.own.bytes, -self.own.count, -self.own.w_bytes)
-        self.own = Meter()
+        """Drop every stashed micro-batch and staged gradient (after a failed step)."""
+        self.end_run(commit=False)
 
     def inflight(self) -> List[int]:
         """Micro-batches whose forward ran and whose backward has not finished."""
-        return sorted(self._stash)
+        return sorted(self._run.stash)
 
-    def _add(self, nbytes: int, count: int = 0, w_bytes: int = 0) -> None:
-        self.own.add(nbytes, count, w_bytes)
-        self.meter.add(nbytes, count, w_bytes)
+    def update(self) -> None:
+        """``U``: commit the staged gradients, step this stage's optimizer, zero its
+        gradients; the live weights become the next version."""
+        if self.optimizer is None:
+            raise RuntimeError(f"stage {self.index}: a U (update) action needs the stage's "
+                               "optimizer, and none was given")
+        self.commit_grads()
+        self.versions.release()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.versions.advance()
 
-    def _leave_inflight(self, saved: _Saved) -> None:
+    @staticmethod
+    def _leave_inflight(run: _Run, saved: _Saved) -> None:
         if saved.inflight:
-            self._add(-saved.nbytes, -1)
+            run.add(-saved.nbytes, -1)
             saved.nbytes, saved.inflight = 0, False
 
-    def _pop(self, mb: int) -> _Saved:
-        saved = self._stash.pop(mb)
-        self._leave_inflight(saved)
+    def _pop(self, run: _Run, mb: int) -> _Saved:
+        saved = run.stash.pop(mb)
+        self._leave_inflight(run, saved)
         if saved.w_nbytes:
-            self._add(0, 0, -saved.w_nbytes)
+            run.add(0, 0, -saved.w_nbytes)
             saved.w_nbytes = 0
         return saved
 
-    def _get(self, mb: int) -> _Saved:
+    def _get(self, run: _Run, mb: int) -> _Saved:
         try:
-            return self._stash[mb]
+            return run.stash[mb]
         except KeyError:
             raise RuntimeError(f"stage {self.index} has no forward state for micro-batch {mb} "
                                "(backward before forward, or run twice)") from None
@@ -221,28 +323,53 @@ class Stage:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor; got {type(loss).__name__}"
                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+        if torch.is_grad_enabled() and not loss.requires_grad and self._needs_grad(saved):
+            raise TypeError("loss_fn returned a tensor that does not require grad, so no "
+                            "gradient can flow back (did it call .item(), .detach() or "
+                            "torch.no_grad()?); return the loss as a differentiable tensor")
         return loss.reshape(())
+
+    def _needs_grad(self, saved: _Saved) -> bool:
+        return bool(self.params) or any(isinstance(t, torch.Tensor) and t.requires_grad
+                                        for t in saved.inputs)
+
+    def _call(self, saved: _Saved) -> Any:
+        """Run the layers on the saved boundary inputs (on copies if they modify them)."""
+        leaves = saved.inputs
+        if self._clone_inputs:
+            leaves = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+        return self._run_layers(unflatten(leaves, saved.spec), saved)
 
     def forward(self, mb: int, inputs: Any, target: Any = None, weight: float = 1.0) -> Any:
         """Run the stage on micro-batch ``mb``; stash what the backward needs.
 
         Args:
             mb: micro-batch index.
-            inputs: the previous stage's output (or the user's micro-batch for stage 0):
-                tensor, tuple/list/dict of tensors and plain values, already on ``device``.
-            target: last stage only: this micro-batch's target.
-            weight: last stage only: the loss weight (micro-batch size / mini-batch size).
+            inputs: the input edges' value (a tuple in edge order for several edges), or the
+                user's micro-batch for a source: a tensor, tuple/list/dict of tensors and plain
+                values, already on ``device``.
+            target: sink only: this micro-batch's target.
+            weight: sink only: the loss weight (micro-batch size / mini-batch size).
 
         Returns:
-            Not last: the outputs, detached (the autograd graph stays in the stash).
-            Last: the micro-batch's loss (unweighted, detached 0-dim tensor).
+            Not a sink: the outputs, detached (the autograd graph stays in the stash).
+            Sink: the micro-batch's loss (unweighted, detached 0-dim tensor).
         """
-        if mb in self._stash:
+        run = self._run
+        if mb in run.stash:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice")
         leaves, spec = flatten(inputs)
         x_leaves = [self._boundary(t) for t in leaves]
         saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight)
-        x = unflatten(x_leaves, spec)
+        if target is not None:
+            # A target that requires grad (distillation from a live teacher) gets its
+            # gradient, as in the unsplit model: it becomes a leaf of this stage's graph too.
+            t_leaves, saved.target_spec = flatten(target)
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in t_leaves):
+                saved.target_leaves = [t.detach().requires_grad_(True)
+                                       if isinstance(t, torch.Tensor) and t.requires_grad else t
+                                       for t in t_leaves]
+                saved.target = unflatten(saved.target_leaves, saved.target_spec)
         random = self.uses_rng
         with ckpt.maybe_lock(random):
             if self.checkpoint:
@@ -250,18 +377,18 @@ class Stage:
                 # restore changes the global generator, which other threads may be drawing from.
                 saved.rng = ckpt.save_rng_state(self.device) if random else None
                 with torch.no_grad():
-                    out = self._run_layers(x, saved)
+                    out = self._forward_checked(saved)
                 nbytes = _tensor_bytes(x_leaves)
             else:
                 packed: List[torch.Tensor] = []
                 with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
-                    out = self._run_layers(x, saved)
+                    out = self._forward_checked(saved)
                 saved.outputs = flatten(self._scaled(out, saved))[0]
                 exclude = {p.data_ptr() for p in self.params}
                 nbytes = _tensor_bytes(x_leaves + packed, exclude)
-        self._stash[mb] = saved
+        run.stash[mb] = saved
         saved.nbytes = nbytes
-        self._add(nbytes, 1)
+        run.add(nbytes, 1)
         if self.loss_fn is not None:
             loss = out.detach()
             if self.check_finite and not bool(torch.isfinite(loss)):
@@ -269,12 +396,55 @@ class Stage:
             return loss
         return _detach_tree(out)
 
+    def _forward_checked(self, saved: _Saved) -> Any:
+        """The forward, guarding the boundary inputs against in-place modification.
+
+        Unsplit, ``ReLU(inplace=True)`` after a cut modifies the previous layer's output; here
+        that output is the stage's leaf input, which torch forbids modifying (with grad) or
+        which must survive for the recomputation (re-materialized). The first forward runs on
+        copies and watches whether the layers modify them; if they do, every later forward
+        does too (one copy of the input), else none does. A stage whose in-place use appears
+        only later gets an error naming the stage instead of a wrong gradient.
+        """
+        if self._clone_inputs is None:
+            copies = [t.clone() if isinstance(t, torch.Tensor) else t for t in saved.inputs]
+            versions = [t._version for t in copies if isinstance(t, torch.Tensor)]
+            original, saved.inputs = saved.inputs, copies
+            try:
+                self._clone_inputs = False      # _call must not copy the copies again
+                out = self._call(saved)
+            finally:
+                saved.inputs = original
+                now = [t._version for t in copies if isinstance(t, torch.Tensor)]
+                self._clone_inputs = True if now != versions else None
+            if self._clone_inputs is None:
+                self._clone_inputs = False
+            return out
+        before = [t._version for t in saved.inputs if isinstance(t, torch.Tensor)]
+        try:
+            out = self._call(saved)
+        except RuntimeError as err:
+            if "in-place" in str(err) and "leaf" in str(err):
+                raise RuntimeError(self._inplace_message()) from err
+            raise
+        if [t._version for t in saved.inputs if isinstance(t, torch.Tensor)] != before:
+            raise RuntimeError(self._inplace_message())
+        return out
+
+    def _inplace_message(self) -> str:
+        first = type(self.layers[0]).__name__ if self.layers else "?"
+        return (f"stage {self.index} modified its boundary input in place (its first layer is "
+                f"{first}); this was not seen on its first forward, so the input was not "
+                "copied: move the cut so the stage does not begin with an in-place operation")
+
     def _boundary(self, t: Any) -> Any:
-        """A boundary input as the stage sees it: detached; floats require grad if needed."""
+        """A boundary input as the stage sees it: detached; floats require grad if needed
+        (always for a user's input that requires grad: the unsplit model gives it .grad)."""
         if not isinstance(t, torch.Tensor):
             return t
+        wants = t.requires_grad
         t = t.detach()
-        if self.input_grad and (t.is_floating_point() or t.is_complex()):
+        if (self.input_grad or wants) and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
         return t
 
@@ -287,7 +457,7 @@ class Stage:
 
     @staticmethod
     def _scaled(out: Any, saved: _Saved) -> Any:
-        # The last stage backpropagates loss * weight, so that summed over micro-batches the
+        # The sink backpropagates loss * weight, so that summed over micro-batches the
         # gradients are those of the size-weighted mean loss (the unsplit model's).
         return out * saved.weight if isinstance(out, torch.Tensor) and out.dim() == 0 and saved.weight != 1.0 else out
 
@@ -295,7 +465,6 @@ class Stage:
         """The output leaves with their graph, recomputing the forward if re-materialized."""
         if saved.outputs is not None:
             return saved.outputs
-        x = unflatten(saved.inputs, saved.spec)
         packed: List[torch.Tensor] = []
         random = saved.rng is not None
         replay = ckpt.restore_rng_state(saved.rng) if random else contextlib.nullcontext()
@@ -305,7 +474,7 @@ class Stage:
         buffers = [(b, b.detach().clone()) for b in self._buffers] if self._training() else []
         with ckpt.maybe_lock(random), replay, \
                 torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
-            out = self._run_layers(x, saved)
+            out = self._call(saved)
         for b, value in buffers:
             b.data.copy_(value)
         saved.outputs = flatten(self._scaled(out, saved))[0]
@@ -324,60 +493,81 @@ class Stage:
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         return [o for o, _ in pairs], [g for _, g in pairs]
 
+    @staticmethod
+    def _grad_leaves(saved: _Saved) -> List[torch.Tensor]:
+        return [t for t in saved.inputs + saved.target_leaves
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def take_target_grad(self, mb: int) -> Any:
+        """Sink: the gradient w.r.t. micro-batch ``mb``'s target (nested like it), if the
+        target required grad; None otherwise. Available after the backward (B or I)."""
+        return self._run.target_grads.pop(mb, None)
+
+    @staticmethod
+    def _keep_target_grad(run: _Run, mb: int, saved: _Saved) -> None:
+        if saved.target_leaves:
+            run.target_grads[mb] = unflatten(
+                [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
+                 for t in saved.target_leaves], saved.target_spec)
+
     def _input_grads(self, saved: _Saved) -> Any:
-        if not self.input_grad:
+        if not self.input_grad and not self._grad_leaves(saved):
             return None
         return unflatten([t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
                           for t in saved.inputs], saved.spec)
 
     # -- backward ------------------------------------------------------------------------
     def backward(self, mb: int, grad_outputs: Any = None) -> Any:
-        """Full backward (``B``) of micro-batch ``mb``: accumulate parameter gradients into
-        ``p.grad`` and return the gradients w.r.t. the boundary inputs (same nesting as the
-        inputs; ``None`` for leaves without a gradient, and ``None`` for the first stage).
+        """Full backward (``B``) of micro-batch ``mb``: accumulate parameter gradients and
+        return the gradients w.r.t. the boundary inputs (same nesting as the inputs; ``None``
+        for leaves without a gradient, and ``None`` for a source whose inputs need none).
 
         Args:
             grad_outputs: gradients w.r.t. this stage's outputs, nested like the outputs
-                (``None`` entries allowed); ignored by the last stage.
+                (``None`` entries allowed; the sum over output edges); ignored by a sink.
         """
-        saved = self._get(mb)
+        run = self._run
+        saved = self._get(run, mb)
         try:
             tensors, grads = self._pairs(self._materialize(saved), grad_outputs)
-            if tensors:
-                torch.autograd.backward(tensors, grads)
+            leaves = self._grad_leaves(saved)
+            wrt = leaves + self.params
+            if tensors and wrt:
+                gs = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+                for t, g in zip(leaves, gs):
+                    t.grad = g
+                _accumulate(run.staged, self.params, gs[len(leaves):])
+            self._keep_target_grad(run, mb, saved)
             return self._input_grads(saved)
         finally:
-            self._pop(mb)
+            self._pop(run, mb)
 
     def backward_input(self, mb: int, grad_outputs: Any = None) -> Any:
         """``I`` of micro-batch ``mb``: gradients w.r.t. the boundary inputs only; the weight
         gradients are left for :meth:`backward_weight` (the graph is kept until then)."""
-        saved = self._get(mb)
+        run = self._run
+        saved = self._get(run, mb)
         outputs = self._materialize(saved)
         tensors, grads = self._pairs(outputs, grad_outputs)
-        leaves = [t for t in saved.inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves = self._grad_leaves(saved)
         if not tensors or not self.params:
             if tensors and leaves:
-                torch.autograd.backward(tensors, grads, inputs=leaves)
-            self._after_input(saved, outputs)
+                for t, g in zip(leaves, torch.autograd.grad(tensors, leaves, grads, allow_unused=True)):
+                    t.grad = g
+            self._after_input(run, saved, mb)
             return self._input_grads(saved)
         if not leaves:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
-            self._after_input(saved, outputs)
-            return None
+            self._after_input(run, saved, mb)
+            return self._input_grads(saved)
         if self._accumulators is None:
             # Holding each parameter's AccumulateGrad node keeps it alive, so every later
             # graph uses the same node objects (as DDP does for its hooks).
             self._accumulators = [get_gradient_edge(p).node for p in self.params]
-        edges, fallback, ri_nodes = _split_plan(tensors, grads, leaves, self.params,
-                                                self._accumulators)
+        edges, fallback, ri_nodes = split.split_plan(tensors, grads, leaves, self.params,
+                                                     self._accumulators)
         captured: Dict[Any, tuple] = {}
-        handles = []
-        for node, _ in edges:
-            if _is_custom(node):   # capture what its backward returned (see _split_plan)
-                handles.append(node.register_hook(_capture_post(captured, node)))
-            elif not isinstance(node, torch.Tensor):
-                handles.append(node.register_prehook(_capture(captured, node)))
+        handles = split.capture_hooks(edges, captured)
         try:
             in_grads = torch.autograd.grad(tensors, leaves, grads, retain_graph=True, allow_unused=True)
         finally:
@@ -385,55 +575,39 @@ class Stage:
                 h.remove()
         for t, g in zip(leaves, in_grads):
             t.grad = g
-        for node, params in edges:
-            if isinstance(node, torch.Tensor):     # a root not leading to any input
-                saved.w_edges.append(([node], [grads[_index_of(tensors, node)]], params))
-                continue
-            gs = captured.get(node)
-            if gs is None:
-                continue
-            if _is_custom(node):
-                # Restart below the node, at its weight-side children, with the gradients its
-                # backward already produced during I.
-                slots = [(k, c, nr) for k, (c, nr) in enumerate(node.next_functions)
-                         if c is not None and k < len(gs) and gs[k] is not None
-                         and c not in ri_nodes]
-                if slots:
-                    saved.w_edges.append(([GradientEdge(c, nr) for _, c, nr in slots],
-                                          [gs[k] for k, _, _ in slots], params))
-                continue
-            ks = [k for k, g in enumerate(gs) if g is not None]
-            if ks:
-                saved.w_edges.append(([GradientEdge(node, k) for k in ks], [gs[k] for k in ks], params))
+        saved.w_edges = split.weight_work(edges, captured, tensors, grads, ri_nodes)
         if fallback:
             saved.w_fallback = (tensors, grads, fallback)
-        self._after_input(saved, outputs)
+        self._after_input(run, saved, mb)
         return self._input_grads(saved)
 
-    def _after_input(self, saved: _Saved, outputs: List[Any]) -> None:
+    def _after_input(self, run: _Run, saved: _Saved, mb: int) -> None:
         # I ends the micro-batch's flight; until W the graph stays (kept or recomputed).
+        self._keep_target_grad(run, mb, saved)
         w = saved.nbytes
         if saved.recomputed:
             exclude = {p.data_ptr() for p in self.params}
             w = _tensor_bytes(saved.inputs + saved.recomputed, exclude)
             saved.recomputed = []
-        self._leave_inflight(saved)
+        self._leave_inflight(run, saved)
         saved.w_nbytes = w
-        self._add(0, 0, w)
+        run.add(0, 0, w)
 
     def backward_weight(self, mb: int) -> None:
-        """``W`` of micro-batch ``mb``: accumulate the parameter gradients into ``p.grad``."""
-        saved = self._get(mb)
+        """``W`` of micro-batch ``mb``: accumulate the parameter gradients."""
+        run = self._run
+        saved = self._get(run, mb)
         try:
+            work = list(saved.w_edges)
             if saved.w_full is not None:
-                torch.autograd.backward(saved.w_full[0], saved.w_full[1])
+                work.append((saved.w_full[0], saved.w_full[1], self.params))
             if saved.w_fallback is not None:
-                tensors, grads, params = saved.w_fallback
-                torch.autograd.backward(tensors, grads, inputs=params, retain_graph=True)
-            for edges, grads, params in saved.w_edges:
-                torch.autograd.backward(edges, grads, inputs=params, retain_graph=True)
+                work.append(saved.w_fallback)
+            for outputs, grads, params in work:
+                gs = torch.autograd.grad(outputs, params, grads, retain_graph=True, allow_unused=True)
+                _accumulate(run.staged, params, gs)
         finally:
-            self._pop(mb)
+            self._pop(run, mb)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
@@ -443,103 +617,3 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
 def _detach_tree(out: Any) -> Any:
     leaves, spec = flatten(out)
     return unflatten([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], spec)
-
-
-def _index_of(tensors: List[torch.Tensor], t: torch.Tensor) -> int:
-    for i, x in enumerate(tensors):
-        if x is t:
-            return i
-    raise ValueError("tensor not among the outputs")
-
-
-def _is_custom(node: Any) -> bool:
-    """A node of a Python ``autograd.Function``: its backward sees a fixed
-    ``ctx.needs_input_grad`` and computes every input's gradient on each call."""
-    return isinstance(node, torch.autograd.function.BackwardCFunction)
-
-
-def _capture_post(store: Dict[Any, tuple], node: Any):
-    def hook(grad_inputs, grad_outputs):
-        store[node] = tuple(grad_inputs)
-    return hook
-
-
-def _capture(store: Dict[Any, tuple], node: Any):
-    def hook(grad_outputs):
-        store[node] = tuple(grad_outputs)
-    return hook
-
-
-def _node_of(t: torch.Tensor) -> Any:
-    return t.grad_fn if t.grad_fn is not None else get_gradient_edge(t).node
-
-
-def _split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tensor],
-                params: List[torch.Tensor], accumulators: List[Any]) -> Tuple[list, list, set]:
-    """Plan the I/W split of one backward (see the module docstring).
-
-    Returns:
-        ``(edges, fallback, input_nodes)``: ``edges`` lists ``(frontier, params)`` — a graph
-        node (or an output tensor whose graph reaches no input) and the parameters ``W`` gets
-        from it; ``fallback`` the parameters that need one full pass from the outputs;
-        ``input_nodes`` the nodes that lead to a stage input (I's part of the graph).
-
-    Built-in nodes compute only the gradients the running pass needs, so ``W`` restarts at a
-    frontier node with the gradient captured flowing into it. A Python ``autograd.Function``
-    computes all its input gradients whenever it runs (its ``needs_input_grad`` is fixed at
-    forward time), so I captures what its backward returned and ``W`` restarts at its
-    weight-side children instead — no part of it runs twice.
-    """
-    input_nodes = {_node_of(t) for t in leaves}
-    # Parameters as bits of an int: set unions become integer ORs (the walk runs per action).
-    bit_of = {node: 1 << i for i, node in enumerate(accumulators)}
-    # Post-order walk: ri[n] = n leads to a stage input; rp[n] = bits of the parameters n
-    # leads to; kids caches next_functions (each access builds a new tuple).
-    ri: Dict[Any, bool] = {}
-    rp: Dict[Any, int] = {}
-    kids: Dict[Any, list] = {}
-    roots = [_node_of(t) for t in tensors]
-    stack = [n for n in roots if n is not None]
-    while stack:
-        node = stack[-1]
-        if node in ri:
-            stack.pop()
-            continue
-        children = kids.get(node)
-        if children is None:
-            children = kids[node] = [c for c, _ in node.next_functions if c is not None]
-            pending = [c for c in children if c not in ri]
-            if pending:
-                stack.extend(pending)
-                continue
-        stack.pop()
-        reach_in = node in input_nodes
-        bits = bit_of.get(node, 0)
-        for c in children:
-            reach_in = reach_in or ri[c]
-            bits |= rp[c]
-        ri[node], rp[node] = reach_in, bits
-    frontier: List[Tuple[Any, int]] = []
-    conflict = 0
-    for node, reach_in in ri.items():
-        if not reach_in:
-            continue
-        weight_side = input_side = 0
-        for c in kids[node]:
-            if ri[c]:
-                input_side |= rp[c]
-            else:
-                weight_side |= rp[c]
-        if weight_side:
-            conflict |= weight_side & input_side
-            frontier.append((node, weight_side))
-    for t, n in zip(tensors, roots):
-        if n is not None and not ri[n] and rp[n]:
-            frontier.append((t, rp[n]))
-    edges = []
-    for node, bits in frontier:
-        keep = [p for i, p in enumerate(params) if bits >> i & 1 and not conflict >> i & 1]
-        if keep:
-            edges.append((node, keep))
-    fallback = [p for i, p in enumerate(params) if conflict >> i & 1]
-    return edges, fallback, {n for n, r in ri.items() if r}
