@@ -24,23 +24,58 @@ def mlp(n=4, dtype=torch.float64):
 
 # -- arguments ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_stages=5), "only 4 layers"),
+    (dict(num_devices=5), "only 4 layers"),
     (dict(balance=[2, 1]), "sums to 3 but the model has 4"),
-    (dict(num_stages=2, balance=[1, 1, 2]), "3 entries but num_stages"),
-    (dict(num_stages=2, checkpoint="sometimes"), "'never', 'always', 'except_last'"),
-    (dict(num_stages=2, schedule="nope"), "schedule 'nope'"),
-    (dict(num_stages=2, devices=["cpu"]), "one per pipeline device"),
-    (dict(num_stages=2, num_chunks=2), "only for the interleaved"),
-    (dict(num_stages=3, schedule="interleaved-1f1b", num_chunks=2), "only 4 layers"),
-    (dict(num_stages=2, num_microbatches=0), "positive int"),
-    (dict(num_stages=2, loss_fn=None), "loss_fn is required"),
-    (dict(), "num_stages"),
+    (dict(num_devices=2, balance=[1, 1, 2]), "3 entries but num_devices"),
+    (dict(num_devices=2, checkpoint="sometimes"), "'never', 'always', 'except_last'"),
+    (dict(num_devices=2, schedule="nope"), "schedule 'nope'"),
+    (dict(num_devices=2, devices=["cpu"]), "one per pipeline device"),
+    (dict(num_devices=2, num_chunks=2), "only for the interleaved"),
+    (dict(num_devices=3, schedule="interleaved-1f1b", num_chunks=2), "only 4 layers"),
+    (dict(num_devices=2, num_microbatches=0), "positive int"),
+    (dict(num_devices=2, loss_fn=None), "loss_fn is required"),
+    (dict(), "num_devices"),
+    # Found by trying the constructor as a new user would: each used to fail badly.
+    (dict(num_devices=2, schedule=None), "schedule must be a schedule name .* got None"),
+    (dict(num_devices=2, schedule=42), "schedule must be a schedule name .* got 42"),
+    (dict(num_devices=2, schedule="interleaved-1f1b", num_chunks=0), "num_chunks must be an int >= 1"),
+    (dict(num_devices=2, timeout=float("nan")), "timeout must be a number of seconds > 0"),
+    (dict(num_devices=2, timeout=0), "timeout must be"),
+    (dict(num_devices=2, timeout="60"), "timeout must be"),
+    (dict(num_devices=0), "num_devices must be a positive int"),
+    (dict(num_devices=2.0), "num_devices must be a positive int"),
+    (dict(num_devices=2, num_threads=-1), "num_threads must be an int >= 0"),
+    (dict(num_devices=2, check_finite="yes"), "check_finite must be True or False"),
+    (dict(num_devices=2, rng_lock=1), "rng_lock must be True or False or None"),
+    (dict(num_devices=2, profile_steps=(2, 1)), "profile_steps must be"),
+    (dict(num_devices=2, devices="cpu"), "devices must be a list"),
+    (dict(num_devices=2, balance=3), "balance must be a list"),
+    (dict(num_devices=2, transfer=None), "transfer must be one of"),
 ])
 def test_bad_arguments(kwargs, match):
     args = dict(loss_fn=mse)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         Pipeline(mlp(), **args)
+
+
+def test_num_stages_is_a_deprecated_alias_of_num_devices():
+    with pytest.warns(DeprecationWarning, match="num_devices"):
+        pipe = Pipeline(mlp(), num_stages=2, loss_fn=mse)
+    assert pipe.num_devices == 2 and pipe.num_stages == 2
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        Pipeline(mlp(), 2, num_stages=4, loss_fn=mse)
+    pipe = Pipeline(mlp(8), 2, schedule="interleaved-1f1b", num_chunks=2, num_microbatches=2,
+                    loss_fn=mse)
+    assert (pipe.num_devices, pipe.num_stages) == (2, 4)
+
+
+def test_infinite_timeout_means_none():
+    pipe = Pipeline(mlp(), 2, num_microbatches=2, loss_fn=mse, timeout=float("inf"))
+    x, y = torch.randn(4, D, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
+    assert torch.isfinite(pipe.step(x, y))
+    assert torch.isfinite(pipe.step(x, y))
+    pipe.close()
 
 
 def test_bad_batches():
@@ -60,7 +95,10 @@ def test_public_api_and_placement():
                     loss_fn=mse, balance=[2, 2, 2, 2])
     assert pipe.num_devices == 2 and pipe.num_stages == 4 and pipe.balance == [2, 2, 2, 2]
     assert [pipe.schedule.device_of(k) for k in range(4)] == [0, 1, 0, 1]
-    assert pipe.stages[2].meter is pipe.meters[0] and pipe.stages[3].meter is pipe.meters[1]
+    graph = pipe.schedule.stage_graph
+    assert [(e.src, e.dst) for e in graph.edges] == [(0, 1), (1, 2), (2, 3)]
+    assert [(st.inputs, st.outputs) for st in pipe.stages] == \
+        [([], [0]), ([0], [1]), ([1], [2]), ([2], [])]
     assert [m for st in pipe.stages for m in st.layers] == list(model)  # same objects
     assert set(model.state_dict()) == set(mlp(8).state_dict())        # nothing registered
 
@@ -155,7 +193,7 @@ def test_rematerialization_keeps_only_boundary_inputs(schedule, p, m):
         peaks[mode] = st.peak_stash_bytes
         if mode == "always":
             assert st.peak_stash_bytes == [n * per_mb for n in sim.peak_inflight]
-        assert all(mt.bytes == 0 and mt.w_bytes == 0 for mt in pipe.meters)  # all freed
+        assert all(mt.bytes == 0 and mt.w_bytes == 0 for mt in pipe.runner.meters)  # all freed
     for a, b in zip(peaks["always"], peaks["never"]):
         # The kept graph holds each layer's activations: the input and both Tanh outputs of a
         # two-block stage, three times the boundary input (more on the last, with the loss).
@@ -350,7 +388,8 @@ def test_profile_steps_bracket_the_chosen_window():
     """profile_steps=(1, 3): the profiler starts before step 1 and stops after step 2."""
     pipe = Pipeline(mlp(), 2, num_microbatches=2, loss_fn=mse, profile_steps=(1, 3))
     log, counter = [], [0]
-    pipe._executor._backend = _ProfilerSpy(pipe._executor._backend, log, counter)
+    ex = pipe.runner.executor
+    ex._backend = _ProfilerSpy(ex._backend, log, counter)
     x, y = torch.randn(4, D, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
     for step in range(5):
         counter[0] = step
