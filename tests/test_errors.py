@@ -8,12 +8,7 @@ import torch
 from torch import nn
 
 from pipetrain.pipeline import Pipeline, PipelineError
-
-D = 5
-
-
-def mse(out, target):
-    return ((out - target) ** 2).mean()
+from tests.models import D, Stall, mse
 
 
 class Faulty(nn.Module):
@@ -113,16 +108,6 @@ def test_nan_loss_is_caught_when_checking():
     assert torch.isnan(unchecked.step(x, y))
     x[5, 0] = 0.0
     assert torch.isfinite(pipe.step(x, y))
-
-
-class Stall(nn.Module):
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x * 1.0
 
 
 def test_stalled_step_times_out():

@@ -1,13 +1,13 @@
 """Tests for pipetrain.partition: balances by count, size and time against brute force."""
 
 import itertools
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from pipetrain import partition
+from tests.models import Stall
 
 
 def _brute_force_max(costs, k):
@@ -45,20 +45,10 @@ def test_balance_by_size_follows_parameter_count():
     assert balance[0] <= 2 and sum(balance) == 5
 
 
-class _Sleep(nn.Module):
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x * 1.0
-
-
 def test_balance_by_time_measures():
     # One slow layer first: by time it is a stage alone; by parameter count (all zero) the
     # layers would split 2 / 2.
-    layers = [_Sleep(0.03), _Sleep(0.001), _Sleep(0.001), _Sleep(0.001)]
+    layers = [Stall(0.03), Stall(0.001), Stall(0.001), Stall(0.001)]
     assert partition.balance_by_time(layers, torch.ones(2, 2), 2, repeats=1) == [1, 3]
     assert partition.balance_by_size(layers, 2) == [2, 2]
     layers = [nn.Linear(3, 3)]

@@ -9,17 +9,7 @@ from torch import nn
 
 import pipetrain
 from pipetrain.pipeline import Pipeline
-
-D = 6
-
-
-def mse(out, target):
-    return ((out - target) ** 2).mean()
-
-
-def mlp(n=4, dtype=torch.float64):
-    torch.manual_seed(0)
-    return nn.Sequential(*[nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(n)]).to(dtype)
+from tests.models import D, mlp, mse
 
 
 # -- arguments ----------------------------------------------------------------------------

@@ -14,8 +14,6 @@ across two GPUs the same way.
 """
 
 import collections
-import importlib.util
-import pathlib
 
 import pytest
 import torch
@@ -26,12 +24,8 @@ from pipetrain.executor import Executor, cuda_backend_available
 from pipetrain.pipeline import Pipeline
 from pipetrain.stage import Stage
 
-# The models, data and unsplit references of the transparency tests (loaded by path: the
-# tests folder is not a package).
-_spec = importlib.util.spec_from_file_location(
-    "_transparency_helpers", pathlib.Path(__file__).with_name("test_transparency.py"))
-_tp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tp)
+# The models, data and unsplit references of the transparency tests.
+from tests import test_transparency as _tp  # noqa: E402
 
 Pair = collections.namedtuple("Pair", "left right")
 
