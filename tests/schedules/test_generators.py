@@ -1,17 +1,9 @@
 """Generators: golden orders for small p, hand-derived from each schedule's definition."""
 
 import pytest
+from schedule_helpers import expand, rows
 
 from pipetrain import schedules
-
-
-def rows(s):
-    return [[str(a) for a in s.actions(d)] for d in range(s.num_devices)]
-
-
-def expand(spec):
-    """'F0 F1 B0' on stage 2 -> ['2F0', '2F1', '2B0']."""
-    return {stage: [f"{stage}{tok}" for tok in text.split()] for stage, text in spec.items()}
 
 
 def test_gpipe_p2_m3():

@@ -2,9 +2,10 @@
 
 import pytest
 from hypothesis import given, settings, strategies as st
+from schedule_helpers import rebuild, rule_of
 
 from pipetrain import schedules
-from pipetrain.schedules import Action, Schedule, ScheduleError
+from pipetrain.schedules import Action, Schedule
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -18,18 +19,6 @@ def generated(draw, max_p=16, max_m=64):
         m = p * draw(st.integers(1, max(1, max_m // p)))
         return schedules.build(name, p, m, num_chunks=v)
     return schedules.build(name, p, draw(st.integers(1, max_m)))
-
-
-def rebuild(s, per_device):
-    return Schedule.from_actions(per_device, num_stages=s.num_stages,
-                                 num_microbatches=s.num_microbatches, edges=s.edges,
-                                 placement=[s.device_of(k) for k in range(s.num_stages)])
-
-
-def rule_of(s):
-    with pytest.raises(ScheduleError) as err:
-        schedules.validate(s)
-    return err.value
 
 
 @FAST
