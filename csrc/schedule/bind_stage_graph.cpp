@@ -117,8 +117,8 @@ void bind_stage_graph(py::module_& m) {
                for (size_t k = 0; k + 1 < place.size(); ++k)
                  e.emplace_back(static_cast<int>(k), static_cast<int>(k) + 1);
              }
-             return StageGraph(static_cast<int>(place.size()), devices, std::move(e),
-                               std::move(place));
+             const int stages = static_cast<int>(place.size());
+             return StageGraph(stages, devices, std::move(e), std::move(place));
            }),
            py::arg("placement"), py::arg("edges") = py::none(), py::arg("num_devices") = py::none(),
            "placement[k] = device of stage k; edges default to the chain 0 -> 1 -> ...")

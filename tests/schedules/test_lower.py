@@ -74,3 +74,17 @@ def test_missing_both_ends_and_bad_peers():
     assert err.value.rule == "not-an-edge"
     with pytest.raises(ValueError, match="already lowered"):
         s.lower()
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1"])
+def test_lowered_plan_with_updates(name):
+    # Transfers carry no version; U stays where it was; the lowered plan times the same.
+    s = schedules.build(name, 3, 3, num_minibatches=2, updates=True)
+    low = schedules.validate(s.lower())
+    for d in range(low.num_devices):
+        acts = low.actions(d)
+        assert [a for a in acts if a.kind in ("F", "B", "I", "W", "U")] == s.actions(d)
+        assert all(a.version == -1 for a in acts if a.kind in ("SF", "RF", "SB", "RB"))
+    a = s.simulate(update=1.0, transfer=0.5)
+    b = low.simulate(update=1.0, transfer=0.5)
+    assert b.makespan == pytest.approx(a.makespan)
