@@ -1,6 +1,7 @@
 """Helpers the schedule tests share: printed rows, rebuilding edited schedules, rule checks."""
 
 import pytest
+from hypothesis import strategies as st
 
 from pipetrain import schedules
 from pipetrain.schedules import Schedule, ScheduleError
@@ -34,3 +35,11 @@ def rule_of(s):
     with pytest.raises(ScheduleError) as err:
         schedules.validate(s)
     return err.value
+
+
+def draw_position(s, data):
+    """Each device's actions (lists to edit), and a (device, index) drawn from them."""
+    per = [s.actions(d) for d in range(s.num_devices)]
+    d = data.draw(st.integers(0, s.num_devices - 1))
+    i = data.draw(st.integers(0, len(per[d]) - 1))
+    return per, d, i

@@ -2,7 +2,7 @@
 
 import pytest
 from hypothesis import given, settings, strategies as st
-from schedule_helpers import rebuild, rule_of
+from schedule_helpers import draw_position, rebuild, rule_of
 
 from pipetrain import schedules
 from pipetrain.schedules import Action, Schedule
@@ -39,9 +39,7 @@ def test_every_generated_schedule_validates(s):
 @FAST
 @given(s=generated(max_p=6, max_m=12), data=st.data())
 def test_dropped_action_is_missing(s, data):
-    per = [s.actions(d) for d in range(s.num_devices)]
-    d = data.draw(st.integers(0, s.num_devices - 1))
-    i = data.draw(st.integers(0, len(per[d]) - 1))
+    per, d, i = draw_position(s, data)
     gone = per[d].pop(i)
     err = rule_of(rebuild(s, per))
     want = {"F": "missing-forward", "B": "missing-backward", "I": "missing-backward",
@@ -55,9 +53,7 @@ def test_dropped_action_is_missing(s, data):
 @FAST
 @given(s=generated(max_p=6, max_m=12), data=st.data())
 def test_duplicated_action_is_named(s, data):
-    per = [s.actions(d) for d in range(s.num_devices)]
-    d = data.draw(st.integers(0, s.num_devices - 1))
-    i = data.draw(st.integers(0, len(per[d]) - 1))
+    per, d, i = draw_position(s, data)
     j = data.draw(st.integers(0, len(per[d])))
     copy = per[d][i]
     per[d].insert(j, copy)
@@ -109,9 +105,7 @@ def test_swapped_dependent_actions_break_that_dependency(s, data):
 def test_action_on_wrong_device(s, data):
     if s.num_devices < 2:
         return
-    per = [s.actions(k) for k in range(s.num_devices)]
-    d = data.draw(st.integers(0, s.num_devices - 1))
-    i = data.draw(st.integers(0, len(per[d]) - 1))
+    per, d, i = draw_position(s, data)
     other = (d + 1) % s.num_devices
     moved = per[d].pop(i)
     per[other].insert(0, moved)
