@@ -46,7 +46,8 @@ __all__ = ["Action", "Kind", "Schedule", "ScheduleError", "SimulationResult", "S
 NAMES: tuple[str, ...] = tuple(_core.names())
 
 #: Action kinds, named by the C++ core; a member equals its name (``Kind.F == "F"``).
-Kind = enum.StrEnum("Kind", [(name, name) for name in _core.kind_names()])
+Kind = enum.StrEnum("Kind", [(name, name) for name in _core.kind_names()], module=__name__,
+                    qualname="Kind")
 Kind.__doc__ = ("Action kind: F, B, I, W (passes over one micro-batch), U (optimizer update), "
                 "SF, RF, SB, RB (transfers, after lowering).")
 _KINDS: tuple = tuple(Kind)  # by the kind index the core uses
@@ -99,6 +100,10 @@ class Action:
     device: int = dataclasses.field(default=0, compare=False)
     num_microbatches: int = dataclasses.field(default=0, compare=False, repr=False)
     _label: str = dataclasses.field(default="", compare=False, repr=False)
+
+    def __post_init__(self):
+        if type(self.kind) is not Kind:  # "F" given: store the named constant
+            object.__setattr__(self, "kind", Kind(self.kind))
 
     @property
     def minibatch(self) -> int:

@@ -112,6 +112,10 @@ class PySchedule {
 // A str ("1F3@2") or an object with .kind .stage .microbatch .peer .version (Action).
 Action action_arg(py::handle h) {
   if (py::isinstance<py::str>(h)) return parse_action(h.cast<std::string>());
+  for (const char* field : {"kind", "stage", "microbatch", "peer", "version"})
+    if (!py::hasattr(h, field))
+      throw py::value_error("actions are strings ('1F3@0') or Action objects, got " +
+                            std::string(py::repr(h)));
   Action a;
   const std::string kind = py::str(h.attr("kind"));
   if (!kind_from_name(kind, &a.kind))

@@ -67,7 +67,7 @@ std::int32_t int32_arg(py::handle value, const std::string& field) {
   const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
   if (overflow != 0 || v > std::numeric_limits<std::int32_t>::max() ||
       v < std::numeric_limits<std::int32_t>::min())
-    throw py::value_error(field + " is out of range: numbers must be < 2**31 (and > -2**31), got " +
+    throw py::value_error(field + " is out of range: numbers must be < 2**31 (int32), got " +
                           std::string(py::str(value)));
   return static_cast<std::int32_t>(v);
 }

@@ -24,10 +24,11 @@ def test_lowered_gpipe_p2_m1():
 
 @FAST
 @given(name=st.sampled_from(schedules.NAMES), p=st.integers(1, 8), k=st.integers(1, 4),
-       v=st.integers(1, 3), t=st.sampled_from([0.0, 0.5, 2.0]))
-def test_lowered_validates_and_simulates_the_same(name, p, k, v, t):
+       v=st.integers(1, 3), t=st.sampled_from([0.0, 0.5, 2.0]), T=st.integers(1, 2),
+       updates=st.booleans())
+def test_lowered_validates_and_simulates_the_same(name, p, k, v, t, T, updates):
     kw = {"num_chunks": v} if name == "interleaved-1f1b" else {}
-    s = schedules.build(name, p, p * k, **kw)
+    s = schedules.build(name, p, p * k, num_minibatches=T, updates=updates, **kw)
     low = schedules.validate(s.lower())
     sends = recvs = 0
     for d in range(low.num_devices):
@@ -38,12 +39,12 @@ def test_lowered_validates_and_simulates_the_same(name, p, k, v, t):
             elif a.kind in ("RF", "RB"):
                 recvs += 1
     cross = sum(1 for a, b in s.edges if s.device_of(a) != s.device_of(b))
-    assert sends == recvs == 2 * cross * s.num_microbatches
+    assert sends == recvs == 2 * cross * s.num_microbatches * s.num_minibatches
     assert low.lowered == (cross > 0) and not s.lowered
     # Transfers take no device time; the send -> receive edge carries the latency that the
     # compute -> compute edge carries unlowered, so the timing is identical.
-    a = s.simulate(forward=1.0, backward=2.0, transfer=t)
-    b = low.simulate(forward=1.0, backward=2.0, transfer=t)
+    a = s.simulate(forward=1.0, backward=2.0, transfer=t, update=0.5)
+    b = low.simulate(forward=1.0, backward=2.0, transfer=t, update=0.5)
     assert b.makespan == pytest.approx(a.makespan)
     assert b.peak_inflight == a.peak_inflight
 
