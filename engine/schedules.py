@@ -1,18 +1,24 @@
 """Pipeline schedules: build, write by hand, validate, lower and simulate (over ``_C.schedule``).
 
-A schedule lists, for each device, the actions it issues in order. An action is a stage,
-a micro-batch and a kind, printed compactly: ``"1F3"`` is stage 1's forward of
-micro-batch 3. Kinds: ``F`` forward, ``B`` full backward, and for zero-bubble schedules
-``I`` (input-gradient backward) + ``W`` (weight-gradient backward) instead of ``B``.
-:meth:`Schedule.lower` adds transfers: ``"1SF3>2"`` (stage 1 sends micro-batch 3's
-activation to stage 2), ``"2RF3<1"`` (stage 2 receives it), ``"2SB3>1"`` / ``"1RB3<2"``
+A schedule (a plan) lists, for each device, the actions it issues in order. An action is a
+stage, a micro-batch and a kind, printed compactly: ``"1F3"`` is stage 1's forward of
+micro-batch 3. Kinds (:class:`Kind`): ``F`` forward, ``B`` full backward, and for
+zero-bubble schedules ``I`` (input-gradient backward) + ``W`` (weight-gradient backward)
+instead of ``B``; ``U`` is the optimizer update of one stage after one mini-batch
+(``"1U0"``: stage 1 after mini-batch 0, producing its weight version 1). A pass (F/B/I/W)
+may name the weight version it runs on: ``"1F3@2"``; without ``@`` it runs on the live
+weights. :meth:`Schedule.lower` adds transfers: ``"1SF3>2"`` (stage 1 sends micro-batch
+3's activation to stage 2), ``"2RF3<1"`` (stage 2 receives it), ``"2SB3>1"`` / ``"1RB3<2"``
 (the gradient going back).
 
-Stages are addressed by id with explicit edges (:meth:`Schedule.predecessors`,
-:meth:`Schedule.successors`); today's generators build chains, the IR holds any DAG.
+A plan spans ``num_minibatches`` T mini-batches of ``num_microbatches`` m micro-batches;
+micro-batches are numbered globally, ``k = t * m + j``.
 
-Everything heavy (generation, validation, simulation) runs in C++ in linear time; Python
-:class:`Action` objects are only created when :meth:`Schedule.actions` is called.
+Stages are addressed by id with explicit edges (:attr:`Schedule.stage_graph`, a
+:class:`StageGraph` bound from C++); today's generators build chains, the IR holds any DAG.
+
+Everything heavy (parsing, generation, validation, simulation) runs in C++ in linear time;
+Python :class:`Action` objects are only created when :meth:`Schedule.actions` is called.
 
 Example::
 
@@ -26,23 +32,31 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import re
+import enum
 from typing import Iterable, Sequence, Union
 
 from pipetrain import _C
 
 _core = _C.schedule
 
-__all__ = ["Action", "Schedule", "ScheduleError", "SimulationResult", "NAMES", "build",
-           "parse", "validate"]
+__all__ = ["Action", "Kind", "Schedule", "ScheduleError", "SimulationResult", "StageGraph",
+           "NAMES", "build", "parse", "validate"]
 
 #: Names accepted by :func:`build`.
 NAMES: tuple[str, ...] = tuple(_core.names())
 
-COMPUTE_KINDS = ("F", "B", "I", "W")
-TRANSFER_KINDS = ("SF", "RF", "SB", "RB")
+#: Action kinds, named by the C++ core; a member equals its name (``Kind.F == "F"``).
+Kind = enum.StrEnum("Kind", [(name, name) for name in _core.kind_names()], module=__name__,
+                    qualname="Kind")
+Kind.__doc__ = ("Action kind: F, B, I, W (passes over one micro-batch), U (optimizer update), "
+                "SF, RF, SB, RB (transfers, after lowering).")
+_KINDS: tuple = tuple(Kind)  # by the kind index the core uses
 
-_ACTION_RE = re.compile(r"^(\d+)(F|B|I|W|SF|RF|SB|RB)(\d+)(?:([<>])(\d+))?$")
+PASS_KINDS = (Kind.F, Kind.B, Kind.I, Kind.W)  # one micro-batch each; take a version
+TRANSFER_KINDS = (Kind.SF, Kind.RF, Kind.SB, Kind.RB)
+
+#: The stage graph (C++ object): stages, edges, placement. See :attr:`Schedule.stage_graph`.
+StageGraph = _core.StageGraph
 
 
 class ScheduleError(ValueError):
@@ -50,7 +64,8 @@ class ScheduleError(ValueError):
 
     Attributes:
         rule: the rule broken, e.g. ``"backward-after-forward"``, ``"duplicate"``,
-            ``"missing-forward"``, ``"deadlock"`` (full list: ``csrc/schedule/rules.h``).
+            ``"missing-forward"``, ``"version-mismatch"``, ``"update-after-gradient"``,
+            ``"deadlock"`` (full list: ``csrc/schedule/rules.h``).
         action: the first offending action, printed (``"1B3"``); for a missing action, the
             action that is missing.
         device: its device; index: its position on that device (-1 if it is missing).
@@ -68,40 +83,45 @@ class ScheduleError(ValueError):
 class Action:
     """One action: ``kind`` of ``stage`` (global id) on ``microbatch``.
 
-    ``peer`` is the stage at the other end of a transfer (-1 for compute). ``chunk`` and
-    ``device`` say where the stage lives (filled in by :meth:`Schedule.actions`); they do
-    not take part in ``==`` or ``hash``, so ``Action.parse("1F3")`` equals the schedule's.
+    ``microbatch`` is global over the plan's mini-batches (``t * m + j``); for ``U`` it holds
+    the mini-batch index t. ``peer`` is the stage at the other end of a transfer (-1
+    otherwise); ``version`` the weight version a pass runs on (-1: the live weights).
+    ``chunk``, ``device`` and the mini-batch say where the action sits (filled in by
+    :meth:`Schedule.actions`); they do not take part in ``==`` or ``hash``, so
+    ``Action.parse("1F3")`` equals the schedule's. ``str()`` is the C++ label (``"1F3@2"``).
     """
 
     stage: int
-    kind: str
+    kind: Kind
     microbatch: int
     peer: int = -1
+    version: int = -1
     chunk: int = dataclasses.field(default=0, compare=False)
     device: int = dataclasses.field(default=0, compare=False)
+    num_microbatches: int = dataclasses.field(default=0, compare=False, repr=False)
+    _label: str = dataclasses.field(default="", compare=False, repr=False)
+
+    def __post_init__(self):
+        if type(self.kind) is not Kind:  # "F" given: store the named constant
+            object.__setattr__(self, "kind", Kind(self.kind))
+
+    @property
+    def minibatch(self) -> int:
+        """The mini-batch the action belongs to: U's index, else ``microbatch // m`` (-1
+        when m is unknown: an action made outside a schedule)."""
+        if self.kind == Kind.U:
+            return self.microbatch
+        return self.microbatch // self.num_microbatches if self.num_microbatches > 0 else -1
 
     def __str__(self) -> str:
-        s = f"{self.stage}{self.kind}{self.microbatch}"
-        if self.kind in TRANSFER_KINDS:
-            s += (">" if self.kind[0] == "S" else "<") + str(self.peer)
-        return s
+        return self._label or _core.action_label(self)
 
     @classmethod
     def parse(cls, text: str) -> "Action":
-        """``"1F3"`` -> Action(stage=1, kind="F", microbatch=3); ``"1SF3>2"`` for transfers."""
-        m = _ACTION_RE.match(text.strip())
-        if not m:
-            raise ValueError(f"cannot parse action {text!r}; expected <stage><kind><microbatch> "
-                             "like '1F3' (kinds F, B, I, W) or '1SF3>2' / '2RF3<1' (transfers)")
-        stage, kind, mb, arrow, peer = m.groups()
-        if kind in TRANSFER_KINDS:
-            want = ">" if kind[0] == "S" else "<"
-            if arrow != want:
-                raise ValueError(f"transfer {text!r} needs '{want}<peer stage>'")
-            return cls(int(stage), kind, int(mb), int(peer))
-        if arrow is not None:
-            raise ValueError(f"compute action {text!r} takes no peer")
-        return cls(int(stage), kind, int(mb))
+        """``"1F3"`` -> Action(stage=1, kind=Kind.F, microbatch=3); also ``"1F3@2"``,
+        ``"1U0"``, ``"1SF3>2"``. Raises ValueError naming what is wrong (C++ parser)."""
+        kind, stage, mb, peer, version, label = _core.parse_action(text)
+        return cls(stage, _KINDS[kind], mb, peer, version, _label=label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,49 +168,43 @@ class Schedule:
     @classmethod
     def from_actions(cls, per_device: Sequence[Iterable[Union[Action, str]]], *,
                      num_stages: int | None = None, num_microbatches: int | None = None,
+                     num_minibatches: int | None = None,
                      edges: Sequence[tuple[int, int]] | None = None,
-                     placement: Sequence[int] | None = None, name: str = "custom") -> "Schedule":
+                     placement: Sequence[int] | None = None, graph: StageGraph | None = None,
+                     name: str = "custom") -> "Schedule":
         """A hand-written schedule: ``per_device[d]`` lists device d's actions in issue order.
 
         Args:
-            per_device: one list per device of :class:`Action` or strings (``"1F3"``).
+            per_device: one list per device of :class:`Action` or strings (``"1F3@0"``).
             num_stages: default: one more than the largest stage named.
-            num_microbatches: default: one more than the largest micro-batch named.
+            num_microbatches: per mini-batch; default: one more than the largest micro-batch
+                named, divided by num_minibatches (rounded up).
+            num_minibatches: default: one more than the largest U index (1 without U's).
             edges: stage edges ``(from, to)``; default: the chain 0 -> 1 -> ... -> S-1.
             placement: device of each stage; default: the device whose list names it
                 (a stage named nowhere goes to device ``stage % num_devices``).
-        Not validated here: call :func:`validate` (it raises :class:`ScheduleError`).
+            graph: a :class:`StageGraph` giving stages, devices, edges and placement at
+                once (then leave ``edges`` / ``placement`` out).
+        Raises ValueError for sizes the actions cannot fill (more stages than passes listed,
+        a device holding no stage) and numbers >= 2**31, naming the field. Not validated
+        here: call :func:`validate` (it raises :class:`ScheduleError`).
         """
-        rows = [[a if isinstance(a, Action) else Action.parse(a) for a in row]
-                for row in per_device]
-        num_devices = len(rows)
-        if num_devices < 1:
-            raise ValueError("a schedule needs at least one device (one action list)")
-        stages = [a.stage for row in rows for a in row] + [a.peer for row in rows for a in row]
-        if num_stages is None:
-            num_stages = max(stages, default=-1) + 1
-        if num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-        if num_microbatches is None:
-            num_microbatches = max((a.microbatch for row in rows for a in row), default=-1) + 1
-        if placement is None:
-            place = [-1] * num_stages
-            for d, row in enumerate(rows):
-                for a in row:
-                    if 0 <= a.stage < num_stages and place[a.stage] < 0:
-                        place[a.stage] = d
-            placement = [d if d >= 0 else s % num_devices for s, d in enumerate(place)]
-        if edges is None:
-            edges = [(s, s + 1) for s in range(num_stages - 1)]
-        raw = [[(a.kind, a.stage, a.microbatch, a.peer) for a in row] for row in rows]
-        return cls(_core.from_actions(raw, num_stages, num_microbatches,
-                                      [tuple(e) for e in edges], list(placement),
-                                      num_devices, name))
+        return cls(_core.from_actions([list(row) for row in per_device], num_stages,
+                                      num_microbatches, num_minibatches,
+                                      None if edges is None else list(edges),
+                                      None if placement is None else list(placement),
+                                      graph, name))
 
     # --- shape --------------------------------------------------------------------------
     @property
     def name(self) -> str:
         return self._core.name
+
+    @property
+    def stage_graph(self) -> StageGraph:
+        """The schedule's own stage graph (C++ object): ``.num_stages .num_devices .edges
+        .edge(e) .stage(k) .stages .sources() .sinks() .topological_order() .is_chain``."""
+        return self._core.stage_graph
 
     @property
     def num_devices(self) -> int:
@@ -203,16 +217,23 @@ class Schedule:
 
     @property
     def num_microbatches(self) -> int:
+        """Micro-batches per mini-batch (m)."""
         return self._core.num_microbatches
+
+    @property
+    def num_minibatches(self) -> int:
+        """Mini-batches the plan spans (T); micro-batches are numbered 0 .. T*m - 1."""
+        return self._core.num_minibatches
 
     @property
     def num_chunks(self) -> int:
         """Most stages held by one device (1 unless interleaved)."""
-        return max(self._core.chunk_of(s) for s in range(self.num_stages)) + 1
+        return max(st.chunk for st in self.stage_graph.stages) + 1
 
     @property
     def edges(self) -> list[tuple[int, int]]:
-        return [tuple(e) for e in self._core.edges]
+        """Stage edges ``(src, dst)``, by edge id."""
+        return [(e.src, e.dst) for e in self.stage_graph.edges]
 
     @property
     def lowered(self) -> bool:
@@ -224,30 +245,44 @@ class Schedule:
         """True if the backward is split into I and W (zero-bubble schedules)."""
         return self._core.split_backward
 
+    @property
+    def has_updates(self) -> bool:
+        """True if the plan contains optimizer updates (U)."""
+        return self._core.has_updates
+
+    @property
+    def versioned(self) -> bool:
+        """True if the passes name weight versions (``"1F3@2"``)."""
+        return self._core.versioned
+
     def device_of(self, stage: int) -> int:
-        return self._core.device_of(stage)
+        return self.stage_graph.device_of(stage)
 
     def chunk_of(self, stage: int) -> int:
         """Rank of ``stage`` among its device's stages (interleaved: stage // num_devices)."""
-        return self._core.chunk_of(stage)
+        return self.stage_graph.chunk_of(stage)
 
     def predecessors(self, stage: int) -> list[int]:
-        return self._core.predecessors(stage)
+        return self.stage_graph.predecessors(stage)
 
     def successors(self, stage: int) -> list[int]:
-        return self._core.successors(stage)
+        return self.stage_graph.successors(stage)
 
     # --- actions ------------------------------------------------------------------------
     def actions(self, device: int) -> list[Action]:
-        """Device ``device``'s actions in issue order (compute, and transfers if lowered)."""
-        chunk = self._core.chunk_of
-        return [Action(stage, kind, mb, peer, chunk(stage), device)
-                for kind, stage, mb, peer in self._core.actions(device)]
+        """Device ``device``'s actions in issue order (compute, updates, and transfers if
+        lowered), with ``chunk``, ``device`` and ``minibatch`` filled in."""
+        g = self.stage_graph
+        chunk = [st.chunk for st in g.stages] if g.num_stages else []
+        m, kinds = self.num_microbatches, _KINDS
+        return [Action(stage, kinds[kind], mb, peer, version, chunk[stage], device, m, label)
+                for kind, stage, mb, peer, version, label in self._core.actions(device)]
 
     def dependencies(self, device: int) -> list[list[tuple[int, int]]]:
         """For each action of :meth:`actions` (device): the ``(device, index)`` of every
         action it must wait for beyond program order on its own device -- same-device
-        cross-stage dependencies included. Raises :class:`ScheduleError` if invalid."""
+        cross-stage dependencies, U after its gradients and versions after their U
+        included. Raises :class:`ScheduleError` if invalid."""
         validate(self)
         return self._core.dependencies(device)
 
@@ -261,7 +296,7 @@ class Schedule:
         return Schedule(self._core.lower())
 
     def simulate(self, forward: Cost = 1.0, backward: Cost = 2.0, weight: Cost | None = None,
-                 transfer: float = 0.0, *, transfer_bytes: float = 0.0,
+                 transfer: float = 0.0, *, update: Cost = 0.0, transfer_bytes: float = 0.0,
                  bandwidth: float | None = None) -> SimulationResult:
         """Discrete-event simulation with per-stage costs (scalars or lists of num_stages).
 
@@ -272,6 +307,7 @@ class Schedule:
             weight: cost of W on each stage (then I costs ``backward - weight``). ``None``:
                 a split backward costs ``backward / 2`` for each of I and W.
             transfer: latency of every cross-device dependency (activation or gradient).
+            update: cost of U (the optimizer update) on each stage.
             transfer_bytes, bandwidth: add ``transfer_bytes / bandwidth`` to that latency.
         Each action starts when its device is free and its dependencies have ended (plus
         the transfer time if on another device). Raises :class:`ScheduleError` if the
@@ -296,7 +332,7 @@ class Schedule:
             latency += float(transfer_bytes) / float(bandwidth)
         raw = self._core.simulate(per_stage(forward, "forward"), per_stage(backward, "backward"),
                                   None if weight is None else per_stage(weight, "weight"),
-                                  latency)
+                                  per_stage(update, "update"), latency)
         return SimulationResult(raw.makespan, raw.bubble_ratio, list(raw.busy), list(raw.idle),
                                 list(raw.peak_inflight), raw)
 
@@ -309,11 +345,13 @@ class Schedule:
         return self._core.text()
 
     def __repr__(self) -> str:
+        t = f", num_minibatches={self.num_minibatches}" if self.num_minibatches != 1 else ""
         return (f"Schedule({self.name!r}, num_stages={self.num_stages}, "
-                f"num_devices={self.num_devices}, num_microbatches={self.num_microbatches})")
+                f"num_devices={self.num_devices}, num_microbatches={self.num_microbatches}{t})")
 
 
-def build(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> Schedule:
+def build(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1, *,
+          num_minibatches: int = 1, updates: bool = False) -> Schedule:
     """Generate a named schedule.
 
     Args:
@@ -321,27 +359,40 @@ def build(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1
             ``zb-h2``.
         num_stages: devices p (>= 1); interleaved has ``num_stages * num_chunks`` stages,
             stage k on device k % p.
-        num_microbatches: m >= 1 (interleaved: a multiple of num_stages).
+        num_microbatches: m >= 1 per mini-batch (interleaved: a multiple of num_stages).
         num_chunks: v >= 1, interleaved only.
+        num_minibatches: T >= 1. The plan is, per device, the T one-mini-batch orders one
+            after another, mini-batch t on micro-batches ``t*m .. t*m+m-1``; no flush
+            between them beyond what the dependencies imply.
+        updates: add ``U(s, t)`` right after stage s's last B (or W) of mini-batch t and
+            put every pass of mini-batch t on weight version t. Without, passes run on the
+            live weights (version -1) and the plan has no U.
     Raises:
         ValueError: naming what is allowed.
     """
     if not isinstance(name, str):
         raise ValueError(f"schedule name must be a string, one of {', '.join(NAMES)}")
     for what, v in (("num_stages", num_stages), ("num_microbatches", num_microbatches),
-                    ("num_chunks", num_chunks)):
+                    ("num_chunks", num_chunks), ("num_minibatches", num_minibatches)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise ValueError(f"{what} must be an int >= 1, got {v!r}")
-    return Schedule(_core.build(name, num_stages, num_microbatches, num_chunks))
+        if v >= 2**31:
+            raise ValueError(f"{what} must be < 2**31, got {v}")
+        if v < 1:
+            raise ValueError(f"{what} must be >= 1, got {v}")
+    return Schedule(_core.build(name, num_stages, num_microbatches, num_chunks,
+                                num_minibatches, bool(updates)))
 
 
 def validate(schedule: Schedule) -> Schedule:
     """Raise :class:`ScheduleError` naming the first offending action and the rule it breaks.
 
-    Checks: each action names a real stage / micro-batch on its stage's device; every
-    (stage, micro-batch) has exactly one F and one backward (B, or I and W); every
+    Checks: each action names a real stage / micro-batch (U: mini-batch) / version on its
+    stage's device; every (stage, micro-batch) has exactly one F and one backward (B, or I
+    and W), all on one weight version; with U's, one U per (stage, mini-batch); every
     dependency holds (F after its predecessors' F, backward after its own F and its
-    successors' backward, W after I, receives after sends); sends match receives; and no
+    successors' backward, W after I, U after its mini-batch's B / W and the previous U, a
+    pass on version v after U(v-1), receives after sends); sends match receives; and no
     cross-device cycle can deadlock. Returns the schedule.
     """
     v = schedule._core.violation()
@@ -354,68 +405,23 @@ def validate(schedule: Schedule) -> Schedule:
 
 def _excerpt(schedule: Schedule, device: int, index: int, width: int = 12) -> str:
     """Device ``device``'s row around position ``index``, the offender in brackets."""
-    acts = schedule._core.actions(device)
+    labels = [raw[-1] for raw in schedule._core.actions(device)]
     lo = max(0, index - width // 2) if index >= 0 else 0
-    hi = min(len(acts), lo + width)
-    cells = []
-    for i in range(lo, hi):
-        kind, stage, mb, peer = acts[i]
-        text = str(Action(stage, kind, mb, peer))
-        cells.append(f"[{text}]" if i == index else text)
+    hi = min(len(labels), lo + width)
+    cells = [f"[{labels[i]}]" if i == index else labels[i] for i in range(lo, hi)]
     return (f"  d{device}: " + ("... " if lo > 0 else "") + " ".join(cells)
-            + (" ..." if hi < len(acts) else ""))
-
-
-_HEADER_RE = re.compile(r"(\w+)=(\S+)")
+            + (" ..." if hi < len(labels) else ""))
 
 
 def parse(text: str) -> Schedule:
     """Read a schedule from its printed form (``str(schedule)``) or a hand-written one.
 
-    Rows ``d<k>: <action> <action> ...`` (``.`` cells are idle and ignored; row order
-    gives the device). An optional header line ``# schedule <name> stages=S
-    microbatches=M placement=0,1,... edges=0>1,1>2`` sets what the rows cannot show;
-    other ``#`` lines are comments. Defaults as in :meth:`Schedule.from_actions`.
-    Not validated here: call :func:`validate`.
+    Rows ``d<k>: <action> <action> ...`` (``.`` cells are idle and ignored; the row label
+    gives the device). An optional header line ``# schedule <name> stages=S devices=D
+    microbatches=M minibatches=T placement=0,1,... edges=0>1,1>2`` sets what the rows
+    cannot show; other ``#`` lines are comments. Defaults as in
+    :meth:`Schedule.from_actions`; sizes must follow from the actions (a device or stage
+    count the actions cannot fill is a ValueError). Parsed in C++. Not validated here:
+    call :func:`validate`.
     """
-    rows: dict[int, list[Action]] = {}
-    name, opts = "custom", {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("#"):
-            words = line[1:].split()
-            if words[:1] == ["schedule"]:
-                if len(words) > 1 and "=" not in words[1]:
-                    name = words[1]
-                opts.update(_HEADER_RE.findall(line))
-            continue
-        head, sep, body = line.partition(":")
-        if not sep or not re.fullmatch(r"d\d+", head.strip()):
-            raise ValueError(f"line {lineno}: expected 'd<device>: <actions>', got {line!r}")
-        device = int(head.strip()[1:])
-        if device in rows:
-            raise ValueError(f"line {lineno}: device {device} listed twice")
-        try:
-            rows[device] = [Action.parse(tok) for tok in body.split() if tok != "."]
-        except ValueError as err:
-            raise ValueError(f"line {lineno}: {err}") from None
-    if not rows:
-        raise ValueError("no device rows ('d0: ...') in the schedule text")
-    num_devices = int(opts.get("devices", max(rows) + 1))
-    if max(rows) >= num_devices:
-        raise ValueError(f"row d{max(rows)} but devices={num_devices}")
-    per_device = [rows.get(d, []) for d in range(num_devices)]
-    kwargs = {}
-    if "stages" in opts:
-        kwargs["num_stages"] = int(opts["stages"])
-    if "microbatches" in opts:
-        kwargs["num_microbatches"] = int(opts["microbatches"])
-    if "placement" in opts:
-        kwargs["placement"] = [int(x) for x in opts["placement"].split(",")]
-    if "edges" in opts:
-        kwargs["edges"] = [tuple(int(x) for x in e.split(">")) for e in opts["edges"].split(",")]
-    if "num_stages" not in kwargs and "placement" in kwargs:
-        kwargs["num_stages"] = len(kwargs["placement"])
-    return Schedule.from_actions(per_device, name=name, **kwargs)
+    return Schedule(_core.parse(text))

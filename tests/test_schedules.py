@@ -84,10 +84,18 @@ def test_bad_schedule_raises_schedule_error():
     (("interleaved-1f1b", 4, 6, 2), "multiple of num_stages"),
     (("1f1b", 4, 8, 2), "interleaved-1f1b only"),
     (("interleaved-1f1b", 4, 8, 0), "num_chunks must be >= 1"),
+    (("interleaved-1f1b", 4, 6, 0), "num_chunks must be >= 1"),
+    (("1f1b", 2**31, 8), "num_stages must be < 2\\*\\*31"),
+    (("1f1b", 4, 8, 1, 0), "num_minibatches must be >= 1"),
+    (("1f1b", 4096, 4096, 1, 4096), "over 2\\*\\*31 actions"),
 ])
 def test_invalid_arguments(args, words):
+    name, p, m, *rest = args
+    kw = {"num_chunks": rest[0]} if rest else {}
+    if len(rest) > 1:
+        kw["num_minibatches"] = rest[1]
     with pytest.raises(ValueError, match=words):
-        schedules.build(*args)
+        schedules.build(name, p, m, **kw)
 
 
 def test_simulate_accepts_per_stage_lists():
@@ -99,3 +107,35 @@ def test_simulate_accepts_per_stage_lists():
     assert r.starts(1) == [1.0, 4.0] and r.ends(0) == [1.0, 11.0]
     with pytest.raises(ValueError, match="one cost per stage"):
         s.simulate(forward=[1.0])
+
+
+def test_kinds_are_named_constants():
+    assert [k.value for k in schedules.Kind] == ["F", "B", "I", "W", "U", "SF", "RF", "SB", "RB"]
+    assert schedules.Kind.F == "F" and "U" in {schedules.Kind.U}
+    a = schedules.Action.parse("2F5@1")
+    assert a.kind is schedules.Kind.F and a.kind == "F" and f"{a.kind}" == "F"
+
+
+def test_plan_over_minibatches_contract():
+    s = schedules.build("1f1b", num_stages=2, num_microbatches=2, num_minibatches=2,
+                        updates=True)
+    assert (s.num_minibatches, s.num_microbatches, s.has_updates, s.versioned) == (2, 2, True, True)
+    acts = s.actions(0)
+    u = acts[4]
+    assert (str(u), u.kind, u.stage, u.microbatch, u.minibatch, u.version) == ("0U0", "U", 0, 0, 0, -1)
+    f = acts[5]
+    assert (str(f), f.microbatch, f.minibatch, f.version, f.chunk, f.device) == ("0F2@1", 2, 1, 1, 0, 0)
+    assert f == schedules.Action.parse("0F2@1") and f != schedules.Action.parse("0F2@0")
+    assert hash(f) == hash(schedules.Action.parse("0F2@1"))
+    # The update costs time on its device; 2 mini-batches of (m+p-1)(F+B) + u each.
+    assert s.simulate(forward=1.0, backward=2.0, update=0.5).makespan == 2 * (3 * 3.0 + 0.5)
+
+
+def test_stage_graph_is_the_schedules_own():
+    s = schedules.build("interleaved-1f1b", num_stages=2, num_microbatches=2, num_chunks=2)
+    g = s.stage_graph
+    assert (g.num_stages, g.num_devices, g.is_chain) == (4, 2, True)
+    assert [st.device for st in g.stages] == [s.device_of(k) for k in range(4)] == [0, 1, 0, 1]
+    assert [st.chunk for st in g.stages] == [s.chunk_of(k) for k in range(4)] == [0, 0, 1, 1]
+    assert s.edges == [(e.src, e.dst) for e in g.edges] == [(0, 1), (1, 2), (2, 3)]
+    assert g.stage(2).inputs == [1] and g.stage(2).outputs == [2]

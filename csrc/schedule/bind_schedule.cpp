@@ -3,7 +3,8 @@
 // The Python side holds a Schedule by value; its validation (dependency graph and a
 // topological order) is computed once and cached, since dependencies(device) is asked for
 // device by device and simulate() reuses it. No per-action Python objects are created
-// unless actions(device) is asked for.
+// unless actions(device) is asked for. Actions cross as tuples
+// (kind index, stage, micro-batch, peer, version, label), kinds indexed as kind_names().
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -12,6 +13,8 @@
 #include <tuple>
 
 #include "bindings.h"
+#include "schedule/bind_stage_graph.h"
+#include "schedule/custom.h"
 #include "schedule/generators.h"
 #include "schedule/lower.h"
 #include "schedule/simulator.h"
@@ -26,7 +29,11 @@ namespace {
 
 using namespace pipetrain::schedule;
 
-using RawAction = std::tuple<std::string, int, int, int>;  // (kind, stage, microbatch, peer)
+using RawAction = std::tuple<int, int, int, int, int, std::string>;
+
+RawAction raw(const Action& a) {
+  return {static_cast<int>(a.kind), a.stage, a.microbatch, a.peer, a.version, to_string(a)};
+}
 
 class PySchedule {
  public:
@@ -52,18 +59,12 @@ class PySchedule {
       throw py::index_error("device " + std::to_string(d) + " out of range 0.." +
                             std::to_string(s_.num_devices() - 1));
   }
-  void check_stage(int st) const {
-    if (st < 0 || st >= s_.num_stages())
-      throw py::index_error("stage " + std::to_string(st) + " out of range 0.." +
-                            std::to_string(s_.num_stages() - 1));
-  }
 
   std::vector<RawAction> actions(int d) const {
     check_device(d);
     std::vector<RawAction> out;
     out.reserve(s_.per_device[d].size());
-    for (const Action& a : s_.per_device[d])
-      out.emplace_back(kind_name(a.kind), a.stage, a.microbatch, a.peer);
+    for (const Action& a : s_.per_device[d]) out.push_back(raw(a));
     return out;
   }
 
@@ -81,13 +82,15 @@ class PySchedule {
     return out;
   }
 
-  SimResult simulate(std::vector<double> f, std::vector<double> b, std::optional<std::vector<double>> w,
+  SimResult simulate(std::vector<double> f, std::vector<double> b,
+                     std::optional<std::vector<double>> w, std::vector<double> u,
                      double transfer) const {
     Costs c;
     c.forward = std::move(f);
     c.backward = std::move(b);
     c.weight_given = w.has_value();
     if (w) c.weight = std::move(*w);
+    c.update = std::move(u);
     c.transfer = transfer;
     return schedule::simulate(s_, valid(), c);
   }
@@ -106,23 +109,37 @@ class PySchedule {
   mutable Violation violation_;
 };
 
-Action parse_raw(const RawAction& r) {
+// A str ("1F3@2") or an object with .kind .stage .microbatch .peer .version (Action).
+Action action_arg(py::handle h) {
+  if (py::isinstance<py::str>(h)) return parse_action(h.cast<std::string>());
+  for (const char* field : {"kind", "stage", "microbatch", "peer", "version"})
+    if (!py::hasattr(h, field))
+      throw py::value_error("actions are strings ('1F3@0') or Action objects, got " +
+                            std::string(py::repr(h)));
   Action a;
-  const auto& [kind, stage, mb, peer] = r;
+  const std::string kind = py::str(h.attr("kind"));
   if (!kind_from_name(kind, &a.kind))
-    throw std::invalid_argument("unknown action kind '" + kind +
-                                "'; allowed: F, B, I, W, SF, RF, SB, RB");
-  a.stage = stage;
-  a.microbatch = mb;
-  a.peer = is_transfer(a.kind) ? peer : -1;
-  if (is_transfer(a.kind) && peer < 0)
-    throw std::invalid_argument("transfer action needs a peer stage");
+    throw py::value_error("unknown action kind '" + kind +
+                          "'; allowed: F, B, I, W, U, SF, RF, SB, RB");
+  a.stage = int32_arg(h.attr("stage"), "stage");
+  a.microbatch = int32_arg(h.attr("microbatch"), is_update(a.kind) ? "mini-batch" : "microbatch");
+  a.peer = is_transfer(a.kind) ? int32_arg(h.attr("peer"), "peer") : -1;
+  a.version = int32_arg(h.attr("version"), "version");
+  if (is_transfer(a.kind) && a.peer < 0)
+    throw py::value_error("transfer action needs a peer stage");
   return a;
+}
+
+std::optional<std::int64_t> opt_int(const py::object& o, const char* field) {
+  if (o.is_none()) return std::nullopt;
+  return int32_arg(o, field);
 }
 
 }  // namespace
 
 void bind_schedule(py::module_& m) {
+  bind_stage_graph(m);
+
   py::class_<SimResult>(m, "SimResult", "simulation result (see pipetrain.schedules)")
       .def_readonly("makespan", &SimResult::makespan)
       .def_readonly("bubble_ratio", &SimResult::bubble_ratio)
@@ -138,56 +155,85 @@ void bind_schedule(py::module_& m) {
       .def_property_readonly("num_stages", [](const PySchedule& p) { return p.get().num_stages(); })
       .def_property_readonly("num_microbatches",
                              [](const PySchedule& p) { return p.get().num_microbatches; })
+      .def_property_readonly("num_minibatches",
+                             [](const PySchedule& p) { return p.get().num_minibatches; })
       .def_property_readonly("num_actions", [](const PySchedule& p) { return p.get().num_actions(); })
       .def_property_readonly("lowered", [](const PySchedule& p) { return p.get().lowered(); })
       .def_property_readonly("split_backward",
                              [](const PySchedule& p) { return p.get().split_backward(); })
-      .def_property_readonly("edges", [](const PySchedule& p) { return p.get().graph.edge_list(); })
-      .def_property_readonly("placement", [](const PySchedule& p) { return p.get().graph.devices(); })
-      .def("device_of", [](const PySchedule& p, int st) { p.check_stage(st); return p.get().graph.device_of(st); })
-      .def("chunk_of", [](const PySchedule& p, int st) { p.check_stage(st); return p.get().graph.chunk_of(st); })
-      .def("predecessors", [](const PySchedule& p, int st) { p.check_stage(st); return p.get().graph.predecessors(st); })
-      .def("successors", [](const PySchedule& p, int st) { p.check_stage(st); return p.get().graph.successors(st); })
+      .def_property_readonly("has_updates", [](const PySchedule& p) { return p.get().has_updates(); })
+      .def_property_readonly("versioned", [](const PySchedule& p) { return p.get().versioned(); })
+      .def_property_readonly(
+          "stage_graph", [](const PySchedule& p) -> const StageGraph& { return p.get().graph; },
+          py::return_value_policy::reference_internal)
       .def("num_actions_on", [](const PySchedule& p, int d) { p.check_device(d); return p.get().per_device[d].size(); })
       .def("actions", &PySchedule::actions, py::arg("device"))
       .def("dependencies", &PySchedule::dependencies, py::arg("device"))
       .def("violation", &PySchedule::violation)
       .def("simulate", &PySchedule::simulate, py::arg("forward"), py::arg("backward"),
-           py::arg("weight"), py::arg("transfer"))
+           py::arg("weight"), py::arg("update"), py::arg("transfer"))
       .def("peak_inflight", [](const PySchedule& p) { return peak_inflight(p.get()); })
       .def("text", [](const PySchedule& p) { return to_text(p.get()); })
       .def("lower", [](const PySchedule& p) { return PySchedule(lower(p.get())); });
 
   m.def("names", &schedule_names, "schedule names build() accepts");
+  m.def("kind_names", [] {
+    std::vector<std::string> out;
+    for (Kind k : kAllKinds) out.push_back(kind_name(k));
+    return out;
+  }, "action kinds, in the order of the kind index actions carry");
+  m.def("parse_action", [](const std::string& text) { return raw(parse_action(text)); },
+        py::arg("text"));
+  m.def("action_label", [](py::handle action) { return to_string(action_arg(action)); },
+        py::arg("action"), "the text form of an Action-like object");
+  m.def("parse", [](const std::string& text) { return PySchedule(parse_text(text)); },
+        py::arg("text"));
   m.def(
       "build",
-      [](const std::string& name, int p, int mb, int v) { return PySchedule(build(name, p, mb, v)); },
-      py::arg("name"), py::arg("num_stages"), py::arg("num_microbatches"), py::arg("num_chunks") = 1);
+      [](const std::string& name, int p, int mb, int v, int T, bool updates) {
+        return PySchedule(build(name, p, mb, v, T, updates));
+      },
+      py::arg("name"), py::arg("num_stages"), py::arg("num_microbatches"),
+      py::arg("num_chunks") = 1, py::arg("num_minibatches") = 1, py::arg("updates") = false);
   m.def(
       "from_actions",
-      [](const std::vector<std::vector<RawAction>>& rows, int num_stages, int num_microbatches,
-         std::vector<std::pair<int, int>> edges, std::vector<int> placement, int num_devices,
-         std::string name) {
-        if (num_microbatches < 1)
-          throw std::invalid_argument("num_microbatches must be >= 1, got " +
-                                      std::to_string(num_microbatches));
-        if (static_cast<int>(rows.size()) != num_devices)
-          throw std::invalid_argument("need one action list per device (" +
-                                      std::to_string(num_devices) + "), got " +
-                                      std::to_string(rows.size()));
-        Schedule s;
-        s.name = std::move(name);
-        s.graph = StageGraph(num_stages, num_devices, std::move(edges), std::move(placement));
-        s.num_microbatches = num_microbatches;
-        s.per_device.resize(num_devices);
-        for (int d = 0; d < num_devices; ++d) {
-          s.per_device[d].reserve(rows[d].size());
-          for (const auto& r : rows[d]) s.per_device[d].push_back(parse_raw(r));
+      [](const py::sequence& rows, const py::object& num_stages, const py::object& num_microbatches,
+         const py::object& num_minibatches, const py::object& edges, const py::object& placement,
+         const py::object& graph, std::string name) {
+        CustomSpec spec;
+        spec.name = std::move(name);
+        std::int64_t d = 0;
+        for (auto row : rows) {
+          std::vector<Action> acts;
+          for (auto a : row.cast<py::sequence>()) acts.push_back(action_arg(a));
+          spec.rows.emplace_back(d++, std::move(acts));
         }
-        return PySchedule(std::move(s));
+        if (d < 1) throw py::value_error("a schedule needs at least one device (one action list)");
+        spec.num_devices = d;
+        spec.num_stages = opt_int(num_stages, "num_stages");
+        spec.num_microbatches = opt_int(num_microbatches, "num_microbatches");
+        spec.num_minibatches = opt_int(num_minibatches, "num_minibatches");
+        if (!edges.is_none()) {
+          std::vector<std::pair<int, int>> e;
+          for (auto x : edges.cast<py::sequence>()) {
+            auto pair = x.cast<py::sequence>();
+            if (pair.size() != 2) throw py::value_error("an edge is a pair (src, dst)");
+            e.emplace_back(int32_arg(pair[0], "edge src"), int32_arg(pair[1], "edge dst"));
+          }
+          spec.edges = std::move(e);
+        }
+        if (!placement.is_none()) {
+          std::vector<int> p;
+          for (auto x : placement.cast<py::sequence>()) p.push_back(int32_arg(x, "placement"));
+          spec.placement = std::move(p);
+        }
+        if (!graph.is_none()) spec.graph = &graph.cast<const StageGraph&>();
+        return PySchedule(make_custom(std::move(spec)));
       },
-      py::arg("rows"), py::arg("num_stages"), py::arg("num_microbatches"), py::arg("edges"),
-      py::arg("placement"), py::arg("num_devices"), py::arg("name") = "custom");
+      py::arg("rows"), py::arg("num_stages") = py::none(), py::arg("num_microbatches") = py::none(),
+      py::arg("num_minibatches") = py::none(), py::arg("edges") = py::none(),
+      py::arg("placement") = py::none(), py::arg("graph") = py::none(),
+      py::arg("name") = "custom");
 }
 
 }  // namespace pipetrain

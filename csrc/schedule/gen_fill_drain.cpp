@@ -31,8 +31,8 @@ Schedule chain_schedule(const char* name, int p, int m) {
 Schedule gpipe(int p, int m) {
   Schedule s = chain_schedule("gpipe", p, m);
   for (int st = 0; st < p; ++st) {
-    for (int mb = 0; mb < m; ++mb) s.per_device[st].push_back(compute_action(st, mb, Kind::F));
-    for (int mb = 0; mb < m; ++mb) s.per_device[st].push_back(compute_action(st, mb, Kind::B));
+    for (int mb = 0; mb < m; ++mb) s.per_device[st].push_back(pass_action(st, mb, Kind::F));
+    for (int mb = 0; mb < m; ++mb) s.per_device[st].push_back(pass_action(st, mb, Kind::B));
   }
   return s;
 }
@@ -53,12 +53,12 @@ Schedule one_f_one_b(int p, int m) {
     auto& row = s.per_device[st];
     const int warmup = std::min(p - st - 1, m);
     int f = 0, b = 0;
-    for (; f < warmup; ++f) row.push_back(compute_action(st, f, Kind::F));
+    for (; f < warmup; ++f) row.push_back(pass_action(st, f, Kind::F));
     for (; f < m; ++f, ++b) {
-      row.push_back(compute_action(st, f, Kind::F));
-      row.push_back(compute_action(st, b, Kind::B));
+      row.push_back(pass_action(st, f, Kind::F));
+      row.push_back(pass_action(st, b, Kind::B));
     }
-    for (; b < m; ++b) row.push_back(compute_action(st, b, Kind::B));
+    for (; b < m; ++b) row.push_back(pass_action(st, b, Kind::B));
   }
   return s;
 }

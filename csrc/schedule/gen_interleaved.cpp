@@ -35,7 +35,7 @@ Schedule interleaved_1f1b(int p, int m, int v) {
     const int group = k / (p * v), within = k % (p * v);
     int chunk = within / p;
     if (!forward) chunk = v - 1 - chunk;
-    return compute_action(chunk * p + d, group * p + within % p, forward ? Kind::F : Kind::B);
+    return pass_action(chunk * p + d, group * p + within % p, forward ? Kind::F : Kind::B);
   };
   for (int d = 0; d < p; ++d) {
     auto& row = s.per_device[d];

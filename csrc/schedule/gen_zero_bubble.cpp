@@ -47,7 +47,7 @@ Schedule zero_bubble(int p, int m, bool h2) {
   for (int st = 0; st < p; ++st) {
     auto& row = s.per_device[st];
     row.reserve(3 * static_cast<size_t>(m));
-    auto push = [&](int mb, Kind k) { row.push_back(compute_action(st, mb, k)); };
+    auto push = [&](int mb, Kind k) { row.push_back(pass_action(st, mb, k)); };
     const int warmup = std::min(m, h2 ? 2 * (p - st) - 1 : p - st);
     const int lag = h2 ? std::min(2 * st, std::max(0, m - (p - st))) : st;
     int f = 0, w = 0;

@@ -11,6 +11,7 @@ Schedule lower(const Schedule& s) {
   out.name = s.name;
   out.graph = s.graph;
   out.num_microbatches = s.num_microbatches;
+  out.num_minibatches = s.num_minibatches;
   out.per_device.resize(s.num_devices());
   const StageGraph& G = s.graph;
   for (int d = 0; d < s.num_devices(); ++d) {
@@ -18,7 +19,7 @@ Schedule lower(const Schedule& s) {
     row.reserve(s.per_device[d].size() * 2);
     for (const Action& a : s.per_device[d]) {
       auto transfer = [&](Kind k, int peer) {
-        Action x;
+        Action x;  // transfers carry no weight version
         x.stage = a.stage;
         x.microbatch = a.microbatch;
         x.kind = k;

@@ -8,6 +8,13 @@ const char* rule_name(Rule r) {
     case Rule::kOk: return "ok";
     case Rule::kStageRange: return "stage-range";
     case Rule::kMicrobatchRange: return "microbatch-range";
+    case Rule::kUpdateRange: return "update-range";
+    case Rule::kVersionRange: return "version-range";
+    case Rule::kVersionMismatch: return "version-mismatch";
+    case Rule::kMissingUpdate: return "missing-update";
+    case Rule::kUpdateAfterGradient: return "update-after-gradient";
+    case Rule::kUpdateOrder: return "update-order";
+    case Rule::kVersionAfterUpdate: return "version-after-update";
     case Rule::kWrongDevice: return "wrong-device";
     case Rule::kNotAnEdge: return "not-an-edge";
     case Rule::kLocalTransfer: return "local-transfer";

@@ -9,7 +9,12 @@ enum class Rule : std::uint8_t {
   kOk = 0,
   // Structure: each action on its own.
   kStageRange,       // stage id outside 0..S-1
-  kMicrobatchRange,  // micro-batch outside 0..m-1
+  kMicrobatchRange,  // micro-batch outside 0..T*m-1
+  kUpdateRange,      // U's mini-batch index outside 0..T-1
+  kVersionRange,     // version < -1, or (with U's) above the number of U's of that stage
+  kVersionMismatch,  // versioned and unversioned passes mixed (or unversioned ones beside
+                     // U's); also, under completeness, F, B / I, W of one (stage,
+                     // micro-batch) on different versions
   kWrongDevice,      // action listed on a device that does not hold its stage
   kNotAnEdge,        // transfer between stages that share no edge (in that direction)
   kLocalTransfer,    // transfer between two stages on the same device
@@ -19,6 +24,7 @@ enum class Rule : std::uint8_t {
   kMissingBackward,  // no B and no I
   kMissingWeight,    // I without its W
   kMixedBackward,    // B together with I or W for the same (stage, micro-batch)
+  kMissingUpdate,    // a schedule with U's lacks U(stage, t) for some stage and t < T
   kMissingTransfer,  // lowered schedule: a cross-device edge has neither send nor recv
   kUnmatchedSend,    // a send with no receive
   kUnmatchedRecv,    // a receive with no send
@@ -31,6 +37,9 @@ enum class Rule : std::uint8_t {
   kWeightAfterInputGrad,     // W(s) after I(s)
   kSendAfterCompute,         // a send after the F or B/I producing what it sends
   kRecvAfterSend,            // a receive after its matching send
+  kUpdateAfterGradient,      // U(s, t) after every B / W of s in mini-batch t
+  kUpdateOrder,              // U(s, t) after U(s, t-1)
+  kVersionAfterUpdate,       // a pass of s on version v >= 1 after U(s, v-1)
   // Whole schedule.
   kDeadlock,  // a cycle across devices: no order of execution finishes
 };

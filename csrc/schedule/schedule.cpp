@@ -9,18 +9,27 @@ int Schedule::num_actions() const {
   return n;
 }
 
-bool Schedule::lowered() const {
+bool Schedule::any(bool (*pred)(const Action&)) const {
   for (const auto& row : per_device)
     for (const auto& a : row)
-      if (is_transfer(a.kind)) return true;
+      if (pred(a)) return true;
   return false;
 }
 
+bool Schedule::lowered() const {
+  return any([](const Action& a) { return is_transfer(a.kind); });
+}
+
 bool Schedule::split_backward() const {
-  for (const auto& row : per_device)
-    for (const auto& a : row)
-      if (a.kind == Kind::I || a.kind == Kind::W) return true;
-  return false;
+  return any([](const Action& a) { return a.kind == Kind::I || a.kind == Kind::W; });
+}
+
+bool Schedule::has_updates() const {
+  return any([](const Action& a) { return is_update(a.kind); });
+}
+
+bool Schedule::versioned() const {
+  return any([](const Action& a) { return is_pass(a.kind) && a.version != kLiveWeights; });
 }
 
 }  // namespace pipetrain::schedule

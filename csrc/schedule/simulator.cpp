@@ -20,6 +20,37 @@ std::vector<int> peak_inflight(const Schedule& s) {
   return peak;
 }
 
+PlayOut play_out(const Schedule& s, const Validated& v, const Durations& dur, double transfer) {
+  const int D = s.num_devices();
+  const DepGraph& g = v.deps;
+  PlayOut r;
+  r.busy.assign(D, 0.0);
+  r.start.resize(D);
+  r.end.resize(D);
+  for (int d = 0; d < D; ++d) {
+    r.start[d].assign(s.per_device[d].size(), 0.0);
+    r.end[d].assign(s.per_device[d].size(), 0.0);
+  }
+  std::vector<double> end(g.num_actions(), 0.0), free_at(D, 0.0);
+  for (int gid : v.order) {
+    const int d = g.device[gid];
+    const int i = gid - g.offset[d];
+    const Action& a = s.per_device[d][i];
+    double t = free_at[d];
+    for (int j = g.dep_start[gid]; j < g.dep_start[gid + 1]; ++j) {
+      const int x = g.dep[j];
+      t = std::max(t, end[x] + (g.device[x] != d ? transfer : 0.0));
+    }
+    const double du = dur.of(a.kind, a.stage);
+    end[gid] = free_at[d] = t + du;
+    r.busy[d] += du;
+    r.start[d][i] = t;
+    r.end[d][i] = t + du;
+  }
+  for (int d = 0; d < D; ++d) r.makespan = std::max(r.makespan, free_at[d]);
+  return r;
+}
+
 SimResult simulate(const Schedule& s, const Validated& v, const Costs& c) {
   const int S = s.num_stages(), D = s.num_devices();
   auto check = [&](const std::vector<double>& x, const char* name) {
@@ -38,48 +69,25 @@ SimResult simulate(const Schedule& s, const Validated& v, const Costs& c) {
         throw std::invalid_argument("weight cost of stage " + std::to_string(st) +
                                     " exceeds its backward cost (backward is the full B = I + W)");
   }
+  if (!c.update.empty()) check(c.update, "update");
   if (!(c.transfer >= 0.0)) throw std::invalid_argument("transfer cost must be >= 0");
 
-  // Duration of each (kind, stage).
-  std::vector<double> dur[4];
-  for (auto& x : dur) x.assign(S, 0.0);
+  Durations dur(S, 0.0);  // transfers take no device time
   for (int st = 0; st < S; ++st) {
     const double w = c.weight_given ? c.weight[st] : 0.5 * c.backward[st];
-    dur[0][st] = c.forward[st];
-    dur[1][st] = c.backward[st];
-    dur[2][st] = c.backward[st] - w;
-    dur[3][st] = w;
+    dur.of(Kind::F, st) = c.forward[st];
+    dur.of(Kind::B, st) = c.backward[st];
+    dur.of(Kind::I, st) = c.backward[st] - w;
+    dur.of(Kind::W, st) = w;
+    dur.of(Kind::U, st) = c.update.empty() ? 0.0 : c.update[st];
   }
-
-  const DepGraph& g = v.deps;
+  PlayOut p = play_out(s, v, dur, c.transfer);
   SimResult r;
-  r.busy.assign(D, 0.0);
+  r.makespan = p.makespan;
+  r.busy = std::move(p.busy);
+  r.start = std::move(p.start);
+  r.end = std::move(p.end);
   r.idle.assign(D, 0.0);
-  r.start.resize(D);
-  r.end.resize(D);
-  for (int d = 0; d < D; ++d) {
-    r.start[d].assign(s.per_device[d].size(), 0.0);
-    r.end[d].assign(s.per_device[d].size(), 0.0);
-  }
-  std::vector<double> end(g.num_actions(), 0.0), free_at(D, 0.0);
-  for (int gid : v.order) {
-    const int d = g.device[gid];
-    const Action& a = s.per_device[d][gid - g.offset[d]];
-    double t = free_at[d];
-    for (int j = g.dep_start[gid]; j < g.dep_start[gid + 1]; ++j) {
-      const int x = g.dep[j];
-      const double avail = end[x] + (g.device[x] != d ? c.transfer : 0.0);
-      t = std::max(t, avail);
-    }
-    const double du = is_compute(a.kind) ? dur[static_cast<int>(a.kind)][a.stage] : 0.0;
-    end[gid] = t + du;
-    free_at[d] = t + du;
-    r.busy[d] += du;
-    const int i = gid - g.offset[d];
-    r.start[d][i] = t;
-    r.end[d][i] = t + du;
-  }
-  for (int d = 0; d < D; ++d) r.makespan = std::max(r.makespan, free_at[d]);
   double idle = 0.0;
   for (int d = 0; d < D; ++d) {
     r.idle[d] = r.makespan - r.busy[d];

@@ -2,13 +2,14 @@
 //
 // Costs are per stage. F costs forward[s]; B costs backward[s] (the full backward); for a
 // split backward, W costs weight[s] and I costs backward[s] - weight[s], so the same
-// arguments describe 1F1B and zero-bubble schedules. Transfers take no device time: a
-// dependency on an action of another device becomes available transfer_latency +
-// transfer_bytes / bandwidth after that action ends (in a lowered schedule this is the
-// send -> receive edge; unlowered, the compute -> compute edge).
+// arguments describe 1F1B and zero-bubble schedules; U costs update[s]. Transfers take no
+// device time: a dependency on an action of another device becomes available
+// transfer_latency + transfer_bytes / bandwidth after that action ends (in a lowered
+// schedule this is the send -> receive edge; unlowered, the compute -> compute edge).
 //
 // Each action starts at max(end of the previous action on its device, availability of each
-// dependency) -- the executor's semantics (validator.h), evaluated in topological order.
+// dependency) -- the executor's semantics (validator.h), evaluated in topological order by
+// play_out(), which the printed grid (text.h) also uses with every action one slot long.
 //
 // "In flight" (activation memory, in (stage, micro-batch) units): an (s, mb) is in flight on
 // s's device from the start of F(s, mb) to the end of the backward pass that frees its
@@ -25,8 +26,30 @@ namespace pipetrain::schedule {
 struct Costs {
   std::vector<double> forward, backward, weight;  // size num_stages each
   bool weight_given = false;  // false: a split backward costs backward / 2 for each of I, W
-  double transfer = 0.0;      // seconds per cross-device dependency (latency + bytes / bw)
+  std::vector<double> update;  // size num_stages; empty: updates cost nothing
+  double transfer = 0.0;       // seconds per cross-device dependency (latency + bytes / bw)
 };
+
+// Duration of each (kind, stage): at[kind * num_stages + stage] (kinds in enum order).
+struct Durations {
+  int num_stages = 0;
+  std::vector<double> at;
+  Durations(int stages, double fill)
+      : num_stages(stages), at(static_cast<size_t>(kNumKinds) * stages, fill) {}
+  double& of(Kind k, int stage) { return at[static_cast<size_t>(k) * num_stages + stage]; }
+  double of(Kind k, int stage) const { return at[static_cast<size_t>(k) * num_stages + stage]; }
+};
+
+// Start and end of every action (per device, per action), and when each device goes idle.
+struct PlayOut {
+  std::vector<std::vector<double>> start, end;
+  std::vector<double> busy;     // per device, sum of durations
+  double makespan = 0.0;
+};
+
+// The one simulation loop: each action starts once its device is free and every dependency
+// has ended (plus `transfer` when on another device), and lasts dur.of(kind, stage).
+PlayOut play_out(const Schedule& s, const Validated& v, const Durations& dur, double transfer);
 
 struct SimResult {
   double makespan = 0.0;

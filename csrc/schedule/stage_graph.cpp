@@ -2,6 +2,8 @@
 #include "schedule/stage_graph.h"
 
 #include <algorithm>
+#include <functional>
+#include <queue>
 #include <stdexcept>
 #include <string>
 
@@ -70,20 +72,23 @@ StageGraph::StageGraph(int num_stages, int num_devices, std::vector<std::pair<in
     pred_[fill[b]] = a;
     pred_edge_[fill[b]++] = static_cast<int>(e);
   }
-  // Kahn's algorithm: a schedule over a cyclic stage graph could never finish.
-  std::vector<int> indeg(num_stages, 0), stack;
+  // Kahn's algorithm, smallest ready id first: a schedule over a cyclic stage graph could
+  // never finish, and the order is the one topological_order() promises.
+  std::vector<int> indeg(num_stages, 0);
+  std::priority_queue<int, std::vector<int>, std::greater<int>> ready;
   for (auto [a, b] : edges_) ++indeg[b];
   for (int s = 0; s < num_stages; ++s)
-    if (indeg[s] == 0) stack.push_back(s);
-  int visited = 0;
-  while (!stack.empty()) {
-    int s = stack.back();
-    stack.pop_back();
-    ++visited;
+    if (indeg[s] == 0) ready.push(s);
+  topo_.reserve(num_stages);
+  while (!ready.empty()) {
+    int s = ready.top();
+    ready.pop();
+    topo_.push_back(s);
     for (int e = succ_begin(s); e < succ_end(s); ++e)
-      if (--indeg[succ_[e]] == 0) stack.push_back(succ_[e]);
+      if (--indeg[succ_[e]] == 0) ready.push(succ_[e]);
   }
-  if (visited != num_stages) throw std::invalid_argument("the stage graph has a cycle");
+  if (static_cast<int>(topo_.size()) != num_stages)
+    throw std::invalid_argument("the stage graph has a cycle");
 }
 
 StageGraph StageGraph::chain(int num_stages) {
@@ -121,6 +126,20 @@ std::vector<int> StageGraph::successors(int s) const {
 
 std::vector<int> StageGraph::predecessors(int s) const {
   return std::vector<int>(pred_.begin() + pred_start_[s], pred_.begin() + pred_start_[s + 1]);
+}
+
+std::vector<int> StageGraph::sources() const {
+  std::vector<int> out;
+  for (int s = 0; s < num_stages_; ++s)
+    if (pred_start_[s] == pred_start_[s + 1]) out.push_back(s);
+  return out;
+}
+
+std::vector<int> StageGraph::sinks() const {
+  std::vector<int> out;
+  for (int s = 0; s < num_stages_; ++s)
+    if (succ_start_[s] == succ_start_[s + 1]) out.push_back(s);
+  return out;
 }
 
 int StageGraph::edge_id(int from, int to) const {

@@ -47,6 +47,12 @@ class StageGraph {
   // Edge id of (from -> to), or -1.
   int edge_id(int from, int to) const;
   bool is_chain() const { return is_chain_; }
+  // Stage ids with no predecessors / no successors, increasing.
+  std::vector<int> sources() const;
+  std::vector<int> sinks() const;
+  // Every stage after all its predecessors; among the ready stages the smallest id first, so
+  // a chain gives 0, 1, ..., S-1.
+  const std::vector<int>& topological_order() const { return topo_; }
 
  private:
   int num_stages_ = 0;
@@ -56,6 +62,7 @@ class StageGraph {
   std::vector<int> device_of_, chunk_of_;
   std::vector<int> succ_start_, succ_;
   std::vector<int> pred_start_, pred_, pred_edge_;
+  std::vector<int> topo_;
 };
 
 }  // namespace pipetrain::schedule

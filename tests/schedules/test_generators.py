@@ -1,17 +1,9 @@
 """Generators: golden orders for small p, hand-derived from each schedule's definition."""
 
 import pytest
+from schedule_helpers import expand, rows
 
 from pipetrain import schedules
-
-
-def rows(s):
-    return [[str(a) for a in s.actions(d)] for d in range(s.num_devices)]
-
-
-def expand(spec):
-    """'F0 F1 B0' on stage 2 -> ['2F0', '2F1', '2B0']."""
-    return {stage: [f"{stage}{tok}" for tok in text.split()] for stage, text in spec.items()}
 
 
 def test_gpipe_p2_m3():
@@ -136,3 +128,65 @@ def test_zb_h1_p4_m5():
                    2: "F0 F1 I0 F2 I1 F3 I2 W0 F4 I3 W1 I4 W2 W3 W4",
                    3: "F0 I0 F1 I1 F2 I2 F3 I3 W0 F4 I4 W1 W2 W3 W4"})
     assert rows(schedules.build("zb-h1", 4, 5)) == [want[s] for s in range(4)]
+
+
+# -- plans over several mini-batches ------------------------------------------------------
+
+def reference_plan(one, T, updates):
+    """What build(..., num_minibatches=T, updates=...) promises, written out independently:
+    per device, T copies of the one-mini-batch order, micro-batches offset by t*m, passes on
+    version t and U(s, t) right after stage s's last B / W of the copy (with updates)."""
+    m = one.num_microbatches
+    plan = []
+    for d in range(one.num_devices):
+        acts = one.actions(d)
+        last = {a.stage: i for i, a in enumerate(acts) if a.kind in ("B", "W")}
+        row = []
+        for t in range(T):
+            for i, a in enumerate(acts):
+                row.append(f"{a.stage}{a.kind}{a.microbatch + t * m}" + (f"@{t}" if updates else ""))
+                if updates and last[a.stage] == i:
+                    row.append(f"{a.stage}U{t}")
+        plan.append(row)
+    return plan
+
+
+def test_1f1b_p2_m2_two_minibatches_with_updates():
+    # Written by hand: each device repeats its 1F1B order for micro-batches 2, 3 on version
+    # 1; U(s, t) follows stage s's last B of mini-batch t.
+    s = schedules.build("1f1b", 2, 2, num_minibatches=2, updates=True)
+    assert rows(s) == [
+        "0F0@0 0F1@0 0B0@0 0B1@0 0U0 0F2@1 0F3@1 0B2@1 0B3@1 0U1".split(),
+        "1F0@0 1B0@0 1F1@0 1B1@0 1U0 1F2@1 1B2@1 1F3@1 1B3@1 1U1".split(),
+    ]
+    assert (s.num_minibatches, s.num_microbatches, s.has_updates, s.versioned) == (2, 2, True, True)
+    schedules.validate(s)
+    # U waits for its mini-batch's backwards; version 1 waits for U(s, 0).
+    assert s.dependencies(0)[4] == [(0, 2), (0, 3)]
+    assert s.dependencies(0)[5] == [(0, 4)]
+
+
+def test_zb_h1_p2_m2_two_minibatches_update_after_last_w():
+    s = schedules.build("zb-h1", 2, 2, num_minibatches=2, updates=True)
+    assert rows(s)[1] == ("1F0@0 1I0@0 1F1@0 1I1@0 1W0@0 1W1@0 1U0 "
+                          "1F2@1 1I2@1 1F3@1 1I3@1 1W2@1 1W3@1 1U1").split()
+
+
+@pytest.mark.parametrize("name", schedules.NAMES)
+@pytest.mark.parametrize("updates", [False, True])
+def test_three_minibatch_plans(name, updates):
+    kw = {"num_chunks": 2} if name == "interleaved-1f1b" else {}
+    one = schedules.build(name, 3, 6, **kw)
+    s = schedules.validate(schedules.build(name, 3, 6, num_minibatches=3, updates=updates, **kw))
+    assert rows(s) == reference_plan(one, 3, updates)
+    assert s.has_updates == s.versioned == updates
+    for d in range(s.num_devices):
+        for a in s.actions(d):
+            t = a.microbatch if a.kind == "U" else a.microbatch // 6
+            assert a.minibatch == t
+            assert a.version == (-1 if a.kind == "U" or not updates else t)
+
+
+def test_one_minibatch_without_updates_is_the_plain_schedule():
+    for name in ("gpipe", "zb-h2"):
+        assert rows(schedules.build(name, 3, 4, num_minibatches=1)) == rows(schedules.build(name, 3, 4))

@@ -166,3 +166,61 @@ def test_matches_reference_with_random_costs(name, p, k, v, lowered, data):
     r = s.simulate(forward=fwd, backward=bwd, weight=wgt, transfer=t)
     assert r.makespan == pytest.approx(reference_makespan(s, fwd, bwd, wgt, t))
     assert sum(r.busy) + sum(r.idle) == pytest.approx(r.makespan * s.num_devices)
+
+
+# -- updates ------------------------------------------------------------------------------
+
+@FAST
+@given(p=st.integers(1, 8), m=st.integers(1, 12), T=st.integers(1, 4),
+       fb=st.sampled_from([(1.0, 2.0), (0.5, 1.5), (2.0, 2.0)]),
+       u=st.sampled_from([0.0, 0.5, 1.0, 4.0]))
+def test_update_cost_over_minibatches(p, m, T, fb, u):
+    # GPipe / 1F1B over T mini-batches: stage 0 is the last to finish each mini-batch (the
+    # backward chain ends there), then runs its U, then starts the next mini-batch; every
+    # other stage's U ends before the next forward reaches it. So each mini-batch takes
+    # (m+p-1)(F+B) + u, and U adds exactly T*u.
+    f, b = fb
+    for name in ("gpipe", "1f1b"):
+        s = schedules.build(name, p, m, num_minibatches=T, updates=True)
+        r = s.simulate(forward=f, backward=b, update=u)
+        assert r.makespan == pytest.approx(T * ((m + p - 1) * (f + b) + u))
+        assert r.busy == pytest.approx([T * (m * (f + b) + u)] * p)
+
+
+def test_update_cost_per_stage_and_where_it_lands():
+    # 1F1B, p = 2, m = 2, T = 2; F = 1, B = 2, U costs 3 on stage 0 and 1 on stage 1.
+    # d1: 1F0 [1,2] 1B0 [2,4] 1F1 [4,5] 1B1 [5,7]; d0: 0F0 0F1 [0,2], 0B0 [4,6], 0B1 [7,9]:
+    # mini-batch 0 ends on d0 at 9; 0U0 [9,12]; mini-batch 1 repeats the first 9 time units
+    # shifted by 12; 0U1 [21,24].
+    s = schedules.build("1f1b", 2, 2, num_minibatches=2, updates=True)
+    r = s.simulate(forward=1.0, backward=2.0, update=[3.0, 1.0])
+    assert r.starts(0) == [0, 1, 4, 7, 9, 12, 13, 16, 19, 21]
+    assert r.ends(0)[-1] == r.makespan == 24.0
+    # d1's U(1, 0) [7,8] right after its last B, well before its next forward at 13.
+    assert r.starts(1)[4:6] == [7.0, 13.0]
+    with pytest.raises(ValueError, match="update needs a scalar or one cost per stage"):
+        s.simulate(update=[1.0])
+
+
+def grid_slots(s):
+    """Start slot of every action, read off the printed grid's columns."""
+    lines = str(s).splitlines()[1:]
+    out = []
+    for line in lines:
+        cells = line.split(":", 1)[1].split()
+        out.append([i for i, c in enumerate(cells) if c != "."])
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(schedules.NAMES), p=st.integers(1, 4), k=st.integers(1, 2),
+       T=st.integers(1, 2), updates=st.booleans())
+def test_printed_grid_is_the_unit_cost_simulation(name, p, k, T, updates):
+    # The grid and the simulator share one play-out loop: with every action one unit long
+    # (B = 1 unsplit, I = W = 1 split, U = 1) the grid's columns are the simulated starts.
+    kw = {"num_chunks": 2} if name == "interleaved-1f1b" else {}
+    s = schedules.build(name, p, p * k, num_minibatches=T, updates=updates, **kw)
+    unit_b = 2.0 if s.split_backward else 1.0
+    r = s.simulate(forward=1.0, backward=unit_b, weight=1.0 if s.split_backward else None,
+                   update=1.0)
+    assert grid_slots(s) == [[int(x) for x in r.starts(d)] for d in range(s.num_devices)]
