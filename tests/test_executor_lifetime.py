@@ -189,6 +189,9 @@ EXIT_SCRIPT = textwrap.dedent("""
     started = threading.Event()
     def action(d, i):
         started.set()
+        if WORK:  # torch inside the action: its frames are on the worker's stack too
+            import torch
+            torch.mm(torch.ones(128, 128), torch.ones(128, 128)).sum().item()
         time.sleep(0.05)
     plan = [[(f"{d}F{k}", [(d - 1, k)] if d else []) for k in range(1000)] for d in range(3)]
     def body():
@@ -203,11 +206,12 @@ EXIT_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("timeout", ["60.0", "float('inf')"])
-def test_interpreter_exit_mid_run_is_clean(timeout):
+@pytest.mark.parametrize("timeout,work", [("60.0", "False"), ("float('inf')", "True")])
+def test_interpreter_exit_mid_run_is_clean(timeout, work):
     env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    script = EXIT_SCRIPT.replace("TIMEOUT", timeout).replace("WORK", work)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT.replace("TIMEOUT", timeout)],
+    proc = subprocess.run([sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=60, env=env)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
