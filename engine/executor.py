@@ -20,13 +20,20 @@ on). ``"auto"`` picks CUDA when a CUDA build and device exist.
 Failures raise :class:`ExecutorError` naming the device, index and label, with the action's
 exception as ``__cause__``; every thread stops and the executor stays usable. If no action
 completes for ``timeout`` seconds the run is cancelled with an error saying which device
-waited on which dependency.
+waited on which dependency (``timeout=math.inf``: never).
+
+Lifetime: :meth:`Executor.close` may be called from any thread, also while a run is in
+progress: it cancels the run (which raises ``ExecutorError(kind="closed")``), waits for the
+threads to leave their actions (bounded), then joins them. At interpreter exit every
+executor is closed that way before finalization starts, so a daemon thread inside
+:meth:`Executor.run` gets back to Python instead of being killed inside C++.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import math
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -41,13 +48,21 @@ _rt = _C.runtime
 PlanList = Sequence[Sequence[tuple[str, Sequence[tuple[int, int]]]]]
 
 
+#: The kinds of :class:`ExecutorError` a run raises, named once (``pipetrain._C.runtime.RunKind``
+#: less ``ok``; ``"interrupted"`` re-raises the KeyboardInterrupt itself instead).
+ERROR_KINDS: tuple[str, ...] = tuple(name for name in _rt.RunKind.__members__ if name != "ok")
+
+
 class ExecutorError(RuntimeError):
     """A run failed: an action raised, a dependency never came, or a backend call failed.
 
     Attributes:
         device, index, label: the action that failed or was left waiting (None if unknown).
         dependency: for a timeout, the (device, index) it waited on; else None.
-        kind: "action", "timeout", "backend" or "stuck".
+        kind: one of :data:`ERROR_KINDS`: "action" (an action raised), "backend" (a backend
+            call failed), "timeout" (nothing completed for ``timeout``), "stuck" (the
+            executor is poisoned), "closed" (:meth:`Executor.close` during the run),
+            "cancelled" (:meth:`Executor.cancel`).
     """
 
     def __init__(self, message: str, *, kind: str = "action", device: int | None = None,
@@ -98,7 +113,9 @@ class Event:
         return self._backend.query(self.handle)
 
     def synchronize(self, timeout: float = 60.0) -> None:
-        """Block (GIL released) until the event completes; ExecutorError after ``timeout``."""
+        """Block (GIL released) until the event completes; ExecutorError after ``timeout``
+        (``math.inf``: none; nan, 0 or negative: ValueError)."""
+        timeout = _check_timeout(timeout)
         if not self._backend.wait_event(self.handle, timeout):
             raise ExecutorError(f"event on device {self.device} did not complete in {timeout} s",
                                 kind="timeout", device=self.device)
@@ -128,12 +145,32 @@ class CompiledPlan:
         return len(self._plan)
 
 
+def _check_timeout(timeout: float, name: str = "timeout") -> float:
+    """``timeout`` as a float of seconds: positive, ``math.inf`` for none. ValueError for nan,
+    0 or negative values (nan would compare as "never" everywhere, silently)."""
+    t = float(timeout)
+    if math.isnan(t) or t <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds (math.inf: none), "
+                         f"got {timeout!r}")
+    return t
+
+
 _live: weakref.WeakSet[Executor] = weakref.WeakSet()
+_exiting = False
+
+#: How long close() waits for actions still running in a cancelled run before it gives up on
+#: them (detaching their threads; the executor is then poisoned).
+CLOSE_GRACE_S = 5.0
 
 
 @atexit.register
 def _close_all() -> None:
-    # Worker threads hold Python thread states: stop them before the interpreter finalizes.
+    # atexit runs before finalization starts. From then on a thread re-taking the GIL is
+    # killed (pthread_exit), which aborts if it unwinds through C++ noexcept frames (a run
+    # waiting in C++, a worker). So cancel every run and wait, GIL released, until each run()
+    # call is back in Python and every worker has been joined.
+    global _exiting
+    _exiting = True
     for ex in list(_live):
         ex.close()
 
@@ -188,6 +225,8 @@ class Executor:
         self._core = _rt.Executor(num_devices, self._backend, list(streams), devices, spin,
                                   yields, bool(nvtx))
         self._lock = threading.Lock()  # one run at a time
+        self._idle = threading.Event()  # clear while a run() call is inside the C++ executor
+        self._idle.set()
         if profile_steps is not None:
             a, b = profile_steps
             if not 0 <= a < b:
@@ -200,8 +239,18 @@ class Executor:
 
     # -- running -------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called; every later call raises RuntimeError."""
+        return self._core.closed
+
+    def _check_open(self) -> None:
+        if self._core.closed:
+            raise RuntimeError("executor is closed")
+
     def compile(self, plan: PlanList) -> CompiledPlan:
         """Validate ``plan`` once for repeated runs. Raises ValueError for a bad plan."""
+        self._check_open()
         return CompiledPlan(self.num_devices, plan)
 
     def run(self, plan: PlanList | CompiledPlan, run_action: Callable[[int, int], None],
@@ -212,15 +261,21 @@ class Executor:
             plan: per device, a list of (label, deps), or a :class:`CompiledPlan`.
             run_action: ``run_action(device, index)``, called on that device's thread with
                 the GIL held.
-            timeout: seconds without any action completing before the run is cancelled.
+            timeout: seconds without any action completing before the run is cancelled;
+                ``math.inf``: never (Ctrl-C, :meth:`cancel` and :meth:`close` still stop
+                it). Values too large to represent clamp to ~146 years.
         Returns:
             the run's :class:`Timeline`.
         Raises:
-            ValueError: the plan is malformed (before anything runs).
-            ExecutorError: an action raised, the run timed out, or a backend call failed.
+            ValueError: the plan is malformed, or ``timeout`` is nan, 0 or negative (before
+                anything runs).
+            ExecutorError: an action raised, the run timed out, a backend call failed, or
+                the run was cancelled or the executor closed meanwhile (see ``.kind``).
+            RuntimeError: the executor is closed, or another run is in progress.
         """
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        timeout = _check_timeout(timeout)
+        if _exiting:
+            raise RuntimeError("executor is closed (the interpreter is exiting)")
         if isinstance(plan, CompiledPlan):
             if plan.num_devices != self.num_devices:
                 raise ValueError(f"plan has {plan.num_devices} devices, executor {self.num_devices}")
@@ -232,45 +287,46 @@ class Executor:
             labels = [[str(a[0]) for a in row] for row in plan]
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Executor.run is already running (one run at a time)")
+        self._idle.clear()
         try:
             step = self._runs
             self._runs += 1
             if self._profile and step == self._profile[0]:
                 self._backend.profiler_start()
             try:
-                kind, device, index, dep_device, dep_index, label, message, cause = \
-                    self._core.run(core_plan, run_action, float(timeout))
+                result = self._core.run(core_plan, run_action, timeout)
             finally:
                 if self._profile and step == self._profile[1] - 1:
                     self._backend.profiler_stop()
         finally:
+            # Back in Python, holding the GIL: from here a close() waiting for this run (and
+            # interpreter finalization after it) may proceed.
+            self._idle.set()
             self._lock.release()
-        if kind:
-            self._raise(kind, device, index, dep_device, dep_index, label, message, cause)
-        return self.timeline(labels)
+        if not result.ok:
+            _raise(result)
+        return _timeline(labels, result.timeline)
 
-    def _raise(self, kind, device, index, dep_device, dep_index, label, message, cause):
-        if kind == "interrupted" and cause is not None:
-            raise cause
-        dep = (dep_device, dep_index) if dep_device >= 0 else None
-        where = dict(device=device if device >= 0 else None, index=index if index >= 0 else None,
-                     label=label or None, dependency=dep)
-        if kind == "action":
-            msg = f"device {device} action {index} ({label}) raised {type(cause).__name__}: {cause}"
-            raise ExecutorError(msg, kind=kind, **where) from cause
-        raise ExecutorError(message, kind=kind, **where)
+    def cancel(self, reason: str = "cancelled", grace: float = CLOSE_GRACE_S) -> bool:
+        """Cancel the run in progress, if any; callable from any thread (and from an action).
+
+        The run raises ``ExecutorError(kind="cancelled")`` with ``reason`` as its message,
+        once every thread has reached its next wait or action boundary; an action that does
+        not return within ``grace`` seconds poisons the executor (the run returns anyway).
+        Unlike :meth:`close`, the executor stays usable. Returns whether a run was in
+        progress (False also once closed).
+        """
+        return self._core.cancel(str(reason), _check_timeout(grace, "grace"))
 
     def timeline(self, labels: list[list[str]]) -> Timeline:
         """The timeline of the last run (``labels`` as in the plan)."""
-        start, end, offsets, waits, wall = self._core.timeline()
-        cut = offsets[1:-1]
-        return Timeline(labels=labels, start_ns=np.split(start, cut), end_ns=np.split(end, cut),
-                        waits=list(waits), wall_ns=int(wall))
+        return _timeline(labels, self._core.timeline())
 
     # -- streams, events, copies ------------------------------------------------------------
 
     def stream(self, device: int) -> int:
-        """The compute stream handle of ``device`` (CUDA: a cudaStream_t; CPU: 0, inline)."""
+        """The compute stream handle of ``device`` (CUDA: a cudaStream_t; CPU: 0, inline).
+        RuntimeError once closed (as for record, wait, copy, synchronize)."""
         return self._core.stream(device)
 
     def record(self, device: int) -> Event:
@@ -282,6 +338,8 @@ class Executor:
     def wait(self, device: int, event: Event, timeout: float = 60.0) -> None:
         """Make ``device``'s later work wait for ``event``: on CUDA its stream waits (the host
         does not block); on CPU the calling thread blocks, at most ``timeout`` seconds."""
+        timeout = _check_timeout(timeout)
+        self._check_open()
         if self._backend.synchronous:
             event.synchronize(timeout)
         else:
@@ -295,6 +353,7 @@ class Executor:
         passes to :meth:`wait`. On CUDA: ``cudaMemcpyPeerAsync`` with peer access where the
         hardware allows, else staged through pinned host buffers; on CPU: ``memcpy``.
         """
+        self._check_open()
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         for name, dev in (("src_device", src_device), ("dst_device", dst_device)):
@@ -315,7 +374,9 @@ class Executor:
         return done
 
     def synchronize(self, timeout: float = 60.0) -> None:
-        """Wait for all work on the compute and copy streams; ExecutorError after ``timeout``."""
+        """Wait for all work on the compute and copy streams; ExecutorError after ``timeout``
+        (``math.inf``: none)."""
+        timeout = _check_timeout(timeout)
         streams = [self.stream(d) for d in range(self.num_devices)] + list(self._copy_streams.values())
         for s in streams:
             if not self._backend.synchronize(s, timeout):
@@ -325,19 +386,60 @@ class Executor:
 
     @property
     def poisoned(self) -> bool:
-        """True once a thread failed to leave an action within a cancelled run's timeout:
-        the executor cannot run again (make a new one)."""
+        """True once a thread failed to leave an action within a cancelled run's timeout (or
+        a cancel's/close's grace): the executor cannot run again (make a new one)."""
         return bool(self._core.poisoned)
 
-    def close(self) -> None:
-        """Stop the worker threads and release copy streams (idempotent)."""
-        self._core.close()
+    def close(self, grace: float = CLOSE_GRACE_S) -> None:
+        """Close the executor for good (idempotent); callable from any thread.
+
+        A run in progress is cancelled: it raises ``ExecutorError(kind="closed")``. close()
+        waits, with the GIL released, for the threads to leave their actions (at most
+        ``grace`` seconds; one still inside an action then is detached and the executor
+        counts as poisoned), joins them, waits until that run() call is back in Python,
+        and releases the copy streams. Called from an action or a signal handler during a
+        run, it cannot wait for its own thread: it cancels, and the threads exit once their
+        actions return. Every later call but ``close``/``closed``/``poisoned`` raises
+        ``RuntimeError("executor is closed")``.
+        """
+        grace = _check_timeout(grace, "grace")
+        waited = self._core.close(grace)
+        if waited:
+            # The C++ run has returned; its thread still needs the GIL to get back to Python.
+            self._idle.wait(grace + 2.0)
         streams, self._copy_streams = self._copy_streams, {}
-        for s in streams.values():
-            self._backend.destroy_stream(s)
+        if waited and not self.poisoned:
+            for s in streams.values():
+                self._backend.destroy_stream(s)
+        # else an action may still be using a copy stream: leave it (a thread, leaked).
 
     def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _raise(result) -> None:
+    """Raise what a failed ``RunResult`` (``pipetrain._C.runtime.RunResult``) stands for."""
+    kind = result.kind.name
+    cause = result.cause
+    if kind == "interrupted" and cause is not None:
+        raise cause
+    device, index = result.device, result.index
+    dep = (result.dep_device, result.dep_index) if result.dep_device >= 0 else None
+    where = dict(device=device if device >= 0 else None, index=index if index >= 0 else None,
+                 label=result.label or None, dependency=dep)
+    if kind == "action":
+        msg = (f"device {device} action {index} ({result.label}) raised "
+               f"{type(cause).__name__}: {cause}")
+        raise ExecutorError(msg, kind=kind, **where) from cause
+    raise ExecutorError(result.message, kind=kind, **where)
+
+
+def _timeline(labels: list[list[str]], raw) -> Timeline:
+    """A :class:`Timeline` from the C++ timeline tuple (start, end, offsets, waits, wall)."""
+    start, end, offsets, waits, wall = raw
+    cut = offsets[1:-1]
+    return Timeline(labels=labels, start_ns=np.split(start, cut), end_ns=np.split(end, cut),
+                    waits=list(waits), wall_ns=int(wall))

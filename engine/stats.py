@@ -7,19 +7,42 @@ Definitions (the same as the schedule simulator's, so measured and simulated num
 - bubble ratio: the idle fraction of all device time, ``sum_d idle(d) / (p * makespan)``.
   For GPipe / 1F1B with equal stage costs this is ``(p-1)/(m+p-1)``.
 
+The bubble ratio is computed in one place, :func:`bubble_ratio`; :class:`StepStats` and
+:meth:`pipetrain.timeline.Timeline.bubble_ratio` both call it.
+
 Times from the executor are nanoseconds on a steady clock, relative to the run's start.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
-__all__ = ["ActionRecord", "StepStats", "measure", "per_stage_costs"]
+__all__ = ["ActionRecord", "StepStats", "bubble_ratio", "measure", "per_stage_costs"]
+
+
+def bubble_ratio(busy: Sequence[float], makespan: float) -> float:
+    """The bubble ratio: the idle fraction of all device time, ``sum_d idle(d) / (p * makespan)``.
+
+    ``busy[d]`` is the summed duration of device d's actions and ``makespan`` the time from
+    the first action's start to the last action's end over all devices (any unit, the same
+    for both): it divides by ``p * makespan``, not by the run's wall time, so the time before
+    the first action and after the last one (thread wake-up, the caller's own work) is not
+    counted as bubble. ``idle(d) = makespan - busy(d)``, floored at 0. This is the formula
+    of the C++ schedule simulator (csrc/schedule/simulator.cpp, the ``bubble_ratio`` of
+    ``Schedule.simulate(...)``, whose makespan starts at 0 = the first action's start), so a
+    measured step and its simulation compare directly; for GPipe / 1F1B with equal stage
+    costs it is ``(p-1)/(m+p-1)``. 0.0 when ``makespan`` is 0 or there are no devices.
+    """
+    p = len(busy)
+    if p == 0 or makespan <= 0:
+        return 0.0
+    return sum(max(0.0, makespan - b) for b in busy) / (p * makespan)
 
 
 class ActionRecord(NamedTuple):
-    """One executed action: where, what, and when (ns since the run started)."""
+    """One action of a run: where, what, and when (ns since the run started; both -1 when it
+    never ran, e.g. after a failure: then it counts for nothing)."""
 
     device: int
     label: str        # e.g. "1F3": stage 1, forward, micro-batch 3
@@ -51,6 +74,10 @@ class StepStats:
         peak_stash_bytes / peak_inflight: per stage, the most bytes / micro-batches kept
             between forward and backward during the step.
         records: every action, per device in issue order.
+        waits: per device, the executor's waits as rows ``(index, dep_device, dep_index,
+            start_ns, end_ns)`` (:data:`pipetrain.timeline.WAIT_COLUMNS`; dep_device -1 =
+            taking the GIL), or empty when not measured. :func:`pipetrain.trace.chrome_trace`
+            draws them as ``wait <label>`` events.
     """
 
     schedule: str
@@ -68,6 +95,7 @@ class StepStats:
     peak_stash_bytes: List[int] = field(default_factory=list)
     peak_inflight: List[int] = field(default_factory=list)
     records: List[List[ActionRecord]] = field(default_factory=list, repr=False)
+    waits: List[Any] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         lines = [f"{self.schedule}: p={self.num_devices} stages={self.num_stages} "
@@ -93,20 +121,23 @@ def per_stage_costs(records: Sequence[Sequence[ActionRecord]], num_stages: int) 
 def measure(records: Sequence[Sequence[ActionRecord]], *, schedule: str, num_stages: int,
             num_microbatches: int, samples: int, wall_s: float,
             peak_stash_bytes: Optional[List[int]] = None,
-            peak_inflight: Optional[List[int]] = None) -> StepStats:
-    """Build :class:`StepStats` from one run's action records (one list per device)."""
+            peak_inflight: Optional[List[int]] = None,
+            waits: Optional[Sequence[Any]] = None) -> StepStats:
+    """Build :class:`StepStats` from one run's action records (one list per device) and,
+    optionally, its waits (``Timeline.waits``: per device, rows of
+    :data:`pipetrain.timeline.WAIT_COLUMNS`), kept for the trace."""
     p = len(records)
-    starts = [r.start_ns for d in records for r in d]
-    ends = [r.end_ns for d in records for r in d]
+    ran = [[r for r in d if r.start_ns >= 0 and r.end_ns >= 0] for d in records]  # see ActionRecord
+    starts = [r.start_ns for d in ran for r in d]
+    ends = [r.end_ns for d in ran for r in d]
     makespan = (max(ends) - min(starts)) * 1e-9 if starts else 0.0
-    busy = [sum(r.duration_s for r in d) for d in records]
+    busy = [sum(r.duration_s for r in d) for d in ran]
     idle = [max(0.0, makespan - b) for b in busy]
-    bubble = sum(idle) / (p * makespan) if makespan > 0 else 0.0
     return StepStats(
         schedule=schedule, num_devices=p, num_stages=num_stages,
         num_microbatches=num_microbatches, samples=samples, wall_s=wall_s,
-        makespan_s=makespan, busy_s=busy, idle_s=idle, bubble_ratio=bubble,
+        makespan_s=makespan, busy_s=busy, idle_s=idle, bubble_ratio=bubble_ratio(busy, makespan),
         samples_per_s=samples / wall_s if wall_s > 0 else 0.0,
-        costs_s=per_stage_costs(records, num_stages),
+        costs_s=per_stage_costs(ran, num_stages),
         peak_stash_bytes=list(peak_stash_bytes or []), peak_inflight=list(peak_inflight or []),
-        records=[list(d) for d in records])
+        records=[list(d) for d in records], waits=list(waits) if waits is not None else [])

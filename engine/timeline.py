@@ -7,15 +7,23 @@ On the CPU backend an action's interval is when it ran; on CUDA it is when it wa
 
 from __future__ import annotations
 
-import json
 import pathlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from pipetrain import stats, trace
+from pipetrain.stats import ActionRecord
 
 #: ``Timeline.waits[d]`` columns: the waiting action's index on device d, the dependency it
 #: waited for (device, index; (-1, -1) = taking the GIL), and the wait's start and end (ns).
 WAIT_COLUMNS = ("index", "dep_device", "dep_index", "start_ns", "end_ns")
+
+# "1F3" (stage 1, kind F, micro-batch 3), also with a suffix ("1SF3>2"): the IR's labels.
+_LABEL = re.compile(r"(\d+)([A-Za-z]+)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -40,9 +48,23 @@ class Timeline:
     def num_devices(self) -> int:
         return len(self.start_ns)
 
+    def _ran(self, device: int) -> np.ndarray:
+        """Mask of the actions of ``device`` that ran (a failed run leaves the rest at -1)."""
+        return (self.start_ns[device] >= 0) & (self.end_ns[device] >= 0)
+
     def busy_ns(self, device: int) -> int:
         """Total time device ``device`` spent inside actions."""
-        return int((self.end_ns[device] - self.start_ns[device]).sum())
+        ran = self._ran(device)
+        return int((self.end_ns[device][ran] - self.start_ns[device][ran]).sum())
+
+    def makespan_ns(self) -> int:
+        """From the first action's start to the last action's end, over all devices (0 if
+        nothing ran): the time the bubble ratio divides by, unlike ``wall_ns``."""
+        starts = [s[self._ran(d)] for d, s in enumerate(self.start_ns)]
+        ends = [e[self._ran(d)] for d, e in enumerate(self.end_ns)]
+        first = min((int(s.min()) for s in starts if s.size), default=None)
+        last = max((int(e.max()) for e in ends if e.size), default=None)
+        return 0 if first is None else last - first
 
     def wait_ns(self, device: int, *, gil: bool = True) -> int:
         """Total time ``device`` spent waiting (on dependencies and, if ``gil``, for the GIL)."""
@@ -52,13 +74,15 @@ class Timeline:
         return int((w[:, 4] - w[:, 3]).sum())
 
     def idle_ns(self, device: int) -> int:
-        """Wall time of the run not spent in actions on ``device``."""
-        return self.wall_ns - self.busy_ns(device)
+        """Time of the makespan not spent in actions on ``device``: ``makespan - busy``
+        (floored at 0), as in :func:`pipetrain.stats.bubble_ratio`."""
+        return max(0, self.makespan_ns() - self.busy_ns(device))
 
     def bubble_ratio(self) -> float:
-        """Measured bubble: idle time over total device time, ``sum(idle) / (p * wall)``."""
-        p = self.num_devices
-        return sum(self.idle_ns(d) for d in range(p)) / (p * self.wall_ns) if self.wall_ns else 0.0
+        """Measured bubble: :func:`pipetrain.stats.bubble_ratio`, ``sum(idle) / (p * makespan)``
+        (makespan, not ``wall_ns``: thread wake-up before the first action is not bubble)."""
+        return stats.bubble_ratio([self.busy_ns(d) for d in range(self.num_devices)],
+                                  self.makespan_ns())
 
     def waits_for(self, device: int, index: int) -> list[tuple[int, int, int]]:
         """The waits of action ``index`` on ``device`` as (dep_device, dep_index, duration_ns)."""
@@ -66,25 +90,37 @@ class Timeline:
         rows = w[w[:, 0] == index]
         return [(int(r[1]), int(r[2]), int(r[4] - r[3])) for r in rows]
 
-    def to_chrome_trace(self, path: str | pathlib.Path | None = None) -> dict:
-        """Chrome/Perfetto trace (``chrome://tracing``, ui.perfetto.dev): one row per device,
-        actions as complete events, waits as ``wait <dep>`` events. Written to ``path`` if given.
+    def records(self, actions: Sequence[Sequence[Any]] | None = None) -> list[list[ActionRecord]]:
+        """The run as :class:`~pipetrain.stats.ActionRecord` lists, one per device, every
+        action in issue order (one that never ran has start/end -1).
+
+        ``actions``: per device, the plan's IR actions (objects with ``kind``, ``stage``,
+        ``microbatch``, e.g. ``Schedule.actions(d)``); without them each label is parsed
+        (``"1F3"``: stage 1, kind F, micro-batch 3), and one that does not parse gets stage
+        and micro-batch -1 and kind "action".
         """
-        events = []
+        out = []
         for d in range(self.num_devices):
-            events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": d,
-                           "args": {"name": f"device {d}"}})
-            for label, s, e in zip(self.labels[d], self.start_ns[d], self.end_ns[d]):
-                if s >= 0:
-                    events.append({"ph": "X", "name": label, "pid": 0, "tid": d,
-                                   "ts": s / 1e3, "dur": (e - s) / 1e3,
-                                   "cat": label.lstrip("0123456789")[:1] or "action"})
-            for idx, dd, di, s, e in self.waits[d]:
-                what = "GIL" if dd < 0 else self.labels[dd][di]
-                events.append({"ph": "X", "name": f"wait {what}", "pid": 0, "tid": d,
-                               "ts": s / 1e3, "dur": (e - s) / 1e3, "cat": "wait",
-                               "args": {"action": self.labels[d][idx]}})
-        trace = {"traceEvents": events, "displayTimeUnit": "ns"}
+            row = []
+            for i, (label, s, e) in enumerate(zip(self.labels[d], self.start_ns[d], self.end_ns[d])):
+                if actions is not None:
+                    a = actions[d][i]
+                    kind, stage, mb = a.kind, a.stage, a.microbatch
+                else:
+                    m = _LABEL.match(label)
+                    kind, stage, mb = ((m[2], int(m[1]), int(m[3])) if m else ("action", -1, -1))
+                row.append(ActionRecord(d, label, kind, stage, mb, int(s), int(e)))
+            out.append(row)
+        return out
+
+    def to_chrome_trace(self, path: str | pathlib.Path | None = None, *,
+                        actions: Sequence[Sequence[Any]] | None = None,
+                        name: str = "pipetrain", metadata: dict | None = None) -> dict:
+        """Chrome/Perfetto trace (``chrome://tracing``, ui.perfetto.dev) of the run, actions and
+        waits, by :func:`pipetrain.trace.chrome_trace` (``actions`` as in :meth:`records`).
+        Written to ``path`` if given; returns the trace dict."""
+        out = trace.chrome_trace(self.records(actions), waits=self.waits, name=name,
+                                 metadata=metadata)
         if path is not None:
-            pathlib.Path(path).write_text(json.dumps(trace))
-        return trace
+            trace.save_trace(out, path)
+        return out

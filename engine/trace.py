@@ -3,7 +3,12 @@
 The trace uses the Chrome "Trace Event Format" (complete events, ``"ph": "X"``, times in
 microseconds): load it in https://ui.perfetto.dev or chrome://tracing. Each device is a
 thread (``tid``) of one process; each action is an event named by its label (``"1F3"``) with
-category its kind (F, B, I, W) and args ``stage`` and ``microbatch``.
+category its kind (F, B, I, W) and args ``stage`` and ``microbatch``. Given the executor's
+waits, each is an event ``wait <label of the dependency>`` (``wait GIL``: time taken to
+acquire the interpreter) of category ``wait`` with arg ``action``, the action that waited.
+
+:func:`chrome_trace` is the one writer: :meth:`pipetrain.timeline.Timeline.to_chrome_trace`
+and ``Pipeline.export_trace`` both go through it.
 """
 
 from __future__ import annotations
@@ -14,15 +19,26 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from pipetrain.stats import ActionRecord
 
-__all__ = ["chrome_trace", "write_chrome_trace", "plot_timeline", "KIND_COLORS"]
+__all__ = ["chrome_trace", "write_chrome_trace", "save_trace", "plot_timeline", "KIND_COLORS"]
 
 # One colour per action kind (forward blue, backward orange-red, I orange, W green).
 KIND_COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#C44E52", "W": "#55A868"}
 
 
-def chrome_trace(records: Sequence[Sequence[ActionRecord]], *, name: str = "pipetrain",
+def chrome_trace(records: Sequence[Sequence[ActionRecord]], *,
+                 waits: Optional[Sequence[Any]] = None, name: str = "pipetrain",
                  metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The trace as a dict (``json.dump`` it, or use :func:`write_chrome_trace`)."""
+    """The trace as a dict (``json.dump`` it, or use :func:`write_chrome_trace`).
+
+    Args:
+        records: per device, every action in issue order (an action that never started,
+            ``start_ns < 0``, is left out; it still names waits on it).
+        waits: optional, per device, rows ``(index, dep_device, dep_index, start_ns,
+            end_ns)`` as in ``Timeline.waits`` / ``StepStats.waits``; ``index`` and
+            ``dep_index`` are positions in ``records``; ``dep_device`` -1 means the GIL.
+        name: the process name shown by the viewer.
+        metadata: flat key/values stored as ``otherData`` (non-scalars as strings).
+    """
     events: List[Dict[str, Any]] = [
         {"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": name}}]
     for d, per_device in enumerate(records):
@@ -31,9 +47,17 @@ def chrome_trace(records: Sequence[Sequence[ActionRecord]], *, name: str = "pipe
         events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": d,
                        "args": {"sort_index": d}})
         for r in per_device:
-            events.append({"ph": "X", "name": r.label, "cat": r.kind, "pid": 0, "tid": r.device,
+            if r.start_ns < 0:
+                continue
+            args = {"stage": r.stage, "microbatch": r.microbatch} if r.stage >= 0 else {}
+            events.append({"ph": "X", "name": r.label, "cat": r.kind, "pid": 0, "tid": d,
                            "ts": r.start_ns / 1e3, "dur": (r.end_ns - r.start_ns) / 1e3,
-                           "args": {"stage": r.stage, "microbatch": r.microbatch}})
+                           "args": args})
+        for idx, dep_device, dep_index, start, end in (waits[d] if waits else ()):
+            what = "GIL" if dep_device < 0 else records[dep_device][dep_index].label
+            events.append({"ph": "X", "name": f"wait {what}", "cat": "wait", "pid": 0, "tid": d,
+                           "ts": int(start) / 1e3, "dur": int(end - start) / 1e3,
+                           "args": {"action": per_device[idx].label}})
     out: Dict[str, Any] = {"traceEvents": events, "displayTimeUnit": "ms"}
     if metadata:
         out["otherData"] = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -43,11 +67,18 @@ def chrome_trace(records: Sequence[Sequence[ActionRecord]], *, name: str = "pipe
 
 def write_chrome_trace(records: Sequence[Sequence[ActionRecord]], path: Union[str, pathlib.Path],
                        **kwargs: Any) -> pathlib.Path:
-    """Write :func:`chrome_trace` to ``path`` as JSON; returns the path."""
+    """Write :func:`chrome_trace` to ``path`` as JSON (``kwargs``: its ``waits``, ``name``,
+    ``metadata``); returns the path."""
+    return save_trace(chrome_trace(records, **kwargs), path)
+
+
+def save_trace(trace: Dict[str, Any], path: Union[str, pathlib.Path]) -> pathlib.Path:
+    """Write a trace dict (from :func:`chrome_trace`) to ``path`` as JSON, creating its
+    folder; returns the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(chrome_trace(records, **kwargs), f)
+        json.dump(trace, f)
     return path
 
 

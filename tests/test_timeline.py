@@ -5,8 +5,11 @@ import json
 import time
 
 import numpy as np
+import pytest
 
+from pipetrain import stats, trace
 from pipetrain.executor import Executor
+from pipetrain.timeline import Timeline
 
 SLEEP = 0.01  # per action; large against thread wake-up and bookkeeping (microseconds)
 
@@ -57,12 +60,62 @@ def test_busy_plus_wait_accounts_for_wall_time():
 
 def test_chrome_trace(tmp_path):
     with Executor(2) as ex:
-        tl = ex.run(chain_plan(2, 2), lambda d, i: time.sleep(0.002), timeout=5.0)
+        ex.run(chain_plan(2, 2), lambda d, i: None, timeout=5.0)  # threads started, warm
+        tl = ex.run(chain_plan(2, 2), lambda d, i: time.sleep(SLEEP), timeout=5.0)
     path = tmp_path / "trace.json"
-    trace = tl.to_chrome_trace(path)
-    assert json.loads(path.read_text()) == trace
-    names = {(e["tid"], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
+    out = tl.to_chrome_trace(path)
+    assert json.loads(path.read_text()) == out
+    names = {(e["tid"], e["name"]) for e in out["traceEvents"] if e["ph"] == "X"}
     assert {(0, "0F0"), (0, "0F1"), (1, "1F0"), (1, "1F1"), (1, "wait 0F0")} <= names
+    # One writer: the timeline's trace is trace.chrome_trace of its records and waits.
+    assert out == trace.chrome_trace(tl.records(), waits=tl.waits)
+
+
+def hand_timeline():
+    """Device 0 runs 0F0 [100, 200) and 0F1 [200, 300); device 1 waits for 0F0, then the GIL,
+    runs 1F0 [250, 350); 1F1 never ran. The run's wall time (1000) is far beyond the
+    makespan (100 to 350)."""
+    i64 = lambda rows: np.array(rows, dtype=np.int64).reshape(-1, 5)  # noqa: E731
+    return Timeline(labels=[["0F0", "0F1"], ["1F0", "x"]],
+                    start_ns=[np.array([100, 200]), np.array([250, -1])],
+                    end_ns=[np.array([200, 300]), np.array([350, -1])],
+                    waits=[i64([]), i64([[0, 0, 0, 110, 200], [0, -1, -1, 200, 250]])],
+                    wall_ns=1000)
+
+
+def test_bubble_ratio_is_the_one_definition():
+    tl = hand_timeline()
+    assert tl.makespan_ns() == 250
+    assert [tl.busy_ns(0), tl.busy_ns(1)] == [200, 100]
+    assert [tl.idle_ns(0), tl.idle_ns(1)] == [50, 150]
+    # (50 + 150) / (2 * 250), not over the wall time (which would give 1700 / 2000).
+    assert tl.bubble_ratio() == stats.bubble_ratio([200, 100], 250) == 0.4
+    st = stats.measure(tl.records(), schedule="x", num_stages=2, num_microbatches=2,
+                       samples=2, wall_s=1e-6, waits=tl.waits)
+    assert st.bubble_ratio == pytest.approx(tl.bubble_ratio())
+
+
+def test_records_and_trace_with_waits():
+    tl = hand_timeline()
+    recs = tl.records()
+    assert recs[0][1] == stats.ActionRecord(0, "0F1", "F", 0, 1, 200, 300)
+    assert recs[1][1] == stats.ActionRecord(1, "x", "action", -1, -1, -1, -1)
+    out = tl.to_chrome_trace(name="hand", metadata={"k": (1, 2)})
+    xs = [e for e in out["traceEvents"] if e["ph"] == "X"]
+    assert [(e["tid"], e["name"], e["cat"], e["ts"], e["dur"]) for e in xs] == [
+        (0, "0F0", "F", 0.1, 0.1), (0, "0F1", "F", 0.2, 0.1), (1, "1F0", "F", 0.25, 0.1),
+        (1, "wait 0F0", "wait", 0.11, 0.09), (1, "wait GIL", "wait", 0.2, 0.05)]
+    assert xs[0]["args"] == {"stage": 0, "microbatch": 0}
+    assert xs[3]["args"] == xs[4]["args"] == {"action": "1F0"}
+    assert out["otherData"] == {"k": "(1, 2)"}
+    assert {"ph": "M", "name": "process_name", "pid": 0, "tid": 0,
+            "args": {"name": "hand"}} in out["traceEvents"]
+    # Without waits the writer emits the actions only; with IR actions, their fields.
+    class A:
+        kind, stage, microbatch = "B", 7, 9
+    plain = trace.chrome_trace(tl.records([[A(), A()], [A(), A()]]))
+    assert [e["name"] for e in plain["traceEvents"] if e["ph"] == "X"] == ["0F0", "0F1", "1F0"]
+    assert {e["cat"] for e in plain["traceEvents"] if e["ph"] == "X"} == {"B"}
 
 
 def test_gil_contention_is_recorded_as_a_wait():

@@ -1,12 +1,16 @@
 """Tests for pipetrain.trace: the Chrome trace and the picture of a real step's timeline."""
 
 import json
+import time
 
 import pytest
 import torch
 from torch import nn
 
+from pipetrain import schedules
+from pipetrain.executor import Executor
 from pipetrain.pipeline import Pipeline
+from pipetrain.stats import measure
 from pipetrain.trace import chrome_trace, plot_timeline
 
 
@@ -27,7 +31,8 @@ def test_export_trace_is_valid_chrome_json(pipe, tmp_path):
     path = pipe.export_trace(tmp_path / "step.json")
     with open(path) as f:
         trace = json.load(f)
-    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    # Actions (waits, when the step's stats carry them, are category "wait").
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] != "wait"]
     names = {e["args"]["name"] for e in trace["traceEvents"]
              if e["ph"] == "M" and e["name"] == "thread_name"}
     assert names == {"device 0", "device 1", "device 2"}
@@ -69,3 +74,25 @@ def test_no_stats_before_a_step():
     pipe = Pipeline(nn.Sequential(nn.Linear(2, 2)), 1, loss_fn=mse)
     with pytest.raises(RuntimeError, match="no step has run yet"):
         pipe.export_trace("unused.json")
+
+
+def test_step_stats_waits_reach_the_trace():
+    """What Pipeline does with a step: the executor's timeline -> records (with the IR
+    actions) and waits -> measure -> one trace with both."""
+    s = schedules.build("1f1b", num_stages=2, num_microbatches=3)
+    plan = [list(zip(map(str, s.actions(d)), s.dependencies(d))) for d in range(2)]
+    with Executor(2) as ex:
+        ex.run(plan, lambda d, i: None, timeout=10.0)  # threads started, warm
+        tl = ex.run(plan, lambda d, i: time.sleep(0.005), timeout=10.0)
+    actions = [s.actions(d) for d in range(2)]
+    st = measure(tl.records(actions), schedule="1f1b", num_stages=2, num_microbatches=3,
+                 samples=3, wall_s=tl.wall_ns * 1e-9, waits=tl.waits)
+    assert st.bubble_ratio == pytest.approx(tl.bubble_ratio())
+    trace = chrome_trace(st.records, waits=st.waits)
+    assert trace == tl.to_chrome_trace(actions=actions)
+    waits = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "wait"]
+    # Device 1's first forward waits for device 0's: named by the dependency's label.
+    assert any(e["tid"] == 1 and e["name"] == "wait 0F0" and e["args"] == {"action": "1F0"}
+               for e in waits), waits
+    acts = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] != "wait"]
+    assert sorted(e["name"] for e in acts) == sorted(str(a) for row in actions for a in row)

@@ -216,13 +216,14 @@ class CudaBackend final : public runtime::Backend {
   bool synchronize(Handle stream, double timeout_s) override {
     // Poll rather than cudaStreamSynchronize, which could not be bounded.
     auto start = std::chrono::steady_clock::now();
+    const auto limit = runtime::timeout_duration(timeout_s);  // inf clamps; nan gives 0, not "never"
     std::chrono::microseconds nap(2);
     for (;;) {
       cudaError_t err = cudaStreamQuery(as_stream(stream));
       if (err == cudaSuccess) return true;
       if (err != cudaErrorNotReady) check(err, "cudaStreamQuery");
       cudaGetLastError();
-      if (std::chrono::steady_clock::now() - start > std::chrono::duration<double>(timeout_s)) return false;
+      if (std::chrono::steady_clock::now() - start > limit) return false;
       std::this_thread::sleep_for(nap);
       nap = std::min(nap * 2, std::chrono::microseconds(1000));
     }

@@ -15,12 +15,31 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 
 namespace pipetrain::runtime {
 
 using Handle = std::uint64_t;
+
+// The longest wait the runtime represents, ~146 years: inf and any larger timeout clamp to
+// it. Seconds times 1e9 would overflow int64 from ~9.2e9 s on (and converting inf to an
+// integer is undefined), and steady_clock::now() + 2^62 ns cannot overflow either.
+inline constexpr std::int64_t kNoTimeoutNs = std::int64_t{1} << 62;
+
+// `timeout_s` in nanoseconds, clamped to [0, kNoTimeoutNs]; nan and non-positive give 0
+// (callers that must reject them check first).
+inline std::int64_t timeout_ns(double timeout_s) {
+  if (!(timeout_s > 0)) return 0;
+  if (timeout_s * 1e9 >= static_cast<double>(kNoTimeoutNs)) return kNoTimeoutNs;
+  return static_cast<std::int64_t>(timeout_s * 1e9);
+}
+
+inline std::chrono::steady_clock::duration timeout_duration(double timeout_s) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::nanoseconds(timeout_ns(timeout_s)));
+}
 
 class Backend {
  public:

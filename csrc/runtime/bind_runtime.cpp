@@ -9,7 +9,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -47,12 +46,18 @@ class PyHost final : public runtime::HostContext {
     // Runs on the thread that called run(), which released the GIL: let Ctrl-C through.
     PyGILState_STATE s = PyGILState_Ensure();
     const bool ok = PyErr_CheckSignals() == 0;
-    if (!ok) interrupt_ = fetch_error();
+    if (!ok) {
+      py::object error = fetch_error();  // a second Ctrl-C: keep the first, drop this one
+      if (!interrupt_) interrupt_ = std::move(error);
+    }
     PyGILState_Release(s);
     return ok;
   }
   // Needs the GIL.
-  py::object take_interrupt() { return std::exchange(interrupt_, py::object()); }
+  py::object take_interrupt() {
+    py::object error = std::exchange(interrupt_, py::object());
+    return error ? error : py::none();
+  }
 
   static py::object fetch_error() {
     PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
@@ -195,18 +200,23 @@ std::shared_ptr<const runtime::Plan> build_plan(int num_devices, const py::handl
   return std::make_shared<const runtime::Plan>(runtime::Plan::build(num_devices, spec));
 }
 
-const char* kind_name(runtime::RunError::Kind kind) {
-  using K = runtime::RunError::Kind;
-  switch (kind) {
-    case K::kNone: return "";
-    case K::kAction: return "action";
-    case K::kBackend: return "backend";
-    case K::kTimeout: return "timeout";
-    case K::kInterrupted: return "interrupted";
-    case K::kStuck: return "stuck";
-  }
-  return "?";
-}
+using RunKind = runtime::RunError::Kind;
+
+// What PyExecutor.run returns: the run's outcome, by name. `kind` is RunKind.ok when the run
+// completed; else the failure's kind, the action it concerns (device/index/label, -1/"" when
+// none), for a timeout the dependency waited on, and for an action's failure or an
+// interrupt the Python exception (`cause`). `timeline` is the run's timeline (see
+// PyExecutor::timeline) unless the executor was closed or poisoned.
+struct RunResult {
+  RunKind kind = RunKind::kNone;
+  int device = -1, index = -1, dep_device = -1, dep_index = -1;
+  std::string label, message;
+  py::object cause = py::none();
+  py::object timeline = py::none();
+};
+
+// Seconds a close() waits for actions still running before it gives up on them.
+constexpr double kDefaultCloseGraceS = 5.0;
 
 class PyExecutor {
  public:
@@ -216,27 +226,44 @@ class PyExecutor {
     core_ = runtime::Executor::create(num_devices, *backend_.impl, host_, std::move(streams),
                                       {spin, yields, ranges, std::move(device_ids)});
   }
-  ~PyExecutor() { close(); }
+  ~PyExecutor() { close(kDefaultCloseGraceS); }
 
-  void close() {
-    if (!core_) return;
-    py::gil_scoped_release nogil;  // the workers take the GIL to drop their thread states
-    core_->shutdown();
-    core_.reset();
+  // See runtime::Executor::shutdown; true unless called from the executor's own threads.
+  // core_ is cleared first (with the GIL), so every later call sees a closed executor; a
+  // run in progress keeps its own reference to the core until it returns.
+  bool close(double grace_s) {
+    if (!core_) return true;
+    std::shared_ptr<runtime::Executor> core = std::move(core_);
+    bool waited = true;
+    {
+      py::gil_scoped_release nogil;  // the workers take the GIL to drop their thread states
+      waited = core->shutdown(grace_s);
+    }
+    poisoned_at_close_ = core->poisoned();
+    return waited;  // `core` is released here, with the GIL (it may hold Python objects)
   }
 
-  // Returns (kind, device, index, dep_device, dep_index, label, message, cause); kind "" = ok.
-  py::tuple run(py::object plan_or_list, py::object fn, double timeout_s) {
-    if (!core_) throw std::runtime_error("executor is closed");
+  bool cancel(const std::string& reason, double grace_s) {
+    std::shared_ptr<runtime::Executor> core = core_;
+    if (!core) return false;
+    py::gil_scoped_release nogil;
+    return core->cancel({RunKind::kCancelled, -1, -1, -1, -1, reason}, grace_s);
+  }
+
+  RunResult run(py::object plan_or_list, py::object fn, double timeout_s) {
+    // A copy: close() from another thread clears core_ while this run still uses the core.
+    std::shared_ptr<runtime::Executor> core = core_;
+    if (!core) throw std::runtime_error("executor is closed");
+    if (!(timeout_s > 0)) throw std::invalid_argument("timeout must be positive (inf: no timeout)");
     std::shared_ptr<const runtime::Plan> plan;
     if (py::isinstance<PlanHolder>(plan_or_list)) {
       plan = plan_or_list.cast<PlanHolder&>().plan;
     } else {
-      plan = build_plan(core_->num_devices(), plan_or_list);
+      plan = build_plan(core->num_devices(), plan_or_list);
     }
     auto action = std::make_shared<PyAction>();
     action->fn = std::move(fn);
-    action->errors.resize(core_->num_devices());
+    action->errors.resize(core->num_devices());
     std::shared_ptr<void> ctx(action.get(), [keep = action](void*) mutable {
       py::gil_scoped_acquire gil;  // dropping Python references needs the GIL
       keep.reset();
@@ -244,26 +271,57 @@ class PyExecutor {
     runtime::RunError err;
     {
       py::gil_scoped_release nogil;
-      err = core_->run(plan, &call_action, std::move(ctx), timeout_s);
+      err = core->run(plan, &call_action, std::move(ctx), timeout_s);
     }
-    py::object cause = py::none();
-    if (err.kind == runtime::RunError::Kind::kAction) cause = action->errors[err.device];
-    if (err.kind == runtime::RunError::Kind::kInterrupted) cause = host_->take_interrupt();
-    std::string label;
-    if (err.device >= 0 && err.index >= 0) label = plan->labels[plan->offset[err.device] + err.index];
-    return py::make_tuple(kind_name(err.kind), err.device, err.index, err.dep_device,
-                          err.dep_index, label, err.message, cause);
+    RunResult result;
+    result.kind = err.kind;
+    result.device = err.device;
+    result.index = err.index;
+    result.dep_device = err.dep_device;
+    result.dep_index = err.dep_index;
+    result.message = std::move(err.message);
+    if (err.kind == RunKind::kAction) result.cause = action->errors[err.device];
+    if (err.kind == RunKind::kInterrupted) result.cause = host_->take_interrupt();
+    if (err.device >= 0 && err.index >= 0) {
+      result.label = plan->labels[plan->offset[err.device] + err.index];
+    }
+    // Read now, through our own reference: the workers are done (unless poisoned), and the
+    // result must not depend on whether a close() has cleared core_ meanwhile.
+    if (err.kind != RunKind::kClosed && !core->poisoned()) {
+      last_timeline_ = read_timeline(*core);
+      result.timeline = last_timeline_;
+    }
+    return result;
   }
 
-  // (start_ns, end_ns, offsets, waits per device as int64 (n, 5) arrays, wall_ns)
-  py::tuple timeline() const {
-    if (!core_ || !core_->plan()) throw std::runtime_error("no run yet");
-    const runtime::Plan& plan = *core_->plan();
-    py::array_t<std::int64_t> start(core_->start_ns().size(), core_->start_ns().data());
-    py::array_t<std::int64_t> end(core_->end_ns().size(), core_->end_ns().data());
+  // The last run's timeline: (start_ns, end_ns, offsets, waits per device as int64 (n, 5)
+  // arrays, wall_ns).
+  py::object timeline() const {
+    if (!core_) throw std::runtime_error("executor is closed");
+    if (last_timeline_.is_none()) throw std::runtime_error("no run yet");
+    return last_timeline_;
+  }
+
+  bool poisoned() const { return core_ ? core_->poisoned() : poisoned_at_close_; }
+  bool closed() const { return !core_; }
+  Handle stream(int d) const {
+    if (!core_) throw std::runtime_error("executor is closed");
+    if (d < 0 || d >= core_->num_devices()) throw py::index_error("device out of range");
+    return core_->stream(d);
+  }
+
+  struct PlanHolder {
+    std::shared_ptr<const runtime::Plan> plan;
+  };
+
+ private:
+  static py::tuple read_timeline(const runtime::Executor& core) {
+    const runtime::Plan& plan = *core.plan();
+    py::array_t<std::int64_t> start(core.start_ns().size(), core.start_ns().data());
+    py::array_t<std::int64_t> end(core.end_ns().size(), core.end_ns().data());
     py::list waits;
-    for (int d = 0; d < core_->num_devices(); ++d) {
-      std::vector<runtime::WaitRecord> w = core_->waits(d);
+    for (int d = 0; d < core.num_devices(); ++d) {
+      std::vector<runtime::WaitRecord> w = core.waits(d);
       py::array_t<std::int64_t> arr({static_cast<py::ssize_t>(w.size()), py::ssize_t{5}});
       auto a = arr.mutable_unchecked<2>();
       for (std::size_t k = 0; k < w.size(); ++k) {
@@ -275,16 +333,14 @@ class PyExecutor {
       }
       waits.append(arr);
     }
-    return py::make_tuple(start, end, plan.offset, waits, core_->wall_ns());
+    return py::make_tuple(start, end, plan.offset, waits, core.wall_ns());
   }
-
-  struct PlanHolder {
-    std::shared_ptr<const runtime::Plan> plan;
-  };
 
   std::shared_ptr<runtime::Executor> core_;
   PyBackend backend_;
   std::shared_ptr<PyHost> host_;
+  py::object last_timeline_ = py::none();
+  bool poisoned_at_close_ = false;
 };
 
 }  // namespace
@@ -351,15 +407,44 @@ void bind_runtime(py::module_& m) {
                                         p.plan->labels.begin() + p.plan->offset[d + 1]);
       });
 
+  py::enum_<RunKind>(m, "RunKind", "How a run ended; the name is ExecutorError.kind.")
+      .value("ok", RunKind::kNone)
+      .value("action", RunKind::kAction)
+      .value("backend", RunKind::kBackend)
+      .value("timeout", RunKind::kTimeout)
+      .value("interrupted", RunKind::kInterrupted)
+      .value("stuck", RunKind::kStuck)
+      .value("closed", RunKind::kClosed)
+      .value("cancelled", RunKind::kCancelled);
+
+  py::class_<RunResult>(m, "RunResult", "The outcome of Executor.run (see bind_runtime.cpp).")
+      .def_readonly("kind", &RunResult::kind)
+      .def_readonly("device", &RunResult::device)
+      .def_readonly("index", &RunResult::index)
+      .def_readonly("dep_device", &RunResult::dep_device)
+      .def_readonly("dep_index", &RunResult::dep_index)
+      .def_readonly("label", &RunResult::label)
+      .def_readonly("message", &RunResult::message)
+      .def_readonly("cause", &RunResult::cause)
+      .def_readonly("timeline", &RunResult::timeline)
+      .def_property_readonly("ok", [](const RunResult& r) { return r.kind == RunKind::kNone; })
+      .def("__repr__", [](const RunResult& r) {
+        return "RunResult(kind=" + std::string(py::str(py::cast(r.kind).attr("name"))) +
+               ", device=" + std::to_string(r.device) + ", index=" + std::to_string(r.index) +
+               ", message=" + std::string(py::repr(py::str(r.message))) + ")";
+      });
+
   py::class_<PyExecutor>(m, "Executor", "One issuing thread per device; see engine/executor.py.")
       .def(py::init<int, PyBackend, std::vector<Handle>, std::vector<int>, int, int, bool>(),
            py::arg("num_devices"), py::arg("backend"), py::arg("streams"),
            py::arg("device_ids"), py::arg("spin"), py::arg("yields"), py::arg("ranges"))
       .def("run", &PyExecutor::run, py::arg("plan"), py::arg("run_action"), py::arg("timeout"))
       .def("timeline", &PyExecutor::timeline)
-      .def("close", &PyExecutor::close)
-      .def("stream", [](const PyExecutor& e, int d) { return e.core_->stream(d); })
-      .def_property_readonly("poisoned", [](const PyExecutor& e) { return e.core_ && e.core_->poisoned(); });
+      .def("close", &PyExecutor::close, py::arg("grace") = kDefaultCloseGraceS)
+      .def("cancel", &PyExecutor::cancel, py::arg("reason"), py::arg("grace"))
+      .def("stream", &PyExecutor::stream)
+      .def_property_readonly("poisoned", &PyExecutor::poisoned)
+      .def_property_readonly("closed", &PyExecutor::closed);
 
   m.def("range_name", &runtime::range_name, py::arg("label"), "NVTX range name: '1F3' -> 's1/F3'");
 }

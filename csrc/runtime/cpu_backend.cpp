@@ -46,8 +46,7 @@ struct CpuEvent {
 
 // Wait until `event` reaches `generation`, at most timeout_s; false on timeout.
 bool wait_generation(const CpuEvent& event, std::uint64_t generation, double timeout_s) {
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                     std::chrono::duration<double>(timeout_s));
+  auto deadline = Clock::now() + timeout_duration(timeout_s);
   std::unique_lock<std::mutex> lock(g_event_mutex);
   return g_event_cv.wait_until(lock, deadline, [&] { return event.reached(generation); });
 }
@@ -80,8 +79,7 @@ class CpuStream {
   bool synchronize(double timeout_s) {
     std::unique_lock<std::mutex> lock(mutex_);
     std::uint64_t target = enqueued_;
-    auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                       std::chrono::duration<double>(timeout_s));
+    auto deadline = Clock::now() + timeout_duration(timeout_s);
     bool done = idle_cv_.wait_until(lock, deadline, [&] { return finished_ >= target; });
     if (!error_.empty()) {
       std::string message = std::move(error_);
@@ -206,7 +204,7 @@ bool host_wait(Backend& backend, Handle event, double timeout_s, const std::atom
   // Poll with a back-off from a few microseconds to 1 ms: the same code serves CUDA events,
   // for which a blocking cudaEventSynchronize could not be bounded or cancelled.
   auto start = Clock::now();
-  auto limit = std::chrono::duration<double>(timeout_s);
+  const auto limit = timeout_duration(timeout_s);
   std::chrono::microseconds nap(2);
   while (!backend.query(event)) {
     if ((cancel && cancel->load()) || Clock::now() - start > limit) return false;

@@ -63,25 +63,54 @@ Executor::Executor(int num_devices, Backend& backend, std::shared_ptr<HostContex
 // Worker threads hold references, so by now they are gone (joined, or never started).
 Executor::~Executor() = default;
 
-void Executor::shutdown() {
+bool Executor::cancel(RunError reason, double grace_s) {
+  std::lock_guard<std::mutex> lock(job_mutex_);
+  if (!run_active_) return false;
+  const std::int64_t grace = timeout_ns(grace_s);
+  if (grace < grace_ns_.load()) grace_ns_.store(grace);
+  fail(std::move(reason));
+  return true;
+}
+
+bool Executor::shutdown(double grace_s) {
+  const std::thread::id self = std::this_thread::get_id();
+  std::vector<std::thread> threads;
+  bool inside = false;
   {
-    std::lock_guard<std::mutex> lock(job_mutex_);
-    if (stop_ && threads_.empty()) return;
+    std::unique_lock<std::mutex> lock(job_mutex_);
+    closed_ = true;
+    inside = run_active_ && run_thread_ == self;
+    for (const std::thread& t : threads_) inside = inside || t.get_id() == self;
+    if (run_active_) {
+      const std::int64_t grace = timeout_ns(grace_s);
+      if (grace < grace_ns_.load()) grace_ns_.store(grace);
+      fail({RunError::Kind::kClosed, -1, -1, -1, -1, "the executor was closed during the run"});
+      if (!inside) {
+        // The watchdog returns within grace (plus a poll slice) even if an action never
+        // does; the margin covers a watchdog slow to get scheduled. Past it, leave the
+        // threads be (detach) rather than hang the caller.
+        const auto bound = timeout_duration(grace_s) + std::chrono::seconds(2);
+        if (!idle_cv_.wait_for(lock, bound, [&] { return !run_active_; })) poisoned_ = true;
+      }
+    }
     stop_ = true;
+    threads = std::move(threads_);
+    threads_.clear();
   }
   job_cv_.notify_all();
-  for (std::thread& t : threads_) {
-    // A poisoned executor has a thread stuck in an action: it keeps its own reference to
-    // this object (see worker()), so detaching it is safe.
-    if (poisoned_) t.detach(); else if (t.joinable()) t.join();
+  // A thread stuck in an action (poisoned), or the caller's own, cannot be joined: detach.
+  // Each keeps its own reference to this object (see run()), so that is safe.
+  const bool detach = inside || poisoned_;
+  for (std::thread& t : threads) {
+    if (detach) t.detach(); else if (t.joinable()) t.join();
   }
-  threads_.clear();
-  if (!poisoned_ && !backend_.synchronous()) {
+  if (!detach && !backend_.synchronous()) {
     for (int d = 0; d < num_devices_; ++d) {
       for (Handle e : state_[d].events) backend_.destroy_event(e);
       state_[d].events.clear();
     }
   }
+  return !inside;
 }
 
 void Executor::worker(int device) {
@@ -251,15 +280,39 @@ std::string Executor::describe_stall() const {
 
 RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::shared_ptr<void> ctx,
                        double timeout_s) {
-  if (poisoned_) {
-    return {RunError::Kind::kStuck, -1, -1, -1, -1,
-            "executor is unusable: an earlier run left a thread stuck in an action"};
-  }
   if (plan->num_devices() != num_devices_) {
     throw std::invalid_argument("executor has " + std::to_string(num_devices_) +
                                 " devices, the plan has " + std::to_string(plan->num_devices()));
   }
-  if (!(timeout_s > 0)) throw std::invalid_argument("timeout must be positive");
+  // !(x > 0) also rejects nan, which every comparison below would treat as "never".
+  if (!(timeout_s > 0)) throw std::invalid_argument("timeout must be positive (inf: no timeout)");
+  {
+    // From here until return, the run is active: cancel() and shutdown() see it. The error
+    // is reset here, not later, so a cancel that arrives while we prepare is not lost.
+    std::lock_guard<std::mutex> lock(job_mutex_);
+    if (closed_) return {RunError::Kind::kClosed, -1, -1, -1, -1, "executor is closed"};
+    if (run_active_) throw std::logic_error("executor: run() is already running (one at a time)");
+    if (poisoned_) {
+      return {RunError::Kind::kStuck, -1, -1, -1, -1,
+              "executor is unusable: an earlier run left a thread stuck in an action"};
+    }
+    run_active_ = true;
+    run_thread_ = std::this_thread::get_id();
+    grace_ns_.store(kNoTimeoutNs);
+    std::lock_guard<std::mutex> elock(error_mutex_);
+    error_ = RunError{};
+    cancel_.store(false);
+  }
+  struct EndRun {  // on every return path: the run is over; wake shutdown() waiting for it
+    Executor& ex;
+    ~EndRun() {
+      {
+        std::lock_guard<std::mutex> lock(ex.job_mutex_);
+        ex.run_active_ = false;
+      }
+      ex.idle_cv_.notify_all();
+    }
+  } end_run{*this};
   const int total = plan->size();
 
   // Preallocate everything the hot loop touches; reused across runs of similar size.
@@ -293,8 +346,6 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   plan_ = std::move(plan);
   fn_ = fn;
   ctx_ = std::move(ctx);
-  error_ = RunError{};
-  cancel_.store(false);
   ++epoch_;
   if (epoch_ == 0) {  // wrapped: clear the flags so no stale flag matches
     for (std::size_t i = 0; i < done_capacity_; ++i) done_[i].store(0);
@@ -310,9 +361,9 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   }
   base_ns_ = now_ns();
   last_progress_.store(base_ns_);
-  const auto timeout_ns = static_cast<std::int64_t>(timeout_s * 1e9);
+  const std::int64_t limit_ns = timeout_ns(timeout_s);  // clamped: inf is "never"
   const auto slice = std::chrono::microseconds(
-      std::clamp<std::int64_t>(timeout_ns / 8000, 1000, 20000));
+      std::clamp<std::int64_t>(limit_ns / 8000, 1000, 20000));
   std::int64_t cancelled_at = -1;
   {
     std::unique_lock<std::mutex> lock(job_mutex_);
@@ -324,8 +375,10 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
       lock.unlock();
       const std::int64_t now = now_ns();
       if (!host_->poll()) {
+        // A second interrupt while threads finish their actions: stop waiting for them.
+        if (cancel_.load()) grace_ns_.store(0);
         fail({RunError::Kind::kInterrupted, -1, -1, -1, -1, "interrupted"});
-      } else if (!cancel_.load() && now - last_progress_.load() > timeout_ns) {
+      } else if (!cancel_.load() && now - last_progress_.load() > limit_ns) {
         RunError err{RunError::Kind::kTimeout, -1, -1, -1, -1, ""};
         for (int d = 0; d < num_devices_ && err.device < 0; ++d) {
           const int dep = state_[d].waiting_on.load();
@@ -350,8 +403,9 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
       }
       if (cancel_.load() && cancelled_at < 0) cancelled_at = now;
       // After a cancel, threads stop at their next wait or action boundary; one that does
-      // not within another `timeout` is stuck inside an action, which cannot be interrupted.
-      if (cancelled_at >= 0 && now - cancelled_at > timeout_ns) {
+      // not within another `timeout` (or the grace a cancel/close gave) is stuck inside an
+      // action, which cannot be interrupted.
+      if (cancelled_at >= 0 && now - cancelled_at > std::min(limit_ns, grace_ns_.load())) {
         lock.lock();
         if (finished_ < num_devices_) {
           poisoned_ = true;

@@ -11,8 +11,10 @@
 // Threads are created on the first run and reused. The calling thread is the watchdog: it
 // waits for the workers and, when no action has completed for `timeout` seconds, cancels
 // the run with an error naming who waited on what. The first failure (an action, a backend
-// call, a timeout, an interrupt) cancels every thread; the executor stays usable unless an
-// action failed to return at all (then it is poisoned, see poisoned()).
+// call, a timeout, an interrupt, cancel(), shutdown()) cancels every thread; the executor
+// stays usable unless an action failed to return at all (then it is poisoned, see
+// poisoned()). An action cannot be interrupted: after a cancel the watchdog waits for the
+// threads to reach their next wait or action boundary, at most min(timeout, grace).
 //
 // The host context (Python's GIL, via HostContext) is held only while running actions:
 // a thread leaves it before every wait and keeps it across consecutive ready actions.
@@ -59,7 +61,11 @@ struct WaitRecord {
 };
 
 struct RunError {
-  enum class Kind { kNone, kAction, kBackend, kTimeout, kInterrupted, kStuck };
+  // kNone: the run completed. kAction: an action failed. kBackend: a backend call failed.
+  // kTimeout: nothing completed for `timeout`. kInterrupted: HostContext::poll said stop
+  // (Ctrl-C). kStuck: the executor was already poisoned. kClosed: shutdown() during the run
+  // or before it. kCancelled: cancel() during the run.
+  enum class Kind { kNone, kAction, kBackend, kTimeout, kInterrupted, kStuck, kClosed, kCancelled };
   Kind kind = Kind::kNone;
   int device = -1, index = -1;          // the action that failed or waited
   int dep_device = -1, dep_index = -1;  // timeouts: what it waited on
@@ -83,11 +89,23 @@ class Executor : public std::enable_shared_from_this<Executor> {
                                           std::vector<Handle> streams, ExecutorOptions options);
   ~Executor();
 
-  // Runs the plan; call from one thread at a time. Results stay readable until the next run.
+  // Runs the plan; call from one thread at a time (a concurrent call throws logic_error).
+  // `timeout_s` > 0 (nan and non-positive throw invalid_argument); inf, or anything beyond
+  // kNoTimeoutNs, means no timeout. Results stay readable until the next run.
   RunError run(std::shared_ptr<const Plan> plan, ActionFn fn, std::shared_ptr<void> ctx,
                double timeout_s);
-  // Stops and joins the worker threads (or detaches them if poisoned); idempotent.
-  void shutdown();
+  // Cancels the run in progress, if any, with `reason` (its kind is what run() returns,
+  // unless the run already failed) and waits at most `grace_s` more for threads inside
+  // actions. Callable from any thread; returns whether a run was in progress.
+  bool cancel(RunError reason, double grace_s);
+  // Closes the executor for good: cancels a run in progress (it returns kClosed), waits for
+  // that run() call to return (its watchdog gives up on threads stuck in actions after
+  // `grace_s`, poisoning the executor), then joins the worker threads, or detaches them when
+  // one is stuck. Every later run() returns kClosed. Idempotent. Called from one of this
+  // executor's own threads (an action, or the watchdog's poll), it cannot wait for itself:
+  // it cancels, detaches the threads (they exit once their actions return) and returns
+  // false; otherwise true.
+  bool shutdown(double grace_s);
 
   int num_devices() const { return num_devices_; }
   Backend& backend() { return backend_; }
@@ -142,6 +160,9 @@ class Executor : public std::enable_shared_from_this<Executor> {
   std::unique_ptr<DeviceState[]> state_;
 
   std::atomic<bool> cancel_{false};
+  // After a cancel, how long the watchdog still waits for threads inside actions (besides
+  // `timeout`); cancel() and shutdown() shorten it, a second interrupt makes it 0.
+  std::atomic<std::int64_t> grace_ns_{kNoTimeoutNs};
   std::atomic<std::int64_t> last_progress_{0};
   std::atomic<int> sleepers_{0};
   std::mutex wake_mutex_;
@@ -157,6 +178,10 @@ class Executor : public std::enable_shared_from_this<Executor> {
   int finished_ = 0;
   bool stop_ = false;
   bool poisoned_ = false;
+  bool closed_ = false;      // shutdown() was called: no more runs
+  bool run_active_ = false;  // a run() call is between its start and its return
+  std::thread::id run_thread_;  // the thread in run(), while run_active_
+  std::condition_variable idle_cv_;  // run_active_ became false
   std::vector<std::thread> threads_;
 };
 
