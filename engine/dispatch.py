@@ -132,7 +132,7 @@ class Run:
         if kind not in ("F", "B", "I", "W"):
             return          # transfers of a lowered schedule: values move with F and B here
         versions = stage.versions
-        versions.bind(getattr(a, 'version', -1))  # TEMP-IR
+        versions.bind(a.version)
         try:
             if self.autocast and kind != "W":   # F, and B / I which may recompute F
                 with contextlib.ExitStack() as stack:

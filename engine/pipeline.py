@@ -239,7 +239,8 @@ class Pipeline:
         return measure(records, schedule=self.schedule.name, num_stages=self.num_stages,
                        num_microbatches=self.num_microbatches, samples=sum(map(sum, run.sizes)), wall_s=outcome.wall_s,
                        peak_stash_bytes=[mt.peak_bytes for mt in run.meters],
-                       peak_inflight=[mt.peak_count for mt in run.meters])
+                       peak_inflight=[mt.peak_count for mt in run.meters],
+                       waits=timeline.waits)
 
     def stats(self) -> StepStats:
         """The last step's :class:`~pipetrain.stats.StepStats` (wall time, per-device busy /
@@ -262,10 +263,11 @@ class Pipeline:
         return self.schedule.simulate(forward=forward, backward=c.get("B", zeros))
 
     def export_trace(self, path: Any) -> Any:
-        """Write the last step's timeline as Chrome / Perfetto trace JSON; returns the path."""
+        """Write the last step's timeline as Chrome / Perfetto trace JSON, with the executor's
+        waits (``wait 1F3``, ``wait GIL``) beside the actions; returns the path."""
         from pipetrain.trace import write_chrome_trace
         st = self.stats()
-        return write_chrome_trace(st.records, path, name=f"pipetrain {st.schedule}",
+        return write_chrome_trace(st.records, path, waits=st.waits, name=f"pipetrain {st.schedule}",
                                   metadata={"schedule": st.schedule, "num_devices": st.num_devices,
                                             "num_microbatches": st.num_microbatches,
                                             "bubble_ratio": st.bubble_ratio, "wall_s": st.wall_s})

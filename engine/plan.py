@@ -41,7 +41,7 @@ class Plan:
     def __init__(self, schedule: Any) -> None:
         schedule.validate()
         self.schedule = schedule
-        self.graph = _graph(schedule)  # TEMP-IR
+        self.graph = schedule.stage_graph
         self.num_devices = schedule.num_devices
         self.num_microbatches = schedule.num_microbatches
         self.num_minibatches = getattr(schedule, "num_minibatches", 1)
@@ -90,32 +90,3 @@ def stages_on(graph: Any, device: int) -> Sequence[int]:
     """Ids of the stages placed on ``device``."""
     return [st.id for st in graph.stages if st.device == device]
 
-
-# TEMP-IR: until the schedule IR binds its stage graph; removed when it lands.
-import types as _types
-
-
-def _graph(schedule):
-    g = getattr(schedule, "stage_graph", None)
-    if g is not None:
-        return g
-    S = schedule.num_stages
-    edges = [_types.SimpleNamespace(id=i, src=a, dst=b, name=f"{a}->{b}")
-             for i, (a, b) in enumerate(schedule.edges)]
-    stages = [_types.SimpleNamespace(id=k, device=schedule.device_of(k), chunk=schedule.chunk_of(k),
-                                     inputs=[e.id for e in edges if e.dst == k],
-                                     outputs=[e.id for e in edges if e.src == k]) for k in range(S)]
-    order = []
-    indeg = [len(st.inputs) for st in stages]
-    ready = [k for k in range(S) if indeg[k] == 0]
-    while ready:
-        k = ready.pop(0)
-        order.append(k)
-        for e in stages[k].outputs:
-            indeg[edges[e].dst] -= 1
-            if indeg[edges[e].dst] == 0:
-                ready.append(edges[e].dst)
-    return _types.SimpleNamespace(
-        num_stages=S, num_devices=schedule.num_devices, edges=edges, stages=stages,
-        stage=lambda k: stages[k], edge=lambda e: edges[e], topological_order=lambda: order,
-        is_chain=all(len(st.inputs) <= 1 and len(st.outputs) <= 1 for st in stages))

@@ -254,6 +254,7 @@ class Stage:
     def begin_run(self, meter: Meter) -> None:
         """Start a run: fresh stash and meters, gradients staged until :meth:`commit_grads`."""
         self.refresh_params()
+        self.versions.reset()          # version numbers count from the start of the run
         self._run = _Run(meter, staged=True)
 
     def commit_grads(self) -> None:

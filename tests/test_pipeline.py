@@ -387,3 +387,16 @@ def test_profile_steps_bracket_the_chosen_window():
     assert log == [("start", 1), ("stop", 2)]
     with pytest.raises(ValueError, match="profile_steps"):
         Pipeline(mlp(), 2, num_microbatches=2, loss_fn=mse, profile_steps=(3, 1))
+
+
+def test_exported_trace_keeps_the_executors_waits(tmp_path):
+    import json
+    pipe = Pipeline(mlp(4), 2, num_microbatches=4, loss_fn=mse)
+    pipe.step(torch.randn(8, D, dtype=torch.float64), torch.randn(8, D, dtype=torch.float64))
+    trace = json.loads(pipe.export_trace(tmp_path / "t.json").read_text())
+    names = [e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"]
+    assert sum(1 for n in names if not n.startswith("wait ")) == 16     # 2 stages x 4 x (F, B)
+    # device 1 waits for 1F0's input at least: 0F0 must come first
+    waits = [n for n in names if n.startswith("wait ")]
+    assert "wait 0F0" in waits and len(waits) == sum(len(w) for w in pipe.stats().waits)
+    pipe.close()
