@@ -1,0 +1,391 @@
+"""GraphPipe's partitioner: binary search on the time per sample, DP over the SP tree.
+
+For a target T (seconds per sample) the dynamic programme answers: can the graph be cut into
+convex stages, each given d >= 1 devices, every stage meeting ``t(d) <= T`` and fitting in
+memory with its in-flight count, on at most N devices -- and with what least pipeline depth?
+The smallest feasible T is found by bisection (feasibility is monotone in T).
+
+**DP value.** Instead of "least in-flight count for n devices" we tabulate the equivalent
+dual: ``D_X[δ, ℓ]`` = the fewest devices that partition the SP sub-tree X, given that the
+stages after X form a path of depth δ (so X's last stages hold δ + 1 micro-batches) and that
+X's own stage graph has depth at most ℓ (so X's first stages hold at most δ + ℓ). A stage's
+in-flight count is the number of stages on its longest path to the sink (DAG 1F1B), so it is
+δ + (its depth inside X). Devices add up over parts, so no device split needs enumerating.
+D is non-increasing in ℓ and non-decreasing in δ (more in flight only costs memory).
+
+**Series** node X = c_0 ; c_1 ; ... ; c_{k-1} (the atoms: units or parallel nodes), suffix
+tables G_j = D of c_j ; ... ; c_{k-1}, computed level by level in ℓ::
+
+    G_k[δ, ℓ] = 0                                         (nothing left)
+    G_j[δ, ℓ] = min( G_j[δ, ℓ-1],
+                     min_{d, e}  d + G_e[δ, ℓ-1]           (atoms j..e-1 one stage on d
+                                                            devices, in flight δ + ℓ)
+                     min_{ℓ' < ℓ} D_{c_j}[δ + ℓ', ℓ - ℓ'] + G_{j+1}[δ, ℓ'] )
+                                                           (c_j a parallel node, cut inside)
+
+For each d only the longest feasible range (the largest e) matters, because work, weights
+and activations only grow with e and G_e only shrinks: e is found by ``searchsorted`` on
+prefix sums, ``W + 2(d-1) s P <= d T`` (time) and ``d (1+k) P + f B A <= d M`` (memory).
+
+**Parallel** node X = b_1 | ... | b_r (branches sorted by work, largest first): branches
+run side by side on disjoint devices, so their device counts add, with the same δ and ℓ.
+Runs of consecutive branches may also share one stage (on few devices, two small branches
+are better together)::
+
+    H_0 = 0,  H_t = min( H_{t-1} + D_{b_t},  min_{s < t-1} H_s + dmin(b_{s+1..t}, δ + 1) )
+    D_X = H_r
+
+(dmin: the fewest devices for that group as one stage, in flight δ + 1.)
+
+The root (δ = 0) is feasible at T if G_0[0, ℓ] <= N for some ℓ; the least such ℓ is the depth.
+Reconstruction walks the same recurrences back from the root's cell.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from pipetrain.graphpipe.cost import CostModel
+from pipetrain.graphpipe.opgraph import OpGraph
+from pipetrain.graphpipe.sp_decompose import SPNode, SPTree, decompose
+
+__all__ = ["partition", "plan_stages"]
+
+INF = np.inf
+
+
+class _Series:
+    """A series node of the normalised SP tree on *fine positions*: its units (operator
+    groups) in level order, a topological order that lists a parallel region's units level
+    by level, so a range of positions can also cut across branches. ``pars`` maps the
+    position where a parallel atom starts to (the atom, the position after it)."""
+
+    def __init__(self, fine: List[int], pars: dict, uw, up, ua, rows: np.ndarray):
+        self.fine = fine
+        self.pars = pars
+        self.rows = rows  # the δ values tabulated (root: [0]; nested: 0..N)
+        self.k = len(fine)
+        self.Wp = np.concatenate([[0.0], np.cumsum([uw[u] for u in fine])])
+        self.Pp = np.concatenate([[0.0], np.cumsum([up[u] for u in fine])])
+        self.Ap = np.concatenate([[0.0], np.cumsum([ua[u] for u in fine])])
+        self.size = self.k
+        self.G = None  # (rows, levels + 1, k + 1) after evaluate
+        self.e_mem = None  # cached: memory-feasible range ends, (dcap, N + 2, k)
+
+
+class _Parallel:
+    def __init__(self, branches: List[_Series]):
+        order = sorted(range(len(branches)), key=lambda i: -branches[i].Wp[-1])
+        self.branches = [branches[i] for i in order]
+        self.w = np.array([b.Wp[-1] for b in self.branches])
+        self.p = np.array([b.Pp[-1] for b in self.branches])
+        self.a = np.array([b.Ap[-1] for b in self.branches])
+        self.size = sum(b.size for b in self.branches)
+        self.D = None
+        self.grp = None  # grp[(s, t)] = dmin vector over δ of branches s..t-1 as one stage
+
+
+class _Planner:
+    def __init__(self, tree: SPTree, num_devices: int, cost: CostModel):
+        self.tree, self.N, self.cost = tree, num_devices, cost
+        self.cap = min(num_devices, cost.max_replicas or num_devices)
+        self.dvec = np.arange(1, self.cap + 1, dtype=float)
+        ops = tree.graph.ops
+        self.uw = [sum(ops[o].work for o in u) for u in tree.units]
+        self.up = [sum(ops[o].params for o in u) for u in tree.units]
+        self.ua = [sum(ops[o].activation for o in u) for u in tree.units]
+        self.order: list = []  # post-order: children before parents
+        self._levels()
+        self.root = self._series(tree.root, np.array([0]))
+        s = cost.sync_per_byte
+        # Z_d = W + 2(d-1) s P, prefix sums per d: the time test is Z_d(range) <= d T.
+        for node in self.order:
+            if isinstance(node, _Series):
+                node.Z = node.Wp[None, :] + 2.0 * (self.dvec[:, None] - 1) * s * node.Pp[None, :]
+
+    # --- normalised tree: root and parallel branches are series of atoms -----------------
+    def _series(self, sp: SPNode, rows) -> _Series:
+        kids = sp.children if sp.kind == "series" else [sp]
+        fine, pars = [], {}
+        for c in kids:
+            if c.kind == "leaf":
+                fine.append(c.unit)
+            else:
+                par = _Parallel([self._series(b, np.arange(self.N + 1)) for b in c.children])
+                self.order.append(par)
+                units = sorted({self.unit_of[o] for o in c.ops}, key=self.level_key)
+                pars[len(fine)] = (par, len(fine) + len(units))
+                fine.extend(units)
+        node = _Series(fine, pars, self.uw, self.up, self.ua, rows)
+        self.order.append(node)
+        return node
+
+    def _levels(self) -> None:
+        """Longest path (in units) from a source for each unit; sort key (level, first op)."""
+        g, units = self.tree.graph, self.tree.units
+        self.unit_of = {o: i for i, u in enumerate(units) for o in u}
+        topo = {v: i for i, v in enumerate(g.topological_order())}
+        level = [0] * len(units)
+        for v in sorted(range(len(g)), key=topo.__getitem__):
+            for w in g.succ[v]:
+                a, b = self.unit_of[v], self.unit_of[w]
+                if a != b:
+                    level[b] = max(level[b], level[a] + 1)
+        first = [min(topo[o] for o in u) for u in units]
+        self.level_key = lambda u: (level[u], first[u])
+
+    # --- one target -----------------------------------------------------------------------
+    def feasible(self, T: float) -> Optional[int]:
+        """Fill every table for target T; return the least depth, or None if infeasible."""
+        for node in self.order:
+            if isinstance(node, _Series):
+                self._eval_series(node, T, stop_at_root=node is self.root)
+            else:
+                self._eval_parallel(node, T)
+        g = self.root.G[0, :, 0]
+        ok = np.nonzero(g <= self.N)[0]
+        return int(ok[0]) if len(ok) else None
+
+    def _range_ends(self, node: _Series, T: float) -> np.ndarray:
+        """e[d-1, f, j]: the largest e such that atoms j..e-1 form a stage feasible on d
+        devices with f micro-batches in flight (e == j: none). f in 0..N+1 (N+1: none)."""
+        N, k = self.N, node.k
+        j = np.arange(k)
+        Z = node.Z
+        # Time: Z_d[e] <= Z_d[j] + d T  (tiny relative slack: a target met exactly passes).
+        e_t = np.empty((self.cap, k), dtype=np.int64)
+        for di in range(self.cap):
+            e_t[di] = np.searchsorted(Z[di], Z[di, :k] + (di + 1) * T * (1 + 1e-12),
+                                      side="right") - 1
+        if self.cost.memory_limit is None:
+            e = np.broadcast_to(e_t[:, None, :], (self.cap, N + 2, k)).copy()
+        else:
+            if node.e_mem is None:  # independent of T: once per partition call
+                node.e_mem = self._memory_ends(node)
+            e = np.minimum(e_t[:, None, :], node.e_mem)
+        e[:, N + 1, :] = j
+        e[:, 0, :] = j
+        return np.maximum(e, j)
+
+    def _memory_ends(self, node: _Series) -> np.ndarray:
+        c, N, k = self.cost, self.N, node.k
+        M = c.memory_limit * (1 + 1e-12)
+        out = np.empty((self.cap, N + 2, k), dtype=np.int64)
+        for di in range(self.cap):
+            d = di + 1
+            for f in range(N + 2):
+                # d (1+k) P + f B A <= d M, prefix sums (non-decreasing in e).
+                Y = d * (1 + c.optimizer_factor) * node.Pp + f * c.microbatch_size * node.Ap
+                out[di, f] = np.searchsorted(Y, Y[:k] + d * M, side="right") - 1
+        return out
+
+    def _eval_series(self, node: _Series, T: float, stop_at_root: bool) -> None:
+        N, k, R = self.N, node.k, len(node.rows)
+        L = min(N, node.size)
+        E = self._range_ends(node, T)
+        node.E = E
+        G = np.full((R, L + 1, k + 1), INF)
+        G[:, :, k] = 0.0
+        deltas = node.rows
+        flat_base = (np.arange(R) * (k + 1))[:, None, None]
+        jj = np.arange(k)
+        if node.pars:  # all parallel atoms at once: Dstack[p, δ, ℓ]
+            pstart = np.array(list(node.pars))
+            pend = np.array([end for _, end in node.pars.values()])
+            Dstack = np.stack([par.D for par, _ in node.pars.values()])
+        for lvl in range(1, L + 1):
+            prev = G[:, lvl - 1, :]
+            cur = prev.copy()
+            # Ranges j..e-1 as one stage, in flight f = δ + ℓ.
+            f = np.minimum(deltas + lvl, N + 1)
+            ends = E[:, f, :].transpose(1, 0, 2)  # (R, dcap, k)
+            vals = prev.ravel()[flat_base + ends]
+            cand = self.dvec[None, :, None] + vals
+            cand[ends == jj] = INF
+            np.minimum(cur[:, :k], cand.min(axis=1), out=cur[:, :k])
+            if node.pars:
+                # A parallel atom cut inside: D_c[δ + ℓ', ℓ - ℓ'] + G_end[δ, ℓ'], ℓ' < ℓ
+                # (all levels ℓ' < ℓ are final already, so positions can go in any order).
+                lp = np.arange(lvl)
+                drow = deltas[:, None] + lp[None, :]  # (R, ℓ)
+                dc = Dstack[:, np.minimum(drow, N), lvl - lp[None, :]]  # (npar, R, ℓ)
+                dc = np.where((drow <= N)[None], dc, INF)
+                rest = G[:, :lvl, :][:, :, pend].transpose(2, 0, 1)  # (npar, R, ℓ)
+                tot = (dc + rest).min(axis=2)  # (npar, R)
+                cur[:, pstart] = np.minimum(cur[:, pstart], tot.T)
+            cur[cur > N] = INF
+            G[:, lvl, :] = cur
+            if stop_at_root and cur[0, 0] <= N:
+                G[:, lvl + 1:, :] = cur[:, None, :]
+                break
+        node.G = G
+        # Levels beyond this node's size add nothing: pad the table to N + 1 levels.
+        if L < N:
+            node.Dtab = np.concatenate([G[:, :, 0], np.repeat(G[:, L:, 0], N - L, axis=1)], 1)
+        else:
+            node.Dtab = G[:, :, 0]
+
+    def _eval_parallel(self, par: _Parallel, T: float) -> None:
+        N, r = self.N, len(par.branches)
+        # dmin of every run of >= 2 consecutive branches s..t-1 as one stage, per δ (in
+        # flight δ + 1): one vectorised call for the node.
+        pairs = [(s, t) for t in range(2, r + 1) for s in range(t - 1)]
+        par.grp = {}
+        if pairs:
+            cw = np.concatenate([[0.0], np.cumsum(par.w)])
+            cp = np.concatenate([[0.0], np.cumsum(par.p)])
+            ca = np.concatenate([[0.0], np.cumsum(par.a)])
+            s_idx = np.array([s for s, _ in pairs])
+            t_idx = np.array([t for _, t in pairs])
+            dmin = self.cost.min_devices(
+                (cw[t_idx] - cw[s_idx])[:, None], (cp[t_idx] - cp[s_idx])[:, None],
+                (ca[t_idx] - ca[s_idx])[:, None], np.arange(1, N + 2)[None, :], T, N)
+            par.grp = {st: dmin[i] for i, st in enumerate(pairs)}
+        H = [np.zeros((N + 1, N + 1))]
+        lvl_ok = np.arange(N + 1)[None, :] >= 1
+        for t in range(1, r + 1):
+            h = H[t - 1] + par.branches[t - 1].Dtab
+            for s in range(t - 1):
+                h = np.minimum(h, np.where(lvl_ok, H[s] + par.grp[(s, t)][:, None], INF))
+            h[h > N] = INF
+            H.append(h)
+        par.H = H
+        par.D = H[r]
+
+    # --- reconstruction -----------------------------------------------------------------
+    def stages_of_root(self, depth: int) -> List[Tuple[List[int], int]]:
+        """(operator indices, devices) per stage of the configuration behind the root cell."""
+        out: List[Tuple[List[int], int]] = []
+        self._rec_series(self.root, 0, depth, out)
+        return out
+
+    def _fine_ops(self, node: _Series, j: int, e: int) -> List[int]:
+        return [o for u in node.fine[j:e] for o in self.tree.units[u]]
+
+    def _rec_series(self, node: _Series, delta: int, lvl: int, out) -> None:
+        r = int(np.nonzero(node.rows == delta)[0][0])
+        G, N, j = node.G, self.N, 0
+        lvl = min(lvl, G.shape[1] - 1)
+        while j < node.k:
+            val = G[r, lvl, j]
+            assert np.isfinite(val), "reconstruction reached an infeasible cell"
+            if lvl > 0 and G[r, lvl - 1, j] == val:
+                lvl -= 1
+                continue
+            f = min(delta + lvl, N + 1)
+            done = False
+            for di in range(self.cap):
+                e = int(node.E[di, f, j])
+                if e > j and di + 1 + G[r, lvl - 1, e] == val:
+                    ops = self._fine_ops(node, j, e)
+                    out.append((ops, di + 1))
+                    j, lvl, done = e, lvl - 1, True
+                    break
+            if not done:
+                par, end = node.pars[j]
+                for lp in range(lvl):
+                    if delta + lp <= N and \
+                            par.D[delta + lp, lvl - lp] + G[r, lp, end] == val:
+                        self._rec_parallel(par, delta + lp, lvl - lp, out)
+                        j, lvl, done = end, lp, True
+                        break
+            assert done, "reconstruction found no choice matching the table"
+
+    def _rec_parallel(self, par: _Parallel, delta: int, lvl: int, out) -> None:
+        t = len(par.branches)
+        while t > 0:
+            val = par.H[t][delta, lvl]
+            if par.H[t - 1][delta, lvl] + par.branches[t - 1].Dtab[delta, lvl] == val:
+                self._rec_series(par.branches[t - 1], delta, lvl, out)
+                t -= 1
+                continue
+            for s in range(t - 1):
+                if par.H[s][delta, lvl] + par.grp[(s, t)][delta] == val:
+                    ops = [o for b in par.branches[s:t] for o in self._fine_ops(b, 0, b.k)]
+                    out.append((ops, int(par.grp[(s, t)][delta])))
+                    t = s
+                    break
+            else:
+                raise AssertionError("parallel reconstruction found no choice")
+
+
+def plan_stages(graph: OpGraph, num_devices: int, cost: CostModel, *,
+                rel_tol: float = 1e-3, tree: Optional[SPTree] = None):
+    """The search itself: (stages as (operator indices, devices), depth, SP tree).
+
+    Raises ValueError if no configuration fits in memory, saying by how much the best misses.
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    tree = tree or decompose(graph)
+    planner = _Planner(tree, num_devices, cost)
+    s = cost.sync_per_byte
+    W = sum(op.work for op in graph.ops)
+    P = sum(op.params for op in graph.ops)
+    # Every stage meets T_max on any number of devices: t(d) <= W/d + 2 s P.
+    hi = W + 2 * s * P + 1e-300
+    if planner.feasible(hi) is None:
+        raise ValueError(_memory_shortfall(graph, tree, num_devices, cost, hi))
+    # Lower bound: max_s W_s / d_s >= sum W_s / sum d_s >= W / N, and no stage is faster
+    # than its heaviest unit on `cap` devices.
+    cap = planner.cap
+    lo = max(W / num_devices, max(planner.uw) / cap) * (1 - 1e-9)
+    # Bracket from below (optima sit close to the bound on balanced graphs), then bisect.
+    for factor in (1.02, 1.1, 1.5, 3.0):
+        probe = lo * factor
+        if probe >= hi:
+            break
+        if planner.feasible(probe) is not None:
+            hi = probe
+            break
+        lo = probe
+    while hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        if planner.feasible(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    depth = planner.feasible(hi)
+    return planner.stages_of_root(depth), depth, tree
+
+
+def _memory_shortfall(graph, tree, num_devices, cost: CostModel, T: float) -> str:
+    """Bisect on the memory limit for the least per-device memory any configuration needs."""
+    import dataclasses
+    lo, hi = cost.memory_limit, None
+    probe = cost.memory_limit * 2
+    while hi is None:
+        c = dataclasses.replace(cost, memory_limit=probe)
+        if _Planner(tree, num_devices, c).feasible(T) is not None:
+            hi = probe
+        else:
+            lo, probe = probe, probe * 2
+            if probe > 1e30:
+                return "no configuration fits in memory at any limit"
+    while hi - lo > 1e-4 * hi:
+        mid = 0.5 * (lo + hi)
+        c = dataclasses.replace(cost, memory_limit=mid)
+        if _Planner(tree, num_devices, c).feasible(T) is not None:
+            hi = mid
+        else:
+            lo = mid
+    return (f"no partition onto {num_devices} devices fits in {cost.memory_limit:.6g} bytes "
+            f"per device: the best configuration needs {hi:.6g} bytes per device, "
+            f"{hi - cost.memory_limit:.6g} bytes ({hi / cost.memory_limit - 1:.1%}) too many")
+
+
+def partition(graph: OpGraph, num_devices: int, cost: Optional[CostModel] = None, *,
+              rel_tol: float = 1e-3):
+    """GraphPipe's partition of ``graph`` onto ``num_devices`` devices: a :class:`StageGraph`.
+
+    The stage graph minimises the bottleneck time per sample (to ``rel_tol``), then the
+    pipeline depth, over the partitions the SP decomposition can express (see the module
+    docstring). Raises ValueError if nothing fits in ``cost.memory_limit``.
+    """
+    from pipetrain.graphpipe.stage_graph import StageGraph
+    cost = cost or CostModel()
+    stages, _, tree = plan_stages(graph, num_devices, cost, rel_tol=rel_tol)
+    return StageGraph(graph, [ops for ops, _ in stages], [d for _, d in stages], num_devices,
+                      cost, tree=tree)
