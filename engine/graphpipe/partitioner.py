@@ -47,6 +47,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from pipetrain.graphpipe.batched import ParallelBatch, SeriesBatch, series_batch_key
 from pipetrain.graphpipe.cost import CostModel
 from pipetrain.graphpipe.opgraph import OpGraph
 from pipetrain.graphpipe.sp_decompose import SPNode, SPTree, decompose
@@ -104,6 +105,38 @@ class _Planner:
         for node in self.order:
             if isinstance(node, _Series):
                 node.Z = node.Wp[None, :] + 2.0 * (self.dvec[:, None] - 1) * s * node.Pp[None, :]
+        self.steps = self._plan_steps()
+
+    def _plan_steps(self) -> list:
+        """Evaluation order in waves (a node once all its children are done); inside a
+        wave, small same-shape nodes share one batched evaluation (batched.py)."""
+        children = {id(n): ([par for par, _ in n.pars.values()] if isinstance(n, _Series)
+                            else n.branches) for n in self.order}
+        done, remaining, steps = set(), list(self.order), []
+        # Bound the batched memory-range tensor (B x cap x (N+2) x k x (k+1) booleans).
+        budget = 2e7 / (self.cap * (self.N + 2))
+        while remaining:
+            ready = [n for n in remaining if all(id(c) in done for c in children[id(n)])]
+            groups: dict = {}
+            for n in ready:
+                if isinstance(n, _Series):
+                    key = series_batch_key(n)
+                    if key is None:
+                        steps.append(("series", n))
+                    else:
+                        groups.setdefault(key, []).append(n)
+                else:
+                    groups.setdefault(("par", len(n.branches)), []).append(n)
+            for key, nodes in groups.items():
+                if key[0] == "par":
+                    steps.append(("batch", ParallelBatch(self, nodes)))
+                    continue
+                size = max(1, int(budget / (key[1] * (key[1] + 1))))
+                for i in range(0, len(nodes), size):
+                    steps.append(("batch", SeriesBatch(self, nodes[i:i + size])))
+            done.update(id(n) for n in ready)
+            remaining = [n for n in remaining if id(n) not in done]
+        return steps
 
     # --- normalised tree: root and parallel branches are series of atoms -----------------
     def _series(self, sp: SPNode, rows) -> _Series:
@@ -139,11 +172,11 @@ class _Planner:
     # --- one target -----------------------------------------------------------------------
     def feasible(self, T: float) -> Optional[int]:
         """Fill every table for target T; return the least depth, or None if infeasible."""
-        for node in self.order:
-            if isinstance(node, _Series):
-                self._eval_series(node, T, stop_at_root=node is self.root)
+        for kind, x in self.steps:
+            if kind == "batch":
+                x.evaluate(self, T)
             else:
-                self._eval_parallel(node, T)
+                self._eval_series(x, T, stop_at_root=x is self.root)
         g = self.root.G[0, :, 0]
         ok = np.nonzero(g <= self.N)[0]
         return int(ok[0]) if len(ok) else None

@@ -234,3 +234,19 @@ def test_print_plot_and_schedule_inputs(tmp_path):
             for s in range(sg.num_stages)]
     sched = schedules.Schedule.from_actions(rows, **kw).validate()
     assert sched.edges == sg.edges
+
+
+def test_batched_evaluation_matches_node_by_node(monkeypatch):
+    """batched.py must fill the same tables as the per-node code: same partition."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from bench.graph_partition import random_sp_graph
+    from pipetrain.graphpipe import partitioner
+
+    g = random_sp_graph(120, seed=3)
+    cost = CostModel(microbatch_size=8, num_microbatches=16, memory_limit=1.0e9,
+                     allreduce_bandwidth=1e9)
+    batched = partition(g, 12, cost)
+    monkeypatch.setattr(partitioner, "series_batch_key", lambda node: None)
+    single = partition(g, 12, cost)
+    assert batched.time_per_sample == single.time_per_sample
+    assert batched.stages == single.stages and batched.replicas == single.replicas
