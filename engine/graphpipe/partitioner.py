@@ -410,15 +410,33 @@ def _memory_shortfall(graph, tree, num_devices, cost: CostModel, T: float) -> st
 
 
 def partition(graph: OpGraph, num_devices: int, cost: Optional[CostModel] = None, *,
-              rel_tol: float = 1e-3):
+              rel_tol: float = 1e-3, chain_candidate: bool = True):
     """GraphPipe's partition of ``graph`` onto ``num_devices`` devices: a :class:`StageGraph`.
 
-    The stage graph minimises the bottleneck time per sample (to ``rel_tol``), then the
-    pipeline depth, over the partitions the SP decomposition can express (see the module
-    docstring). Raises ValueError if nothing fits in ``cost.memory_limit``.
+    Minimises the bottleneck time per sample (to ``rel_tol``), then the pipeline depth,
+    over the partitions the SP decomposition can express (see the module docstring). With
+    ``chain_candidate`` the best *chain* (contiguous stages of one topological order, the
+    sequential baseline) is searched too and kept if strictly better -- so GraphPipe is
+    never worse than the sequential partitioner, as in the paper's sequential models.
+    Raises ValueError if nothing fits in ``cost.memory_limit``.
     """
     from pipetrain.graphpipe.stage_graph import StageGraph
     cost = cost or CostModel()
-    stages, _, tree = plan_stages(graph, num_devices, cost, rel_tol=rel_tol)
-    return StageGraph(graph, [ops for ops, _ in stages], [d for _, d in stages], num_devices,
-                      cost, tree=tree)
+    results, errors = [], []
+    searches = [(graph, None)] + ([(graph.as_chain(), "chain")] if chain_candidate else [])
+    for g, label in searches:
+        try:
+            stages, _, tree = plan_stages(g, num_devices, cost, rel_tol=rel_tol)
+        except ValueError as err:
+            errors.append(err)
+            continue
+        # Chain stages name operators of the chain copy: same names, map back by name.
+        ops = [[graph.index(g.ops[o].name) for o in st] for st, _ in stages]
+        sg = StageGraph(graph, ops, [d for _, d in stages], num_devices, cost,
+                        tree=tree if label is None else None)
+        sg.search = label or "sp"
+        results.append(sg)
+    if not results:
+        raise errors[0]
+    # Strictly better only: ties keep the SP result (listed first).
+    return min(results, key=lambda sg: (sg.time_per_sample, sg.depth))
