@@ -121,6 +121,16 @@ class StageGraph:
         return {"num_stages": self.num_stages, "edges": list(self.edges),
                 "placement": list(range(self.num_stages))}
 
+    def dag_1f1b(self, num_microbatches: int):
+        """GraphPipe's DAG 1F1B order as a validated ``schedules.Schedule`` (one device row
+        per stage; see :mod:`pipetrain.graphpipe.dag_schedule`)."""
+        from pipetrain import schedules
+        from pipetrain.graphpipe.dag_schedule import dag_1f1b_actions
+        rows = dag_1f1b_actions(self.inflight, num_microbatches)
+        return schedules.Schedule.from_actions(rows, num_microbatches=num_microbatches,
+                                               name="dag-1f1b",
+                                               **self.schedule_inputs()).validate()
+
     def __str__(self) -> str:
         lines = [f"StageGraph: {self.num_stages} stages on {sum(self.replicas)} of "
                  f"{self.num_devices} devices, depth {self.depth}, time/sample "

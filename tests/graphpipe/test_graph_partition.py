@@ -257,3 +257,25 @@ def test_batched_evaluation_matches_node_by_node(monkeypatch):
     single = partition(g, 12, cost)
     assert batched.time_per_sample == single.time_per_sample
     assert batched.stages == single.stages and batched.replicas == single.replicas
+
+
+@pytest.mark.parametrize("make,n", [(two_towers, 4), (four_branches, 6), (fan_out, 4),
+                                    (lambda: chain([1] * 6), 4)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_dag_1f1b_validates_and_peak_inflight_matches_formula(make, n, m):
+    sg = partition(make(), n, PIPE)
+    sched = sg.dag_1f1b(m)  # validated: complete, dependencies hold, deadlock-free
+    fwd = [sum(sg.graph.ops[o].forward for o in st) for st in sg.stages]
+    bwd = [sum(sg.graph.ops[o].backward for o in st) for st in sg.stages]
+    r = sched.simulate(forward=fwd, backward=bwd)
+    assert r.peak_inflight == [min(f, m) for f in sg.inflight]
+    assert sched.peak_inflight() == [min(f, m) for f in sg.inflight]
+
+
+def test_dag_1f1b_on_random_stage_graphs():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from bench.graph_partition import random_sp_graph
+    for seed in range(4):
+        sg = partition(random_sp_graph(60, seed=seed), 12, PIPE, chain_candidate=False)
+        r = sg.dag_1f1b(16).simulate(forward=1.0, backward=2.0)
+        assert r.peak_inflight == [min(f, 16) for f in sg.inflight]
