@@ -6,8 +6,7 @@ evaluates, for one target T, the same recurrences as ``partitioner._Planner._eva
 / ``_eval_parallel`` (see that module's docstring) for a *batch* of nodes at once:
 
 * series nodes without parallel atoms (a branch of plain operators) with the same number
-  of positions k <= MAX_K, every δ row: range ends come from comparing all (j, e) pairs
-  instead of ``searchsorted`` (k is small);
+  of positions k <= MAX_K, every δ row, over all (j, e) pairs (k is small);
 * parallel nodes with the same number of branches.
 
 The results are written back into each node (``G``, ``E``, ``Dtab`` / ``H``, ``grp``, ``D``)
@@ -32,67 +31,55 @@ def series_batch_key(node):
 
 
 class SeriesBatch:
-    """Leaf-only series nodes with the same k; T-independent arrays built once."""
+    """Leaf-only series nodes with the same k; T-independent arrays built once.
+
+    Instead of range ends per device count (as the per-node code), the batch tabulates
+    dmin[j, e, f] = the fewest devices for positions j..e-1 as one stage with f in flight
+    (cost.min_devices), and takes ``min_e dmin[j, e, f] + G_e`` -- the same minimum, since
+    the best d for a given end e is the least feasible one: k + 1 candidates instead of cap.
+    """
 
     def __init__(self, planner, nodes: List):
         self.nodes = nodes
-        p, c = planner, planner.cost
         self.k = k = nodes[0].k
-        self.Z = np.stack([n.Z for n in nodes])  # (B, cap, k + 1)
+        N = planner.N
         jj, ee = np.arange(k)[:, None], np.arange(k + 1)[None, :]
         self.later = ee > jj  # (k, k + 1): e can end a range starting at j
-        self.count_base = np.arange(k)
-        if c.memory_limit is None:
-            self.e_mem = None
-        else:
-            # (1+κ) P + f B A / d <= M  <=>  d (1+κ) P + f B A <= d M, for ranges j..e-1.
-            Pp = np.stack([n.Pp for n in nodes])  # (B, k + 1)
-            Ap = np.stack([n.Ap for n in nodes])
-            dP = Pp[:, None, :] - Pp[:, :k, None]  # (B, k, k + 1): P of j..e-1
-            dA = Ap[:, None, :] - Ap[:, :k, None]
-            d = planner.dvec[None, :, None, None, None]
-            f = np.arange(p.N + 2, dtype=float)[None, None, :, None, None]
-            ok = (d * (1 + c.optimizer_factor) * dP[:, None, None] + f * c.microbatch_size
-                  * dA[:, None, None] <= d * c.memory_limit * (1 + 1e-12))
-            ok &= self.later
-            self.e_mem = self.count_base + ok.sum(axis=-1)  # (B, cap, N + 2, k)
+
+        def ranges(prefix):  # (B, k, k + 1, 1): total of positions j..e-1
+            P = np.stack(prefix)
+            return (P[:, None, :] - P[:, :k, None])[..., None]
+
+        self.W = ranges([n.Wp for n in nodes])
+        self.P = ranges([n.Pp for n in nodes])
+        self.A = ranges([n.Ap for n in nodes])
+        self.f = np.arange(N + 2, dtype=float)[None, None, None, :]
 
     def evaluate(self, planner, T: float) -> None:
-        N, k, cap = planner.N, self.k, planner.cap
-        B = len(self.nodes)
-        R = N + 1
-        # Time: Z_d[e] - Z_d[j] <= d T, monotone in e, so the count of passing e is the end.
-        dZ = self.Z[:, :, None, :] - self.Z[:, :, :k, None]  # (B, cap, k, k + 1)
-        budget = (planner.dvec * T * (1 + 1e-12))[None, :, None, None]
-        e_t = self.count_base + ((dZ <= budget) & self.later).sum(axis=-1)  # (B, cap, k)
-        if self.e_mem is None:
-            E = np.broadcast_to(e_t[:, :, None, :], (B, cap, N + 2, k)).copy()
-        else:
-            E = np.minimum(e_t[:, :, None, :], self.e_mem)
-        jj = np.arange(k)
-        E[:, :, N + 1, :] = jj
-        E[:, :, 0, :] = jj
+        N, k = planner.N, self.k
+        B, R = len(self.nodes), N + 1
+        dmin = planner.cost.min_devices(self.W, self.P, self.A, self.f, T, N)
+        dmin = np.where(self.later[None, :, :, None], dmin, INF)  # (B, k, k + 1, N + 2)
+        dmin[..., 0] = INF
+        dmin[..., N + 1] = INF
         L = min(N, k)
         G = np.full((B, R, L + 1, k + 1), INF)
         G[..., k] = 0.0
         deltas = np.arange(R)
-        flat_base = (np.arange(B * R) * (k + 1)).reshape(B, R, 1, 1)
         for lvl in range(1, L + 1):
             prev = G[:, :, lvl - 1, :]  # (B, R, k + 1)
             cur = prev.copy()
             f = np.minimum(deltas + lvl, N + 1)
-            ends = E[:, :, f, :].transpose(0, 2, 1, 3)  # (B, R, cap, k)
-            vals = prev.ravel()[flat_base + ends]
-            cand = planner.dvec[None, None, :, None] + vals
-            cand[ends == jj] = INF
-            np.minimum(cur[..., :k], cand.min(axis=2), out=cur[..., :k])
+            dm = dmin[:, :, :, f].transpose(0, 3, 1, 2)  # (B, R, k, k + 1)
+            cand = (dm + prev[:, :, None, :]).min(axis=3)  # min over e
+            np.minimum(cur[..., :k], cand, out=cur[..., :k])
             cur[cur > N] = INF
             G[:, :, lvl, :] = cur
         D = G[:, :, :, 0]
         if L < N:
             D = np.concatenate([D, np.repeat(D[:, :, L:], N - L, axis=2)], axis=2)
         for b, node in enumerate(self.nodes):
-            node.G, node.E, node.Dtab = G[b], E[b], D[b]
+            node.G, node.Dtab, node.dmin, node.E = G[b], D[b], dmin[b], None
 
 
 class ParallelBatch:
@@ -122,7 +109,8 @@ class ParallelBatch:
             grp = planner.cost.min_devices(self.w[..., None], self.p[..., None],
                                            self.a[..., None],
                                            np.arange(1, N + 2)[None, None, :], T, N)
-        Dt = np.stack([np.stack([b.Dtab for b in par.branches]) for par in self.pars])
+        Dt = np.stack([b.Dtab for par in self.pars for b in par.branches])
+        Dt = Dt.reshape(B, r, N + 1, N + 1)
         lvl_ok = (np.arange(N + 1) >= 1)[None, None, :]
         H = [np.zeros((B, N + 1, N + 1))]
         index = {st: i for i, st in enumerate(self.pairs)}

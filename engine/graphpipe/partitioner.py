@@ -73,7 +73,9 @@ class _Series:
         self.Ap = np.concatenate([[0.0], np.cumsum([ua[u] for u in fine])])
         self.size = self.k
         self.G = None  # (rows, levels + 1, k + 1) after evaluate
-        self.e_mem = None  # cached: memory-feasible range ends, (dcap, N + 2, k)
+        self.e_t = None  # time-feasible range ends (per-node evaluation) ...
+        self.dmin = None  # ... or least devices per range (batched evaluation)
+        self.e_mem = None  # cached: memory-feasible range ends per in-flight count
 
 
 class _Parallel:
@@ -181,44 +183,51 @@ class _Planner:
         ok = np.nonzero(g <= self.N)[0]
         return int(ok[0]) if len(ok) else None
 
-    def _range_ends(self, node: _Series, T: float) -> np.ndarray:
-        """e[d-1, f, j]: the largest e such that atoms j..e-1 form a stage feasible on d
-        devices with f micro-batches in flight (e == j: none). f in 0..N+1 (N+1: none)."""
-        N, k = self.N, node.k
-        j = np.arange(k)
-        Z = node.Z
-        # Time: Z_d[e] <= Z_d[j] + d T  (tiny relative slack: a target met exactly passes).
+    def _time_ends(self, node: _Series, T: float) -> np.ndarray:
+        """e_t[d-1, j]: the largest e such that positions j..e-1 meet T on d devices:
+        Z_d[e] <= Z_d[j] + d T (tiny relative slack: a target met exactly passes)."""
+        k, Z = node.k, node.Z
         e_t = np.empty((self.cap, k), dtype=np.int64)
         for di in range(self.cap):
             e_t[di] = np.searchsorted(Z[di], Z[di, :k] + (di + 1) * T * (1 + 1e-12),
                                       side="right") - 1
-        if self.cost.memory_limit is None:
-            e = np.broadcast_to(e_t[:, None, :], (self.cap, N + 2, k)).copy()
-        else:
-            if node.e_mem is None:  # independent of T: once per partition call
-                node.e_mem = self._memory_ends(node)
-            e = np.minimum(e_t[:, None, :], node.e_mem)
-        e[:, N + 1, :] = j
-        e[:, 0, :] = j
-        return np.maximum(e, j)
+        return e_t
 
-    def _memory_ends(self, node: _Series) -> np.ndarray:
-        c, N, k = self.cost, self.N, node.k
-        M = c.memory_limit * (1 + 1e-12)
-        out = np.empty((self.cap, N + 2, k), dtype=np.int64)
-        for di in range(self.cap):
-            d = di + 1
-            for f in range(N + 2):
-                # d (1+k) P + f B A <= d M, prefix sums (non-decreasing in e).
+    def _memory_ends(self, node: _Series, f: int) -> np.ndarray:
+        """e_m[d-1, j] for f in flight: the largest e with d (1+k) P + f B A <= d M over
+        positions j..e-1 (prefix sums, non-decreasing in e). Independent of T: cached per f
+        for the whole partition call, computed only for the f the DP visits."""
+        cache = node.e_mem if node.e_mem is not None else {}
+        node.e_mem = cache
+        if f not in cache:
+            c, k = self.cost, node.k
+            M = c.memory_limit * (1 + 1e-12)
+            out = np.empty((self.cap, k), dtype=np.int64)
+            for di in range(self.cap):
+                d = di + 1
                 Y = d * (1 + c.optimizer_factor) * node.Pp + f * c.microbatch_size * node.Ap
-                out[di, f] = np.searchsorted(Y, Y[:k] + d * M, side="right") - 1
-        return out
+                out[di] = np.searchsorted(Y, Y[:k] + d * M, side="right") - 1
+            cache[f] = out
+        return cache[f]
+
+    def _ends(self, node: _Series, fs: np.ndarray) -> np.ndarray:
+        """(cap, len(fs), k) range ends for in-flight counts fs (0 or N + 1: no range)."""
+        k, N = node.k, self.N
+        j = np.arange(k)
+        e = np.broadcast_to(node.e_t[:, None, :], (self.cap, len(fs), k)).copy()
+        if self.cost.memory_limit is not None:
+            for i, f in enumerate(fs):
+                if 0 < f <= N:
+                    np.minimum(e[:, i], self._memory_ends(node, int(f)), out=e[:, i])
+        e[:, (fs == 0) | (fs > N), :] = j
+        return np.maximum(e, j)
 
     def _eval_series(self, node: _Series, T: float, stop_at_root: bool) -> None:
         N, k, R = self.N, node.k, len(node.rows)
         L = min(N, node.size)
-        E = self._range_ends(node, T)
-        node.E = E
+        node.e_t = self._time_ends(node, T)
+        if R > 1:  # every in-flight count is needed: materialise once
+            E = self._ends(node, np.arange(N + 2))
         G = np.full((R, L + 1, k + 1), INF)
         G[:, :, k] = 0.0
         deltas = node.rows
@@ -233,7 +242,7 @@ class _Planner:
             cur = prev.copy()
             # Ranges j..e-1 as one stage, in flight f = δ + ℓ.
             f = np.minimum(deltas + lvl, N + 1)
-            ends = E[:, f, :].transpose(1, 0, 2)  # (R, dcap, k)
+            ends = (E[:, f, :] if R > 1 else self._ends(node, f)).transpose(1, 0, 2)  # (R,cap,k)
             vals = prev.ravel()[flat_base + ends]
             cand = self.dvec[None, :, None] + vals
             cand[ends == jj] = INF
@@ -297,6 +306,13 @@ class _Planner:
     def _fine_ops(self, node: _Series, j: int, e: int) -> List[int]:
         return [o for u in node.fine[j:e] for o in self.tree.units[u]]
 
+    def _end(self, node: _Series, di: int, f: int, j: int) -> int:
+        """Largest e with positions j..e-1 feasible on di + 1 devices, f in flight."""
+        if node.dmin is None:
+            return int(self._ends(node, np.array([f]))[di, 0, j])
+        # Batched nodes keep dmin[j, e, f] instead (non-decreasing in e).
+        return j + int(np.count_nonzero(node.dmin[j, j + 1:, f] <= di + 1))
+
     def _rec_series(self, node: _Series, delta: int, lvl: int, out) -> None:
         r = int(np.nonzero(node.rows == delta)[0][0])
         G, N, j = node.G, self.N, 0
@@ -310,7 +326,7 @@ class _Planner:
             f = min(delta + lvl, N + 1)
             done = False
             for di in range(self.cap):
-                e = int(node.E[di, f, j])
+                e = self._end(node, di, f, j)
                 if e > j and di + 1 + G[r, lvl - 1, e] == val:
                     ops = self._fine_ops(node, j, e)
                     out.append((ops, di + 1))
