@@ -413,7 +413,7 @@ def _memory_shortfall(graph, tree, num_devices, cost: CostModel, T: float) -> st
             lo, probe = probe, probe * 2
             if probe > 1e30:
                 return "no configuration fits in memory at any limit"
-    while hi - lo > 1e-4 * hi:
+    while hi - lo > 1e-3 * hi:
         mid = 0.5 * (lo + hi)
         c = dataclasses.replace(cost, memory_limit=mid)
         if _Planner(tree, num_devices, c).feasible(T) is not None:
