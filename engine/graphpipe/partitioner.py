@@ -13,15 +13,24 @@ in-flight count is the number of stages on its longest path to the sink (DAG 1F1
 δ + (its depth inside X). Devices add up over parts, so no device split needs enumerating.
 D is non-increasing in ℓ and non-decreasing in δ (more in flight only costs memory).
 
-**Series** node X = c_0 ; c_1 ; ... ; c_{k-1} (the atoms: units or parallel nodes), suffix
-tables G_j = D of c_j ; ... ; c_{k-1}, computed level by level in ℓ::
+**Series** node X = c_0 ; c_1 ; ... (children: units or parallel nodes). Its *positions*
+are its units in level order (longest path from a source, then topological position), a
+topological order that lists a parallel child's units level by level. Suffix tables
+G_j = D of positions j, j+1, ..., computed level by level in ℓ::
 
     G_k[δ, ℓ] = 0                                         (nothing left)
     G_j[δ, ℓ] = min( G_j[δ, ℓ-1],
-                     min_{d, e}  d + G_e[δ, ℓ-1]           (atoms j..e-1 one stage on d
-                                                            devices, in flight δ + ℓ)
-                     min_{ℓ' < ℓ} D_{c_j}[δ + ℓ', ℓ - ℓ'] + G_{j+1}[δ, ℓ'] )
-                                                           (c_j a parallel node, cut inside)
+                     min_{d, e}  d + G_e[δ, ℓ-1]           (positions j..e-1 one stage on
+                                                            d devices, in flight δ + ℓ)
+                     min_{ℓ' < ℓ} D_P[δ + ℓ', ℓ - ℓ'] + G_{end(P)}[δ, ℓ'] )
+                                                           (j = the first position of a
+                                                            parallel child P: cut inside P)
+
+So a stage is either a range of positions -- contiguous in a topological order, hence
+convex; inside a parallel region it is a "horizontal" slice across the branches -- or a
+stage of the parallel child's own DP (branches side by side, the paper's parallel split).
+The range's in-flight count is taken as 1 + the bound of everything after it (exact on
+chains; inside a parallel region it can over-count, which only makes memory safer).
 
 For each d only the longest feasible range (the largest e) matters, because work, weights
 and activations only grow with e and G_e only shrinks: e is found by ``searchsorted`` on
@@ -39,6 +48,13 @@ are better together)::
 
 The root (δ = 0) is feasible at T if G_0[0, ℓ] <= N for some ℓ; the least such ℓ is the depth.
 Reconstruction walks the same recurrences back from the root's cell.
+
+**Search space.** Every stage graph produced is valid (convex stages, acyclic, within
+memory), but not every convex partition is reachable: e.g. a stage holding the fork
+operator together with the head of one branch only. Against exhaustive search on small
+graphs (tests/graphpipe) the result is exact on chains and within 25 % on the hand-built
+multi-branch graphs, most cases exact. :func:`partition` also tries the best chain (the
+sequential baseline) and keeps it when strictly better.
 """
 
 from __future__ import annotations

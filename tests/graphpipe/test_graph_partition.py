@@ -279,3 +279,28 @@ def test_dag_1f1b_on_random_stage_graphs():
         sg = partition(random_sp_graph(60, seed=seed), 12, PIPE, chain_candidate=False)
         r = sg.dag_1f1b(16).simulate(forward=1.0, backward=2.0)
         assert r.peak_inflight == [min(f, 16) for f in sg.inflight]
+
+
+def test_fx_two_tower_model_to_stage_graph():
+    import torch
+    from torch import nn
+    from pipetrain.graphpipe.fx import opgraph_from_fx
+
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+            self.b = nn.Linear(16, 16)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    g = opgraph_from_fx(TwoTowers(), (torch.randn(8, 16),))
+    assert str(decompose(g)) == "S(x, P(S(a_0, a_1, a_2), b), cat, head)"
+    assert g.ops[g.index("a_0")].params == (16 * 64 + 64) * 4
+    assert g.ops[g.index("a_0")].activation == 64 * 4  # bytes per sample
+    assert g.ops[g.index("a_0")].module == "a.0"
+    sg = partition(g, 3, PIPE)
+    assert sg.fits and sum(sg.replicas) <= 3
+    sg.dag_1f1b(4).simulate()
