@@ -148,7 +148,8 @@ def run(quick: bool, out: pathlib.Path) -> None:
                 print(f"  {gname:<12} {sname:<14} {p:>3} | {gp.time_per_sample * 1e3:>9.3f} "
                       f"{gp.step_time_per_sample * 1e3:>8.3f} {gp.depth:>5} | "
                       f"{ch.time_per_sample * 1e3:>9.3f} {ch.step_time_per_sample * 1e3:>8.3f} "
-                      f"{ch.depth:>5} | {ch.step_time_per_sample / gp.step_time_per_sample:>7.2f}x {gp.search}")
+                      f"{ch.depth:>5} | "
+                      f"{ch.step_time_per_sample / gp.step_time_per_sample:>7.2f}x {gp.search}")
     sg = partition(branches_graph(), 8, cost)
     sg.plot(out / "graph_partition_4branch.png")
     print(f"\n{sg}")

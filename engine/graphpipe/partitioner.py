@@ -46,7 +46,8 @@ are better together)::
 
 (dmin: the fewest devices for that group as one stage, in flight δ + 1.)
 
-The root (δ = 0) is feasible at T if G_0[0, ℓ] <= N for some ℓ; the least such ℓ is the depth.
+The root (δ = 0) is feasible at T if G_0[0, ℓ] <= N for some ℓ; the least such ℓ is the
+depth.
 Reconstruction walks the same recurrences back from the root's cell.
 
 **Search space.** Every stage graph produced is valid (convex stages, acyclic, within
@@ -264,7 +265,7 @@ class _Planner:
             cand[ends == jj] = INF
             np.minimum(cur[:, :k], cand.min(axis=1), out=cur[:, :k])
             if node.pars:
-                # A parallel atom cut inside: D_c[δ + ℓ', ℓ - ℓ'] + G_end[δ, ℓ'], ℓ' < ℓ
+                # A parallel child P cut inside: D_P[δ + ℓ', ℓ - ℓ'] + G_end[δ, ℓ'], ℓ' < ℓ
                 # (all levels ℓ' < ℓ are final already, so positions can go in any order).
                 lp = np.arange(lvl)
                 drow = deltas[:, None] + lp[None, :]  # (R, ℓ)

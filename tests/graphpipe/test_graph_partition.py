@@ -304,3 +304,25 @@ def test_fx_two_tower_model_to_stage_graph():
     sg = partition(g, 3, PIPE)
     assert sg.fits and sum(sg.replicas) <= 3
     sg.dag_1f1b(4).simulate()
+
+
+def test_edge_cases():
+    g = OpGraph()
+    g.add("a")
+    g.add("b", inputs=["a"])
+    assert partition(g, 4, PIPE).time_per_sample == 0.0  # zero-cost graph: one stage
+    one = OpGraph.chain([(1, 2, 1, 1)])
+    assert partition(one, 64, CostModel()).time_per_sample == 3 / 64  # free data parallel
+    two = OpGraph()
+    two.add("a", 1, 2)
+    two.add("b", 1, 1)  # disconnected: two independent stages, depth 1
+    sg = partition(two, 2, PIPE)
+    assert sg.num_stages == 2 and sg.depth == 1 and sg.time_per_sample == 3
+    # More devices than operators, data parallel with a sync cost: all three replicated.
+    sg = partition(OpGraph.chain([(1, 2, 1, 1)] * 3), 64,
+                   CostModel(allreduce_bandwidth=10.0), rel_tol=EXACT)
+    assert sg.num_stages == 3 and sum(sg.replicas) <= 64 and max(sg.replicas) > 1
+    with pytest.raises(ValueError, match="num_devices"):
+        partition(one, 0)
+    with pytest.raises(ValueError, match="cycle"):
+        g.add_edge("b", "a")
