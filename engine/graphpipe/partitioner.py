@@ -96,6 +96,8 @@ class _Series:
 
 
 class _Parallel:
+    """A parallel node: its branches (series nodes) sorted by work, largest first."""
+
     def __init__(self, branches: List[_Series]):
         order = sorted(range(len(branches)), key=lambda i: -branches[i].Wp[-1])
         self.branches = [branches[i] for i in order]
@@ -108,6 +110,10 @@ class _Parallel:
 
 
 class _Planner:
+    """The SP tree normalised (root and parallel branches are series nodes) with its DP
+    tables; :meth:`feasible` fills them for one target T, :meth:`stages_of_root` reads a
+    partition back out."""
+
     def __init__(self, tree: SPTree, num_devices: int, cost: CostModel):
         self.tree, self.N, self.cost = tree, num_devices, cost
         self.cap = min(num_devices, cost.max_replicas or num_devices)
@@ -132,8 +138,8 @@ class _Planner:
         children = {id(n): ([par for par, _ in n.pars.values()] if isinstance(n, _Series)
                             else n.branches) for n in self.order}
         done, remaining, steps = set(), list(self.order), []
-        # Bound the batched memory-range tensor (B x cap x (N+2) x k x (k+1) booleans).
-        budget = 2e7 / (self.cap * (self.N + 2))
+        # Bound a series batch's least-devices tensor, B x k x (k+1) x (N+2) floats.
+        budget = 2e7 / (self.N + 2)
         while remaining:
             ready = [n for n in remaining if all(id(c) in done for c in children[id(n)])]
             groups: dict = {}
