@@ -2,15 +2,16 @@
 
 Real graphs have many small parallel regions (attention heads, towers, embedding lookups),
 so the partitioner's time is dominated by per-node overhead, not arithmetic. This module
-evaluates, for one target T, the same recurrences as ``partitioner._Planner._eval_series``
-/ ``_eval_parallel`` (see that module's docstring) for a *batch* of nodes at once:
+evaluates, for one target T, the recurrences of ``partitioner`` (see that module's
+docstring) for a *batch* of nodes at once:
 
 * series nodes without parallel atoms (a branch of plain operators) with the same number
   of positions k <= MAX_K, every δ row, over all (j, e) pairs (k is small);
-* parallel nodes with the same number of branches.
+* parallel nodes with the same number of branches (every parallel node goes through
+  here, alone if it must).
 
-The results are written back into each node (``G``, ``E``, ``Dtab`` / ``H``, ``grp``, ``D``)
-exactly as the per-node code would, so reconstruction does not know the difference.
+The results are written back into each node (``G``, ``Dtab``, ``dmin`` / ``H``, ``grp``,
+``D``), which is what reconstruction reads.
 """
 
 from __future__ import annotations

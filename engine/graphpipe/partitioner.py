@@ -292,33 +292,6 @@ class _Planner:
         else:
             node.Dtab = G[:, :, 0]
 
-    def _eval_parallel(self, par: _Parallel, T: float) -> None:
-        N, r = self.N, len(par.branches)
-        # dmin of every run of >= 2 consecutive branches s..t-1 as one stage, per δ (in
-        # flight δ + 1): one vectorised call for the node.
-        pairs = [(s, t) for t in range(2, r + 1) for s in range(t - 1)]
-        par.grp = {}
-        if pairs:
-            cw = np.concatenate([[0.0], np.cumsum(par.w)])
-            cp = np.concatenate([[0.0], np.cumsum(par.p)])
-            ca = np.concatenate([[0.0], np.cumsum(par.a)])
-            s_idx = np.array([s for s, _ in pairs])
-            t_idx = np.array([t for _, t in pairs])
-            dmin = self.cost.min_devices(
-                (cw[t_idx] - cw[s_idx])[:, None], (cp[t_idx] - cp[s_idx])[:, None],
-                (ca[t_idx] - ca[s_idx])[:, None], np.arange(1, N + 2)[None, :], T, N)
-            par.grp = {st: dmin[i] for i, st in enumerate(pairs)}
-        H = [np.zeros((N + 1, N + 1))]
-        lvl_ok = np.arange(N + 1)[None, :] >= 1
-        for t in range(1, r + 1):
-            h = H[t - 1] + par.branches[t - 1].Dtab
-            for s in range(t - 1):
-                h = np.minimum(h, np.where(lvl_ok, H[s] + par.grp[(s, t)][:, None], INF))
-            h[h > N] = INF
-            H.append(h)
-        par.H = H
-        par.D = H[r]
-
     # --- reconstruction -----------------------------------------------------------------
     def stages_of_root(self, depth: int) -> List[Tuple[List[int], int]]:
         """(operator indices, devices) per stage of the configuration behind the root cell."""
