@@ -4,12 +4,14 @@ The executor calls :meth:`Run.dispatch` (device, index) on that device's issuing
 the plan says which action it is, and this module turns it into stage calls and mailbox
 traffic along the stage graph's edges::
 
-    F  s k    x = the value on each input edge of s (the user's micro-batch for a source)
+    F  s k    x = stage.join_inputs(the value on each input edge of s)
+                  (the user's micro-batch for a source)
               out = stage.forward(k, x)             (a sink: the loss, weighted by size)
-              post out on every output edge          (each consumer gets its own delivery)
-    B/I s k   g = sum of the gradients on s's output edges   (None for a sink)
+              post stage.split_outputs(out)[i] on output edge i
+    B/I s k   g = stage.join_output_grads(the gradient on each output edge)  (None: sink)
               gi = stage.backward(k, g) / backward_input(k, g)
-              post gi's part on each input edge      (a source keeps it for the user's input)
+              post stage.split_input_grads(gi)[i] on input edge i
+                  (a source keeps gi for the user's input)
     W  s k    stage.backward_weight(k)
     U  s t    stage.update()                         (optimizer step; weights -> next version)
 
@@ -28,11 +30,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from pipetrain.mailbox import GRAD, VALUE, Mailbox
-from pipetrain.microbatch import flatten, scatter, unflatten
+from pipetrain.microbatch import flatten, scatter
 from pipetrain.stage import Meter
 from pipetrain.transport import to_device
 
-__all__ = ["Run", "split_minibatches", "tree_sum"]
+__all__ = ["Run", "split_minibatches"]
 
 
 def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list, list, list, list]:
@@ -58,23 +60,6 @@ def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list,
         weights += [n / total for n in x_sizes]
         sizes.append(x_sizes)
     return xs, ys, weights, sizes
-
-
-def tree_sum(values: Sequence[Any]) -> Any:
-    """Leaf-wise sum of values of one nesting (``None`` leaves count as zero)."""
-    if len(values) == 1:
-        return values[0]
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    flat = [flatten(v) for v in present]
-    spec = flat[0][1]
-    out = []
-    for column in zip(*(leaves for leaves, _ in flat)):
-        parts = [g for g in column if isinstance(g, torch.Tensor)]
-        out.append(torch.stack(parts).sum(0) if len(parts) > 2 else
-                   (parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)))
-    return unflatten(out, spec)
 
 
 class Run:
@@ -150,8 +135,7 @@ class Run:
         if kind == "F":
             inputs = self._in[s]
             if inputs:
-                vals = [tr.receive(box.take(VALUE, e, k)) for e, tr, _, _ in inputs]
-                x = vals[0] if len(vals) == 1 else tuple(vals)
+                x = stage.join_inputs([tr.receive(box.take(VALUE, e, k)) for e, tr, _, _ in inputs])
             else:
                 x = to_device(self.x[k], stage.device)
             if stage.is_last:
@@ -160,19 +144,18 @@ class Run:
                 self.losses[k] = loss.to("cpu")
                 return
             out = stage.forward(k, x)
-            for e, tr, a, b in self._out[s]:
-                box.put(VALUE, e, k, tr.send(out, a, b))
+            for (e, tr, a, b), part in zip(self._out[s], stage.split_outputs(out)):
+                box.put(VALUE, e, k, tr.send(part, a, b))
         elif kind == "W":
             stage.backward_weight(k)
         else:
             outputs = self._out[s]
-            g = tree_sum([tr.receive(box.take(GRAD, e, k)) for e, tr, _, _ in outputs]) \
+            g = stage.join_output_grads([tr.receive(box.take(GRAD, e, k)) for e, tr, _, _ in outputs]) \
                 if outputs else None
             gi = stage.backward(k, g) if kind == "B" else stage.backward_input(k, g)
             inputs = self._in[s]
             if inputs:
-                parts = [gi] if len(inputs) == 1 else (list(gi) if gi is not None else [None] * len(inputs))
-                for (e, tr, a, b), part in zip(inputs, parts):
+                for (e, tr, a, b), part in zip(inputs, stage.split_input_grads(gi)):
                     box.put(GRAD, e, k, tr.send(part, b, a))
             elif gi is not None:
                 self.input_grads[k] = gi

@@ -21,7 +21,8 @@ from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["flatten", "unflatten", "batch_size", "split_sizes", "scatter", "gather", "tree_map"]
+__all__ = ["flatten", "unflatten", "batch_size", "split_sizes", "scatter", "gather", "tree_map",
+           "tree_sum"]
 
 # A spec mirrors the nesting: ("leaf",), ("tuple", type, [specs]), ("list", [specs]),
 # ("dict", keys, [specs]). Kept as plain tuples so that building one per action is cheap.
@@ -154,3 +155,20 @@ def gather(micro_batches: Sequence[Any]) -> Any:
     columns = zip(*(leaves for leaves, _ in flat))
     return unflatten([torch.cat(col, dim=0) if _splittable(col[0]) else col[0] for col in columns],
                      spec)
+
+
+def tree_sum(values: Sequence[Any]) -> Any:
+    """Leaf-wise sum of values of one nesting (``None`` leaves count as zero)."""
+    if len(values) == 1:
+        return values[0]
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    flat = [flatten(v) for v in present]
+    spec = flat[0][1]
+    out = []
+    for column in zip(*(leaves for leaves, _ in flat)):
+        parts = [g for g in column if isinstance(g, torch.Tensor)]
+        out.append(torch.stack(parts).sum(0) if len(parts) > 2 else
+                   (parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)))
+    return unflatten(out, spec)

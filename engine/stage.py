@@ -39,7 +39,7 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 
 from pipetrain import checkpoint as ckpt
 from pipetrain import split_backward as split
-from pipetrain.microbatch import Spec, flatten, unflatten
+from pipetrain.microbatch import Spec, flatten, tree_sum, unflatten
 from pipetrain.versions import WeightVersions
 
 __all__ = ["Stage", "Meter"]
@@ -313,6 +313,31 @@ class Stage:
         except KeyError:
             raise RuntimeError(f"stage {self.index} has no forward state for micro-batch {mb} "
                                "(backward before forward, or run twice)") from None
+
+    # -- edges: how values map onto the stage graph's edges -------------------------------
+    # A stage of a sequential model takes one value; these four say how the values of
+    # several edges become its input and its output goes onto several edges. A stage of an
+    # operator graph (GraphPipe) overrides them to route distinct values per edge.
+    def join_inputs(self, values: List[Any]) -> Any:
+        """The forward input from the values of the input edges (in ``inputs`` order): the
+        value itself for one edge, a tuple for several."""
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def split_outputs(self, out: Any) -> List[Any]:
+        """The value for each output edge (in ``outputs`` order): the whole output on each
+        (values used by several later stages are sent once to each)."""
+        return [out] * len(self.outputs)
+
+    def join_output_grads(self, grads: List[Any]) -> Any:
+        """The gradient w.r.t. the output from those of the output edges: their sum."""
+        return tree_sum(grads)
+
+    def split_input_grads(self, grad_inputs: Any) -> List[Any]:
+        """The gradient to send back on each input edge, from :meth:`backward`'s result."""
+        n = len(self.inputs)
+        if n == 1:
+            return [grad_inputs]
+        return list(grad_inputs) if grad_inputs is not None else [None] * n
 
     # -- forward -------------------------------------------------------------------------
     def _run_layers(self, x: Any, saved: _Saved) -> Any:
