@@ -399,8 +399,8 @@ class Executor:
         counts as poisoned), joins them, waits until that run() call is back in Python,
         and releases the copy streams. Called from an action or a signal handler during a
         run, it cannot wait for its own thread: it cancels, and the threads exit once their
-        actions return. Every later call but ``close``/``closed``/``poisoned`` raises
-        ``RuntimeError("executor is closed")``.
+        actions return. Every later call but ``close``, ``closed``, ``poisoned`` and
+        ``cancel`` (which returns False) raises ``RuntimeError("executor is closed")``.
         """
         grace = _check_timeout(grace, "grace")
         waited = self._core.close(grace)
