@@ -337,11 +337,20 @@ class Executor:
 
     def wait(self, device: int, event: Event, timeout: float = 60.0) -> None:
         """Make ``device``'s later work wait for ``event``: on CUDA its stream waits (the host
-        does not block); on CPU the calling thread blocks, at most ``timeout`` seconds."""
+        does not block); on CPU the calling thread blocks (GIL released) at most ``timeout``
+        seconds (then ExecutorError kind "timeout"), and no longer than the run in progress
+        is alive: once it is cancelled (a failure, :meth:`cancel`, :meth:`close`) the wait
+        raises ExecutorError kind "cancelled", so an action blocked here ends promptly."""
         timeout = _check_timeout(timeout)
         self._check_open()
         if self._backend.synchronous:
-            event.synchronize(timeout)
+            kind = self._core.wait_event(event.handle, timeout)
+            if kind == _rt.RunKind.timeout:
+                raise ExecutorError(f"event on device {event.device} did not complete in "
+                                    f"{timeout} s", kind="timeout", device=event.device)
+            if kind == _rt.RunKind.cancelled:
+                raise ExecutorError(f"device {device} stopped waiting for an event: the run "
+                                    "was cancelled", kind="cancelled", device=device)
         else:
             self._backend.stream_wait(self.stream(device), event.handle)
 

@@ -431,6 +431,7 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   // threads) until the next run. A poisoned run (above) keeps it: a stuck thread may use it.
   fn_ = nullptr;
   ctx_.reset();
+  cancel_.store(false);  // the run is over: waits outside runs must not see it cancelled
   std::lock_guard<std::mutex> lock(error_mutex_);
   return error_;
 }
