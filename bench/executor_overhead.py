@@ -98,5 +98,5 @@ def run(quick: bool, out: pathlib.Path) -> None:
     print("executor: compiled plan, p threads; +validate: plan list converted and validated each "
           "run; 1 thread: same number of actions on one device (no cross-thread waits); "
           "py loop: single-threaded loop in topological order; ratio: executor / py loop. "
-          "Target: executor <= 5 µs/action.")
+          "Target: executor <= 2 µs/action.")
     (out / "executor_overhead.txt").write_text("\n".join(lines) + "\n")

@@ -337,11 +337,20 @@ class Executor:
 
     def wait(self, device: int, event: Event, timeout: float = 60.0) -> None:
         """Make ``device``'s later work wait for ``event``: on CUDA its stream waits (the host
-        does not block); on CPU the calling thread blocks, at most ``timeout`` seconds."""
+        does not block); on CPU the calling thread blocks (GIL released) at most ``timeout``
+        seconds (then ExecutorError kind "timeout"), and no longer than the run in progress
+        is alive: once it is cancelled (a failure, :meth:`cancel`, :meth:`close`) the wait
+        raises ExecutorError kind "cancelled", so an action blocked here ends promptly."""
         timeout = _check_timeout(timeout)
         self._check_open()
         if self._backend.synchronous:
-            event.synchronize(timeout)
+            kind = self._core.wait_event(event.handle, timeout)
+            if kind == _rt.RunKind.timeout:
+                raise ExecutorError(f"event on device {event.device} did not complete in "
+                                    f"{timeout} s", kind="timeout", device=event.device)
+            if kind == _rt.RunKind.cancelled:
+                raise ExecutorError(f"device {device} stopped waiting for an event: the run "
+                                    "was cancelled", kind="cancelled", device=device)
         else:
             self._backend.stream_wait(self.stream(device), event.handle)
 
@@ -399,8 +408,8 @@ class Executor:
         counts as poisoned), joins them, waits until that run() call is back in Python,
         and releases the copy streams. Called from an action or a signal handler during a
         run, it cannot wait for its own thread: it cancels, and the threads exit once their
-        actions return. Every later call but ``close``/``closed``/``poisoned`` raises
-        ``RuntimeError("executor is closed")``.
+        actions return. Every later call but ``close``, ``closed``, ``poisoned`` and
+        ``cancel`` (which returns False) raises ``RuntimeError("executor is closed")``.
         """
         grace = _check_timeout(grace, "grace")
         waited = self._core.close(grace)

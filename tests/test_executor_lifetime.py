@@ -273,3 +273,39 @@ def test_infinite_waits_on_events_and_streams():
         ex.wait(1, ev, timeout=math.inf)
         ex.synchronize(math.inf)
         ex.synchronize(1e300)
+
+
+def test_cancel_ends_an_action_blocked_in_wait():
+    """An action waiting for an event (a transfer's copy) stops when the run is cancelled,
+    instead of blocking until its own timeout or the close's grace."""
+    from pipetrain.executor import Event
+
+    with Executor(2) as ex:
+        backend = ex._backend
+        stream = backend.create_stream(0)
+        backend.host_callback(stream, lambda: time.sleep(1.5))  # the "copy": late
+        late = Event(backend, backend.create_event(0), 0)
+        backend.record(late.handle, stream)
+        waiting = threading.Event()
+
+        def action(d, i):
+            if d == 1:
+                waiting.set()
+                ex.wait(1, late, timeout=60.0)
+
+        bg = Background(ex, [[("0F0", [])], [("1F0", [])]], action)
+        assert waiting.wait(10.0)
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        assert ex.cancel("stop")
+        err = bg.join(5.0)
+        assert time.monotonic() - t0 < 1.0
+        assert isinstance(err, ExecutorError) and err.kind == "cancelled" and str(err) == "stop"
+        assert not ex.poisoned
+        # Outside a run the wait is not "cancelled": it completes, or times out.
+        with pytest.raises(ExecutorError, match="did not complete") as info:
+            ex.wait(1, late, timeout=0.05)
+        assert info.value.kind == "timeout"
+        ex.wait(1, late, timeout=10.0)
+        assert late.query()
+        backend.destroy_stream(stream)

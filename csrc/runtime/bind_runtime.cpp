@@ -294,6 +294,16 @@ class PyExecutor {
     return result;
   }
 
+  // Blocks (GIL released) until `event` completes: ok, timeout after `timeout_s`, or
+  // cancelled as soon as the run in progress is (see Executor::cancel_flag).
+  RunKind wait_event(Handle event, double timeout_s) {
+    std::shared_ptr<runtime::Executor> core = core_;
+    if (!core) throw std::runtime_error("executor is closed");
+    py::gil_scoped_release nogil;
+    if (runtime::host_wait(core->backend(), event, timeout_s, core->cancel_flag())) return RunKind::kNone;
+    return core->cancel_flag()->load() ? RunKind::kCancelled : RunKind::kTimeout;
+  }
+
   // The last run's timeline: (start_ns, end_ns, offsets, waits per device as int64 (n, 5)
   // arrays, wall_ns).
   py::object timeline() const {
@@ -443,6 +453,7 @@ void bind_runtime(py::module_& m) {
       .def("close", &PyExecutor::close, py::arg("grace") = kDefaultCloseGraceS)
       .def("cancel", &PyExecutor::cancel, py::arg("reason"), py::arg("grace"))
       .def("stream", &PyExecutor::stream)
+      .def("wait_event", &PyExecutor::wait_event, py::arg("event"), py::arg("timeout"))
       .def_property_readonly("poisoned", &PyExecutor::poisoned)
       .def_property_readonly("closed", &PyExecutor::closed);
 

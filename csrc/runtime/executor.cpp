@@ -75,7 +75,7 @@ bool Executor::cancel(RunError reason, double grace_s) {
 bool Executor::shutdown(double grace_s) {
   const std::thread::id self = std::this_thread::get_id();
   std::vector<std::thread> threads;
-  bool inside = false;
+  bool inside = false, detach = false;
   {
     std::unique_lock<std::mutex> lock(job_mutex_);
     closed_ = true;
@@ -96,11 +96,11 @@ bool Executor::shutdown(double grace_s) {
     stop_ = true;
     threads = std::move(threads_);
     threads_.clear();
+    // A thread stuck in an action (poisoned), or the caller's own, cannot be joined: detach.
+    // Each keeps its own reference to this object (see run()), so that is safe.
+    detach = inside || poisoned_;
   }
   job_cv_.notify_all();
-  // A thread stuck in an action (poisoned), or the caller's own, cannot be joined: detach.
-  // Each keeps its own reference to this object (see run()), so that is safe.
-  const bool detach = inside || poisoned_;
   for (std::thread& t : threads) {
     if (detach) t.detach(); else if (t.joinable()) t.join();
   }
@@ -431,6 +431,7 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   // threads) until the next run. A poisoned run (above) keeps it: a stuck thread may use it.
   fn_ = nullptr;
   ctx_.reset();
+  cancel_.store(false);  // the run is over: waits outside runs must not see it cancelled
   std::lock_guard<std::mutex> lock(error_mutex_);
   return error_;
 }

@@ -112,6 +112,10 @@ class Executor : public std::enable_shared_from_this<Executor> {
   Handle stream(int device) const { return streams_[device]; }
   int device_id(int device) const { return options_.device_ids[device]; }
   bool poisoned() const { return poisoned_; }
+  // True from the moment the run in progress is cancelled (any failure, cancel(), shutdown())
+  // until it returns (for good once poisoned): for waits inside actions, such as
+  // host_wait(..., cancel_flag()), so a cancelled run does not wait for them to time out.
+  const std::atomic<bool>* cancel_flag() const { return &cancel_; }
 
   // Timeline of the last run, in ns since its start (steady clock), by global action id.
   const std::vector<std::int64_t>& start_ns() const { return start_; }
