@@ -99,7 +99,6 @@ class Action:
     chunk: int = dataclasses.field(default=0, compare=False)
     device: int = dataclasses.field(default=0, compare=False)
     num_microbatches: int = dataclasses.field(default=0, compare=False, repr=False)
-    _label: str = dataclasses.field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         if type(self.kind) is not Kind:  # "F" given: store the named constant
@@ -114,14 +113,19 @@ class Action:
         return self.microbatch // self.num_microbatches if self.num_microbatches > 0 else -1
 
     def __str__(self) -> str:
-        return self._label or _core.action_label(self)
+        # Cached outside the fields, so dataclasses.replace() never carries a stale label.
+        text = self.__dict__.get("_text")
+        if text is None:
+            text = _core.action_label(self)
+            object.__setattr__(self, "_text", text)
+        return text
 
     @classmethod
     def parse(cls, text: str) -> "Action":
         """``"1F3"`` -> Action(stage=1, kind=Kind.F, microbatch=3); also ``"1F3@2"``,
         ``"1U0"``, ``"1SF3>2"``. Raises ValueError naming what is wrong (C++ parser)."""
-        kind, stage, mb, peer, version, label = _core.parse_action(text)
-        return cls(stage, _KINDS[kind], mb, peer, version, _label=label)
+        kind, stage, mb, peer, version, _ = _core.parse_action(text)
+        return cls(stage, _KINDS[kind], mb, peer, version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,11 +276,17 @@ class Schedule:
     def actions(self, device: int) -> list[Action]:
         """Device ``device``'s actions in issue order (compute, updates, and transfers if
         lowered), with ``chunk``, ``device`` and ``minibatch`` filled in."""
-        g = self.stage_graph
-        chunk = [st.chunk for st in g.stages] if g.num_stages else []
-        m, kinds = self.num_microbatches, _KINDS
-        return [Action(stage, kinds[kind], mb, peer, version, chunk[stage], device, m, label)
-                for kind, stage, mb, peer, version, label in self._core.actions(device)]
+        chunk = [st.chunk for st in self.stage_graph.stages]
+        m, kinds, new, out = self.num_microbatches, _KINDS, Action.__new__, []
+        # Fields set directly (the core has checked them; a frozen dataclass's __init__ costs
+        # several times more), the C++ label cached for str().
+        for kind, stage, mb, peer, version, label in self._core.actions(device):
+            a = new(Action)
+            a.__dict__.update(stage=stage, kind=kinds[kind], microbatch=mb, peer=peer,
+                              version=version, chunk=chunk[stage], device=device,
+                              num_microbatches=m, _text=label)
+            out.append(a)
+        return out
 
     def dependencies(self, device: int) -> list[list[tuple[int, int]]]:
         """For each action of :meth:`actions` (device): the ``(device, index)`` of every

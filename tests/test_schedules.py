@@ -139,3 +139,11 @@ def test_stage_graph_is_the_schedules_own():
     assert [st.chunk for st in g.stages] == [s.chunk_of(k) for k in range(4)] == [0, 0, 1, 1]
     assert s.edges == [(e.src, e.dst) for e in g.edges] == [(0, 1), (1, 2), (2, 3)]
     assert g.stage(2).inputs == [1] and g.stage(2).outputs == [2]
+
+
+def test_label_follows_the_fields():
+    import dataclasses
+    a = schedules.build("1f1b", num_stages=2, num_microbatches=2).actions(0)[0]
+    assert str(a) == "0F0"
+    b = dataclasses.replace(a, microbatch=1, version=3)
+    assert str(b) == "0F1@3" and str(a) == "0F0"

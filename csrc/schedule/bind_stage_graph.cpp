@@ -105,7 +105,8 @@ void bind_stage_graph(py::module_& m) {
                place.push_back(int32_arg(x, "placement"));
                devices = std::max(devices, place.back() + 1);
              }
-             if (num_devices && !num_devices->is_none()) devices = int32_arg(*num_devices, "num_devices");
+             if (num_devices && !num_devices->is_none())
+               devices = int32_arg(*num_devices, "num_devices");
              std::vector<std::pair<int, int>> e;
              if (edges) {
                for (auto x : *edges) {
@@ -142,10 +143,14 @@ void bind_stage_graph(py::module_& m) {
         for (int k = 0; k < g.num_stages(); ++k) out.push_back(stage_of(g, k));
         return out;
       })
-      .def("device_of", [](const StageGraph& g, int k) { check_stage(g, k); return g.device_of(k); })
-      .def("chunk_of", [](const StageGraph& g, int k) { check_stage(g, k); return g.chunk_of(k); })
-      .def("predecessors", [](const StageGraph& g, int k) { check_stage(g, k); return g.predecessors(k); })
-      .def("successors", [](const StageGraph& g, int k) { check_stage(g, k); return g.successors(k); })
+      .def("device_of",
+           [](const StageGraph& g, int k) { check_stage(g, k); return g.device_of(k); })
+      .def("chunk_of",
+           [](const StageGraph& g, int k) { check_stage(g, k); return g.chunk_of(k); })
+      .def("predecessors",
+           [](const StageGraph& g, int k) { check_stage(g, k); return g.predecessors(k); })
+      .def("successors",
+           [](const StageGraph& g, int k) { check_stage(g, k); return g.successors(k); })
       .def("sources", &StageGraph::sources)
       .def("sinks", &StageGraph::sinks)
       .def("topological_order", &StageGraph::topological_order)

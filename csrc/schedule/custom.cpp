@@ -14,7 +14,8 @@ constexpr std::int64_t kMax = std::numeric_limits<std::int32_t>::max();
 [[noreturn]] void fail(const std::string& why) { throw std::invalid_argument(why); }
 
 int checked(const char* field, std::int64_t v, std::int64_t lo = 1) {
-  if (v < lo) fail(std::string(field) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v));
+  if (v < lo)
+    fail(std::string(field) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v));
   if (v > kMax) fail(std::string(field) + " must be < 2**31, got " + std::to_string(v));
   return static_cast<int>(v);
 }
@@ -73,13 +74,14 @@ Schedule make_custom(CustomSpec spec) {
   // rows with actions: checked before anything per device is allocated.
   if (D > S + busy_rows)
     fail("the schedule has " + std::to_string(D) + " devices (" +
-         (spec.num_devices ? std::string("as given") : "one more than the largest device row, d" + std::to_string(max_row)) +
-         ") but only " + std::to_string(S) +
-         " stage(s) and " + std::to_string(busy_rows) +
+         (spec.num_devices ? std::string("as given")
+                           : "one more than the largest device row, d" + std::to_string(max_row)) +
+         ") but only " + std::to_string(S) + " stage(s) and " + std::to_string(busy_rows) +
          " device row(s) with actions: some device would hold no stage and do nothing");
 
-  const int T = checked("num_minibatches",
-                        spec.num_minibatches ? *spec.num_minibatches : std::max<std::int64_t>(max_t + 1, 1));
+  const int T = checked("num_minibatches", spec.num_minibatches
+                                               ? *spec.num_minibatches
+                                               : std::max<std::int64_t>(max_t + 1, 1));
   const int m = checked("num_microbatches",
                         spec.num_microbatches ? *spec.num_microbatches
                                               : std::max<std::int64_t>((max_mb + T) / T, 1));

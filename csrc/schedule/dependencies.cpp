@@ -242,8 +242,16 @@ Violation resolve(const Schedule& s, DepGraph* out) {
     g.dep.push_back(gid);
     g.dep_rule.push_back(r);
   };
-  auto input_grad = [&](std::int64_t k) { return P.get(kB, k) >= 0 ? P.get(kB, k) : P.get(kI, k); };
-  auto weight_grad = [&](std::int64_t k) { return P.get(kB, k) >= 0 ? P.get(kB, k) : P.get(kW, k); };
+  // The backward that produces the input gradient (B or I) / finishes the weight gradient
+  // (B or W) of a (stage, micro-batch).
+  auto input_grad = [&](std::int64_t k) {
+    const int b = P.get(kB, k);
+    return b >= 0 ? b : P.get(kI, k);
+  };
+  auto weight_grad = [&](std::int64_t k) {
+    const int b = P.get(kB, k);
+    return b >= 0 ? b : P.get(kW, k);
+  };
   for (int d = 0; d < D; ++d) {
     const auto& row = s.per_device[d];
     for (int i = 0; i < static_cast<int>(row.size()); ++i) {

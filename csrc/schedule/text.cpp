@@ -168,12 +168,14 @@ Schedule parse_text(std::string_view text) {
         continue;
       }
       const size_t colon = line.find(':');
-      const std::string_view head = colon == std::string_view::npos ? line : trim(line.substr(0, colon));
+      const std::string_view head =
+          colon == std::string_view::npos ? line : trim(line.substr(0, colon));
       bool is_row = colon != std::string_view::npos && head.size() > 1 && head[0] == 'd';
       for (size_t i = 1; is_row && i < head.size(); ++i)
         is_row = std::isdigit(static_cast<unsigned char>(head[i])) != 0;
       if (!is_row)
-        throw std::invalid_argument("expected 'd<device>: <actions>', got '" + std::string(line) + "'");
+        throw std::invalid_argument("expected 'd<device>: <actions>', got '" +
+                                    std::string(line) + "'");
       const std::int64_t device = number(head.substr(1), "device number");
       if (!seen.insert(device).second)
         throw std::invalid_argument("device " + std::to_string(device) + " listed twice");
@@ -185,7 +187,8 @@ Schedule parse_text(std::string_view text) {
       throw std::invalid_argument(where + e.what());
     }
   }
-  if (spec.rows.empty()) throw std::invalid_argument("no device rows ('d0: ...') in the schedule text");
+  if (spec.rows.empty())
+    throw std::invalid_argument("no device rows ('d0: ...') in the schedule text");
   return make_custom(std::move(spec));
 }
 
