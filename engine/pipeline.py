@@ -34,7 +34,7 @@ from pipetrain import transport
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage import Stage
-from pipetrain.stats import ActionRecord, StepStats, measure
+from pipetrain.stats import StepStats, measure
 
 __all__ = ["Pipeline", "PipelineError"]
 
@@ -231,11 +231,7 @@ class Pipeline:
     # -- measurements ---------------------------------------------------------------------
     def _measure(self, outcome: Any) -> StepStats:
         timeline, run = outcome.timeline, outcome.run
-        records = []
-        for d, row in enumerate(self.plan.actions):
-            starts, ends = timeline.start_ns[d], timeline.end_ns[d]
-            records.append([ActionRecord(d, str(a), str(a.kind), a.stage, a.microbatch, int(s), int(e))
-                            for a, s, e in zip(row, starts, ends)])
+        records = timeline.records(self.plan.actions)
         return measure(records, schedule=self.schedule.name, num_stages=self.num_stages,
                        num_microbatches=self.num_microbatches, samples=sum(map(sum, run.sizes)), wall_s=outcome.wall_s,
                        peak_stash_bytes=[mt.peak_bytes for mt in run.meters],

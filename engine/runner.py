@@ -118,8 +118,9 @@ class Runner:
             timeline = self.executor.run(plan.compiled(self.executor), run.dispatch,
                                          timeout=self.timeout)
             ok = True
-        except ExecutorError:
-            self._recover(plan)
+        except ExecutorError as err:
+            if err.kind != "closed":     # closed: nothing to run any more
+                self._recover(plan)
             raise
         finally:
             if self.num_threads:

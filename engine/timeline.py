@@ -8,7 +8,6 @@ On the CPU backend an action's interval is when it ran; on CUDA it is when it wa
 from __future__ import annotations
 
 import pathlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,6 @@ from pipetrain.stats import ActionRecord
 #: ``Timeline.waits[d]`` columns: the waiting action's index on device d, the dependency it
 #: waited for (device, index; (-1, -1) = taking the GIL), and the wait's start and end (ns).
 WAIT_COLUMNS = ("index", "dep_device", "dep_index", "start_ns", "end_ns")
-
-# "1F3" (stage 1, kind F, micro-batch 3), also with a suffix ("1SF3>2"): the IR's labels.
-_LABEL = re.compile(r"(\d+)([A-Za-z]+)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -107,8 +103,7 @@ class Timeline:
                     a = actions[d][i]
                     kind, stage, mb = a.kind, a.stage, a.microbatch
                 else:
-                    m = _LABEL.match(label)
-                    kind, stage, mb = ((m[2], int(m[1]), int(m[3])) if m else ("action", -1, -1))
+                    kind, stage, mb = _parse(label)
                 row.append(ActionRecord(d, label, kind, stage, mb, int(s), int(e)))
             out.append(row)
         return out
@@ -124,3 +119,14 @@ class Timeline:
         if path is not None:
             trace.save_trace(out, path)
         return out
+
+
+def _parse(label: str) -> tuple:
+    """(kind, stage, micro-batch) of a label, read by the schedule IR's one parser (C++);
+    ("action", -1, -1) for a label that is not an action."""
+    from pipetrain.schedules import Action
+    try:
+        a = Action.parse(label)
+    except ValueError:
+        return "action", -1, -1
+    return str(a.kind), a.stage, a.microbatch
