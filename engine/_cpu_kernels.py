@@ -173,7 +173,7 @@ def _check_same_dtype(first: list, second: list, names: str) -> None:
 
 
 def _check_counters(steps, step_tensors, validate: bool) -> bool:
-    """Exactly one of steps / step_tensors; the counters are distinct 0-d CPU tensors of one
+    """Exactly one of steps / step_tensors; the counters are 1-element CPU tensors of one
     dtype (fp32 or fp64). Returns whether they are fp64."""
     if (steps is None) == (step_tensors is None):
         raise ValueError("pass exactly one of steps (ints) and step_tensors (0-d counters)")
@@ -187,8 +187,6 @@ def _check_counters(steps, step_tensors, validate: bool) -> bool:
                     or t.dtype not in (torch.float32, torch.float64)):
                 raise ValueError("step_tensors must be 1-element CPU tensors, all float32 or "
                                  "all float64")
-        if len({t.data_ptr() for t in step_tensors}) != len(step_tensors):
-            raise ValueError("step_tensors must be distinct tensors (each is incremented once)")
     return f64
 
 
@@ -265,8 +263,10 @@ def adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, e
             grad dtype per call).
         steps: list of N ints >= 1, each parameter's step count after this update; or
         step_tensors: list of N 0-d CPU step counters (torch's ``state["step"]``, all fp32
-            or all fp64, distinct), read as the count before this update and incremented in
-            place by the call (not when ``found_inf`` is set). Exactly one of the two.
+            or all fp64), read as the count before this update and incremented in place by
+            the call (not when ``found_inf`` is set). All are read before the pass and written
+            after it, so a counter shared by several tensors (a flat bucket's) advances once.
+            Exactly one of ``steps`` and ``step_tensors``.
         masters, predict_outs: None or lists of N tensors.
         validate: as :func:`sgd_step_multi`.
         Other options: as :func:`adam_step`, shared by the whole list.
