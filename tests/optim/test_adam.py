@@ -53,13 +53,15 @@ def test_follows_torch_50_steps(name, opts, flat):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_params_with_master_follow_fp32_torch(dtype):
+@pytest.mark.parametrize("flat", [False, True])
+def test_half_params_with_master_follow_fp32_torch(dtype, flat):
     ref = make_model(dtype=torch.float32)
     ours = make_model(dtype=dtype)
     with torch.no_grad():
         for a, b in zip(ref.parameters(), ours.parameters()):
             a.copy_(b.float())
-    fb.flatten(ours)
+    if flat:
+        fb.flatten(ours)
     oref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = po.AdamW(ours.parameters(), lr=1e-2, master_weights=True)
     gen = torch.Generator().manual_seed(2)

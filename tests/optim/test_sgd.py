@@ -54,7 +54,8 @@ def test_param_groups_with_different_options():
     assert all(u.bucket is None for u in opt._plan(0, opt.param_groups[0]))
 
 
-def test_bf16_master_weights_follow_fp32_torch():
+@pytest.mark.parametrize("flat", [False, True])
+def test_bf16_master_weights_follow_fp32_torch(flat):
     """bf16 params + fp32 master: the master follows torch.optim on fp32 weights fed the
     same gradients; the bf16 param is the master rounded (exactly)."""
     ref = make_model(dtype=torch.float32)
@@ -62,7 +63,8 @@ def test_bf16_master_weights_follow_fp32_torch():
     with torch.no_grad():
         for a, b in zip(ref.parameters(), ours.parameters()):
             a.copy_(b.float())  # same starting point, representable in bf16
-    fb.flatten(ours)
+    if flat:
+        fb.flatten(ours)
     oref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     opt = po.SGD(ours.parameters(), lr=0.05, momentum=0.9, master_weights=True)
     gen = torch.Generator().manual_seed(2)
