@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FusedOptimizer, kernels_for, state_dtype
+from .base import FusedOptimizer, fits, kernels_for, state_dtype
 
 __all__ = ["Adam", "AdamW"]
 
@@ -160,12 +160,13 @@ class Adam(FusedOptimizer):
             if not g.is_contiguous():
                 g = g.contiguous()
             m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
-            # Cheap checks of what may change between calls (p.data / p.grad replaced);
-            # anything else reaching the kernel was validated when made or loaded.
-            if g.numel() != n or m.numel() != n or v.numel() != n or not p.is_contiguous():
-                raise ValueError("Adam: a parameter, its gradient and its state must be "
-                                 "contiguous with the same number of elements")
             master = st.get("master_param")
+            # Every call: what p.data / p.grad / state replacement could have changed.
+            if not (fits(n, p.dtype, p, g) and fits(n, state_dtype(p.dtype), m, v)
+                    and fits(n, torch.float32, master)):
+                raise ValueError("Adam: a parameter, its gradient and its state must be "
+                                 "contiguous with the same number of elements and the "
+                                 "dtypes the optimizer made")
             key = (p.dtype, g.dtype, step.dtype, master is None)
             c = calls.get(key)
             if c is None:
@@ -201,9 +202,10 @@ class Adam(FusedOptimizer):
                 continue
             w = st.get("master_param", p)
             m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
-            if m.numel() != n or v.numel() != n or not w.is_contiguous():
+            if not (fits(n, w.dtype, w) and fits(n, state_dtype(p.dtype), m, v)
+                    and fits(n, p.dtype, out)):
                 raise ValueError("Adam: a parameter and its state must be contiguous with the "
-                                 "same number of elements")
+                                 "same number of elements and the dtypes the optimizer made")
             c = calls.setdefault((w.dtype, out.dtype, step.dtype), ([], [], [], [], []))
             for lst, t in zip(c, (w, m, v, out, step)):
                 lst.append(t)

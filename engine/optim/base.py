@@ -54,6 +54,16 @@ def kernels_for(device: torch.device, dtype: torch.dtype | None = None):
     raise ValueError(f"pipetrain.optim runs on cpu or cuda tensors, not {device.type}")
 
 
+def fits(n: int, dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor (None skipped) is contiguous with ``n`` elements of
+    ``dtype``: the per-call check of state and master tensors before a list kernel call
+    (the kernels trust addresses; a replaced state tensor must not make them overrun)."""
+    for t in tensors:  # a plain loop: this runs for every parameter on every step
+        if t is not None and (t.dtype != dtype or t.numel() != n or not t.is_contiguous()):
+            return False
+    return True
+
+
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of optimizer state (and master weights) for parameters of ``param_dtype``:
     fp64 for float64 parameters (fp64 maths, as torch.optim), else fp32."""
@@ -94,7 +104,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans: dict[int, tuple] = {}  # group index -> (key, units)
         self._pred_bufs: dict[int, torch.Tensor] = {}  # id(bucket or param) -> prediction buffer
         self._default_outs: _Outputs | None = None     # out=None targets, reused across calls
-        self._lists_checked = False  # loose params' state and outputs validated since a change
+        self._lists_checked: set = set()  # (id(group), kind) list calls fully validated
         super().__init__(params, defaults)
 
     # --- groups and validation --------------------------------------------------------------
@@ -121,7 +131,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         changed)."""
         self._plans.clear()
         self.__dict__["_default_outs"] = None
-        self.__dict__["_lists_checked"] = False
+        self.__dict__["_lists_checked"] = set()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -280,7 +290,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         with_grad = [p for p in params if p.grad is not None]
         if self._lists(params):
             if with_grad:
-                self._update_list(group, with_grad, outs, s, self._validate_lists(outs))
+                self._update_list(group, with_grad, outs, s,
+                                  self._validate_lists(group, "update", outs))
         else:
             for p in with_grad:
                 self._update_param(group, p, outs, s)
@@ -299,20 +310,22 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _predict_loose(self, group: dict, params: list, outs, s: float) -> None:
         if self._lists(params):
-            self._predict_list(group, params, outs, s, self._validate_lists(outs))
+            self._predict_list(group, params, outs, s,
+                               self._validate_lists(group, "predict", outs))
         else:
             for p in params:
                 self._predict_param(group, p, outs.of(p), s)
 
-    def _validate_lists(self, outs) -> bool:
-        """Whether this list call must run the kernels' full input checks: always for
-        outputs the caller passed, else once after any change of groups or loaded state
-        (the list code re-checks params and grads itself on every call, and validates
-        state it creates)."""
+    def _validate_lists(self, group: dict, kind: str, outs) -> bool:
+        """Whether this list call must run the kernels' full input checks (overlaps and
+        devices too): always with outputs the caller passed, else the first time for this
+        group after any change of groups or loaded state, and when state was just created.
+        Every call checks dtype, size and contiguity of every tensor itself (``fits``)."""
         if outs is not None and not outs.internal:
             return True
-        if not self._lists_checked:
-            self._lists_checked = True
+        key = (id(group), kind)
+        if key not in self._lists_checked:
+            self._lists_checked.add(key)
             return True
         return False
 
@@ -405,9 +418,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         call while the plans stand (no allocation per call)."""
         if out is not None:
             return _Outputs(self, out)
-        key = tuple(id(self._plan(gi, g)) for gi, g in enumerate(self.param_groups))
+        # The plans themselves (held, so no id is reused): while they stand, so do the outputs.
+        key = [self._plan(gi, g) for gi, g in enumerate(self.param_groups)]
         cached = self._default_outs
-        if cached is None or cached.key != key:
+        if cached is None or len(cached.key) != len(key) or any(
+                a is not b for a, b in zip(cached.key, key)):
             cached = _Outputs(self, None)
             cached.key = key
             self._default_outs = cached

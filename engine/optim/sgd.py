@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FusedOptimizer, kernels_for, state_dtype
+from .base import FusedOptimizer, fits, kernels_for, state_dtype
 
 __all__ = ["SGD"]
 
@@ -150,13 +150,13 @@ class SGD(FusedOptimizer):
                 validate = True  # new state: check it once, with everything else
             if not g.is_contiguous():
                 g = g.contiguous()
-            # Cheap checks of what may change between calls (p.data / p.grad replaced);
-            # anything else reaching the kernel was validated when made or loaded.
-            if (g.numel() != n or (momentum and buf.numel() != n)
-                    or not p.is_contiguous()):
-                raise ValueError("SGD: a parameter, its gradient and its momentum buffer must "
-                                 "be contiguous with the same number of elements")
             master = st.get("master_param")
+            # Every call: what p.data / p.grad / state replacement could have changed.
+            if not (fits(n, p.dtype, p, g) and fits(n, torch.float32, master)
+                    and (not momentum or fits(n, state_dtype(p.dtype), buf))):
+                raise ValueError("SGD: a parameter, its gradient and its state must be "
+                                 "contiguous with the same number of elements and the "
+                                 "dtypes the optimizer made")
             c = calls.setdefault((p.dtype, g.dtype, master is None), ([], [], [], [], [], []))
             c[0].append(p)
             c[1].append(g)
@@ -188,9 +188,10 @@ class SGD(FusedOptimizer):
             if buf is None:
                 out.copy_(w.detach())  # no momentum: nothing to extrapolate
                 continue
-            if buf.numel() != n or not w.is_contiguous():
-                raise ValueError("SGD: a parameter and its momentum buffer must be contiguous "
-                                 "with the same number of elements")
+            if not (fits(n, w.dtype, w) and fits(n, state_dtype(p.dtype), buf)
+                    and fits(n, p.dtype, out)):
+                raise ValueError("SGD: a parameter and its state must be contiguous with the "
+                                 "same number of elements and the dtypes the optimizer made")
             c = calls.setdefault((w.dtype, out.dtype), ([], [], []))
             c[0].append(w)
             c[1].append(buf)
