@@ -211,3 +211,20 @@ def test_list_rejects_bad_input():
         K.adam_step_multi(ws, gs, ms, vs, **HP, steps=[0] * len(ws))
     with pytest.raises(ValueError, match="elements"):
         K.adam_step_multi(ws[:2], gs[:2], [ms[1], ms[0]], vs[:2], **HP, steps=[1, 1])
+
+
+def test_fp64_streaming_stores_large_prediction():
+    """n >= 2^21 with a 64-byte-aligned fp64 output takes the non-temporal store path."""
+    n = 2**21 + 37
+    t = _f64(n, seed=3)
+    out, ref_out = torch.empty(n, dtype=F64), torch.empty(n, dtype=F64)
+    assert out.data_ptr() % 64 == 0
+    K.sgd_predict(t["w"], t["m"], out, s=2.0, lr=0.1)
+    R.sgd_predict(t["w"], t["m"], ref_out, s=2.0, lr=0.1)
+    assert torch.equal(out, ref_out)
+    w, buf = t["w"].clone(), t["m"].clone()
+    K.sgd_step(w, t["g"], buf, lr=0.1, momentum=0.9, first_step=False, predict_out=out,
+               predict_s=1.0)
+    R.sgd_step(t["w"], t["g"], t["m"], lr=0.1, momentum=0.9, first_step=False,
+               predict_out=ref_out, predict_s=1.0)
+    assert torch.equal(w, t["w"]) and torch.equal(out, ref_out)

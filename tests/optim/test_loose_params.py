@@ -129,3 +129,17 @@ def test_loose_and_flat_agree_bit_for_bit(name, dtype, master):
         for key, value in oa.state[p].items():
             assert torch.equal(value, ob.state[q][key]), key
         assert ("master_param" in oa.state[p]) == (master and dtype != torch.float32)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(17, 9, dtype=torch.float64),   # wrong dtype
+                                 torch.zeros(17 * 9 + 1)[1:].view(17, 9).t().contiguous().t()])
+def test_replaced_state_of_wrong_kind_is_an_error(bad):
+    """The list kernels trust addresses: state swapped by hand for a tensor of another dtype
+    or layout must be refused on the next call, not read past its end."""
+    x, y = make_data()
+    m = make_model()
+    opt = po.AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, 2, x, y)
+    opt.state[m[0].weight]["exp_avg"] = bad
+    with pytest.raises(ValueError, match="dtypes the optimizer made"):
+        train(m, opt, 1, x, y)
