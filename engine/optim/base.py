@@ -21,7 +21,14 @@ reads the flag on the host — a device sync on CUDA. The kernels themselves tak
 the device; moving the count there would remove the sync.
 
 Subclasses (SGD, Adam, AdamW) supply the per-unit maths: ``_state_keys``, ``_init_state``,
-``_update`` and ``_predict``.
+``_update_flat`` / ``_predict_flat`` (a bucket), ``_update_param`` / ``_predict_param`` (one
+parameter: CUDA) and ``_update_list`` / ``_predict_list`` (loose CPU parameters, one list
+kernel call per dtype combination; every call checks each tensor's dtype, size and
+contiguity, since the kernels trust addresses).
+
+Prediction outputs with ``out=None`` are the optimizer's own buffers, made once (a flat one
+per bucket, one per loose parameter) and overwritten by every later ``predict`` /
+``step_and_predict``: no allocation per call.
 """
 
 from __future__ import annotations
