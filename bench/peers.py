@@ -157,9 +157,10 @@ class Unsplit(Row):
 class Pipetrain(Row):
     group = "pipetrain"
 
-    def __init__(self, schedule: str, p: int = 2):
-        super().__init__(f"pipetrain {schedule}" + ("" if p == 2 else f", p={p}"))
-        self.schedule, self.p = schedule, p
+    def __init__(self, schedule: str, p: int = 2, num_threads: Optional[int] = None):
+        super().__init__(f"pipetrain {schedule}" + ("" if p == 2 else f", p={p}")
+                         + ("" if num_threads is None else f", {num_threads} thr"))
+        self.schedule, self.p, self.num_threads = schedule, p, num_threads
         if schedule.startswith("interleaved"):
             self.note = "4 stages, 2 per device"
 
@@ -170,7 +171,9 @@ class Pipetrain(Row):
         self.params = [q for layer in layers for q in layer.parameters()]
         self.pipe = pipetrain.Pipeline(layers, num_stages=self.p, schedule=self.schedule,
                                        num_microbatches=wl.microbatches, loss_fn=pm.mse,
-                                       balance=pm.balance(wl, parts))
+                                       balance=pm.balance(wl, parts),
+                                       **({} if self.num_threads is None else
+                                          {"num_threads": self.num_threads}))
         self.ctx = ctx
 
     def measure(self, steps):
@@ -284,7 +287,9 @@ def make_rows(wl: Workload) -> List[Row]:
     from bench._peer_procs import PIPPY_SCHEDULES
     rows: List[Row] = [Unsplit(1), Unsplit(0), Unsplit(1, accumulate=True)]
     if wl.name == "fine":
-        rows.append(Pipetrain("1f1b", p=1))
+        # p = 1 against the plain loop: the default (intra-op threads = cores // p, here all
+        # cores) and, to separate the engine's own cost from threading, one thread as the loop.
+        rows += [Pipetrain("1f1b", p=1), Pipetrain("1f1b", p=1, num_threads=1)]
     rows += [Pipetrain(s) for s in PIPETRAIN_SCHEDULES]
     rows += [InWorkers(k, f"pippy {k}", "pippy", "4 stages, 2 per process" if per == 2 else "")
              for k, (_, per) in PIPPY_SCHEDULES.items()]
@@ -309,10 +314,15 @@ class Result:
         return statistics.median(self.rounds[i]) if i < len(self.rounds) and self.rounds[i] else None
 
 
-def _ratio(a: Result, b: Result) -> Optional[float]:
-    """Median over rounds of (a's round median / b's round median): a side-by-side ratio."""
-    rs = [a.round_median(i) / b.round_median(i) for i in range(min(len(a.rounds), len(b.rounds)))
-          if a.round_median(i) and b.round_median(i)]
+def _ratio(a: Result, b) -> Optional[float]:
+    """Median over rounds of (a's round median / b's round median): a side-by-side ratio.
+    ``b`` may be a list of results: then the fastest of them in each round (the floor)."""
+    bs = b if isinstance(b, list) else [b]
+    rs = []
+    for i in range(len(a.rounds)):
+        den = [x.round_median(i) for x in bs if x.round_median(i)]
+        if a.round_median(i) and den:
+            rs.append(a.round_median(i) / min(den))
     return statistics.median(rs) if rs else None
 
 
@@ -370,17 +380,20 @@ def summarize(wl: Workload, results: List[Result]) -> Dict[str, object]:
     """The headline ratios of one workload (time / time, medians over rounds)."""
     base = next((r for r in results if r.row.name == "unsplit, 1 thr" and r.median), None)
     bp, bt, bf = _best(results, "pippy"), _best(results, "pipetrain"), _best(results, "floor")
+    floors = [r for r in results if r.row.group == "floor" and r.median]
     out: Dict[str, object] = {
         "best_pippy": bp.row.name if bp else None, "best_pipetrain": bt.row.name if bt else None,
         "best_floor": bf.row.name if bf else None,
         "pippy_over_pipetrain": _ratio(bp, bt) if bp and bt else None,
-        "pipetrain_over_floor": _ratio(bt, bf) if bt and bf else None,
+        # The floor: per round, the faster of its thread and process forms.
+        "pipetrain_over_floor": _ratio(bt, floors) if bt and floors else None,
         "pipetrain_over_unsplit1": _ratio(bt, base) if bt and base else None,
     }
-    p1 = next((r for r in results if r.row.group == "pipetrain" and r.row.p == 1 and r.median), None)
     loop = next((r for r in results if r.row.name.startswith("grad-accum") and r.median), None)
-    if p1 and loop:
-        out["pipetrain_p1_over_loop"] = _ratio(p1, loop)
+    for r in results:
+        if r.row.group == "pipetrain" and r.row.p == 1 and r.median and loop:
+            key = "pipetrain_p1_1thr_over_loop" if getattr(r.row, "num_threads", None) else "pipetrain_p1_over_loop"
+            out[key] = _ratio(r, loop)
     return out
 
 
@@ -389,6 +402,8 @@ def _fmt(v, spec, missing="n/a"):
 
 
 def print_table(wl: Workload, results: List[Result], summary: Dict[str, object]) -> None:
+    """The workload's table and its headline ratios; warns where a ratio to the floor below 1
+    says the load on the machine changed between rows (no schedule beats the floor)."""
     base = next((r for r in results if r.row.name == "unsplit, 1 thr" and r.median), None)
     print(f"\n{wl.name}: {wl.describe()}; p = 2")
     head = f"{'row':<38}{'step ms':>9}{'t/unsplit1':>11}{'bubble':>8}{'peak RSS MB':>12}{'steps':>6}  note"
@@ -407,9 +422,14 @@ def print_table(wl: Workload, results: List[Result], summary: Dict[str, object])
     s = summary
     print(f"best PiPPy / best pipetrain = {_fmt(s['pippy_over_pipetrain'], '.2f')} "
           f"({s['best_pippy']} / {s['best_pipetrain']}); best pipetrain / floor = "
-          f"{_fmt(s['pipetrain_over_floor'], '.2f')} ({s['best_floor']})"
+          f"{_fmt(s['pipetrain_over_floor'], '.2f')} (floor: faster of threads/processes per round)"
           + (f"; pipetrain p=1 / plain loop = {_fmt(s['pipetrain_p1_over_loop'], '.2f')}"
-             if "pipetrain_p1_over_loop" in s else ""))
+             if "pipetrain_p1_over_loop" in s else "")
+          + (f" (1 thread: {_fmt(s['pipetrain_p1_1thr_over_loop'], '.2f')})"
+             if "pipetrain_p1_1thr_over_loop" in s else ""))
+    if s["pipetrain_over_floor"] is not None and s["pipetrain_over_floor"] < 0.95:
+        print("  (below the floor: the load from other processes changed between rows; "
+              "more rounds or a quieter machine)")
 
 
 def write_outputs(out: pathlib.Path, report: List[Dict[str, object]]) -> None:
@@ -438,6 +458,9 @@ def write_outputs(out: pathlib.Path, report: List[Dict[str, object]]) -> None:
                 color=[colours[r["group"]] for r in rows])
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")     # the fine grain spans 1x (unsplit) to ~500x (PiPPy)
+        for i, r in enumerate(rows):
+            ax.text(r["over_unsplit1"], i, f" {r['over_unsplit1']:.2f}", va="center", fontsize=7)
         ax.set_title(f"{wlr['workload']}: step time / unsplit (1 thread)", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
