@@ -104,18 +104,19 @@ def _kernel_cases(torch) -> List[Tuple[str, str, Callable[[int, Any], Tuple[Dict
             ("non_finite_check", "non_finite_check", nonfinite)]
 
 
-def triton_kernels() -> Dict[str, Any]:
+def triton_kernels(device: str = "cuda:0", sizes=(1, 1000, 2**20 + 3)) -> Dict[str, Any]:
     """Each Triton kernel on CUDA tensors (compiled, not interpreted) against
     ``pipetrain.kernels.reference`` on the same inputs and device. fp32: within 8 fp32 ulps of
-    the largest magnitude (FMA contraction differs); low precision: within one ulp."""
+    the largest magnitude (FMA contraction differs); low precision: within one ulp.
+    (``device="cpu"`` under ``TRITON_INTERPRET=1`` is how the tests check this code here.)"""
     import torch
     import pipetrain.kernels as K
     from pipetrain.kernels import reference as R
 
-    dev = torch.device("cuda", 0)
+    dev = torch.device(device)
     rows, bad = [], []
     for case, fn, make in _kernel_cases(torch):
-        for n in (1, 1000, 2**20 + 3):
+        for n in sizes:
             t, kw = make(n, dev)
             if case.endswith("+ predict"):
                 t["predict_out"] = torch.empty(n, device=dev)
@@ -123,7 +124,8 @@ def triton_kernels() -> Dict[str, Any]:
             mine = {k: v.clone() for k, v in t.items()}
             getattr(K, fn)(**mine, **kw)
             getattr(R, fn)(**t, **kw)
-            torch.cuda.synchronize()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             worst = 0.0
             for k, ref in t.items():
                 a, b = mine[k].double(), ref.double()

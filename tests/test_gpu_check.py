@@ -9,7 +9,6 @@ import sqlite3
 import sys
 import time
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -149,3 +148,19 @@ def test_nvtx_check_from_an_nsys_sqlite_export(tmp_path):
     db3 = tmp_path / "other.sqlite"
     _fake_nsys_db(db3, want * 2, domain="elsewhere")          # right names, wrong domain
     assert gp.check_nvtx(gp.nvtx_ranges_from_sqlite(str(db3)), 2, 4, ["F", "B"], 2)["status"] == "fail"
+
+
+def test_kernel_part_runs_under_the_interpreter():
+    # The same comparison code the GPU runs, on CPU tensors under TRITON_INTERPRET=1
+    # (tests/conftest.py): checks the cases' arguments and the comparison, not the GPU.
+    res = gp.triton_kernels("cpu", sizes=(1, 37))
+    assert res["status"] == "pass", res["mismatches"]
+    assert len(res["rows"]) == 7 * 2
+
+
+def test_kernel_part_catches_a_wrong_kernel(monkeypatch):
+    import pipetrain.kernels
+
+    monkeypatch.setattr(pipetrain.kernels, "sgd_predict", lambda *a, **k: None, raising=False)
+    res = gp.triton_kernels("cpu", sizes=(37,))
+    assert res["status"] == "fail" and "sgd_predict" in res["detail"]
