@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 import statistics
 import threading
@@ -54,17 +55,18 @@ PIPETRAIN_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
 
 def workloads(quick: bool) -> List[Workload]:
     """Sizes: full mode aims at 0.1-0.5 s per unsplit step on one core; quick mode (CI) at a
-    few ms, with fewer rounds."""
+    few ms. One step per row per round, many rounds: a per-round ratio then compares steps
+    taken seconds apart, and the median over rounds shrugs off load from other processes.
+    Each workload stops adding rounds past its time budget (at least 3 rounds run), which
+    keeps the full section under ~5 minutes even on loaded cores."""
     if quick:
-        return [Workload("linear", "linear", 128, 8, 128, 8, rounds=3, steps=2, warmup=1, budget_s=12),
-                Workload("blocks", "block", 64, 8, 128, 8, rounds=3, steps=2, warmup=1, budget_s=12),
+        return [Workload("linear", "linear", 128, 8, 128, 8, rounds=5, steps=1, warmup=1, budget_s=8),
+                Workload("blocks", "block", 64, 8, 128, 8, rounds=5, steps=1, warmup=1, budget_s=8),
                 # m = 16 rather than 64 in quick mode: PiPPy's interleaved rows take ~1 s a step at m = 64.
-                Workload("fine", "linear", 16, 8, 16, 16, rounds=3, steps=3, warmup=1, budget_s=10)]
-    # Fine grain: PiPPy's interleaved rows take ~1 s a step at m = 64 here, so fewer steps per
-    # round there keep the whole section under ~5 minutes.
-    return [Workload("linear", "linear", 512, 16, 512, 8, rounds=5, steps=2, budget_s=80),
-            Workload("blocks", "block", 256, 8, 512, 8, rounds=5, steps=2, budget_s=80),
-            Workload("fine", "linear", 16, 8, 64, 64, rounds=6, steps=4, budget_s=80)]
+                Workload("fine", "linear", 16, 8, 16, 16, rounds=6, steps=1, warmup=1, budget_s=8)]
+    return [Workload("linear", "linear", 512, 16, 512, 8, rounds=16, steps=1, warmup=1, budget_s=75),
+            Workload("blocks", "block", 256, 8, 512, 8, rounds=16, steps=1, warmup=1, budget_s=75),
+            Workload("fine", "linear", 16, 8, 64, 64, rounds=30, steps=1, warmup=2, budget_s=75)]
 
 
 @dataclass
@@ -365,7 +367,7 @@ def measure_workload(wl: Workload, ctx: Context, rows: List[Row], log=print) -> 
                 res.rounds.append([])
         elapsed = time.monotonic() - t_start
         log(f"  [{wl.name}] round {i + 1}/{wl.rounds} done, {elapsed:.0f} s")
-        if elapsed > wl.budget_s and i >= 1 and i + 1 < wl.rounds:
+        if elapsed > wl.budget_s and i >= 2 and i + 1 < wl.rounds:
             log(f"  [{wl.name}] time budget {wl.budget_s:.0f} s reached: stopping after {i + 1} rounds")
             break
     for res in results:
@@ -479,6 +481,14 @@ def _report(wl, results, summary) -> Dict[str, object]:
                       "error": r.error} for r in results]}
 
 
+def _load() -> str:
+    """The 1-minute load average: how contended the cores were (others' processes too)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (OSError, AttributeError):
+        return "n/a"
+
+
 def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = None,
                 use_procs: bool = True, log=print) -> List[Dict[str, object]]:
     """Measure every workload (or ``wls``); returns the report written to ``out``."""
@@ -498,8 +508,8 @@ def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = 
                 reason = f"worker processes did not start: {err}"
         if reason:
             log(f"(process rows skipped: {reason})")
-        log(f"{torch.get_num_threads()} torch threads by default, {pm.cores()} cores; "
-            f"{'quick' if quick else 'full'} mode")
+        log(f"{torch.get_num_threads()} torch threads by default, {pm.cores()} cores, load "
+            f"average {_load()}; {'quick' if quick else 'full'} mode")
         for wl in wls:
             x, y = pm.data(wl)
             if pair is not None and pair.procs:
@@ -516,7 +526,7 @@ def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = 
         if pair is not None:
             pair.close()
     write_outputs(out, report)
-    log(f"peers: {time.monotonic() - t0:.0f} s; {out}/peers.json, peers.csv, peers.png")
+    log(f"peers: {time.monotonic() - t0:.0f} s, load average now {_load()}; {out}/peers.json, peers.csv, peers.png")
     return report
 
 
