@@ -447,6 +447,7 @@ def write_outputs(out: pathlib.Path, report: List[Dict[str, object]]) -> None:
                             r["bubble"], r["peak_rss_bytes"], r["steps"], r["error"] or ""])
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -461,6 +462,8 @@ def write_outputs(out: pathlib.Path, report: List[Dict[str, object]]) -> None:
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")     # the fine grain spans 1x (unsplit) to ~500x (PiPPy)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for i, r in enumerate(rows):
             ax.text(r["over_unsplit1"], i, f" {r['over_unsplit1']:.2f}", va="center", fontsize=7)
         ax.set_title(f"{wlr['workload']}: step time / unsplit (1 thread)", fontsize=10)
