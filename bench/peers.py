@@ -389,6 +389,10 @@ def summarize(wl: Workload, results: List[Result]) -> Dict[str, object]:
         "pippy_over_pipetrain": _ratio(bp, bt) if bp and bt else None,
         # The floor: per round, the faster of its thread and process forms.
         "pipetrain_over_floor": _ratio(bt, floors) if bt and floors else None,
+        # Each form apart: threads share one GIL (what an in-process engine is bound by),
+        # processes do not (what a multi-process engine could reach).
+        **{f"pipetrain_over_floor_{'threads' if 'thread' in f.row.name else 'processes'}":
+           (_ratio(bt, f) if bt else None) for f in floors},
         "pipetrain_over_unsplit1": _ratio(bt, base) if bt and base else None,
     }
     loop = next((r for r in results if r.row.name.startswith("grad-accum") and r.median), None)
@@ -424,7 +428,9 @@ def print_table(wl: Workload, results: List[Result], summary: Dict[str, object])
     s = summary
     print(f"best PiPPy / best pipetrain = {_fmt(s['pippy_over_pipetrain'], '.2f')} "
           f"({s['best_pippy']} / {s['best_pipetrain']}); best pipetrain / floor = "
-          f"{_fmt(s['pipetrain_over_floor'], '.2f')} (floor: faster of threads/processes per round)"
+          f"{_fmt(s['pipetrain_over_floor'], '.2f')} (floor: faster of threads/processes per round; "
+          f"vs threads {_fmt(s.get('pipetrain_over_floor_threads'), '.2f')}, vs processes "
+          f"{_fmt(s.get('pipetrain_over_floor_processes'), '.2f')})"
           + (f"; pipetrain p=1 / plain loop = {_fmt(s['pipetrain_p1_over_loop'], '.2f')}"
              if "pipetrain_p1_over_loop" in s else "")
           + (f" (1 thread: {_fmt(s['pipetrain_p1_1thr_over_loop'], '.2f')})"
