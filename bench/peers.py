@@ -535,6 +535,10 @@ def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = 
         if pair is not None:
             pair.close()
     write_outputs(out, report)
+    log("bubble: idle share of device time over the compute actions' makespan (pipetrain: "
+        "stats().bubble_ratio; PiPPy: its stages' forward/backward calls, timed by wrapping them; "
+        "floor: the two workers' spans). peak RSS: resident-set growth during a step, summed over "
+        "processes. t/unsplit1 and the ratios: medians over rounds of per-round ratios.")
     log(f"peers: {time.monotonic() - t0:.0f} s, load average now {_load()}; {out}/peers.json, peers.csv, peers.png")
     return report
 

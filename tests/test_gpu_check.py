@@ -9,6 +9,9 @@ import sqlite3
 import sys
 import time
 
+import pytest
+import torch
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -43,6 +46,7 @@ def test_no_gpu_prints_what_it_would_run_and_exits_0(tmp_path):
     assert "no CUDA device" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path (a GPU is present)")
 def test_no_gpu_through_the_bench_entry_point(tmp_path):
     # The real probe, in a child process: this machine has no CUDA device.
     r = gc.run_cmd([sys.executable, "-m", "bench", "--gpu-check", "--out", str(tmp_path)], 120)
