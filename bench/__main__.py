@@ -11,7 +11,7 @@ import pathlib
 import sys
 
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
-SECTIONS = ["schedule_table", "executor_overhead", "training", "optim_kernels", "peers",
+SECTIONS = ["schedule_table", "executor_overhead", "step_overhead", "training", "optim_kernels", "peers",
             "graph_partition", "convergence"]
 
 

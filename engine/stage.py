@@ -94,6 +94,10 @@ class _Saved:
     w_fallback: Optional[Tuple[list, list, list]] = None  # (tensors, grads, params)
 
 
+#: Set True to measure every forward's saved tensors in runs too (the bench's "before" row).
+MEASURE_EACH_FORWARD = False
+
+
 class _Run:
     """The state of one run on one stage (see the module docstring)."""
 
@@ -109,7 +113,7 @@ class _Run:
         # A run (staged) measures what a forward saves once per input signature and reuses
         # the count: watching every saved tensor through a Python hook costs ~1.5 us each,
         # 10-15 % of a fine-grained step. Used on its own, a stage measures every forward.
-        self.saved_bytes: Optional[Dict[Any, int]] = {} if staged else None
+        self.saved_bytes: Optional[Dict[Any, int]] = {} if staged and not MEASURE_EACH_FORWARD else None
         # Whether the stage draws random numbers, fixed for the run (None: ask each time).
         self.uses_rng = uses_rng
 
