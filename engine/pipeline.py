@@ -31,6 +31,7 @@ from pipetrain import arguments as args
 from pipetrain import checkpoint as ckpt
 from pipetrain import partition
 from pipetrain import transport
+from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage import Stage
@@ -115,10 +116,15 @@ class Pipeline:
                  checkpoint: str = "never", num_chunks: Optional[int] = None,
                  check_finite: bool = False, num_threads: Optional[int] = None,
                  rng_lock: Optional[bool] = None, timeout: float = 60.0, transfer: str = "auto",
-                 profile_steps: Optional[Tuple[int, int]] = None) -> None:
+                 profile_steps: Optional[Tuple[int, int]] = None, leaf_modules: Sequence[Any] = (),
+                 memory_limit: Optional[float] = None, example_inputs: Any = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
-        layers = partition.layers_of(model)
+        # A model that is not a sequence of layers is an operator graph (GraphPipe path):
+        # built from a sample micro-batch, at the first step unless example_inputs is given.
+        self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
+            else graph_build.GraphModel(model, leaf_modules, memory_limit)
+        layers = partition.layers_of(model) if self._graph_model is None else []
         timeout = check_timeout(timeout)
         transport.check_mode(transfer)
         ckpt.checkpoint_flags(checkpoint, 1)
@@ -126,6 +132,17 @@ class Pipeline:
         args.check_flag("rng_lock", rng_lock, allow_none=True)
         self.profile_steps = args.check_profile_steps(profile_steps)
         p = args.resolve_num_devices(num_devices, num_stages)
+        self.checkpoint, self.timeout, self.transfer = checkpoint, timeout, transfer
+        self._stats: Optional[StepStats] = None
+        self._lock = threading.Lock()
+        if self._graph_model is not None:
+            self._graph_model.configure(self, schedule=schedule, num_devices=p, devices=devices,
+                                        num_microbatches=num_microbatches, num_chunks=num_chunks,
+                                        loss_fn=loss_fn, checkpoint=checkpoint, rng_lock=rng_lock,
+                                        check_finite=check_finite, num_threads=num_threads)
+            if example_inputs is not None:
+                self._graph_model.build(example_inputs)
+            return
         self.schedule = args.build_schedule(schedule, p, balance, num_microbatches, num_chunks,
                                             len(layers))
         self.plan = Plan(self.schedule)
@@ -152,17 +169,17 @@ class Pipeline:
                                    checkpoint=recompute, loss_fn=None if info.outputs else loss_fn,
                                    input_grad=bool(info.inputs), rng_lock=rng_lock,
                                    check_finite=check_finite)
+        self._start_runner(num_threads)
+
+    def _start_runner(self, num_threads: Optional[int]) -> None:
+        graph = self.plan.graph
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self.num_threads = args.check_num_threads(num_threads, cuda, _cores(), self.num_devices)
-        self.timeout = timeout
         self.runner = Runner(self.num_devices, self.devices,
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],
-                             transfer=transfer, timeout=timeout, profile_steps=self.profile_steps,
-                             num_threads=self.num_threads)
-        self.transfer = transfer
-        self._stats: Optional[StepStats] = None
-        self._lock = threading.Lock()
+                             transfer=self.transfer, timeout=self.timeout,
+                             profile_steps=self.profile_steps, num_threads=self.num_threads)
 
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
@@ -193,6 +210,8 @@ class Pipeline:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
+            if self._graph_model is not None and self._graph_model.built is None:
+                self._graph_model.build_from_batch(inputs)
             outcome = self._execute(self.plan, [(inputs, targets)])
             loss = outcome.run.losses_per_minibatch()[0]
             self._stats = self._measure(outcome)
@@ -276,10 +295,23 @@ class Pipeline:
                              f"{st.schedule}  p={st.num_devices} m={st.num_microbatches}  "
                              f"bubble {100 * st.bubble_ratio:.1f} %")
 
+    @property
+    def stage_graph(self) -> Any:
+        """A graph model's stages: operators, edges and devices (printable); None for a
+        sequence of layers or before the first step."""
+        return None if self._graph_model is None else self._graph_model.summary()
+
+    def plot_stage_graph(self, path: Any) -> Any:
+        """Draw a graph model's operator graph coloured by stage device (after the build)."""
+        if self._graph_model is None or self._graph_model.built is None:
+            raise RuntimeError("plot_stage_graph needs a graph model, built (after step())")
+        return self._graph_model.plot(path)
+
     def close(self) -> None:
         """Stop the executor's threads (also done when the pipeline is garbage-collected). A
         step running in another thread then fails with a PipelineError."""
-        self.runner.close()
+        if hasattr(self, "runner"):
+            self.runner.close()
 
     def __repr__(self) -> str:
         return (f"Pipeline(schedule={self.schedule.name!r}, num_devices={self.num_devices}, "
