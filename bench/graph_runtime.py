@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 import pipetrain
+from pipetrain.graphpipe.build import measure
+from pipetrain.graphpipe.capture import capture
 
 
 class _Block(nn.Module):
@@ -101,9 +103,9 @@ def _data(name: str, batch: int, quick: bool):
     return (dense, sparse), torch.randn(batch, 1, generator=g)
 
 
-def _row(name, model, schedule, p, m, xs, y, steps, out):
+def _row(name, model, schedule, p, m, xs, y, steps, out, times):
     pipe = pipetrain.Pipeline(model, num_devices=p, schedule=schedule, num_microbatches=m,
-                              loss_fn=_mse, timeout=600.0)
+                              loss_fn=_mse, timeout=600.0, op_times=times)
     try:
         pipe.step(xs, y)            # the first step captures, measures and partitions
         walls = []
@@ -153,7 +155,12 @@ def run(quick: bool, out: pathlib.Path) -> None:
     for name, make in models.items():
         model = make()
         xs, y = _data(name, batch, quick)
-        rows = [_row(name, model, s, p, m, xs, y, steps, out) for s in ("graphpipe", "1f1b", "gpipe")]
+        # Operator costs measured once (best of 5 on one micro-batch), so every schedule plans
+        # and is simulated on the same numbers.
+        sample = tuple(x[:batch // m] for x in xs)
+        times = measure(capture(model), sample, repeats=5)[0]
+        rows = [_row(name, model, s, p, m, xs, y, steps, out, times)
+                for s in ("graphpipe", "1f1b", "gpipe")]
         print(f"\n{name}: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params")
         print(rows[0]["graph"])
         print(f"{'schedule':>10} {'stages':>6} {'depth':>5} {'sim op':>9} {'sim step':>9} "

@@ -117,13 +117,14 @@ class Pipeline:
                  check_finite: bool = False, num_threads: Optional[int] = None,
                  rng_lock: Optional[bool] = None, timeout: float = 60.0, transfer: str = "auto",
                  profile_steps: Optional[Tuple[int, int]] = None, leaf_modules: Sequence[Any] = (),
-                 memory_limit: Optional[float] = None, example_inputs: Any = None) -> None:
+                 memory_limit: Optional[float] = None, example_inputs: Any = None,
+                 op_times: Optional[dict] = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
         # A model that is not a sequence of layers is an operator graph (GraphPipe path):
         # built from a sample micro-batch, at the first step unless example_inputs is given.
         self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
-            else graph_build.GraphModel(model, leaf_modules, memory_limit)
+            else graph_build.GraphModel(model, leaf_modules, memory_limit, op_times)
         layers = partition.layers_of(model) if self._graph_model is None else []
         timeout = check_timeout(timeout)
         transport.check_mode(transfer)

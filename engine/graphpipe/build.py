@@ -182,9 +182,12 @@ def build(model: Any, sample: Any, *, schedule: Any, num_devices: int, num_micro
           loss_fn: Any, checkpoint: str = "never", num_chunks: Optional[int] = None,
           leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
           rng_lock: Optional[bool] = None, check_finite: bool = False,
-          devices: Optional[Sequence[torch.device]] = None) -> Built:
+          devices: Optional[Sequence[torch.device]] = None,
+          times: Optional[Dict[str, Tuple[float, float]]] = None) -> Built:
     """Stages and schedule for ``model`` (see the module docstring). ``sample``: one
-    micro-batch of inputs (a tuple is ``model(*sample)``), used to measure the operators."""
+    micro-batch of inputs (a tuple is ``model(*sample)``), used to measure the operators;
+    ``times``: ``{fx node name: (forward_s, backward_s)}`` per sample to use instead of
+    measuring (e.g. measured once for several pipelines, so they plan on the same costs)."""
     from pipetrain import arguments as args
     from pipetrain import schedules
     from pipetrain.graphpipe import CostModel, opgraph_from_fx, partition
@@ -192,7 +195,11 @@ def build(model: Any, sample: Any, *, schedule: Any, num_devices: int, num_micro
 
     gm = capture(model, leaf_modules)
     sample_args = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
-    times, _, batch = measure(gm, sample_args)
+    if times is None:
+        times, _, batch = measure(gm, sample_args)
+    else:
+        first = _tensors(sample_args)
+        batch = int(first[0].shape[0]) if first and first[0].dim() else 1
     ops = [nd for nd in gm.graph.nodes if nd.op not in ("placeholder", "output", "get_attr")]
     built = Built(None, [], gm, {}, times=times)
     if schedule == "graphpipe":

@@ -17,8 +17,10 @@ __all__ = ["GraphModel"]
 class GraphModel:
     """A graph model's capture options and, once built, its :class:`~.build.Built`."""
 
-    def __init__(self, model: Any, leaf_modules: Sequence[Any], memory_limit: Optional[float]):
+    def __init__(self, model: Any, leaf_modules: Sequence[Any], memory_limit: Optional[float],
+                 op_times: Optional[dict] = None):
         self.model, self.leaf_modules, self.memory_limit = model, list(leaf_modules), memory_limit
+        self.op_times = op_times
         self.built: Any = None
         self._pipe: Any = None
         self._options: Dict[str, Any] = {}
@@ -50,7 +52,8 @@ class GraphModel:
                   num_microbatches=pipe.num_microbatches, loss_fn=o["loss_fn"],
                   checkpoint=o["checkpoint"], num_chunks=o["num_chunks"],
                   leaf_modules=self.leaf_modules, memory_limit=self.memory_limit,
-                  rng_lock=o["rng_lock"], check_finite=o["check_finite"], devices=devices)
+                  rng_lock=o["rng_lock"], check_finite=o["check_finite"], devices=devices,
+                  times=self.op_times)
         pipe.schedule, pipe.plan, pipe.stages = b.schedule, Plan(b.schedule), b.stages
         graph = pipe.plan.graph
         pipe.num_devices, pipe.num_stages = graph.num_devices, graph.num_stages
