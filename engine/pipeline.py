@@ -29,7 +29,8 @@ from torch import nn
 
 from pipetrain import arguments as args
 from pipetrain import checkpoint as ckpt
-from pipetrain import partition
+from pipetrain import distributed
+from pipetrain import losses, partition
 from pipetrain import transport
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
@@ -115,7 +116,8 @@ class Pipeline:
                  checkpoint: str = "never", num_chunks: Optional[int] = None,
                  check_finite: bool = False, num_threads: Optional[int] = None,
                  rng_lock: Optional[bool] = None, timeout: float = 60.0, transfer: str = "auto",
-                 profile_steps: Optional[Tuple[int, int]] = None) -> None:
+                 profile_steps: Optional[Tuple[int, int]] = None,
+                 data_parallel: Optional[int] = None, init_fn: Any = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
         layers = partition.layers_of(model)
@@ -140,9 +142,16 @@ class Pipeline:
         order = graph.topological_order()          # a chain: source to sink
         parts = partition.split(layers, len(order), balance)
         self.balance = [len(part) for part in parts]
+        loss_fn = self._loss = losses.LossFn(loss_fn)
+        self.found_inf = False
+        self.dist = distributed.wanted(data_parallel) and distributed.Distributed(
+            self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
+            timeout=timeout) or None
         self.stages: List[Stage] = [None] * len(order)   # type: ignore[list-item]
         for part, k in zip(parts, order):
             info = graph.stage(k)
+            if self.dist is not None and not self.dist.is_local(k):
+                continue    # another rank's stage
             device = self.devices[info.device]
             for layer in part:
                 if any(t.device != device for t in list(layer.parameters()) + list(layer.buffers())):
@@ -152,6 +161,7 @@ class Pipeline:
                                    checkpoint=recompute, loss_fn=None if info.outputs else loss_fn,
                                    input_grad=bool(info.inputs), rng_lock=rng_lock,
                                    check_finite=check_finite)
+            self.stages[k].grad_scale = self._loss.grad_scale
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self.num_threads = args.check_num_threads(num_threads, cuda, _cores(), self.num_devices)
         self.timeout = timeout
@@ -159,14 +169,34 @@ class Pipeline:
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],
                              transfer=transfer, timeout=timeout, profile_steps=self.profile_steps,
-                             num_threads=self.num_threads)
+                             num_threads=self.num_threads) if self.dist is None \
+            else self.dist.make_runner(self)
         self.transfer = transfer
         self._stats: Optional[StepStats] = None
         self._lock = threading.Lock()
 
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
-        return [p for st in self.stages for p in st.parameters()]
+        return [p for st in self.stages if st is not None for p in st.parameters()]
+
+    @property
+    def pp_rank(self) -> int:
+        """This process's pipeline device (0 in one process)."""
+        return self.dist.mesh.pp_rank if self.dist is not None else 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel replica (0 in one process)."""
+        return self.dist.mesh.dp_rank if self.dist is not None else 0
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale every stage's gradients (on every rank) so that their total norm is at most
+        ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the unsplit model (a tied
+        weight counted once); returns the total norm before clipping, on every rank."""
+        if self.dist is not None:
+            return self.dist.clip_grad_norm_(self, max_norm, norm_type)
+        unique = list({id(p): p for p in self.parameters()}.values())
+        return torch.nn.utils.clip_grad_norm_(unique, max_norm, norm_type)
 
     # -- the step -------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -193,8 +223,11 @@ class Pipeline:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
+            if self.dist is not None:
+                return self.dist.step(self, inputs, targets)
+            self._loss.begin(targets)
             outcome = self._execute(self.plan, [(inputs, targets)])
-            loss = outcome.run.losses_per_minibatch()[0]
+            loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
             self._stats = self._measure(outcome)
             return loss
         finally:

@@ -1,0 +1,249 @@
+"""Wire: boundary values between ranks as torch.distributed point-to-point messages.
+
+One *stream* per (edge, direction) of the stage graph carries the messages of that edge in
+one direction (forward values producer -> consumer, gradients back), in the order the
+schedule sends them. A message is::
+
+    header   int64[2] = (sequence number, length of the description; 0: unchanged)
+    meta     uint8[len]: pickled structure, shapes, dtypes, plain (non-tensor) leaves —
+             sent only when they differ from this stream's previous message
+    data     one tensor per tensor leaf
+
+Each part has its own tag (``tag_of``), so a receiver can post the next headers early
+without them matching another part (gloo matches messages per source and tag, in order).
+The sequence number catches a schedule whose sends and receives disagree on the order.
+
+Every wait is bounded (:func:`wait_all`): it polls the works, a shared failure *board* (the
+process group's store: a rank that fails posts its error there, so ranks waiting on someone
+else learn about it within a poll interval) and a deadline. A peer that dies makes gloo fail
+the pending operation (connection closed) and the wait names that rank.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from pipetrain.mailbox import VALUE
+from pipetrain.microbatch import flatten, unflatten
+
+__all__ = ["Board", "PeerFailed", "Stream", "tag_of", "wait_all", "watch", "encode"]
+
+HEADER, META, DATA = 0, 1, 2
+
+
+def tag_of(edge: int, direction: str, part: int) -> int:
+    """The tag of one part of the messages of stream (edge, direction)."""
+    return (edge * 2 + (0 if direction == VALUE else 1)) * 3 + part
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed or stopped answering; the message says which and where."""
+
+    def __init__(self, message: str, rank: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class Board:
+    """Where the first failure of a step is posted for every rank (the process group's store).
+
+    Keys are per pipeline and step, so a new step never sees an old failure. Store errors
+    (the rank hosting the store died) read as that rank having stopped answering.
+    """
+
+    def __init__(self, store: Any, prefix: str, host_rank: int = 0) -> None:
+        self.store, self.prefix, self.host_rank = store, prefix, host_rank
+        self.step = 0
+
+    def _key(self) -> str:
+        return f"{self.prefix}/failed/{self.step}"
+
+    def post(self, text: str) -> None:
+        """Publish ``text`` as this step's failure (the first post wins)."""
+        if self.store is None:
+            return
+        try:
+            # compare_set with an empty expected value only writes when the key is absent.
+            self.store.compare_set(self._key(), "", text)
+        except Exception:  # noqa: BLE001  the store's host is gone: nothing to tell anyone
+            pass
+
+    def read(self) -> Optional[str]:
+        """This step's failure, if one was posted."""
+        if self.store is None:
+            return None
+        try:
+            if self.store.check([self._key()]):
+                return self.store.get(self._key()).decode()
+        except Exception as err:  # noqa: BLE001
+            return (f"rank {self.host_rank} (host of the process group's store) stopped "
+                    f"answering ({type(err).__name__}: {err})")
+        return None
+
+
+# gloo's point-to-point works cannot be polled (is_completed stays False until wait() is
+# called) and a wait with a timeout breaks the pair, so blocking waits run on helper threads
+# and the caller polls their futures, the board and its deadline.
+_WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="pipetrain-wait")
+
+
+def _peer_error(err: BaseException, peer: Optional[int], me: int, what: str) -> PeerFailed:
+    who = f"rank {peer}" if peer is not None else "a rank of the group"
+    first = str(err).splitlines()[0] if str(err) else ""
+    return PeerFailed(f"{who} stopped answering ({type(err).__name__}: {first}): rank {me} "
+                      f"was waiting for {what}", rank=peer)
+
+
+def watch(done: Callable[[float], bool], *, deadline: float, board: Board,
+          peer: Optional[int], me: int, what: str) -> None:
+    """Call ``done(poll_seconds)`` until it is True; between calls read ``board`` and check
+    ``deadline``. Raises PeerFailed (another rank's posted failure, or the deadline)."""
+    while not done(0.1):
+        posted = board.read()
+        if posted is not None:
+            raise PeerFailed(f"{posted} (rank {me} was waiting for {what})")
+        if time.monotonic() >= deadline:
+            who = f"rank {peer}" if peer is not None else "a rank of the group"
+            raise PeerFailed(f"{who} stopped answering: rank {me} waited for {what} past the "
+                             f"timeout", rank=peer)
+
+
+def wait_all(works: Sequence[Any], *, deadline: float, board: Board, peer: Optional[int],
+             me: int, what: str) -> None:
+    """Wait for torch.distributed ``works`` until ``deadline`` (``time.monotonic()``),
+    watching ``board``. Raises PeerFailed naming ``peer`` (the rank the works wait on; None
+    for a collective) when an operation fails (a dead peer closes the connection), when
+    another rank posted a failure, or when the deadline passes."""
+    futures = [_WAITERS.submit(w.wait) for w in works if w is not None]
+    if not futures:
+        return
+
+    def done(poll: float) -> bool:
+        return not futures_wait(futures, timeout=poll, return_when=FIRST_EXCEPTION).not_done \
+            or any(f.done() and f.exception() is not None for f in futures)
+
+    watch(done, deadline=deadline, board=board, peer=peer, me=me, what=what)
+    for f in futures:
+        if f.exception() is not None:
+            raise _peer_error(f.exception(), peer, me, what) from None
+
+
+def encode(value: Any) -> Tuple[List[torch.Tensor], bytes]:
+    """The tensors of ``value`` (contiguous) and the description of everything else."""
+    leaves, spec = flatten(value)
+    tensors, desc = [], []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach()
+            tensors.append(t if t.is_contiguous() else t.contiguous())
+            desc.append(("t", tuple(t.shape), t.dtype))
+        else:
+            desc.append(("o", leaf))
+    return tensors, pickle.dumps((spec, desc), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Stream:
+    """The messages of one (edge, direction) between this rank and ``peer``.
+
+    Sending (on the producer's issuing thread): :meth:`send` posts the header, the
+    description if it changed, and the data, and returns the works. Receiving: a run says how
+    many messages it expects (:meth:`expect`); a helper thread then receives them one after
+    another — each receive is posted as soon as the previous message is in, so transfers land
+    while the rank computes — and :meth:`take` hands them out in order (bounded wait).
+    """
+
+    def __init__(self, edge: int, direction: str, peer: int, device: torch.device,
+                 name: str) -> None:
+        self.edge, self.direction, self.peer, self.device = edge, direction, peer, device
+        self.name = f"{name} ({'values' if direction == VALUE else 'gradients'})"
+        self.tags = [tag_of(edge, direction, part) for part in (HEADER, META, DATA)]
+        self.meta: Any = None            # receiving: the description in force
+        self.sent_meta: Optional[bytes] = None
+        self.seq = 0                     # sending: next sequence number, per run
+        self._taken = 0
+        self._ready: Dict[int, Any] = {}
+        self._error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+
+    # -- sending -------------------------------------------------------------------------
+    def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
+        """Post the message for ``value``; returns the works and the buffers to keep alive."""
+        tensors, meta = encode(value)
+        changed = meta != self.sent_meta
+        header = torch.tensor([self.seq, len(meta) if changed else 0], dtype=torch.int64)
+        self.seq += 1
+        works = [dist.isend(header, dst=self.peer, tag=self.tags[HEADER])]
+        keep = [header] + tensors
+        if changed:
+            buf = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+            works.append(dist.isend(buf, dst=self.peer, tag=self.tags[META]))
+            keep.append(buf)
+            self.sent_meta = meta
+        works += [dist.isend(t, dst=self.peer, tag=self.tags[DATA]) for t in tensors]
+        return works, keep
+
+    # -- receiving -----------------------------------------------------------------------
+    def expect(self, count: int) -> None:
+        """Start a run that receives ``count`` messages on this stream (0: none)."""
+        self.seq, self._taken, self._ready, self._error = 0, 0, {}, None
+        if count:
+            threading.Thread(target=self._receive, args=(count,), daemon=True,
+                             name=f"pipetrain-recv {self.name}").start()
+
+    def _receive(self, count: int) -> None:
+        try:
+            for seq in range(count):
+                header = torch.zeros(2, dtype=torch.int64)
+                dist.irecv(header, src=self.peer, tag=self.tags[HEADER]).wait()
+                if int(header[0]) != seq:
+                    raise RuntimeError(f"rank {self.peer} sent message {int(header[0])} of "
+                                       f"{self.name} where {seq} was expected (the ranks' "
+                                       "schedules disagree)")
+                if int(header[1]):
+                    buf = torch.empty(int(header[1]), dtype=torch.uint8)
+                    dist.irecv(buf, src=self.peer, tag=self.tags[META]).wait()
+                    self.meta = pickle.loads(buf.numpy().tobytes())
+                if self.meta is None:
+                    raise RuntimeError(f"rank {self.peer} sent no description on {self.name}")
+                spec, desc = self.meta
+                tensors = [torch.empty(d[1], dtype=d[2], device=self.device)
+                           for d in desc if d[0] == "t"]
+                works = [dist.irecv(t, src=self.peer, tag=self.tags[DATA]) for t in tensors]
+                for w in works:
+                    w.wait()
+                it = iter(tensors)
+                value = unflatten([next(it) if d[0] == "t" else d[1] for d in desc], spec)
+                with self._cond:
+                    self._ready[seq] = value
+                    self._cond.notify_all()
+        except BaseException as err:  # noqa: BLE001  handed to the waiting action
+            with self._cond:
+                self._error = err
+                self._cond.notify_all()
+
+    def take(self, *, deadline: float, board: Board, me: int, what: str) -> Any:
+        """The next message's value, waiting (bounded) for it."""
+        seq = self._taken
+
+        def done(poll: float) -> bool:
+            with self._cond:
+                if seq not in self._ready and self._error is None:
+                    self._cond.wait(poll)
+                return seq in self._ready or self._error is not None
+
+        watch(done, deadline=deadline, board=board, peer=self.peer, me=me, what=what)
+        if seq not in self._ready:
+            err = self._error
+            if isinstance(err, RuntimeError) and "schedules disagree" in str(err):
+                raise err
+            raise _peer_error(err, self.peer, me, what) from None
+        self._taken += 1
+        return self._ready.pop(seq)
