@@ -85,9 +85,14 @@ def _fingerprint(pipe: Any, layers: Sequence[nn.Module], mesh: Mesh) -> dict:
                                 for layer in layers]}
 
 
-def _check_agreement(mine: dict, mesh: Mesh) -> None:
+def _check_agreement(mine: dict, mesh: Mesh) -> int:
+    """Raise ValueError naming the first rank whose pipeline differs from rank 0's; returns
+    rank 0's pipeline number (processes may have built different numbers of pipelines
+    before, so the board's keys use rank 0's)."""
     everyone: List[Any] = [None] * mesh.world_size
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, (next(_PIPELINES), mine))
+    number = everyone[0][0]
+    everyone = [e[1] for e in everyone]
     ref = everyone[0]
     for r, theirs in enumerate(everyone):
         for key in ref:
@@ -99,6 +104,7 @@ def _check_agreement(mine: dict, mesh: Mesh) -> None:
                     key = f"model structure at layer {i}"
                 raise ValueError(f"rank {r} differs from rank 0 in {key}: rank 0 has {a!r}, "
                                  f"rank {r} has {b!r} (every rank must build the same Pipeline)")
+    return number
 
 
 class Distributed:
@@ -112,7 +118,7 @@ class Distributed:
         self.device = local_device()
         self.timeout = timeout
         pipe.devices = [self.device] * graph.num_devices
-        _check_agreement(_fingerprint(pipe, layers, mesh), mesh)
+        number = _check_agreement(_fingerprint(pipe, layers, mesh), mesh)
         dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
         self.local = [k for k in range(graph.num_stages) if dev_of[k] == mesh.pp_rank]
         stage_of_layer: List[int] = []
@@ -142,7 +148,7 @@ class Distributed:
                                    group=tie.groups[mesh.dp_rank])
         self.plan = Plan(pipe.schedule.lower())
         store = dist.distributed_c10d._get_default_store()
-        self.board = Board(store, f"pipetrain/{next(_PIPELINES)}")
+        self.board = Board(store, f"pipetrain/{number}")
         self.runner: Optional[RankRunner] = None
 
     def is_local(self, stage: int) -> bool:
@@ -241,7 +247,9 @@ class Distributed:
             if tie.param is not None and tie.devices[0] != self.mesh.pp_rank:
                 own.add(id(tie.param))
         params = [p for p in pipe.parameters() if id(p) not in own]
-        return grads_mod.clip_grad_norm_(params, max_norm, norm_type, self.mesh.pp_group, self._wait)
+        copies = [p for p in pipe.parameters() if id(p) in own]
+        return grads_mod.clip_grad_norm_(params, max_norm, norm_type, self.mesh.pp_group,
+                                         self._wait, also=copies)
 
     def close(self) -> None:
         if self.runner is not None:

@@ -133,9 +133,10 @@ def sum_tied(ties: Sequence[Tie], stages: Sequence[Any], replica: int, wait: Any
 
 
 def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, norm_type: float,
-                    group: Any, wait: Any) -> torch.Tensor:
+                    group: Any, wait: Any, also: Sequence[nn.Parameter] = ()) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the parameters of every rank of ``group``
-    (each parameter counted once across ranks: ``params`` excludes duplicate tied copies)."""
+    (each parameter counted once across ranks: ``params`` excludes duplicate tied copies,
+    which are given in ``also`` and scaled like the rest)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm_type = float(norm_type)
     dev = grads[0].device if grads else torch.device("cpu")
@@ -151,6 +152,6 @@ def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, norm_type: 
         wait([dist.all_reduce(total, op=op, group=group, async_op=True)], "the global gradient norm")
     total = total[0] if math.isinf(norm_type) else total[0] ** (1.0 / norm_type)
     coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-    for g in grads:
+    for g in grads + [p.grad for p in also if p.grad is not None]:
         g.detach().mul_(coef.to(g.dtype))
     return total

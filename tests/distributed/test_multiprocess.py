@@ -1,0 +1,71 @@
+"""Multi-process pipelines on gloo (127.0.0.1): every number is checked against the unsplit
+model computed in the same process. One pool of 4 worker processes serves the whole module;
+every task is bounded in time and the pool is killed at the end (also on failure)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from tests.distributed.pool import Pool  # noqa: E402
+
+S = "tests.distributed.scenarios"
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pl = Pool(4)
+    yield pl
+    pl.close()
+
+
+def _check(results, world, clip=False):
+    assert len(results) == world
+    for r, res in enumerate(results):
+        assert res["params"] if "params" in res else True
+        for err in res["errs"]:
+            assert err["loss"] < TOL and err["grad"] < TOL, (r, err)
+            assert err["params"] > 0
+            if clip:
+                assert err["norm"] < TOL, (r, err)
+
+
+CASES = [("gpipe", 2), ("1f1b", 3), ("interleaved-1f1b", 2), ("zb-h1", 4), ("zb-h2", 3),
+         ("1f1b", 4), ("gpipe", 3), ("zb-h1", 2)]
+
+
+@pytest.mark.parametrize("schedule,p", CASES)
+def test_schedule_equals_unsplit(pool, schedule, p):
+    m = 2 * p if schedule == "interleaved-1f1b" else 4
+    res = pool.run(S, "train", p, schedule=schedule, p=p, m=m)
+    _check(res, p)
+    assert sorted(r["pp_rank"] for r in res) == list(range(p))
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_tied_clip_token_level(pool, p):
+    res = pool.run(S, "train", p, schedule="1f1b", p=p, m=3, tied=True, clip=True, token=True)
+    _check(res, p, clip=True)
+
+
+def test_data_parallel_2x2_equals_unsplit_on_combined_batch(pool):
+    res = pool.run(S, "train", 4, schedule="1f1b", p=2, m=2, data_parallel=2, tied=True)
+    _check(res, 4)
+    assert sorted((r["dp_rank"], r["pp_rank"]) for r in res) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_stage_exception_reaches_every_rank(pool):
+    res = pool.run(S, "fail_in_stage", 3, p=3, bad_rank=1)
+    for r in res:
+        assert r["error"] is not None and "rank 1" in r["error"] and "boom" in r["error"], r
+        assert r["seconds"] < 10
+    assert "stage 1" in res[1]["error"] and "micro-batch 0" in res[1]["error"]
+
+
+def test_ranks_that_disagree_fail_at_construction(pool):
+    res = pool.run(S, "disagree", 2, p=2)
+    for r in res:
+        assert r["error"] is not None and "rank 1" in r["error"] and "num_microbatches" in r["error"]
