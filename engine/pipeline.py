@@ -198,6 +198,17 @@ class Pipeline:
         unique = list({id(p): p for p in self.parameters()}.values())
         return torch.nn.utils.clip_grad_norm_(unique, max_norm, norm_type)
 
+    def state_dict(self, optimizer: Any = None) -> dict:
+        """This process's stages' tensors (and ``optimizer``'s state for them), keyed as in
+        the unsplit model (:mod:`pipetrain.checkpointing`)."""
+        from pipetrain import checkpointing
+        return checkpointing.state_dict(self, optimizer)
+
+    def load_state_dict(self, state: dict, optimizer: Any = None, strict: bool = True) -> None:
+        """Load :meth:`state_dict` output (from any split) into this process's stages."""
+        from pipetrain import checkpointing
+        checkpointing.load_state_dict(self, state, optimizer, strict)
+
     # -- the step -------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
         """One mini-batch: every forward and backward of the schedule.

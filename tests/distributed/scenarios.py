@@ -167,3 +167,35 @@ def disagree(p: int) -> dict:
     except ValueError as err:
         return {"error": str(err)}
     return {"error": None}
+
+
+def resume(phase: str, p: int, path: str, steps: int = 2) -> dict:
+    """``save``: 2 steps with Adam, checkpoint, ``steps`` more (their losses returned).
+    ``load``: a fresh model (other seed) and optimizer, load, the same ``steps`` steps."""
+    import torch.distributed as dist
+    torch.manual_seed(0 if phase == "save" else 123)
+    net = model(5, False)
+    if phase == "load":
+        with torch.no_grad():
+            for prm in net.parameters():
+                prm.add_(1.0)           # anything but the saved weights
+    pipe = pipetrain.Pipeline(net, num_devices=p, schedule="1f1b", num_microbatches=4,
+                              loss_fn=mse, timeout=30)
+    opt = torch.optim.Adam(pipe.parameters(), lr=0.01)
+
+    def one(step):
+        opt.zero_grad()
+        x, y = batch(8, step, False)
+        loss = pipe.step(x, y)
+        opt.step()
+        return float(loss)
+
+    if phase == "save":
+        for s in range(2):
+            one(s)
+        pipetrain.save_checkpoint(pipe, path, opt)
+    else:
+        pipetrain.load_checkpoint(pipe, path, opt)
+    losses = [one(2 + s) for s in range(steps)]
+    pipe.close()
+    return {"losses": losses, "rank": dist.get_rank()}
