@@ -1,6 +1,7 @@
 """The main job: every benchmark section in turn, printing tables and writing pictures.
 
-Usage: ``python -m bench [--quick] [--out DIR] [--only SECTION ...]``
+Usage: ``python -m bench [--quick] [--out DIR] [--only SECTION ...]``, or
+``python -m bench --gpu-check [--out DIR]`` (bench/gpu_check.py).
 Each section is a module in ``bench/`` with ``run(quick: bool, out: pathlib.Path) -> None``.
 """
 
@@ -10,7 +11,8 @@ import pathlib
 import sys
 
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
-SECTIONS = ["schedule_table", "executor_overhead", "training", "optim_kernels", "graph_partition"]
+SECTIONS = ["schedule_table", "executor_overhead", "training", "optim_kernels", "peers",
+            "graph_partition", "convergence"]
 
 
 def main(argv=None) -> int:
@@ -19,7 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/out"),
                         help="where pictures and traces go (default: bench/out)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="GPU readiness check instead of the sections (bench/gpu_check.py)")
     args = parser.parse_args(argv)
+    if args.gpu_check:
+        from bench import gpu_check
+        return gpu_check.main(["--out", str(args.out)])
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or SECTIONS:
         print(f"\n=== {name} ===")

@@ -21,6 +21,12 @@ Bytes-moved model, per fp32 parameter (what each variant must read + write at le
 GB/s = model bytes / median time; "% copy" = that over the copy's GB/s. (Write-allocate
 traffic is not counted; our kernel avoids it for the prediction with streaming stores.)
 
+Also, ordinary (non-flattened) parameters — 64 tensors of 16 K floats, and one of 1 M — through
+``pipetrain.optim.AdamW`` (``step_and_predict``, ``predict``, ``step``; list kernel calls,
+prediction buffers reused) next to ``torch.optim.AdamW(fused=True).step()`` on the same
+parameters, in one run, cold caches, medians; printed as the ratio to torch fused (target
+for step_and_predict: <= 1.25).
+
 Also: swapping a flat bucket's weight version, ``bucket.bind(version)`` (rebind views, no
 copy) vs ``bucket.load_(version)`` (one copy_), for a 64-parameter stage of the first size.
 
@@ -120,6 +126,59 @@ def _variants(n: int, device: torch.device):
     return out
 
 
+LOOSE_CASES = {"64 x 16K": [16384] * 64, "1 x 1M": [2**20]}
+
+
+def _loose_rows(repeats: int) -> list[dict]:
+    """Ordinary parameters (not flat): ours vs torch fused AdamW, side by side (CPU)."""
+    from pipetrain import optim
+    flush = torch.empty(32 * 2**20)  # cold caches before every timed call, as above
+    timer = _timer(torch.device("cpu"))
+    rows = []
+    for label, sizes in LOOSE_CASES.items():
+        gen = torch.Generator().manual_seed(0)
+        base = [torch.randn(k, generator=gen) * 0.1 for k in sizes]
+        grads = [torch.randn(k, generator=gen) * 1e-2 for k in sizes]
+
+        def params():
+            ps = [torch.nn.Parameter(b.clone()) for b in base]
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            return ps
+
+        kw = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+        variants = {"torch fused": torch.optim.AdamW(params(), **kw, fused=True).step}
+        o1, o2, o3 = (optim.AdamW(params(), **kw) for _ in range(3))
+        variants["step_and_predict"] = lambda o=o1: o.step_and_predict(S)
+        variants["predict"] = lambda o=o2: o.predict(S)
+        variants["step"] = o3.step
+        o2.step()  # predict from a non-zero state
+        for fn in variants.values():
+            fn()
+        times = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                flush.fill_(1.0)
+                times[name].append(timer(fn))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        for name, t in med.items():
+            rows.append(dict(case=label, n=sum(sizes), tensors=len(sizes), variant=name,
+                             time_ms=t * 1e3, ratio_vs_torch_fused=t / med["torch fused"]))
+    return rows
+
+
+def _print_loose(rows: list[dict], header: str) -> None:
+    print(header)
+    print(f"{'case':<9} {'variant':<17} {'time ms':>9} {'t/torch fused':>14}")
+    for r in rows:
+        print(f"{r['case']:<9} {r['variant']:<17} {r['time_ms']:>9.2f} "
+              f"{r['ratio_vs_torch_fused']:>14.2f}")
+    for r in rows:
+        if r["variant"] == "step_and_predict":
+            print(f"  {r['case']} targets: step_and_predict / torch fused = "
+                  f"{r['ratio_vs_torch_fused']:.2f}x (target <= 1.25)")
+
+
 def _swap_times(n: int, device: torch.device, repeats: int) -> dict[str, float]:
     """bind (rebind 64 param views) vs load_ (one copy of the bucket) for one weight version."""
     from pipetrain import flat_buffer
@@ -193,11 +252,14 @@ def run(quick: bool, out: pathlib.Path) -> None:
     rows = _run_device(cpu, sizes, repeats)
     _print(rows, f"CPU, fp32 AdamW (+ prediction s={S}), {threads} threads for torch and ours, "
                  f"pipetrain SIMD: {_cpu_kernels.simd_level()}, median of {repeats}")
+    loose = _loose_rows(repeats)
+    _print_loose(loose, f"CPU, ordinary (not flat) fp32 parameters, AdamW, {threads} threads, "
+                        f"median of {repeats}")
     swap = _swap_times(sizes[0], cpu, repeats)
     print(f"weight-version swap, {sizes[0] / 2**20:.0f}M params in 64 tensors: "
           f"bind (rebind views) {swap['bind'] * 1e6:.1f} us, load_ (one copy_) "
           f"{swap['load_'] * 1e6:.1f} us")
-    result = {"cpu": rows, "cpu_swap_s": swap, "threads": threads,
+    result = {"cpu": rows, "cpu_loose": loose, "cpu_swap_s": swap, "threads": threads,
               "simd": _cpu_kernels.simd_level()}
     if torch.cuda.is_available():
         gpu = torch.device("cuda")

@@ -3,7 +3,9 @@
 Every public kernel entry point (reference or Triton) calls these before touching memory, so
 both raise the same ``ValueError`` for the same bad input: tensors must be flat (1-D),
 contiguous, on one device, of equal numel; params/grads/prediction outputs are fp32, bf16 or
-fp16; optimizer state and master weights are fp32; ``found_inf`` is a 1-element fp32 tensor;
+fp16; optimizer state and master weights are fp32 — or, where a kernel accepts float64
+(``float64=True``: the torch reference and the C++ CPU kernels, not Triton), every tensor but
+``found_inf`` is float64; ``found_inf`` is a 1-element fp32 tensor;
 no buffer that is written shares memory with any other buffer (outputs are written in place in
 one pass, so an alias would make the result depend on the order of loads and stores); the
 prediction distance ``s`` is a finite float >= 0.
@@ -21,6 +23,8 @@ import torch
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dtype required for optimizer state (momentum, exp_avg, exp_avg_sq) and master weights.
 STATE_DTYPE = torch.float32
+#: the one dtype of every tensor (weights, gradient, state, outputs) of an fp64 call.
+F64 = torch.float64
 #: buffers the fused steps write (grad and found_inf are read-only).
 SGD_WRITES = ("param", "momentum_buf", "master", "predict_out")
 ADAM_WRITES = ("param", "exp_avg", "exp_avg_sq", "master", "predict_out")
@@ -38,6 +42,7 @@ def check_tensors(
     state_like: dict[str, Optional[torch.Tensor]],
     found_inf: Optional[torch.Tensor] = None,
     written: tuple[str, ...] = (),
+    float64: bool = False,
 ) -> None:
     """Check that every given tensor is flat, contiguous, on ``ref``'s device, with ``ref``'s numel.
 
@@ -49,13 +54,19 @@ def check_tensors(
         found_inf: optional 1-element fp32 flag on the same device.
         written: names of the tensors the kernel writes; each must not overlap any other tensor
             (read-only tensors may alias each other).
+        float64: the kernel does fp64 maths when ``ref`` is float64 (callers pass
+            ``ref.dtype == torch.float64``); then every param-like and state-like tensor must
+            be float64 (fp64 maths needs fp64 state; no mixing with 16/32-bit buffers).
 
     Raises:
         ValueError: naming the offending argument and what is allowed.
     """
     if not isinstance(ref, torch.Tensor):
         raise ValueError(f"{ref_name} must be a torch.Tensor, got {type(ref).__name__}")
-    groups = [({ref_name: ref, **param_like}, PARAM_DTYPES), (state_like, (STATE_DTYPE,))]
+    if float64:
+        groups = [({ref_name: ref, **param_like, **state_like}, (F64,))]
+    else:
+        groups = [({ref_name: ref, **param_like}, PARAM_DTYPES), (state_like, (STATE_DTYPE,))]
     for tensors, allowed in groups:
         for name, t in tensors.items():
             if t is None:

@@ -5,10 +5,11 @@ Every function here has the same signature and semantics as its Triton twin expo
 are flat 1-D contiguous buffers with equal numel; updates are in place.
 
 Numerics. Maths is fp32: ``param``/``grad`` may be bf16/fp16/fp32 and are upcast; state and
-``master`` are fp32. The operations, their order and the host-side scalars are exactly those of
+``master`` are fp32. Or maths is fp64: a float64 ``param`` makes every tensor float64 (as
+torch.optim on float64 parameters); the Triton twins do not take float64, the C++ ones do. The operations, their order and the host-side scalars are exactly those of
 ``torch.optim.SGD`` / ``torch.optim.Adam`` / ``torch.optim.AdamW`` (single-tensor path): scalars
-such as ``1 - dampening``, ``lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` are computed
-in Python floats (fp64) and rounded once to fp32 when applied, as torch does. The first Adam
+such as ``1 - dampening``, ``lr / (1 - beta1**step)`` and ``(1 - beta2**step) ** 0.5`` are computed
+in Python floats (fp64) and rounded once to fp32 when applied (kept in fp64 maths), as torch does. The first Adam
 moment uses ``lerp`` (``m + (1-b1)*(g-m)``), torch's form of ``b1*m + (1-b1)*g``. On flat fp32
 buffers the results are bit-identical to torch.optim (tests/kernels/test_reference.py checks
 1e-6 over 20 steps); twins that follow the op order written in each docstring (the Triton
@@ -21,7 +22,6 @@ param, master, state and predict_out bit-identical when the flag is set.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -42,6 +42,11 @@ def _commit(dst: torch.Tensor, new: torch.Tensor, skip: Optional[torch.Tensor]) 
 
 def _skip_mask(found_inf: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if found_inf is None else (found_inf != 0)
+
+
+def _maths_dtype(param: torch.Tensor) -> torch.dtype:
+    """fp64 maths for float64 parameters (every buffer is then float64), else fp32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buf: Optional[torch.Tensor], *,
@@ -77,13 +82,14 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buf: Optional[tor
     """
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
                   state_like={"momentum_buf": momentum_buf, "master": master}, found_inf=found_inf,
-                  written=_SGD_WRITES)
+                  written=_SGD_WRITES, float64=param.dtype == torch.float64)
     check_sgd_options(momentum, dampening, nesterov, momentum_buf)
     s = check_distance("predict_s", predict_s)
     skip = _skip_mask(found_inf)
 
-    w = master.clone() if master is not None else param.float()
-    g = grad.float()
+    dt = _maths_dtype(param)
+    w = master.clone() if master is not None else param.to(dt)
+    g = grad.to(dt)
     if maximize:
         g = -g
     if weight_decay != 0.0:
@@ -121,7 +127,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         g = g + wd * w                  (Adam, wd != 0)      w = w * (1 - lr*wd)   (AdamW)
         m = m + (1 - b1) * (g - m)      (= b1*m + (1-b1)*g, torch's lerp)
         v = b2 * v + (1 - b2) * g * g
-        denom = sqrt(v) / sqrt(1 - b2**t) + eps
+        denom = sqrt(v) / (1 - b2**t)**0.5 + eps      (torch's `** 0.5`: libm pow)
         w = w - (lr / (1 - b1**t)) * m / denom
         predict_out = w - (s * lr / (1 - b1**t)) * m / denom   (XPipe: w - s*lr*mhat/(sqrt(vhat)+eps))
 
@@ -139,14 +145,15 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     """
     check_tensors("param", param, param_like={"grad": grad, "predict_out": predict_out},
                   state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "master": master},
-                  found_inf=found_inf, written=_ADAM_WRITES)
+                  found_inf=found_inf, written=_ADAM_WRITES, float64=param.dtype == torch.float64)
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=1)
     s = check_distance("predict_s", predict_s)
     skip = _skip_mask(found_inf)
 
-    w = master.clone() if master is not None else param.float()
-    g = grad.float()
+    dt = _maths_dtype(param)
+    w = master.clone() if master is not None else param.to(dt)
+    g = grad.to(dt)
     if maximize:
         g = -g
     if weight_decay != 0.0:
@@ -157,7 +164,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     m = exp_avg.lerp(g, 1.0 - beta1)
     v = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
     step_size = lr / (1.0 - beta1 ** t)
-    denom = (v.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(eps)
+    denom = (v.sqrt() / (1.0 - beta2 ** t) ** 0.5).add_(eps)
     w = w.addcdiv(m, denom, value=-step_size)
 
     if predict_out is not None:
@@ -181,9 +188,9 @@ def sgd_predict(param: torch.Tensor, momentum_buf: torch.Tensor, out: torch.Tens
         lr: learning rate.
     """
     check_tensors("param", param, param_like={"out": out}, state_like={"momentum_buf": momentum_buf},
-                  written=("out",))
+                  written=("out",), float64=param.dtype == torch.float64)
     s = check_distance("s", s)
-    out.copy_(param.float().add(momentum_buf, alpha=-s * lr))
+    out.copy_(param.to(_maths_dtype(param)).add(momentum_buf, alpha=-s * lr))
 
 
 def adam_predict(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -204,16 +211,17 @@ def adam_predict(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
         step: int >= 0, the number of updates folded into m and v.
     """
     check_tensors("param", param, param_like={"out": out},
-                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, written=("out",))
+                  state_like={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, written=("out",),
+                  float64=param.dtype == torch.float64)
     check_adam_options(beta1, beta2, eps)
     t = check_step(step, minimum=0)
     s = check_distance("s", s)
-    w = param.float()
+    w = param.to(_maths_dtype(param))
     if t == 0:
         out.copy_(w)
         return
     step_size = lr / (1.0 - beta1 ** t)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(eps)
+    denom = (exp_avg_sq.sqrt() / (1.0 - beta2 ** t) ** 0.5).add_(eps)
     out.copy_(w.addcdiv(exp_avg, denom, value=-s * step_size))
 
 

@@ -4,13 +4,16 @@
 // update (and the weight prediction, if asked) in fp32 registers, and stores once. The
 // element body is a template over the vector type V (simd.h) and the storage types P
 // (param / predict_out) and G (grad); the vector loop and its scalar tail use the same body,
-// hence the same op order and the same rounding.
+// hence the same op order and the same rounding. fp64 tensors get the same body compiled
+// with a double V (fp64 maths, fp64 storage only): namespaces k_<isa>d.
 #include "optim/fused_optim.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <stdexcept>
+#include <vector>
 
 #include "optim/simd.h"
 #include "optim/thread_pool.h"
@@ -42,35 +45,62 @@ constexpr int64_t kStreamMin = int64_t(1) << 21;
     default: break;                                                      \
   }
 
+// fp64: one storage type for everything.
+#define PT_DISPATCH_F64(V, FN, d1, d2, ...) FN<V, double, double>(__VA_ARGS__)
+
 using SgdFn = void (*)(const SgdArgs&, int64_t, int64_t, bool);
 using AdamFn = void (*)(const AdamArgs&, int64_t, int64_t, bool);
 using PredFn = void (*)(const PredictArgs&, int64_t, int64_t, bool);
 
-struct Variant {
-  const char* name;
+struct Kernels {
   SgdFn sgd;
   AdamFn adam;
   PredFn sgd_predict;
   PredFn adam_predict;
 };
 
+struct Variant {
+  const char* name;
+  Kernels f32;  // fp32/bf16/fp16 storage, fp32 maths
+  Kernels f64;  // fp64 storage and maths
+};
+
 }  // namespace
 
+#define PT_BODY_DISPATCH(...) PT_DISPATCH(V, __VA_ARGS__)
 namespace k_scalar {
 #define PT_FENCE (void)0
 using V = Scalar;
 #include "optim/fused_body.inc"
 #undef PT_FENCE
 }  // namespace k_scalar
+#undef PT_BODY_DISPATCH
+
+#define PT_BODY_DISPATCH(...) PT_DISPATCH_F64(V, __VA_ARGS__)
+namespace k_scalard {
+#define PT_FENCE (void)0
+using V = ScalarD;
+#include "optim/fused_body.inc"
+#undef PT_FENCE
+}  // namespace k_scalard
+#undef PT_BODY_DISPATCH
 
 #if PT_X86
 #define PT_FENCE _mm_sfence()
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define PT_BODY_DISPATCH(...) PT_DISPATCH(V, __VA_ARGS__)
 namespace k_avx2 {
 using V = Avx2;
 #include "optim/fused_body.inc"
 }  // namespace k_avx2
+#undef PT_BODY_DISPATCH
+#define PT_BODY_DISPATCH(...) PT_DISPATCH_F64(V, __VA_ARGS__)
+namespace k_avx2d {
+using V = Avx2D;
+#include "optim/fused_body.inc"
+}  // namespace k_avx2d
+#undef PT_BODY_DISPATCH
 #pragma GCC pop_options
 
 // GCC 12's avx512fintrin.h initialises its "undefined" pass-through operands from
@@ -80,10 +110,18 @@ using V = Avx2;
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define PT_BODY_DISPATCH(...) PT_DISPATCH(V, __VA_ARGS__)
 namespace k_avx512 {
 using V = Avx512;
 #include "optim/fused_body.inc"
 }  // namespace k_avx512
+#undef PT_BODY_DISPATCH
+#define PT_BODY_DISPATCH(...) PT_DISPATCH_F64(V, __VA_ARGS__)
+namespace k_avx512d {
+using V = Avx512D;
+#include "optim/fused_body.inc"
+}  // namespace k_avx512d
+#undef PT_BODY_DISPATCH
 #pragma GCC pop_options
 #pragma GCC diagnostic pop
 #undef PT_FENCE
@@ -92,13 +130,12 @@ using V = Avx512;
 namespace {
 
 Variant pick_variant() {
-  const Variant scalar{"scalar", k_scalar::sgd, k_scalar::adam, k_scalar::sgd_predict,
-                       k_scalar::adam_predict};
+#define PT_KERNELS(ns) Kernels{ns::sgd, ns::adam, ns::sgd_predict, ns::adam_predict}
+  const Variant scalar{"scalar", PT_KERNELS(k_scalar), PT_KERNELS(k_scalard)};
 #if PT_X86
-  const Variant avx2{"avx2", k_avx2::sgd, k_avx2::adam, k_avx2::sgd_predict,
-                     k_avx2::adam_predict};
-  const Variant avx512{"avx512", k_avx512::sgd, k_avx512::adam, k_avx512::sgd_predict,
-                       k_avx512::adam_predict};
+  const Variant avx2{"avx2", PT_KERNELS(k_avx2), PT_KERNELS(k_avx2d)};
+  const Variant avx512{"avx512", PT_KERNELS(k_avx512), PT_KERNELS(k_avx512d)};
+#undef PT_KERNELS
   __builtin_cpu_init();
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
@@ -120,57 +157,124 @@ const Variant& variant() {
 }
 
 bool use_stream(const void* out, int out_dtype, int64_t n) {
-  return out && out_dtype == kF32 && n >= kStreamMin &&
+  return out && (out_dtype == kF32 || out_dtype == kF64) && n >= kStreamMin &&
          reinterpret_cast<uintptr_t>(out) % 64 == 0;
 }
 
 void check_dtype(int d, const char* what) {
-  if (d != kF32 && d != kBF16 && d != kF16)
-    throw std::invalid_argument(std::string(what) + " dtype code must be 0 (float32), 1 (bfloat16) "
-                                "or 2 (float16), got " + std::to_string(d));
+  if (d != kF32 && d != kBF16 && d != kF16 && d != kF64)
+    throw std::invalid_argument(std::string(what) + " dtype code must be 0 (float32), 1 (bfloat16), "
+                                "2 (float16) or 3 (float64), got " + std::to_string(d));
+}
+
+// fp64 is all-or-nothing: fp64 maths needs fp64 state, and the state pointers carry no type.
+const Kernels& kernels_for(int d1, int d2, const char* what) {
+  check_dtype(d1, what);
+  check_dtype(d2, what);
+  if ((d1 == kF64) != (d2 == kF64))
+    throw std::invalid_argument(std::string(what) + ": float64 tensors mix only with float64");
+  return d1 == kF64 ? variant().f64 : variant().f32;
+}
+
+void check_step(int64_t step) {
+  if (step < 1) throw std::invalid_argument("adam_step: step must be >= 1 (the count after "
+                                            "this update), got " + std::to_string(step));
+}
+
+// Runs fn(args[t], lo, hi) over every tensor's [0, n_t), the tensors' elements cut into
+// chunks across the pool as one concatenated range (chunk bounds depend only on the sizes).
+template <class Args, class Fn>
+void run_multi(const Args* a, int64_t count, const Fn& fn) {
+  std::vector<int64_t> start(size_t(count) + 1, 0);
+  for (int64_t t = 0; t < count; ++t) start[t + 1] = start[t] + a[t].n;
+  ThreadPool::instance().parallel_for(start[count], kAlign, kMinPerThread, [&](int64_t b, int64_t e) {
+    // The last tensor starting at or before b, then every tensor overlapping [b, e).
+    int64_t t = std::upper_bound(start.begin(), start.end(), b) - start.begin() - 1;
+    for (; t < count && start[t] < e; ++t) {
+      const int64_t lo = std::max(b, start[t]) - start[t];
+      const int64_t hi = std::min(e, start[t + 1]) - start[t];
+      if (lo < hi) fn(a[t], lo, hi);
+    }
+  });
 }
 
 }  // namespace
 
 void sgd_step(const SgdArgs& a, const float* found_inf) {
-  check_dtype(a.param_dtype, "param");
-  check_dtype(a.grad_dtype, "grad");
+  const SgdFn fn = kernels_for(a.param_dtype, a.grad_dtype, "sgd_step").sgd;
   if (found_inf && *found_inf != 0.0f) return;
   const bool nt = use_stream(a.predict_out, a.param_dtype, a.n);
-  const SgdFn fn = variant().sgd;
   ThreadPool::instance().parallel_for(a.n, kAlign, kMinPerThread,
                                       [&](int64_t b, int64_t e) { fn(a, b, e, nt); });
 }
 
 void adam_step(const AdamArgs& a, const float* found_inf) {
-  check_dtype(a.param_dtype, "param");
-  check_dtype(a.grad_dtype, "grad");
-  if (a.step < 1) throw std::invalid_argument("adam_step: step must be >= 1 (the count after "
-                                              "this update), got " + std::to_string(a.step));
+  const AdamFn fn = kernels_for(a.param_dtype, a.grad_dtype, "adam_step").adam;
+  check_step(a.step);
   if (found_inf && *found_inf != 0.0f) return;
   const bool nt = use_stream(a.predict_out, a.param_dtype, a.n);
-  const AdamFn fn = variant().adam;
   ThreadPool::instance().parallel_for(a.n, kAlign, kMinPerThread,
                                       [&](int64_t b, int64_t e) { fn(a, b, e, nt); });
 }
 
 void sgd_predict(const PredictArgs& a) {
-  check_dtype(a.param_dtype, "param");
-  check_dtype(a.out_dtype, "out");
+  const PredFn fn = kernels_for(a.param_dtype, a.out_dtype, "sgd_predict").sgd_predict;
   const bool nt = use_stream(a.out, a.out_dtype, a.n);
-  const PredFn fn = variant().sgd_predict;
   ThreadPool::instance().parallel_for(a.n, kAlign, kMinPerThread,
                                       [&](int64_t b, int64_t e) { fn(a, b, e, nt); });
 }
 
 void adam_predict(const PredictArgs& a) {
-  check_dtype(a.param_dtype, "param");
-  check_dtype(a.out_dtype, "out");
+  const PredFn fn = kernels_for(a.param_dtype, a.out_dtype, "adam_predict").adam_predict;
   if (a.step < 0) throw std::invalid_argument("adam_predict: step must be >= 0");
   const bool nt = use_stream(a.out, a.out_dtype, a.n);
-  const PredFn fn = variant().adam_predict;
   ThreadPool::instance().parallel_for(a.n, kAlign, kMinPerThread,
                                       [&](int64_t b, int64_t e) { fn(a, b, e, nt); });
+}
+
+// The list forms: every Args is checked before anything is written. No streaming stores
+// (a chunk may start anywhere inside a tensor, and these tensors are small).
+void sgd_step_multi(const SgdArgs* a, int64_t count, const float* found_inf) {
+  if (count <= 0) return;
+  const SgdFn fn = kernels_for(a[0].param_dtype, a[0].grad_dtype, "sgd_step_multi").sgd;
+  for (int64_t t = 1; t < count; ++t)
+    if (a[t].param_dtype != a[0].param_dtype || a[t].grad_dtype != a[0].grad_dtype)
+      throw std::invalid_argument("sgd_step_multi: every tensor of a call has the same dtypes");
+  if (found_inf && *found_inf != 0.0f) return;
+  run_multi(a, count, [&](const SgdArgs& x, int64_t b, int64_t e) { fn(x, b, e, false); });
+}
+
+void adam_step_multi(const AdamArgs* a, int64_t count, const float* found_inf) {
+  if (count <= 0) return;
+  const AdamFn fn = kernels_for(a[0].param_dtype, a[0].grad_dtype, "adam_step_multi").adam;
+  for (int64_t t = 0; t < count; ++t) {
+    if (a[t].param_dtype != a[0].param_dtype || a[t].grad_dtype != a[0].grad_dtype)
+      throw std::invalid_argument("adam_step_multi: every tensor of a call has the same dtypes");
+    check_step(a[t].step);
+  }
+  if (found_inf && *found_inf != 0.0f) return;
+  run_multi(a, count, [&](const AdamArgs& x, int64_t b, int64_t e) { fn(x, b, e, false); });
+}
+
+void sgd_predict_multi(const PredictArgs* a, int64_t count) {
+  if (count <= 0) return;
+  const PredFn fn = kernels_for(a[0].param_dtype, a[0].out_dtype, "sgd_predict_multi").sgd_predict;
+  for (int64_t t = 1; t < count; ++t)
+    if (a[t].param_dtype != a[0].param_dtype || a[t].out_dtype != a[0].out_dtype)
+      throw std::invalid_argument("sgd_predict_multi: every tensor of a call has the same dtypes");
+  run_multi(a, count, [&](const PredictArgs& x, int64_t b, int64_t e) { fn(x, b, e, false); });
+}
+
+void adam_predict_multi(const PredictArgs* a, int64_t count) {
+  if (count <= 0) return;
+  const PredFn fn =
+      kernels_for(a[0].param_dtype, a[0].out_dtype, "adam_predict_multi").adam_predict;
+  for (int64_t t = 0; t < count; ++t) {
+    if (a[t].param_dtype != a[0].param_dtype || a[t].out_dtype != a[0].out_dtype)
+      throw std::invalid_argument("adam_predict_multi: every tensor of a call has the same dtypes");
+    if (a[t].step < 0) throw std::invalid_argument("adam_predict_multi: step must be >= 0");
+  }
+  run_multi(a, count, [&](const PredictArgs& x, int64_t b, int64_t e) { fn(x, b, e, false); });
 }
 
 std::string simd_level() { return variant().name; }

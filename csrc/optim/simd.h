@@ -2,9 +2,12 @@
 //
 // The kernels are written once (fused_body.inc) against a "V" with:
 //   V::W                        lanes;  V::T  the register type (float for Scalar)
+//   S, Lane                     the maths type (float, or double for the *D types) and the
+//                               one-lane type that runs the tail of a vector loop
 //   set1(x), sqrt(x)            broadcast, IEEE square root (correctly rounded, as sqrtf)
 //   fma(a, b, c)                a*b + c rounded once
 //   load(const P*), store(P*, T) for P in {float, BF16, _Float16}: widen to fp32 / round back
+//                               (the *D types: P = double only)
 //   stream(float*, T)           non-temporal store (write-only outputs of huge buffers)
 // and GCC's vector operators (+ - * / unary -) on T. The compiler never forms an FMA on its
 // own (the build uses -std=c++17, i.e. -ffp-contract=off); the kernels call fma() exactly
@@ -58,6 +61,8 @@ PT_INLINE uint16_t f32_to_bf16(float f) {
 // One lane: the reference order of operations, and the tail of every vector loop.
 struct Scalar {
   using T = float;
+  using S = float;      // the maths type: fp32 for fp32/bf16/fp16 storage
+  using Lane = Scalar;  // the one-lane twin that runs a vector loop's tail
   static constexpr int W = 1;
   static PT_INLINE T set1(float x) { return x; }
   static PT_INLINE T sqrt(T x) { return __builtin_sqrtf(x); }
@@ -72,6 +77,21 @@ struct Scalar {
   static PT_INLINE void stream(P* p, T x) { store(p, x); }
 };
 
+// fp64: parameters, gradients, state and outputs are all double and so is the maths (as
+// torch.optim on float64 tensors). Only double storage exists for these types.
+struct ScalarD {
+  using T = double;
+  using S = double;
+  using Lane = ScalarD;
+  static constexpr int W = 1;
+  static PT_INLINE T set1(double x) { return x; }
+  static PT_INLINE T sqrt(T x) { return __builtin_sqrt(x); }
+  static PT_INLINE T fma(T a, T b, T c) { return __builtin_fma(a, b, c); }
+  static PT_INLINE T load(const double* p) { return *p; }
+  static PT_INLINE void store(double* p, T x) { *p = x; }
+  static PT_INLINE void stream(double* p, T x) { *p = x; }
+};
+
 #if PT_X86
 // The wide types are compiled for their ISA by target pragmas: every function defined in the
 // region (these members, and the kernel bodies fused_optim.cpp includes inside the same
@@ -83,6 +103,8 @@ struct Scalar {
 
 struct Avx2 {
   using T = __m256;
+  using S = float;
+  using Lane = Scalar;
   static constexpr int W = 8;
   static PT_AVX2 T set1(float x) { return _mm256_set1_ps(x); }
   static PT_AVX2 T sqrt(T x) { return _mm256_sqrt_ps(x); }
@@ -121,12 +143,27 @@ struct Avx2 {
   static PT_AVX2 void stream(_Float16* p, T x) { store(p, x); }
 };
 
+struct Avx2D {
+  using T = __m256d;
+  using S = double;
+  using Lane = ScalarD;
+  static constexpr int W = 4;
+  static PT_AVX2 T set1(double x) { return _mm256_set1_pd(x); }
+  static PT_AVX2 T sqrt(T x) { return _mm256_sqrt_pd(x); }
+  static PT_AVX2 T fma(T a, T b, T c) { return _mm256_fmadd_pd(a, b, c); }
+  static PT_AVX2 T load(const double* p) { return _mm256_loadu_pd(p); }
+  static PT_AVX2 void store(double* p, T x) { _mm256_storeu_pd(p, x); }
+  static PT_AVX2 void stream(double* p, T x) { _mm256_stream_pd(p, x); }
+};
+
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 struct Avx512 {
   using T = __m512;
+  using S = float;
+  using Lane = Scalar;
   static constexpr int W = 16;
   static PT_AVX512 T set1(float x) { return _mm512_set1_ps(x); }
   static PT_AVX512 T sqrt(T x) { return _mm512_sqrt_ps(x); }
@@ -156,6 +193,19 @@ struct Avx512 {
   static PT_AVX512 void stream(float* p, T x) { _mm512_stream_ps(p, x); }
   static PT_AVX512 void stream(BF16* p, T x) { store(p, x); }
   static PT_AVX512 void stream(_Float16* p, T x) { store(p, x); }
+};
+
+struct Avx512D {
+  using T = __m512d;
+  using S = double;
+  using Lane = ScalarD;
+  static constexpr int W = 8;
+  static PT_AVX512 T set1(double x) { return _mm512_set1_pd(x); }
+  static PT_AVX512 T sqrt(T x) { return _mm512_sqrt_pd(x); }
+  static PT_AVX512 T fma(T a, T b, T c) { return _mm512_fmadd_pd(a, b, c); }
+  static PT_AVX512 T load(const double* p) { return _mm512_loadu_pd(p); }
+  static PT_AVX512 void store(double* p, T x) { _mm512_storeu_pd(p, x); }
+  static PT_AVX512 void stream(double* p, T x) { _mm512_stream_pd(p, x); }
 };
 #pragma GCC pop_options
 #endif  // PT_X86

@@ -1,6 +1,6 @@
 """Adam and AdamW over flat buffers: torch.optim.Adam/AdamW semantics, one fused kernel per bucket.
 
-Per element (fp32; ``t`` the step count after this update)::
+Per element (fp32 maths, fp64 for float64 parameters; ``t`` the step count after this update)::
 
     g = -grad if maximize else grad
     Adam:  g = g + wd*w            AdamW: w = w * (1 - lr*wd)
@@ -10,15 +10,15 @@ Per element (fp32; ``t`` the step count after this update)::
 and, fused into the same pass by :meth:`step_and_predict`, XPipe's prediction
 ``w_hat = w - s*lr*mhat/(sqrt(vhat)+eps)`` with the new bias-corrected moments.
 State per parameter is torch's: ``step`` (0-d fp32 CPU tensor), ``exp_avg``, ``exp_avg_sq``
-(fp32, the parameter's shape), plus ``master_param`` (fp32) with ``master_weights=True``
-and a bf16/fp16 parameter.
+(the parameter's shape; fp32, or fp64 for float64 parameters), plus ``master_param`` (fp32)
+with ``master_weights=True`` and a bf16/fp16 parameter.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import FusedOptimizer, kernels_for
+from .base import FusedOptimizer, fits, kernels_for, state_dtype
 
 __all__ = ["Adam", "AdamW"]
 
@@ -32,6 +32,8 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: AdamW's decay (torch's flag of the same name).
         master_weights: keep fp32 master weights for bf16/fp16 parameters (the update is
             applied to them; the parameter is their rounding). State is fp32 regardless.
+            A no-op for fp32 and fp64 parameters (they are their own master copy); float64
+            parameters get fp64 state and fp64 maths, as torch.optim.
         skip_nonfinite: skip a step whose gradients contain inf/NaN.
         amsgrad, capturable, differentiable: must be False (not supported: ValueError).
         foreach, fused: accepted for compatibility and ignored (always fused).
@@ -57,6 +59,11 @@ class Adam(FusedOptimizer):
                         master_weights=master_weights)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
+    @staticmethod
+    def _kernels(device, dtype):
+        # Resolved through this module's name, which the dispatch tests patch.
+        return kernels_for(device, dtype)
+
     _DECOUPLED = False
 
     def _group_extras(self) -> dict:
@@ -75,8 +82,8 @@ class Adam(FusedOptimizer):
 
     def _init_state(self, group, p, st):
         st["step"] = torch.tensor(0.0)
-        st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        st["exp_avg"] = torch.zeros(p.shape, dtype=state_dtype(p.dtype), device=p.device)
+        st["exp_avg_sq"] = torch.zeros(p.shape, dtype=state_dtype(p.dtype), device=p.device)
         if self._master(group, p.dtype):
             st["master_param"] = p.detach().float().clone()
 
@@ -97,7 +104,7 @@ class Adam(FusedOptimizer):
         flat = self._flat[id(b)]
         t = int(flat["step"].item()) + 1
         out = outs.flat(b) if outs is not None else None
-        kernels_for(b.device).adam_step(
+        kernels_for(b.device, b.dtype).adam_step(
             b.data, b.grad, flat["exp_avg"], flat["exp_avg_sq"], **self._kernel_args(group, t),
             master=flat.get("master_param"), predict_out=out,
             predict_s=s if out is not None else 0.0)
@@ -113,7 +120,7 @@ class Adam(FusedOptimizer):
         t = int(st["step"].item()) + 1
         out = outs.of(p) if outs is not None else None
         master = st.get("master_param")
-        kernels_for(p.device).adam_step(
+        kernels_for(p.device, p.dtype).adam_step(
             p.data.view(-1), p.grad.contiguous().view(-1), st["exp_avg"].view(-1),
             st["exp_avg_sq"].view(-1), **self._kernel_args(group, t),
             master=None if master is None else master.view(-1),
@@ -124,7 +131,7 @@ class Adam(FusedOptimizer):
     def _predict_flat(self, group, unit, flat, out, s):
         b = unit.bucket
         w = flat.get("master_param", b.data)
-        kernels_for(b.device).adam_predict(w, flat["exp_avg"], flat["exp_avg_sq"], out, s=s,
+        kernels_for(b.device, b.dtype).adam_predict(w, flat["exp_avg"], flat["exp_avg_sq"], out, s=s,
                                            **self._hyper(group), step=int(flat["step"].item()))
 
     def _predict_param(self, group, p, out, s):
@@ -133,9 +140,80 @@ class Adam(FusedOptimizer):
             out.copy_(p.detach())  # no state yet: nothing to extrapolate
             return
         w = st.get("master_param", p.detach())
-        kernels_for(p.device).adam_predict(
+        kernels_for(p.device, p.dtype).adam_predict(
             w.reshape(-1), st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1), out.view(-1),
             s=s, **self._hyper(group), step=int(st["step"].item()))
+
+    # --- loose CPU parameters: one list kernel call per dtype combination -----------------
+    def _update_list(self, group, params, outs, s, validate):
+        from pipetrain import _cpu_kernels as K
+        calls: dict[tuple, tuple[list, ...]] = {}
+        for p in params:
+            g = p.grad
+            if g.is_sparse:
+                raise ValueError("Adam does not support sparse gradients")
+            st = self.state[p]
+            if not st:
+                self._init_state(group, p, st)
+                validate = True  # new state: check it once, with everything else
+            n = p.numel()
+            if not g.is_contiguous():
+                g = g.contiguous()
+            m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            master = st.get("master_param")
+            # Every call: what p.data / p.grad / state replacement could have changed.
+            if not (fits(n, p.dtype, p, g) and fits(n, state_dtype(p.dtype), m, v)
+                    and fits(n, torch.float32, master)):
+                raise ValueError("Adam: a parameter, its gradient and its state must be "
+                                 "contiguous with the same number of elements and the "
+                                 "dtypes the optimizer made")
+            key = (p.dtype, g.dtype, step.dtype, master is None)
+            c = calls.get(key)
+            if c is None:
+                c = calls[key] = ([], [], [], [], [], [], [])
+            c[0].append(p)
+            c[1].append(g)
+            c[2].append(m)
+            c[3].append(v)
+            c[4].append(step)
+            c[5].append(master)
+            if outs is not None:
+                c[6].append(outs.checked(p, n))
+        args = self._kernel_args(group, 1)
+        del args["step"]
+        for (_, _, _, no_master), (ps, gs, ms, vs, steps, masters, os_) in calls.items():
+            tensors = (ps, gs, ms, vs, masters if not no_master else None, os_ or None)
+            if validate:  # the full checks want flat views
+                tensors = tuple(None if ts is None else [t.view(-1) for t in ts]
+                                for ts in tensors)
+            ps, gs, ms, vs, masters, os_ = tensors
+            K.adam_step_multi(ps, gs, ms, vs, **args, step_tensors=steps, masters=masters,
+                              predict_outs=os_, predict_s=s if os_ else 0.0, validate=validate)
+
+    def _predict_list(self, group, params, outs, s, validate):
+        from pipetrain import _cpu_kernels as K
+        calls: dict[tuple, tuple[list, ...]] = {}
+        for p in params:
+            st = self.state.get(p)
+            n = p.numel()
+            out = outs.checked(p, n)
+            if not st or "exp_avg" not in st:
+                out.copy_(p.detach())  # no state yet: nothing to extrapolate
+                continue
+            w = st.get("master_param", p)
+            m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            if not (fits(n, w.dtype, w) and fits(n, state_dtype(p.dtype), m, v)
+                    and fits(n, p.dtype, out)):
+                raise ValueError("Adam: a parameter and its state must be contiguous with the "
+                                 "same number of elements and the dtypes the optimizer made")
+            c = calls.setdefault((w.dtype, out.dtype, step.dtype), ([], [], [], [], []))
+            for lst, t in zip(c, (w, m, v, out, step)):
+                lst.append(t)
+        for ws, ms, vs, os_, steps in calls.values():
+            if validate:
+                ws, ms, vs, os_ = ([t.view(-1) for t in ts] for ts in (ws, ms, vs, os_))
+            K.adam_predict_multi(ws, ms, vs, os_, s=s, **self._hyper(group), step_tensors=steps,
+                                 validate=validate)
 
 
 class AdamW(Adam):

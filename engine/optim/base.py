@@ -3,16 +3,32 @@
 :class:`FusedOptimizer` is a ``torch.optim.Optimizer`` whose ``step`` runs one fused kernel
 per *unit*: a whole :class:`~pipetrain.flat_buffer.FlatBucket` when a param group holds all
 of a bucket's parameters (state is then flat too — per-parameter state tensors are views of
-flat state buffers), else one parameter. CUDA units go to the Triton kernels
-(``pipetrain.kernels``), CPU units to the fused C++ kernels (``pipetrain._cpu_kernels``);
-nothing runs the Triton interpreter outside tests.
+flat state buffers). The other parameters of a group ("loose" ones) are stepped together: on
+CPU one list call of the fused C++ kernel per (dtype) group of them, which splits all their
+elements across the thread pool at once; on CUDA one kernel per parameter. CUDA units go to
+the Triton kernels (``pipetrain.kernels``; float64 ones to the plain-torch reference, which
+computes in fp64), CPU units to the fused C++ kernels (``pipetrain._cpu_kernels``, fp32 maths
+for fp32/bf16/fp16 parameters, fp64 maths for float64 ones); nothing runs the Triton
+interpreter outside tests.
 
-State is kept in torch's format (``self.state[param]``, same keys, fp32 tensors of the
-parameter's shape) so ``state_dict()`` / ``load_state_dict()`` interoperate with the
-matching ``torch.optim`` class in both directions, mid-training.
+State is kept in torch's format (``self.state[param]``, same keys, tensors of the parameter's
+shape: fp32, or fp64 for float64 parameters, as torch.optim) so ``state_dict()`` /
+``load_state_dict()`` interoperate with the matching ``torch.optim`` class in both
+directions, mid-training.
+
+Not done: the step counter lives on the CPU (torch's format), so ``step(found_inf=flag)``
+reads the flag on the host — a device sync on CUDA. The kernels themselves take the flag on
+the device; moving the count there would remove the sync.
 
 Subclasses (SGD, Adam, AdamW) supply the per-unit maths: ``_state_keys``, ``_init_state``,
-``_update`` and ``_predict``.
+``_update_flat`` / ``_predict_flat`` (a bucket), ``_update_param`` / ``_predict_param`` (one
+parameter: CUDA) and ``_update_list`` / ``_predict_list`` (loose CPU parameters, one list
+kernel call per dtype combination; every call checks each tensor's dtype, size and
+contiguity, since the kernels trust addresses).
+
+Prediction outputs with ``out=None`` are the optimizer's own buffers, made once (a flat one
+per bucket, one per loose parameter) and overwritten by every later ``predict`` /
+``step_and_predict``: no allocation per call.
 """
 
 from __future__ import annotations
@@ -24,20 +40,41 @@ from pipetrain import flat_buffer
 
 __all__ = ["FusedOptimizer", "kernels_for"]
 
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: torch.optim options this implementation does not provide (always fused, not differentiable).
 _UNSUPPORTED = {"amsgrad": False, "capturable": False, "differentiable": False}
 
 
-def kernels_for(device: torch.device):
-    """The kernel module for a device: the C++ CPU kernels or the Triton CUDA kernels."""
+def kernels_for(device: torch.device, dtype: torch.dtype | None = None):
+    """The kernel module for a device (and parameter dtype): the C++ CPU kernels (every
+    dtype, float64 included), the Triton CUDA kernels, or for float64 CUDA tensors the
+    plain-torch reference (the Triton kernels compute in fp32 only)."""
     if device.type == "cpu":
         from pipetrain import _cpu_kernels
         return _cpu_kernels
     if device.type == "cuda":
+        if dtype == torch.float64:
+            from pipetrain.kernels import reference
+            return reference
         import pipetrain.kernels as triton_kernels
         return triton_kernels
     raise ValueError(f"pipetrain.optim runs on cpu or cuda tensors, not {device.type}")
+
+
+def fits(n: int, dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor (None skipped) is contiguous with ``n`` elements of
+    ``dtype``: the per-call check of state and master tensors before a list kernel call
+    (the kernels trust addresses; a replaced state tensor must not make them overrun)."""
+    for t in tensors:  # a plain loop: this runs for every parameter on every step
+        if t is not None and (t.dtype != dtype or t.numel() != n or not t.is_contiguous()):
+            return False
+    return True
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of optimizer state (and master weights) for parameters of ``param_dtype``:
+    fp64 for float64 parameters (fp64 maths, as torch.optim), else fp32."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 class _Unit:
@@ -61,7 +98,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     Raises:
         ValueError: parameters on more than one device, or of a dtype other than
-            float32/bfloat16/float16; a torch option this class does not support.
+            float32/bfloat16/float16/float64; a torch option this class does not support.
     """
 
     def __init__(self, params, defaults: dict, *, skip_nonfinite: bool = False):
@@ -72,7 +109,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._flat: dict[int, dict] = {}   # id(bucket) -> flat state buffers of that bucket
         self._plans: dict[int, tuple] = {}  # group index -> (key, units)
-        self._pred_bufs: dict[int, torch.Tensor] = {}  # id(bucket) -> predicted-weights buffer
+        self._pred_bufs: dict[int, torch.Tensor] = {}  # id(bucket or param) -> prediction buffer
+        self._default_outs: _Outputs | None = None     # out=None targets, reused across calls
+        self._lists_checked: set = set()  # (id(group), kind) list calls fully validated
         super().__init__(params, defaults)
 
     # --- groups and validation --------------------------------------------------------------
@@ -89,10 +128,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p in self.param_groups[-1]["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise ValueError(f"{type(self).__name__}: parameter of dtype {p.dtype}; allowed: "
-                                 "float32, bfloat16, float16")
+                                 "float32, bfloat16, float16, float64")
             if not p.is_contiguous():
                 raise ValueError(f"{type(self).__name__}: parameters must be contiguous")
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Forget the cached plans, default outputs and list validation (groups or state
+        changed)."""
         self._plans.clear()
+        self.__dict__["_default_outs"] = None
+        self.__dict__["_lists_checked"] = set()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -101,9 +147,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
         # load_state_dict replaces self.state: flat state must be rebuilt from it.
         self.__dict__.setdefault("_flat", {}).clear()
-        self.__dict__.setdefault("_plans", {}).clear()
+        self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_pred_bufs", {})
         self.__dict__.setdefault("skip_nonfinite", False)
+        self._invalidate()
 
     def _group_extras(self) -> dict:
         """Group keys beyond torch's (kept when a torch state_dict is loaded)."""
@@ -154,14 +201,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     # --- torch-format state_dict -----------------------------------------------------------
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts loaded state to the parameter's dtype; ours is always fp32 (mixed
-        # precision keeps fp32 moments), and 'step' stays a CPU float tensor as in torch.
+        # torch casts loaded state to the parameter's dtype; ours is fp32 for 16/32-bit
+        # parameters (mixed precision keeps fp32 moments) and fp64 for float64 ones, and
+        # 'step' stays a CPU float tensor (fp32 or fp64, as torch) of its own.
         if key == "step":
-            if isinstance(value, torch.Tensor):
-                return value.detach().clone()
+            if isinstance(value, torch.Tensor) and value.dtype in (torch.float32, torch.float64):
+                return value.detach().cpu().clone().reshape(())
             return torch.tensor(float(value))
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(device=param.device, dtype=torch.float32)
+            return value.to(device=param.device, dtype=state_dtype(param.dtype),
+                            memory_format=torch.contiguous_format)
         return value
 
     def state_dict(self) -> dict:
@@ -210,16 +259,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         Args:
             s: version distance >= 0 (SpecTrain / XPipe).
-            out: where the prediction goes — see :meth:`predict`.
+            out: where the prediction goes — see :meth:`predict` (None: the optimizer's own
+                buffers, overwritten by the next ``predict``/``step_and_predict``).
             closure, found_inf: as :meth:`step`. A skipped step predicts nothing.
 
         Returns:
-            list[Tensor]: the predicted weights, one per parameter (param_groups order).
+            list[Tensor]: the predicted weights, one per parameter (param_groups order), each
+            of its parameter's shape and dtype.
         """
         s = _check_s(s)
         outs = self._outputs(out)
         self._step(closure, found_inf, outs, s)
-        return outs.per_param
+        return list(outs.per_param)
 
     def _step(self, closure, found_inf, outs, s):
         loss = None
@@ -229,16 +280,61 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._found_inf(found_inf):
             return loss
         for gi, group in enumerate(self.param_groups):
+            loose = []
             for unit in self._plan(gi, group):
                 if unit.bucket is not None and self._flat_ready(group, unit):
                     self._update_flat(group, unit, outs, s)
                 else:
-                    for p in unit.params:
-                        if p.grad is not None:
-                            self._update_param(group, p, outs, s)
-                        elif outs is not None:
-                            self._predict_param(group, p, outs.of(p), s)
+                    loose += unit.params
+            if loose:
+                self._update_loose(group, loose, outs, s)
         return loss
+
+    def _update_loose(self, group: dict, params: list, outs, s: float) -> None:
+        """Step the parameters that are not a whole flat bucket: those with a gradient are
+        updated (CPU: one list kernel call per dtype; CUDA: one call each), those without are
+        only predicted (if ``outs``), as torch skips them."""
+        with_grad = [p for p in params if p.grad is not None]
+        if self._lists(params):
+            if with_grad:
+                self._update_list(group, with_grad, outs, s,
+                                  self._validate_lists(group, "update", outs))
+        else:
+            for p in with_grad:
+                self._update_param(group, p, outs, s)
+        if outs is not None and len(with_grad) < len(params):
+            self._predict_loose(group, [p for p in params if p.grad is None], outs, s)
+
+    def _lists(self, params: list) -> bool:
+        """Whether these parameters' kernels take lists (the C++ CPU kernels do)."""
+        from pipetrain import _cpu_kernels
+        p = params[0]
+        return self._kernels(p.device, p.dtype) is _cpu_kernels
+
+    @staticmethod
+    def _kernels(device, dtype):
+        return kernels_for(device, dtype)
+
+    def _predict_loose(self, group: dict, params: list, outs, s: float) -> None:
+        if self._lists(params):
+            self._predict_list(group, params, outs, s,
+                               self._validate_lists(group, "predict", outs))
+        else:
+            for p in params:
+                self._predict_param(group, p, outs.of(p), s)
+
+    def _validate_lists(self, group: dict, kind: str, outs) -> bool:
+        """Whether this list call must run the kernels' full input checks (overlaps and
+        devices too): always with outputs the caller passed, else the first time for this
+        group after any change of groups or loaded state, and when state was just created.
+        Every call checks dtype, size and contiguity of every tensor itself (``fits``)."""
+        if outs is not None and not outs.internal:
+            return True
+        key = (id(group), kind)
+        if key not in self._lists_checked:
+            self._lists_checked.add(key)
+            return True
+        return False
 
     def _flat_ready(self, group: dict, unit: _Unit) -> bool:
         """Make the bucket's grads and state flat; False if this step must go per parameter."""
@@ -279,7 +375,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key in ("momentum_buffer",):
                     flat[key] = None  # created lazily at the first step
                     continue
-            buf = b.new_buffer(torch.float32)
+            buf = b.new_buffer(state_dtype(b.dtype))
             views = b.views(buf)
             for p, st, v in zip(b.params, states, views):
                 if key in st:
@@ -299,10 +395,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         Args:
             s: version distance >= 0.
-            out: None (internal buffers, reused across calls: a flat one per bucket), a flat
-                tensor with the layout of the optimizer's single bucket, a dict
-                {FlatBucket: flat tensor}, or a list of tensors, one per parameter in
-                param_groups order (each of its parameter's shape and dtype).
+            out: None (the optimizer's own buffers — a flat one per bucket, one per loose
+                parameter — allocated once and reused: the tensors returned are overwritten
+                by the next ``predict``/``step_and_predict`` with ``out=None``; clone them or
+                pass ``out`` to keep them), a flat tensor with the layout of the optimizer's
+                single bucket, a dict {FlatBucket: flat tensor}, or a list of tensors, one per
+                parameter in param_groups order (each of its parameter's shape and dtype).
 
         Returns:
             list[Tensor]: the predicted weights, one per parameter (views into flat buffers
@@ -311,21 +409,39 @@ class FusedOptimizer(torch.optim.Optimizer):
         s = _check_s(s)
         outs = self._outputs(out)
         for gi, group in enumerate(self.param_groups):
+            loose = []
             for unit in self._plan(gi, group):
                 flat = self._flat.get(id(unit.bucket)) if unit.bucket is not None else None
                 if flat is not None and outs.flat(unit.bucket) is not None:
                     self._predict_flat(group, unit, flat, outs.flat(unit.bucket), s)
                 else:
-                    for p in unit.params:
-                        self._predict_param(group, p, outs.of(p), s)
-        return outs.per_param
+                    loose += unit.params
+            if loose:
+                self._predict_loose(group, loose, outs, s)
+        return list(outs.per_param)
 
     def _outputs(self, out) -> "_Outputs":
-        return _Outputs(self, out)
+        """The targets for ``out``; for None, one set of internal buffers reused by every
+        call while the plans stand (no allocation per call)."""
+        if out is not None:
+            return _Outputs(self, out)
+        # The plans themselves (held, so no id is reused): while they stand, so do the outputs.
+        key = [self._plan(gi, g) for gi, g in enumerate(self.param_groups)]
+        cached = self._default_outs
+        if cached is None or len(cached.key) != len(key) or any(
+                a is not b for a, b in zip(cached.key, key)):
+            cached = _Outputs(self, None)
+            cached.key = key
+            self._default_outs = cached
+        return cached
 
     # --- helpers for subclasses -------------------------------------------------------------
     def _master(self, group: dict, p_or_bucket_dtype: torch.dtype) -> bool:
-        return bool(group.get("master_weights", False)) and p_or_bucket_dtype != torch.float32
+        """Whether parameters of this dtype keep master weights: only bf16/fp16 ones with
+        ``master_weights=True`` (for fp32 and fp64 parameters the flag is a no-op: the
+        parameter is already the full-precision copy)."""
+        return bool(group.get("master_weights", False)) and p_or_bucket_dtype in (
+            torch.bfloat16, torch.float16)
 
     def _per_param_state(self, group: dict, p: nn.Parameter) -> dict:
         st = self.state[p]
@@ -355,6 +471,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _predict_param(self, group, p, out, s) -> None:
         raise NotImplementedError
 
+    def _update_list(self, group, params, outs, s, validate: bool) -> None:
+        raise NotImplementedError
+
+    def _predict_list(self, group, params, outs, s, validate: bool) -> None:
+        raise NotImplementedError
+
 
 def _check_s(s) -> float:
     try:
@@ -367,11 +489,18 @@ def _check_s(s) -> float:
 
 
 class _Outputs:
-    """Resolves a ``predict``/``step_and_predict`` ``out`` argument into per-unit targets."""
+    """Resolves a ``predict``/``step_and_predict`` ``out`` argument into per-unit targets.
+
+    ``internal`` (out=None): the optimizer's own buffers, kept in ``opt._pred_bufs`` (a flat
+    one per bucket, one per loose parameter) and reused by every later call.
+    """
 
     def __init__(self, opt: FusedOptimizer, out):
         self.opt = opt
+        self.internal = out is None
+        self.key = None
         params = [p for g in opt.param_groups for p in g["params"]]
+        self._params = params
         buckets = []
         for gi, g in enumerate(opt.param_groups):
             buckets += [u.bucket for u in opt._plan(gi, g) if u.bucket is not None]
@@ -413,8 +542,28 @@ class _Outputs:
                     self._per.setdefault(id(p), v)
         for p in params:
             if id(p) not in self._per:
-                self._per[id(p)] = torch.empty_like(p)
+                self._per[id(p)] = self._own(p) if self.internal else torch.empty_like(p)
         self.per_param = [self._per[id(p)] for p in params]
+
+    def _own(self, p) -> torch.Tensor:
+        """The optimizer's reusable prediction buffer for loose parameter p."""
+        buf = self.opt._pred_bufs.get(id(p))
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+            self.opt._pred_bufs[id(p)] = buf
+        return buf
+
+    def checked(self, p, numel: int) -> torch.Tensor:
+        """p's target, which must have ``numel`` elements: an internal buffer is remade when
+        p changed shape since it was made (``p.data = ...``); a caller's raises ValueError."""
+        t = self._per[id(p)]
+        if t.numel() == numel:
+            return t
+        if not self.internal:
+            raise ValueError(f"out for a parameter of {numel} elements has {t.numel()}")
+        t = self._per[id(p)] = self._own(p)
+        self.per_param = [self._per[id(q)] for q in self._params]
+        return t
 
     def flat(self, bucket) -> torch.Tensor | None:
         return self._flat.get(id(bucket))

@@ -7,22 +7,7 @@ from torch import nn
 from pipetrain import flat_buffer as fb
 from pipetrain import optim as po
 
-
-def _model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(9, 17), nn.Tanh(), nn.Linear(17, 5)).to(dtype)
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(32, 9, generator=g), torch.randn(32, 5, generator=g)
-
-
-def _train(model, opt, steps, x, y):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+from optim_helpers import assert_triton_route_matches_cpp, make_data, make_model, train
 
 
 def _set_grads(model, grads):
@@ -49,13 +34,13 @@ CASES = [
 @pytest.mark.parametrize("name,opts", CASES)
 @pytest.mark.parametrize("flat", [False, True])
 def test_follows_torch_50_steps(name, opts, flat):
-    x, y = _data()
-    ref, ours = _model(), _model()
+    x, y = make_data()
+    ref, ours = make_model(), make_model()
     if flat:
         fb.flatten(ours)
-    _train(ref, getattr(torch.optim, name)(ref.parameters(), **opts), 50, x, y)
+    train(ref, getattr(torch.optim, name)(ref.parameters(), **opts), 50, x, y)
     opt = getattr(po, name)(ours.parameters(), **opts)
-    _train(ours, opt, 50, x, y)
+    train(ours, opt, 50, x, y)
     for a, b in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     st = opt.state[next(ours.parameters())]
@@ -68,13 +53,15 @@ def test_follows_torch_50_steps(name, opts, flat):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_params_with_master_follow_fp32_torch(dtype):
-    ref = _model(dtype=torch.float32)
-    ours = _model(dtype=dtype)
+@pytest.mark.parametrize("flat", [False, True])
+def test_half_params_with_master_follow_fp32_torch(dtype, flat):
+    ref = make_model(dtype=torch.float32)
+    ours = make_model(dtype=dtype)
     with torch.no_grad():
         for a, b in zip(ref.parameters(), ours.parameters()):
             a.copy_(b.float())
-    fb.flatten(ours)
+    if flat:
+        fb.flatten(ours)
     oref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = po.AdamW(ours.parameters(), lr=1e-2, master_weights=True)
     gen = torch.Generator().manual_seed(2)
@@ -95,7 +82,7 @@ def test_half_params_with_master_follow_fp32_torch(dtype):
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("flat", [False, True])
 def test_predict_zero_state_is_identity(name, flat):
-    m = _model()
+    m = make_model()
     if flat:
         fb.flatten(m)
     opt = getattr(po, name)(m.parameters(), lr=0.1)
@@ -110,7 +97,7 @@ def test_predict_matches_future_steps_for_constant_gradient(flat):
     w by -lr*g/(|g|+eps), and the prediction at s, w - s*lr*mhat_t/(sqrt(vhat_t)+eps), is
     exactly the weights s steps later: the bias-correction difference between steps t and
     t+s is zero. (Only fp32 rounding of the moments separates them: atol 1e-6 at lr 1e-3.)"""
-    m = _model()
+    m = make_model()
     if flat:
         fb.flatten(m)
     opt = po.Adam(m.parameters(), lr=1e-3)
@@ -133,7 +120,7 @@ def test_predict_matches_future_steps_for_constant_gradient(flat):
 def test_adamw_prediction_differs_by_the_decay_only():
     """AdamW also decays w by lr*wd*w per step, which the prediction does not extrapolate:
     predicted(s=1) - next = lr*wd*w_t (with a constant gradient, as above)."""
-    m = _model()
+    m = make_model()
     fb.flatten(m)
     lr, wd = 1e-3, 0.5
     opt = po.AdamW(m.parameters(), lr=lr, weight_decay=wd)
@@ -150,8 +137,8 @@ def test_adamw_prediction_differs_by_the_decay_only():
 
 
 def test_step_and_predict_equals_step_then_predict():
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = make_data()
+    a, b = make_model(), make_model()
     fb.flatten(a)
     fb.flatten(b)
     oa, ob = po.AdamW(a.parameters(), lr=1e-2), po.AdamW(b.parameters(), lr=1e-2)
@@ -171,11 +158,11 @@ def test_step_and_predict_equals_step_then_predict():
 
 
 def test_found_inf_skips_step_and_count():
-    x, y = _data()
-    m = _model()
+    x, y = make_data()
+    m = make_model()
     fb.flatten(m)
     opt = po.Adam(m.parameters(), lr=1e-2)
-    _train(m, opt, 2, x, y)
+    train(m, opt, 2, x, y)
     p0 = next(m.parameters())
     before = (p0.detach().clone(), opt.state[p0]["exp_avg"].clone())
     opt.step(found_inf=torch.tensor([1.0]))
@@ -186,14 +173,14 @@ def test_found_inf_skips_step_and_count():
 
 
 def test_errors():
-    m = _model()
+    m = make_model()
     for bad in ("amsgrad", "capturable", "differentiable"):
         with pytest.raises(ValueError, match=bad):
             po.Adam(m.parameters(), **{bad: True})
     with pytest.raises(ValueError, match="amsgrad"):
         po.AdamW([{"params": list(m.parameters()), "amsgrad": True}])
-    with pytest.raises(ValueError, match="float64"):
-        po.AdamW(_model(dtype=torch.float64).parameters())
+    with pytest.raises(ValueError, match="complex64"):  # float64 is supported: test_fp64.py
+        po.AdamW([nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
     with pytest.raises(ValueError, match="mixed devices"):
         po.Adam([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
     opt = po.Adam(m.parameters())
@@ -208,23 +195,10 @@ def test_cuda_dispatch_calls_triton_kernels_correctly(monkeypatch, flat):
     """CUDA parameters go to pipetrain.kernels (Triton). No GPU here: route CPU tensors to
     the Triton kernels under the interpreter (tests set TRITON_INTERPRET=1) and check the
     optimizer's calls give the C++ path's results (both implement kernels.reference)."""
-    import pipetrain.kernels as triton_kernels
     from pipetrain.optim import adam as adam_mod
 
-    x, y = _data()
-    a, b = _model(), _model()
-    if flat:
-        fb.flatten(a)
-        fb.flatten(b)
-    oa = po.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
-    ob = po.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
-    _train(a, oa, 2, x, y)
-    pa = [t.clone() for t in oa.step_and_predict(2.0)]
-    monkeypatch.setattr(adam_mod, "kernels_for", lambda device: triton_kernels)
-    _train(b, ob, 2, x, y)
-    pb = ob.step_and_predict(2.0)
-    for u, v in zip(list(a.parameters()) + pa, list(b.parameters()) + pb):
-        torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-7)
+    assert_triton_route_matches_cpp(
+        monkeypatch, adam_mod, lambda ps: po.AdamW(ps, lr=1e-2, weight_decay=0.1), flat)
 
 
 def test_cpu_params_never_reach_triton(monkeypatch):
@@ -236,12 +210,12 @@ def test_cpu_params_never_reach_triton(monkeypatch):
 
     for name in ("adam_step", "adam_predict", "sgd_step", "sgd_predict"):
         monkeypatch.setattr(triton_kernels, name, boom, raising=False)
-    x, y = _data()
+    x, y = make_data()
     for flat in (False, True):
-        m = _model()
+        m = make_model()
         if flat:
             fb.flatten(m)
         for opt in (po.AdamW(m.parameters()), po.SGD(m.parameters(), lr=0.1, momentum=0.9)):
-            _train(m, opt, 1, x, y)
+            train(m, opt, 1, x, y)
             opt.step_and_predict(1.0)
             opt.predict(1.0)

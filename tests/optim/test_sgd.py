@@ -7,22 +7,7 @@ from torch import nn
 from pipetrain import flat_buffer as fb
 from pipetrain import optim as po
 
-
-def _model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(9, 17), nn.Tanh(), nn.Linear(17, 5)).to(dtype)
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(32, 9, generator=g), torch.randn(32, 5, generator=g)
-
-
-def _train(model, opt, steps, x, y, flat=None):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+from optim_helpers import assert_triton_route_matches_cpp, make_data, make_model, train
 
 
 OPTIONS = [
@@ -36,13 +21,13 @@ OPTIONS = [
 @pytest.mark.parametrize("opts", OPTIONS)
 @pytest.mark.parametrize("flat", [False, True])
 def test_follows_torch_sgd_50_steps(opts, flat):
-    x, y = _data()
-    ref, ours = _model(), _model()
+    x, y = make_data()
+    ref, ours = make_model(), make_model()
     if flat:
         fb.flatten(ours)
-    _train(ref, torch.optim.SGD(ref.parameters(), **opts), 50, x, y)
+    train(ref, torch.optim.SGD(ref.parameters(), **opts), 50, x, y)
     opt = po.SGD(ours.parameters(), **opts)
-    _train(ours, opt, 50, x, y)
+    train(ours, opt, 50, x, y)
     for a, b in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     if flat:  # one kernel call for the whole model, and the state is flat
@@ -55,29 +40,31 @@ def test_follows_torch_sgd_50_steps(opts, flat):
 
 
 def test_param_groups_with_different_options():
-    x, y = _data()
-    ref, ours = _model(), _model()
+    x, y = make_data()
+    ref, ours = make_model(), make_model()
     fb.flatten(ours)
     groups = lambda m: [{"params": list(m[0].parameters()), "lr": 0.1},  # noqa: E731
                         {"params": list(m[2].parameters()), "momentum": 0.5}]
-    _train(ref, torch.optim.SGD(groups(ref), lr=0.02, momentum=0.9), 20, x, y)
+    train(ref, torch.optim.SGD(groups(ref), lr=0.02, momentum=0.9), 20, x, y)
     opt = po.SGD(groups(ours), lr=0.02, momentum=0.9)
-    _train(ours, opt, 20, x, y)
+    train(ours, opt, 20, x, y)
     for a, b in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     # the bucket is split across groups, so each parameter was its own unit (still exact)
     assert all(u.bucket is None for u in opt._plan(0, opt.param_groups[0]))
 
 
-def test_bf16_master_weights_follow_fp32_torch():
+@pytest.mark.parametrize("flat", [False, True])
+def test_bf16_master_weights_follow_fp32_torch(flat):
     """bf16 params + fp32 master: the master follows torch.optim on fp32 weights fed the
     same gradients; the bf16 param is the master rounded (exactly)."""
-    ref = _model(dtype=torch.float32)
-    ours = _model(dtype=torch.bfloat16)
+    ref = make_model(dtype=torch.float32)
+    ours = make_model(dtype=torch.bfloat16)
     with torch.no_grad():
         for a, b in zip(ref.parameters(), ours.parameters()):
             a.copy_(b.float())  # same starting point, representable in bf16
-    fb.flatten(ours)
+    if flat:
+        fb.flatten(ours)
     oref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     opt = po.SGD(ours.parameters(), lr=0.05, momentum=0.9, master_weights=True)
     gen = torch.Generator().manual_seed(2)
@@ -97,7 +84,7 @@ def test_bf16_master_weights_follow_fp32_torch():
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_predict_zero_state_is_identity(flat):
-    m = _model()
+    m = make_model()
     if flat:
         fb.flatten(m)
     opt = po.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -110,7 +97,7 @@ def test_predict_zero_state_is_identity(flat):
 def test_predict_one_step_ahead_at_momentum_steady_state(flat):
     """Constant gradient g: buf -> g/(1-mu); then w - lr*buf (the prediction at s=1) is
     exactly the next step's weights, w - lr*(mu*buf + g) = w - lr*buf."""
-    m = _model()
+    m = make_model()
     if flat:
         fb.flatten(m)
     opt = po.SGD(m.parameters(), lr=1e-3, momentum=0.9)
@@ -129,8 +116,8 @@ def test_predict_one_step_ahead_at_momentum_steady_state(flat):
 
 
 def test_step_and_predict_equals_step_then_predict():
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = make_data()
+    a, b = make_model(), make_model()
     fa, fbk = fb.flatten(a), fb.flatten(b)
     oa = po.SGD(a.parameters(), lr=0.1, momentum=0.9)
     ob = po.SGD(b.parameters(), lr=0.1, momentum=0.9)
@@ -151,11 +138,11 @@ def test_step_and_predict_equals_step_then_predict():
 
 @pytest.mark.parametrize("how", ["arg", "option"])
 def test_found_inf_skips_the_step(how):
-    x, y = _data()
-    m = _model()
+    x, y = make_data()
+    m = make_model()
     fb.flatten(m)
     opt = po.SGD(m.parameters(), lr=0.1, momentum=0.9, skip_nonfinite=(how == "option"))
-    _train(m, opt, 2, x, y)
+    train(m, opt, 2, x, y)
     before = [p.detach().clone() for p in m.parameters()]
     buf = [opt.state[p]["momentum_buffer"].clone() for p in m.parameters()]
     if how == "arg":
@@ -168,11 +155,11 @@ def test_found_inf_skips_the_step(how):
 
 
 def test_errors():
-    m = _model()
+    m = make_model()
     with pytest.raises(ValueError, match="differentiable"):
         po.SGD(m.parameters(), lr=0.1, differentiable=True)
-    with pytest.raises(ValueError, match="float64"):
-        po.SGD(_model(dtype=torch.float64).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="complex64"):  # float64 is supported: test_fp64.py
+        po.SGD([nn.Parameter(torch.zeros(3, dtype=torch.complex64))], lr=0.1)
     with pytest.raises(ValueError, match="mixed devices"):
         po.SGD([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
     with pytest.raises(ValueError, match="Nesterov"):
@@ -186,19 +173,8 @@ def test_errors():
 
 def test_cuda_dispatch_calls_triton_kernels_correctly(monkeypatch):
     """As test_adam's twin: the Triton route (interpreted on CPU) equals the C++ route."""
-    import pipetrain.kernels as triton_kernels
     from pipetrain.optim import sgd as sgd_mod
 
-    x, y = _data()
-    a, b = _model(), _model()
-    fb.flatten(a)
-    fb.flatten(b)
-    oa = po.SGD(a.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    ob = po.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    _train(a, oa, 2, x, y)
-    pa = [t.clone() for t in oa.step_and_predict(2.0)]
-    monkeypatch.setattr(sgd_mod, "kernels_for", lambda device: triton_kernels)
-    _train(b, ob, 2, x, y)
-    pb = ob.step_and_predict(2.0)
-    for u, v in zip(list(a.parameters()) + pa, list(b.parameters()) + pb):
-        torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-7)
+    assert_triton_route_matches_cpp(
+        monkeypatch, sgd_mod, lambda ps: po.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+        flat=True)

@@ -9,6 +9,8 @@ from torch import nn
 from pipetrain import flat_buffer as fb
 from pipetrain import optim as po
 
+from optim_helpers import make_data, make_model, train
+
 CASES = [
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
     ("Adam", dict(lr=1e-2, weight_decay=1e-3)),
@@ -16,58 +18,41 @@ CASES = [
 ]
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(9, 17), nn.Tanh(), nn.Linear(17, 5))
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(32, 9, generator=g), torch.randn(32, 5, generator=g)
-
-
-def _train(model, opt, steps, x, y):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-
-
 @pytest.mark.parametrize("name,opts", CASES)
 @pytest.mark.parametrize("flat", [False, True])
 def test_torch_to_ours_to_torch(name, opts, flat):
     """20 steps torch -> 20 steps ours -> 10 steps torch == 50 steps of torch alone."""
-    x, y = _data()
-    pure = _model()
-    _train(pure, getattr(torch.optim, name)(pure.parameters(), **opts), 50, x, y)
+    x, y = make_data()
+    pure = make_model()
+    train(pure, getattr(torch.optim, name)(pure.parameters(), **opts), 50, x, y)
 
-    m = _model()
+    m = make_model()
     if flat:
         fb.flatten(m)
     t1 = getattr(torch.optim, name)(m.parameters(), **opts)
-    _train(m, t1, 20, x, y)
+    train(m, t1, 20, x, y)
     ours = getattr(po, name)(m.parameters(), **opts)
     ours.load_state_dict(copy.deepcopy(t1.state_dict()))  # deepcopy: as a save/load would
-    _train(m, ours, 20, x, y)
+    train(m, ours, 20, x, y)
     if flat:  # after loading, the state was made flat (views of one buffer), not left per-param
         (unit,) = ours._plan(0, ours.param_groups[0])
         assert id(unit.bucket) in ours._flat
     t2 = getattr(torch.optim, name)(m.parameters(), **opts)
     t2.load_state_dict(copy.deepcopy(ours.state_dict()))
-    _train(m, t2, 10, x, y)
+    train(m, t2, 10, x, y)
     for a, b in zip(pure.parameters(), m.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,opts", CASES)
 def test_format_matches_torch(name, opts):
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = make_data()
+    a, b = make_model(), make_model()
     fb.flatten(b)
     ta = getattr(torch.optim, name)(a.parameters(), **opts)
     ob = getattr(po, name)(b.parameters(), **opts)
-    _train(a, ta, 3, x, y)
-    _train(b, ob, 3, x, y)
+    train(a, ta, 3, x, y)
+    train(b, ob, 3, x, y)
     sa, sb = ta.state_dict(), ob.state_dict()
     assert sorted(sa["state"]) == sorted(sb["state"])
     for i in sa["state"]:
@@ -106,18 +91,18 @@ def test_bf16_state_stays_fp32_on_load():
 def test_unequal_steps_fall_back_per_parameter():
     """A torch state where parameters have different step counts cannot share one flat
     step: that bucket then steps parameter by parameter, still exactly like torch."""
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = make_data()
+    a, b = make_model(), make_model()
     ta = torch.optim.Adam(a.parameters(), lr=1e-2)
-    _train(a, ta, 3, x, y)
+    train(a, ta, 3, x, y)
     a[2].bias.grad = None
     ta.step()  # the last bias had no gradient: its step count stays 3, the others reach 4
     b.load_state_dict(a.state_dict())
     fb.flatten(b)
     ob = po.Adam(b.parameters(), lr=1e-2)
     ob.load_state_dict(copy.deepcopy(ta.state_dict()))
-    _train(a, ta, 5, x, y)
-    _train(b, ob, 5, x, y)
+    train(a, ta, 5, x, y)
+    train(b, ob, 5, x, y)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
     assert not ob._flat
