@@ -209,6 +209,16 @@ class Pipeline:
         from pipetrain import checkpointing
         checkpointing.load_state_dict(self, state, optimizer, strict)
 
+    def eval(self, inputs: Any, targets: Any = None) -> Any:
+        """Forward-only pipelined run (no autograd, modules in eval mode meanwhile): the merged
+        last-stage outputs (``None`` on ranks without the last stage), and with ``targets``
+        ``(outputs, loss)``, the loss as ``step`` computes it (on every rank). The batch size
+        may differ from training's (at least ``num_microbatches``)."""
+        from pipetrain import evaluation
+        out, loss = self.dist.eval(self, inputs, targets) if self.dist is not None \
+            else evaluation.evaluate(self, inputs, targets)
+        return out if targets is None else (out, loss)
+
     # -- the step -------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
         """One mini-batch: every forward and backward of the schedule.

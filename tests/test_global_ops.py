@@ -42,3 +42,20 @@ def test_token_level_zero_count_is_a_clear_error():
     with pytest.raises(ValueError, match="counted 0"):
         pipe.step(x, y)
     pipe.close()
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b"])
+def test_eval_in_one_process(schedule):
+    net = sc.model(4, tied=False)
+    ref = copy.deepcopy(net)
+    pipe = pipetrain.Pipeline(net, num_devices=2, schedule=schedule, num_microbatches=4,
+                              loss_fn=sc.mse)
+    x, y = sc.batch(7, 3, token=False)
+    out, loss = pipe.eval(x, y)
+    with torch.no_grad():
+        r = ref(x)
+    assert torch.allclose(out, r, atol=1e-13, rtol=0)
+    assert abs(float(loss) - float(sc.mse(r, y))) < 1e-13
+    assert all(p.grad is None for p in net.parameters())   # nothing ran backward
+    assert torch.allclose(pipe.eval(x), r, atol=1e-13, rtol=0)
+    pipe.close()

@@ -150,6 +150,7 @@ class Distributed:
         store = dist.distributed_c10d._get_default_store()
         self.board = Board(store, f"pipetrain/{number}")
         self.runner: Optional[RankRunner] = None
+        self.eval_runner: Optional[RankRunner] = None
 
     def is_local(self, stage: int) -> bool:
         return stage in self.local
@@ -239,6 +240,59 @@ class Distributed:
             st.end_run(commit=not pipe.found_inf)
         dtype = next((p.dtype for st in stages for p in st.params), torch.float32)
         return loss.to(dtype)
+
+    def eval(self, pipe: Any, inputs: Any, targets: Any) -> Any:
+        """Forward-only run: (outputs on the last stage's rank, else None; loss or None)."""
+        from pipetrain.evaluation import EvalPlan, _train_modes, forward_schedule
+        from pipetrain.distributed.runner import RankEvalRun
+        from pipetrain.microbatch import gather
+        from pipetrain.pipeline import PipelineError
+
+        if self.eval_runner is None:
+            graph = self.plan.graph
+            plan = EvalPlan(forward_schedule(graph, pipe.num_microbatches), graph, lowered=True)
+            self.eval_runner = RankRunner(self.mesh, plan, self.device, timeout=self.timeout,
+                                          num_threads=pipe.num_threads, board=self.board,
+                                          ties=self.ties)
+        graph = self.plan.graph
+        source = any(not graph.stage(k).inputs for k in self.local)
+        sink = any(not graph.stage(k).outputs for k in self.local)
+        x = inputs if source else None
+        y = targets if sink and targets is not None else None
+        pipe._loss.begin(y)
+        if x is None and y is None:
+            x = y = torch.zeros(pipe.num_microbatches)
+        x, y = (y if x is None else x), (x if y is None else y)
+        modes = _train_modes(pipe.stages)
+        try:
+            run_cls = type("EvalRun", (RankEvalRun,), {"has_targets": targets is not None,
+                                                       "loss_fn": pipe._loss})
+            run, _, _ = self.eval_runner.execute(pipe.stages, [(x, y)], run_cls=run_cls)
+        except Exception as err:  # noqa: BLE001
+            cause = err.__cause__ or err
+            self.board.post(f"rank {self.mesh.rank}: evaluation failed: {cause}")
+            raise PipelineError(f"rank {self.mesh.rank}: evaluation failed: "
+                                f"{type(cause).__name__}: {cause}") from cause
+        finally:
+            _train_modes(pipe.stages, modes)
+        for k in self.local:
+            pipe.stages[k].end_run(commit=False)
+        out = gather([run.outputs[k] for k in range(pipe.num_microbatches)]) if sink else None
+        if targets is None:
+            return out, None
+        vec = torch.zeros(3, dtype=torch.float64)
+        if sink:
+            vec[0] = float(run.losses_per_minibatch()[0])
+            vec[1] = pipe._loss.total_count
+            vec[2] = 1.0 if pipe._loss.token_level else 0.0
+        vec = vec.to(self.device)
+        try:
+            self._wait([dist.all_reduce(vec, async_op=True)], "the evaluation loss all-reduce")
+        except PeerFailed as err:
+            raise PipelineError(str(err)) from err
+        vec = vec.cpu()
+        loss = vec[0] / vec[1] if vec[2] > 0 else vec[0] / self.mesh.w
+        return out, loss
 
     # -- global operations ---------------------------------------------------------------------
     def clip_grad_norm_(self, pipe: Any, max_norm: float, norm_type: float) -> torch.Tensor:

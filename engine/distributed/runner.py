@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from pipetrain.dispatch import Run
+from pipetrain.evaluation import EvalMixin
 from pipetrain.mailbox import GRAD, VALUE
 from pipetrain.transport import Handoff, Transport
 from pipetrain.distributed import grads as grads_mod
@@ -105,6 +106,14 @@ class _RankRun(Run):
         self.sends.clear()
 
 
+class RankEvalRun(EvalMixin, _RankRun):
+    """A forward-only run on this rank (:mod:`pipetrain.evaluation`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.outputs: Dict[int, Any] = {}
+
+
 class RankRunner:
     """Runs this rank's row of lowered plans; see the module docstring.
 
@@ -170,7 +179,8 @@ class RankRunner:
         self.broken: Optional[str] = None
 
     # -- a run -------------------------------------------------------------------------------
-    def execute(self, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]]) -> Tuple[_RankRun, Any, float]:
+    def execute(self, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
+                run_cls: Any = None) -> Tuple[_RankRun, Any, float]:
         """Run our row; returns (run, timeline, wall seconds). Raises ExecutorError (an
         action failed: PeerFailed as its cause when another rank did) or PeerFailed."""
         from pipetrain.executor import ExecutorError
@@ -182,7 +192,7 @@ class RankRunner:
         self.board.step += 1
         for key, st in self.streams.items():
             st.expect(self.expected.get(key, 0))
-        run = _RankRun(self, self.plan, stages, batches)
+        run = (run_cls or _RankRun)(self, self.plan, stages, batches)
         d = self.device_index
         local = [st for st in stages if st is not None]
         for st in local:

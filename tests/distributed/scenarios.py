@@ -199,3 +199,26 @@ def resume(phase: str, p: int, path: str, steps: int = 2) -> dict:
     losses = [one(2 + s) for s in range(steps)]
     pipe.close()
     return {"losses": losses, "rank": dist.get_rank()}
+
+
+def evaluate(p: int, schedule: str = "1f1b", token: bool = False) -> dict:
+    """``pipe.eval`` (other batch size than training) against the unsplit model's forward."""
+    import torch.distributed as dist
+    v = 2 if schedule == "interleaved-1f1b" else 1
+    net = model(p * v + 1, False)
+    ref = copy.deepcopy(net)
+    pipe = pipetrain.Pipeline(net, num_devices=p, schedule=schedule, num_microbatches=2 * p,
+                              loss_fn=masked if token else mse, timeout=30)
+    x, y = batch(4 * p, 0, token)
+    pipe.step(x, y)
+    x, y = batch(2 * p + 3, 1, token)       # another batch size, uneven micro-batches
+    out, loss = pipe.eval(x, y)
+    with torch.no_grad():
+        ref_out = ref(x)
+        ref_loss = (lambda sc: sc[0] / sc[1])(masked(ref_out, y)) if token else mse(ref_out, y)
+    only = pipe.eval(x)
+    res = {"loss": abs(float(loss) - float(ref_loss)), "rank": dist.get_rank(),
+           "out": None if out is None else float((out - ref_out).abs().max()),
+           "only": None if only is None else float((only - ref_out).abs().max())}
+    pipe.close()
+    return res

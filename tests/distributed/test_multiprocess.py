@@ -97,3 +97,12 @@ def test_checkpoint_resume_bit_identical_and_resplit(pool, tmp_path):
     x, y = sc.batch(8, 2, False)
     assert float(sc.mse(plain(x), y).detach()) == pytest.approx(saved[0]["losses"][0], abs=1e-12)
     pipe.close()
+
+
+@pytest.mark.parametrize("schedule,p,token", [("1f1b", 3, False), ("interleaved-1f1b", 2, True)])
+def test_eval_forward_only_equals_unsplit(pool, schedule, p, token):
+    res = pool.run(S, "evaluate", p, p=p, schedule=schedule, token=token)
+    for r in res:
+        assert r["loss"] < TOL, r
+    last = [r for r in res if r["out"] is not None]
+    assert len(last) == 1 and last[0]["out"] < TOL and last[0]["only"] < TOL
