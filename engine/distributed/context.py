@@ -202,13 +202,30 @@ class Distributed:
             self.board.post(str(err))
             raise PipelineError(str(err)) from err
         try:
+            self._record(pipe, run, timeline, wall)
             return self._finish(pipe, run, sink)
-        except PeerFailed as err:
-            self.runner.broken = str(err)
-            self.board.post(str(err))
+        except BaseException as err:
+            # Whatever failed here, the other ranks must not wait for us past a poll.
+            msg = str(err) if isinstance(err, PeerFailed) else \
+                f"rank {mesh.rank}: ending the step failed: {type(err).__name__}: {err}"
+            self.runner.broken = msg
+            self.board.post(msg)
             for k in self.local:
                 pipe.stages[k].end_run(commit=False)
-            raise PipelineError(str(err)) from err
+            raise PipelineError(msg) from err
+
+    def _record(self, pipe: Any, run: Any, timeline: Any, wall: float) -> None:
+        """This rank's stats (compute actions only: transfers are waits, not work) and the
+        overlap of its incoming transfers with compute."""
+        from pipetrain.stats import measure
+        d = self.mesh.pp_rank
+        row = self.plan.actions[d]
+        records = [r for r in timeline.records([row])[0]
+                   if str(r.kind) in ("F", "B", "I", "W", "U")]
+        pipe._stats = measure([records], schedule=pipe.schedule.name, num_stages=pipe.num_stages,
+                              num_microbatches=pipe.num_microbatches,
+                              samples=sum(map(sum, run.sizes)), wall_s=wall)
+        self.last_overlap = self.runner.overlap(timeline)
 
     def _finish(self, pipe: Any, run: Any, sink: bool) -> torch.Tensor:
         """After our row ran: agree on loss / count / finiteness, reduce and commit gradients."""

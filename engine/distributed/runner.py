@@ -157,6 +157,7 @@ class RankRunner:
         self.peer_of: Dict[int, int] = {}
         self.expected: Dict[Tuple[int, str], int] = {}   # messages per receiving stream
         self.sends_at: List[int] = []
+        self.recv_seq: Dict[int, Tuple[Tuple[int, str], int]] = {}
         self.last_backward: Dict[int, int] = {}  # stage -> index of its last B / W
         edge_by_pair = {(e.src, e.dst): e.id for e in graph.edges}
         for i, a in enumerate(row):
@@ -169,6 +170,7 @@ class RankRunner:
                 self.peer_of[i] = mesh.rank_of(dev_of[a.peer])
             if kind in RECEIVES:
                 key = (self.edge_of[i], VALUE if kind == "RF" else GRAD)
+                self.recv_seq[i] = (key, self.expected.get(key, 0))
                 self.expected[key] = self.expected.get(key, 0) + 1
             elif kind in ("SF", "SB"):
                 self.sends_at.append(i)
@@ -214,6 +216,25 @@ class RankRunner:
             if self.num_threads:
                 torch.set_num_threads(old_threads)
         return run, timeline, time.perf_counter() - t0
+
+    def overlap(self, timeline: Any) -> Dict[str, float]:
+        """How much of the last run's incoming transfer time was hidden under compute.
+
+        A message's transfer time runs from its sender's post to its arrival here; the part
+        of it this rank spent blocked in the RF / RB action that takes it is exposed, the
+        rest overlapped other work. Returns ``transfer_s``, ``exposed_s`` and
+        ``hidden_fraction`` (1.0 when nothing was received)."""
+        starts, ends = timeline.start_ns[0], timeline.end_ns[0]   # our one-device executor
+        total = exposed = 0
+        for i, (key, seq) in self.recv_seq.items():
+            times = self.streams[key].times.get(seq)
+            if times is None or starts[i] < 0:
+                continue
+            sent, arrived = times
+            total += max(0, arrived - sent)
+            exposed += max(0, min(arrived, int(ends[i])) - max(sent, int(starts[i])))
+        return {"transfer_s": total * 1e-9, "exposed_s": exposed * 1e-9,
+                "hidden_fraction": 1.0 - exposed / total if total else 1.0}
 
     def close(self) -> None:
         if self.executor is not None:

@@ -4,7 +4,9 @@ One *stream* per (edge, direction) of the stage graph carries the messages of th
 one direction (forward values producer -> consumer, gradients back), in the order the
 schedule sends them. A message is::
 
-    header   int64[2] = (sequence number, length of the description; 0: unchanged)
+    header   int64[3] = (sequence number, length of the description (0: unchanged), the
+             sender's monotonic clock in ns when it posted the message: for the overlap
+             measurement, meaningful between ranks of one machine)
     meta     uint8[len]: pickled structure, shapes, dtypes, plain (non-tensor) leaves —
              sent only when they differ from this stream's previous message
     data     one tensor per tensor leaf
@@ -172,13 +174,15 @@ class Stream:
         self._ready: Dict[int, Any] = {}
         self._error: Optional[BaseException] = None
         self._cond = threading.Condition()
+        self.times: Dict[int, Tuple[int, int]] = {}   # seq -> (sent ns, arrived ns), per run
 
     # -- sending -------------------------------------------------------------------------
     def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
         """Post the message for ``value``; returns the works and the buffers to keep alive."""
         tensors, meta = encode(value)
         changed = meta != self.sent_meta
-        header = torch.tensor([self.seq, len(meta) if changed else 0], dtype=torch.int64)
+        header = torch.tensor([self.seq, len(meta) if changed else 0, time.monotonic_ns()],
+                              dtype=torch.int64)
         self.seq += 1
         works = [dist.isend(header, dst=self.peer, tag=self.tags[HEADER])]
         keep = [header] + tensors
@@ -194,6 +198,7 @@ class Stream:
     def expect(self, count: int) -> None:
         """Start a run that receives ``count`` messages on this stream (0: none)."""
         self.seq, self._taken, self._ready, self._error = 0, 0, {}, None
+        self.times = {}
         if count:
             threading.Thread(target=self._receive, args=(count,), daemon=True,
                              name=f"pipetrain-recv {self.name}").start()
@@ -201,7 +206,7 @@ class Stream:
     def _receive(self, count: int) -> None:
         try:
             for seq in range(count):
-                header = torch.zeros(2, dtype=torch.int64)
+                header = torch.zeros(3, dtype=torch.int64)
                 dist.irecv(header, src=self.peer, tag=self.tags[HEADER]).wait()
                 if int(header[0]) != seq:
                     raise RuntimeError(f"rank {self.peer} sent message {int(header[0])} of "
@@ -221,6 +226,7 @@ class Stream:
                     w.wait()
                 it = iter(tensors)
                 value = unflatten([next(it) if d[0] == "t" else d[1] for d in desc], spec)
+                self.times[seq] = (int(header[2]), time.monotonic_ns())
                 with self._cond:
                     self._ready[seq] = value
                     self._cond.notify_all()
