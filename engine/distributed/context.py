@@ -226,6 +226,7 @@ class Distributed:
                               num_microbatches=pipe.num_microbatches,
                               samples=sum(map(sum, run.sizes)), wall_s=wall)
         self.last_overlap = self.runner.overlap(timeline)
+        self.last_timeline = timeline
 
     def _finish(self, pipe: Any, run: Any, sink: bool) -> torch.Tensor:
         """After our row ran: agree on loss / count / finiteness, reduce and commit gradients."""
