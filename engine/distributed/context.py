@@ -17,6 +17,7 @@ unsplit model would have on the combined batch (replicas are averaged, as with D
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import time
 from typing import Any, Callable, List, Optional, Sequence
@@ -147,6 +148,10 @@ class Distributed:
                     dist.broadcast(tie.param.data, src=mesh.rank_of(tie.devices[0]),
                                    group=tie.groups[mesh.dp_rank])
         self.plan = Plan(pipe.schedule.lower())
+        # Point-to-point traffic in a group of its own whose timeout is the pipeline's: a
+        # blocking receive is bounded by it (gloo raises), a dead peer fails it at once.
+        self.group = dist.new_group(backend=dist.get_backend(),
+                                    timeout=datetime.timedelta(seconds=min(timeout, 1e7)))
         store = dist.distributed_c10d._get_default_store()
         self.board = Board(store, f"pipetrain/{number}")
         self.runner: Optional[RankRunner] = None
@@ -159,7 +164,8 @@ class Distributed:
         for k in self.local:
             pipe.stages[k].grad_scale = pipe._loss.grad_scale
         self.runner = RankRunner(self.mesh, self.plan, self.device, timeout=self.timeout,
-                                 num_threads=pipe.num_threads, board=self.board, ties=self.ties)
+                                 num_threads=pipe.num_threads, board=self.board, ties=self.ties,
+                                 group=self.group)
         return self.runner
 
     def _wait(self, works: Sequence[Any], what: str) -> None:
@@ -185,21 +191,21 @@ class Distributed:
         except ExecutorError as err:
             cause = err.__cause__
             if isinstance(cause, PeerFailed):
-                self.board.post(str(cause))
+                self.runner.fail(str(cause))
                 raise PipelineError(str(cause)) from cause
             a = self.plan.actions[mesh.pp_rank][err.index] if err.index is not None and err.index >= 0 else None
             if a is None:
                 msg = f"rank {mesh.rank}: pipeline run failed: {err}"
-                self.board.post(msg)
+                self.runner.fail(msg)
                 raise PipelineError(msg) from err
             msg = (f"rank {mesh.rank}: stage {a.stage}, micro-batch {a.microbatch}, action "
                    f"{a.kind} ({a}) raised {type(cause).__name__}: {cause}")
-            self.board.post(msg)
+            self.runner.fail(msg)
             perr = PipelineError(msg, stage=a.stage, microbatch=a.microbatch,
                                  action=str(a.kind), label=str(a), device=mesh.pp_rank)
             raise perr from cause
         except PeerFailed as err:
-            self.board.post(str(err))
+            self.runner.fail(str(err))
             raise PipelineError(str(err)) from err
         try:
             self._record(pipe, run, timeline, wall)
@@ -208,8 +214,7 @@ class Distributed:
             # Whatever failed here, the other ranks must not wait for us past a poll.
             msg = str(err) if isinstance(err, PeerFailed) else \
                 f"rank {mesh.rank}: ending the step failed: {type(err).__name__}: {err}"
-            self.runner.broken = msg
-            self.board.post(msg)
+            self.runner.fail(msg)
             for k in self.local:
                 pipe.stages[k].end_run(commit=False)
             raise PipelineError(msg) from err
@@ -271,7 +276,7 @@ class Distributed:
             plan = EvalPlan(forward_schedule(graph, pipe.num_microbatches), graph, lowered=True)
             self.eval_runner = RankRunner(self.mesh, plan, self.device, timeout=self.timeout,
                                           num_threads=pipe.num_threads, board=self.board,
-                                          ties=self.ties)
+                                          ties=self.ties, group=self.group)
         graph = self.plan.graph
         source = any(not graph.stage(k).inputs for k in self.local)
         sink = any(not graph.stage(k).outputs for k in self.local)
@@ -288,7 +293,7 @@ class Distributed:
             run, _, _ = self.eval_runner.execute(pipe.stages, [(x, y)], run_cls=run_cls)
         except Exception as err:  # noqa: BLE001
             cause = err.__cause__ or err
-            self.board.post(f"rank {self.mesh.rank}: evaluation failed: {cause}")
+            self.eval_runner.fail(f"rank {self.mesh.rank}: evaluation failed: {cause}")
             raise PipelineError(f"rank {self.mesh.rank}: evaluation failed: "
                                 f"{type(cause).__name__}: {cause}") from cause
         finally:

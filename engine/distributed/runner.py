@@ -11,9 +11,10 @@ dependencies on other ranks are the transfer actions:
                 them at its end)
     RF / RB     wait (bounded) for the message and put the value in the mailbox
 
-Receives are posted ahead: each receiving stream has a helper thread that posts the next
-message's receive as soon as the previous one is in (:class:`~pipetrain.distributed.wire.Stream`),
-so transfers land while the rank computes and the RF / RB action only takes the value. After a stage's last backward (B or W) of the step its gradients start their
+Receives are posted ahead: before each action the headers of the next ``LOOKAHEAD``
+receives of the row are posted (:class:`~pipetrain.distributed.wire.Stream`), so a receive is
+posted before the compute that precedes its use; the RF / RB action waits for the header and
+the data on the issuing thread itself. After a stage's last backward (B or W) of the step its gradients start their
 data-parallel all-reduce (buckets, async), overlapping the rest of the cool-down.
 
 At the end of a run one all-reduce over all ranks carries (loss, token count, non-finite
@@ -25,6 +26,7 @@ unmatched operations, so the pipeline refuses further steps (restart the job).
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +43,7 @@ from pipetrain.distributed.wire import Board, PeerFailed, Stream, wait_all
 __all__ = ["RankRunner", "RankEdge"]
 
 RECEIVES = ("RF", "RB")
+LOOKAHEAD = 2
 
 
 class RankEdge(Transport):
@@ -78,11 +81,11 @@ class _RankRun(Run):
         d = r.device_index
         a = self.plan.actions[d][index]
         kind = str(a.kind)
+        r.post_ahead(index)
         if kind in RECEIVES:
             direction = VALUE if kind == "RF" else GRAD
             stream = r.streams[(r.edge_of[index], direction)]
-            value = stream.take(deadline=time.monotonic() + r.timeout, board=r.board,
-                                me=r.mesh.rank, what=f"{a} from rank {stream.peer}")
+            value = stream.take(me=r.mesh.rank, what=f"{a} from rank {stream.peer}")
             self.mailbox.put(direction, r.edge_of[index], a.microbatch, value)
             return
         if kind in ("SF", "SB"):
@@ -128,7 +131,7 @@ class RankRunner:
     """
 
     def __init__(self, mesh: Any, plan: Any, device: torch.device, *, timeout: float,
-                 num_threads: int, board: Board, ties: Any) -> None:
+                 num_threads: int, board: Board, ties: Any, group: Any = None) -> None:
         from pipetrain.executor import Executor
         self.mesh, self.plan, self.timeout, self.num_threads = mesh, plan, timeout, num_threads
         self.board, self.ties = board, ties
@@ -138,6 +141,7 @@ class RankRunner:
         dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
         self.transports: Dict[int, Transport] = {}
         self.streams: Dict[Tuple[int, str], Stream] = {}
+        self.outgoing: List[Stream] = []
         handoff = Handoff()
         for e in graph.edges:
             a, b = dev_of[e.src], dev_of[e.dst]
@@ -148,8 +152,10 @@ class RankRunner:
             if d in (a, b):
                 peer = mesh.rank_of(b if d == a else a)
                 for direction in (VALUE, GRAD):
-                    st = Stream(e.id, direction, peer, device, e.name)
+                    st = Stream(e.id, direction, peer, device, e.name, group)
                     streams[direction] = self.streams[(e.id, direction)] = st
+                    if (direction == VALUE) == (d == a):
+                        self.outgoing.append(st)
             self.transports[e.id] = RankEdge(streams, a)
         # Per action of our row: the edge / peer of transfers, the stream of receives.
         row = plan.actions[d]
@@ -157,6 +163,8 @@ class RankRunner:
         self.peer_of: Dict[int, int] = {}
         self.expected: Dict[Tuple[int, str], int] = {}   # messages per receiving stream
         self.sends_at: List[int] = []
+        self.receives: List[int] = []           # indices of RF / RB in the row
+        self._posted = 0
         self.recv_seq: Dict[int, Tuple[Tuple[int, str], int]] = {}
         self.last_backward: Dict[int, int] = {}  # stage -> index of its last B / W
         edge_by_pair = {(e.src, e.dst): e.id for e in graph.edges}
@@ -169,6 +177,7 @@ class RankRunner:
             if kind in ("SF", "SB", "RF", "RB"):
                 self.peer_of[i] = mesh.rank_of(dev_of[a.peer])
             if kind in RECEIVES:
+                self.receives.append(i)
                 key = (self.edge_of[i], VALUE if kind == "RF" else GRAD)
                 self.recv_seq[i] = (key, self.expected.get(key, 0))
                 self.expected[key] = self.expected.get(key, 0) + 1
@@ -192,8 +201,9 @@ class RankRunner:
                              "hold unmatched messages: restart the job (torchrun restarts it)")
         t0 = time.perf_counter()
         self.board.step += 1
-        for key, st in self.streams.items():
-            st.expect(self.expected.get(key, 0))
+        for st in self.streams.values():
+            st.begin_run()
+        self._posted = 0
         run = (run_cls or _RankRun)(self, self.plan, stages, batches)
         d = self.device_index
         local = [st for st in stages if st is not None]
@@ -217,6 +227,33 @@ class RankRunner:
                 torch.set_num_threads(old_threads)
         return run, timeline, time.perf_counter() - t0
 
+    def post_ahead(self, index: int) -> None:
+        """Before action ``index``: post the headers of the receives up to ``LOOKAHEAD``
+        past it (in row order, which is each stream's message order)."""
+        upto = min(bisect.bisect_right(self.receives, index) + LOOKAHEAD, len(self.receives))
+        row = self.plan.actions[self.device_index]
+        while self._posted < upto:
+            i = self.receives[self._posted]
+            self.streams[(self.edge_of[i], VALUE if str(row[i].kind) == "RF" else GRAD)].post()
+            self._posted += 1
+
+    def fail(self, text: str) -> None:
+        """This step failed here: publish ``text`` on the board and as an error header on
+        every outgoing stream, so waiting ranks learn the origin at once."""
+        self.broken = self.broken or text
+        self.board.post(text)
+        works = []
+        for st in self.outgoing:
+            try:
+                works += st.send_error(text)[0]
+            except Exception:  # noqa: BLE001  the peer is gone: nothing to tell it
+                pass
+        try:
+            wait_all(works, deadline=time.monotonic() + min(self.timeout, 5.0), board=self.board,
+                     peer=None, me=self.mesh.rank, what="error notices")
+        except PeerFailed:
+            pass
+
     def overlap(self, timeline: Any) -> Dict[str, float]:
         """How much of the last run's incoming transfer time was hidden under compute.
 
@@ -224,15 +261,15 @@ class RankRunner:
         of it this rank spent blocked in the RF / RB action that takes it is exposed, the
         rest overlapped other work. Returns ``transfer_s``, ``exposed_s`` and
         ``hidden_fraction`` (1.0 when nothing was received)."""
-        starts, ends = timeline.start_ns[0], timeline.end_ns[0]   # our one-device executor
+        del timeline
         total = exposed = 0
         for i, (key, seq) in self.recv_seq.items():
             times = self.streams[key].times.get(seq)
-            if times is None or starts[i] < 0:
+            if times is None:
                 continue
-            sent, arrived = times
+            sent, arrived, wait_from, wait_to = times
             total += max(0, arrived - sent)
-            exposed += max(0, min(arrived, int(ends[i])) - max(sent, int(starts[i])))
+            exposed += max(0, min(arrived, wait_to) - max(sent, wait_from))
         return {"transfer_s": total * 1e-9, "exposed_s": exposed * 1e-9,
                 "hidden_fraction": 1.0 - exposed / total if total else 1.0}
 

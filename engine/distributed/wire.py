@@ -24,7 +24,6 @@ the pending operation (connection closed) and the wait names that rank.
 from __future__ import annotations
 
 import pickle
-import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -155,101 +154,105 @@ def encode(value: Any) -> Tuple[List[torch.Tensor], bytes]:
 class Stream:
     """The messages of one (edge, direction) between this rank and ``peer``.
 
-    Sending (on the producer's issuing thread): :meth:`send` posts the header, the
-    description if it changed, and the data, and returns the works. Receiving: a run says how
-    many messages it expects (:meth:`expect`); a helper thread then receives them one after
-    another — each receive is posted as soon as the previous message is in, so transfers land
-    while the rank computes — and :meth:`take` hands them out in order (bounded wait).
+    Both halves run on this rank's issuing thread (no helper thread, so no hand-over of the
+    GIL delays a message): :meth:`send` posts the header, the description if it changed, and
+    the data; :meth:`post` posts the receive of the next header ahead of its action, and
+    :meth:`take` (the RF / RB action) waits for that header, receives the data and returns
+    the value. Blocking waits are bounded by the pipeline's process group timeout (the
+    pipeline's ``timeout``); a failing rank sends an *error header* (sequence number -1 and
+    its message) on its outgoing streams, so a rank waiting on it learns the origin at once.
     """
 
     def __init__(self, edge: int, direction: str, peer: int, device: torch.device,
-                 name: str) -> None:
+                 name: str, group: Any = None) -> None:
         self.edge, self.direction, self.peer, self.device = edge, direction, peer, device
+        self.group = group
         self.name = f"{name} ({'values' if direction == VALUE else 'gradients'})"
         self.tags = [tag_of(edge, direction, part) for part in (HEADER, META, DATA)]
         self.meta: Any = None            # receiving: the description in force
         self.sent_meta: Optional[bytes] = None
         self.seq = 0                     # sending: next sequence number, per run
-        self._taken = 0
-        self._ready: Dict[int, Any] = {}
-        self._error: Optional[BaseException] = None
-        self._cond = threading.Condition()
-        self.times: Dict[int, Tuple[int, int]] = {}   # seq -> (sent ns, arrived ns), per run
+        self._next = 0                   # receiving: next sequence number, per run
+        self._posted: List[Tuple[torch.Tensor, Any]] = []   # headers posted ahead
+        self.times: Dict[int, Tuple[int, int, int, int]] = {}  # seq -> sent, arrived, wait from, to
+
+    def begin_run(self) -> None:
+        self.seq, self._next, self.times = 0, 0, {}
+        self._posted = []
 
     # -- sending -------------------------------------------------------------------------
     def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
         """Post the message for ``value``; returns the works and the buffers to keep alive."""
         tensors, meta = encode(value)
         changed = meta != self.sent_meta
-        header = torch.tensor([self.seq, len(meta) if changed else 0, time.monotonic_ns()],
-                              dtype=torch.int64)
+        works, keep = self._header(self.seq, meta if changed else b"")
         self.seq += 1
-        works = [dist.isend(header, dst=self.peer, tag=self.tags[HEADER])]
-        keep = [header] + tensors
         if changed:
-            buf = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
-            works.append(dist.isend(buf, dst=self.peer, tag=self.tags[META]))
-            keep.append(buf)
             self.sent_meta = meta
-        works += [dist.isend(t, dst=self.peer, tag=self.tags[DATA]) for t in tensors]
+        works += [dist.isend(t, dst=self.peer, tag=self.tags[DATA], group=self.group)
+                  for t in tensors]
+        return works, keep + tensors
+
+    def _header(self, seq: int, meta: bytes) -> Tuple[List[Any], List[torch.Tensor]]:
+        header = torch.tensor([seq, len(meta), time.monotonic_ns()], dtype=torch.int64)
+        works = [dist.isend(header, dst=self.peer, tag=self.tags[HEADER], group=self.group)]
+        keep = [header]
+        if meta:
+            buf = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+            works.append(dist.isend(buf, dst=self.peer, tag=self.tags[META], group=self.group))
+            keep.append(buf)
         return works, keep
 
+    def send_error(self, text: str) -> Tuple[List[Any], List[torch.Tensor]]:
+        """Tell the peer, waiting (or about to wait) on this stream, that this step failed."""
+        return self._header(-1, text.encode())
+
     # -- receiving -----------------------------------------------------------------------
-    def expect(self, count: int) -> None:
-        """Start a run that receives ``count`` messages on this stream (0: none)."""
-        self.seq, self._taken, self._ready, self._error = 0, 0, {}, None
-        self.times = {}
-        if count:
-            threading.Thread(target=self._receive, args=(count,), daemon=True,
-                             name=f"pipetrain-recv {self.name}").start()
+    def post(self) -> None:
+        """Post the receive of one more header (they are matched in order)."""
+        header = torch.zeros(3, dtype=torch.int64)
+        self._posted.append((header, dist.irecv(header, src=self.peer, tag=self.tags[HEADER],
+                                                group=self.group)))
 
-    def _receive(self, count: int) -> None:
+    def _wait(self, work: Any, me: int, what: str) -> None:
         try:
-            for seq in range(count):
-                header = torch.zeros(3, dtype=torch.int64)
-                dist.irecv(header, src=self.peer, tag=self.tags[HEADER]).wait()
-                if int(header[0]) != seq:
-                    raise RuntimeError(f"rank {self.peer} sent message {int(header[0])} of "
-                                       f"{self.name} where {seq} was expected (the ranks' "
-                                       "schedules disagree)")
-                if int(header[1]):
-                    buf = torch.empty(int(header[1]), dtype=torch.uint8)
-                    dist.irecv(buf, src=self.peer, tag=self.tags[META]).wait()
-                    self.meta = pickle.loads(buf.numpy().tobytes())
-                if self.meta is None:
-                    raise RuntimeError(f"rank {self.peer} sent no description on {self.name}")
-                spec, desc = self.meta
-                tensors = [torch.empty(d[1], dtype=d[2], device=self.device)
-                           for d in desc if d[0] == "t"]
-                works = [dist.irecv(t, src=self.peer, tag=self.tags[DATA]) for t in tensors]
-                for w in works:
-                    w.wait()
-                it = iter(tensors)
-                value = unflatten([next(it) if d[0] == "t" else d[1] for d in desc], spec)
-                self.times[seq] = (int(header[2]), time.monotonic_ns())
-                with self._cond:
-                    self._ready[seq] = value
-                    self._cond.notify_all()
-        except BaseException as err:  # noqa: BLE001  handed to the waiting action
-            with self._cond:
-                self._error = err
-                self._cond.notify_all()
-
-    def take(self, *, deadline: float, board: Board, me: int, what: str) -> Any:
-        """The next message's value, waiting (bounded) for it."""
-        seq = self._taken
-
-        def done(poll: float) -> bool:
-            with self._cond:
-                if seq not in self._ready and self._error is None:
-                    self._cond.wait(poll)
-                return seq in self._ready or self._error is not None
-
-        watch(done, deadline=deadline, board=board, peer=self.peer, me=me, what=what)
-        if seq not in self._ready:
-            err = self._error
-            if isinstance(err, RuntimeError) and "schedules disagree" in str(err):
-                raise err
+            work.wait()
+        except Exception as err:  # noqa: BLE001  closed connection (dead peer) or timeout
             raise _peer_error(err, self.peer, me, what) from None
-        self._taken += 1
-        return self._ready.pop(seq)
+
+    def take(self, *, me: int, what: str) -> Any:
+        """The next message's value (blocking, bounded by the group's timeout). Raises
+        PeerFailed when the peer died, timed out or sent an error header."""
+        seq = self._next
+        self._next += 1
+        if not self._posted:
+            self.post()
+        header, work = self._posted.pop(0)
+        t0 = time.monotonic_ns()
+        self._wait(work, me, what)
+        got_seq, meta_len, sent_ns = (int(v) for v in header)
+        if meta_len:
+            buf = torch.empty(meta_len, dtype=torch.uint8)
+            self._wait(dist.irecv(buf, src=self.peer, tag=self.tags[META], group=self.group),
+                       me, what)
+            raw = buf.numpy().tobytes()
+            if got_seq == -1:
+                raise PeerFailed(f"{raw.decode(errors='replace')} (rank {me} was waiting for "
+                                 f"{what})")
+            self.meta = pickle.loads(raw)
+        if got_seq != seq:
+            raise RuntimeError(f"{what}: rank {self.peer} sent message {got_seq} of "
+                               f"{self.name} where {seq} was expected (the ranks' schedules "
+                               "disagree)")
+        if self.meta is None:
+            raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
+        spec, desc = self.meta
+        tensors = [torch.empty(d[1], dtype=d[2], device=self.device) for d in desc if d[0] == "t"]
+        works = [dist.irecv(t, src=self.peer, tag=self.tags[DATA], group=self.group)
+                 for t in tensors]
+        for w in works:
+            self._wait(w, me, what)
+        t1 = time.monotonic_ns()
+        self.times[seq] = (sent_ns, t1, t0, t1)
+        it = iter(tensors)
+        return unflatten([next(it) if d[0] == "t" else d[1] for d in desc], spec)
