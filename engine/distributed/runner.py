@@ -201,8 +201,8 @@ class RankRunner:
                              "hold unmatched messages: restart the job (torchrun restarts it)")
         t0 = time.perf_counter()
         self.board.step += 1
-        for st in self.streams.values():
-            st.begin_run()
+        for key, st in self.streams.items():
+            st.begin_run(self.expected.get(key, 0))
         self._posted = 0
         run = (run_cls or _RankRun)(self, self.plan, stages, batches)
         d = self.device_index

@@ -37,12 +37,12 @@ from pipetrain.microbatch import flatten, unflatten
 
 __all__ = ["Board", "PeerFailed", "Stream", "tag_of", "wait_all", "watch", "encode"]
 
-HEADER, META, DATA = 0, 1, 2
+HEADER, META, DATA, RESIZED = 0, 1, 2, 3
 
 
 def tag_of(edge: int, direction: str, part: int) -> int:
     """The tag of one part of the messages of stream (edge, direction)."""
-    return (edge * 2 + (0 if direction == VALUE else 1)) * 3 + part
+    return (edge * 2 + (0 if direction == VALUE else 1)) * 4 + part
 
 
 class PeerFailed(RuntimeError):
@@ -168,29 +168,43 @@ class Stream:
         self.edge, self.direction, self.peer, self.device = edge, direction, peer, device
         self.group = group
         self.name = f"{name} ({'values' if direction == VALUE else 'gradients'})"
-        self.tags = [tag_of(edge, direction, part) for part in (HEADER, META, DATA)]
+        self.tags = [tag_of(edge, direction, part) for part in (HEADER, META, DATA, RESIZED)]
         self.meta: Any = None            # receiving: the description in force
         self.sent_meta: Optional[bytes] = None
         self.seq = 0                     # sending: next sequence number, per run
         self._next = 0                   # receiving: next sequence number, per run
         self._posted: List[Tuple[torch.Tensor, Any]] = []   # headers posted ahead
+        self.sent_shapes: List[Tuple[Any, Any]] = []   # sending: the previous message's tensors
+        self._expected = 0                             # receiving: messages in this run
+        self._spec: Optional[Tuple[List[torch.Tensor], List[Any]]] = None   # next data, posted
         self.times: Dict[int, Tuple[int, int, int, int]] = {}  # seq -> sent, arrived, wait from, to
 
-    def begin_run(self) -> None:
+    def begin_run(self, expected: int = 0) -> None:
+        """Start a run that receives ``expected`` messages on this stream (sending needs no
+        count)."""
         self.seq, self._next, self.times = 0, 0, {}
-        self._posted = []
+        self._posted, self._expected, self._spec = [], expected, None
 
     # -- sending -------------------------------------------------------------------------
     def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
         """Post the message for ``value``; returns the works and the buffers to keep alive."""
         tensors, meta = encode(value)
         changed = meta != self.sent_meta
+        first = self.seq == 0
         works, keep = self._header(self.seq, meta if changed else b"")
         self.seq += 1
         if changed:
             self.sent_meta = meta
-        works += [dist.isend(t, dst=self.peer, tag=self.tags[DATA], group=self.group)
-                  for t in tensors]
+        if not first and changed:
+            # The receiver posted receives shaped like the previous message: fill them, and
+            # send the real data on the resized tag.
+            for shape, dtype in self.sent_shapes:
+                filler = torch.zeros(shape, dtype=dtype, device=self.device)
+                works.append(dist.isend(filler, dst=self.peer, tag=self.tags[DATA], group=self.group))
+                keep.append(filler)
+        tag = self.tags[DATA if not first and not changed else RESIZED]
+        works += [dist.isend(t, dst=self.peer, tag=tag, group=self.group) for t in tensors]
+        self.sent_shapes = [(t.shape, t.dtype) for t in tensors]
         return works, keep + tensors
 
     def _header(self, seq: int, meta: bytes) -> Tuple[List[Any], List[torch.Tensor]]:
@@ -247,12 +261,26 @@ class Stream:
         if self.meta is None:
             raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
         spec, desc = self.meta
-        tensors = [torch.empty(d[1], dtype=d[2], device=self.device) for d in desc if d[0] == "t"]
-        works = [dist.irecv(t, src=self.peer, tag=self.tags[DATA], group=self.group)
-                 for t in tensors]
+        posted, self._spec = self._spec, None
+        if posted is not None and not meta_len:
+            tensors, works = posted          # posted when the previous message came in
+        else:
+            if posted is not None:           # filled by the sender with zeros: drop them
+                for w in posted[1]:
+                    self._wait(w, me, what)
+            tensors = [torch.empty(d[1], dtype=d[2], device=self.device)
+                       for d in desc if d[0] == "t"]
+            works = [dist.irecv(t, src=self.peer, tag=self.tags[RESIZED], group=self.group)
+                     for t in tensors]
         for w in works:
             self._wait(w, me, what)
         t1 = time.monotonic_ns()
         self.times[seq] = (sent_ns, t1, t0, t1)
+        if seq + 1 < self._expected:
+            # The next message most likely has the same shapes: post its data receives now,
+            # so they are in place long before it is sent (no rendezvous on the way).
+            nxt = [torch.empty(d[1], dtype=d[2], device=self.device) for d in desc if d[0] == "t"]
+            self._spec = (nxt, [dist.irecv(t, src=self.peer, tag=self.tags[DATA], group=self.group)
+                                for t in nxt])
         it = iter(tensors)
         return unflatten([next(it) if d[0] == "t" else d[1] for d in desc], spec)
