@@ -151,17 +151,44 @@ def encode(value: Any) -> Tuple[List[torch.Tensor], bytes]:
     return tensors, pickle.dumps((spec, desc), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+ALIGN = 16   # byte offset of every tensor in a packed message (dtype views need alignment)
+
+
+def _layout(desc: Sequence[Any]) -> Tuple[List[Tuple[int, int]], int]:
+    """(offset, nbytes) of each tensor leaf in a packed message after the 3-int64 header,
+    and the message's total size."""
+    out, off = [], ALIGN * 2
+    for d in desc:
+        if d[0] != "t":
+            continue
+        n = torch.Size(d[1]).numel() * torch.empty((), dtype=d[2]).element_size()
+        out.append((off, n))
+        off += (n + ALIGN - 1) // ALIGN * ALIGN
+    return out, off
+
+
 class Stream:
     """The messages of one (edge, direction) between this rank and ``peer``.
 
-    Both halves run on this rank's issuing thread (no helper thread, so no hand-over of the
-    GIL delays a message): :meth:`send` posts the header, the description if it changed, and
-    the data; :meth:`post` posts the receive of the next header ahead of its action, and
-    :meth:`take` (the RF / RB action) waits for that header, receives the data and returns
-    the value. Blocking waits are bounded by the pipeline's process group timeout (the
-    pipeline's ``timeout``); a failing rank sends an *error header* (sequence number -1 and
-    its message) on its outgoing streams, so a rank waiting on it learns the origin at once.
+    A message is *packed*: one uint8 buffer holding a header (sequence number, a flag, the
+    sender's clock) and every tensor leaf, so an unchanged message is one ``isend`` and one
+    ``irecv``. Its description (structure, shapes, dtypes, plain leaves) travels apart, on
+    the header tag, only for the first message of a run and when it changes::
+
+        first of a run, or changed:  header int64[3] (seq, description bytes, packed size)
+                                     [description]  then the packed message (resized tag)
+        unchanged (seq >= 1):        the packed message (data tag), received into a buffer
+                                     the receiver posted when the previous message came in
+        changed (seq >= 1):          first a packed message of the previous size flagged
+                                     "resized" (fills the posted receive), then as above
+
+    Both halves run on this rank's issuing thread (no helper thread: no hand-over of the
+    GIL delays a message). Blocking waits are bounded by the point-to-point group's timeout
+    (the pipeline's ``timeout``). A failing rank sends an error (sequence number -1 and its
+    message) on its outgoing streams, where the peer waits, so it learns the origin at once.
     """
+
+    RESIZE, ERROR = 1, 2    # flags in a packed message's header
 
     def __init__(self, edge: int, direction: str, peer: int, device: torch.device,
                  name: str, group: Any = None) -> None:
@@ -171,62 +198,81 @@ class Stream:
         self.tags = [tag_of(edge, direction, part) for part in (HEADER, META, DATA, RESIZED)]
         self.meta: Any = None            # receiving: the description in force
         self.sent_meta: Optional[bytes] = None
+        self.sent_size = 0               # sending: packed size of the previous message
+        self._layout: List[Tuple[int, int]] = []
         self.seq = 0                     # sending: next sequence number, per run
         self._next = 0                   # receiving: next sequence number, per run
-        self._posted: List[Tuple[torch.Tensor, Any]] = []   # headers posted ahead
-        self.sent_shapes: List[Tuple[Any, Any]] = []   # sending: the previous message's tensors
-        self._expected = 0                             # receiving: messages in this run
-        self._spec: Optional[Tuple[List[torch.Tensor], List[Any]]] = None   # next data, posted
+        self._expected = 0               # receiving: messages in this run
+        self._header: Optional[Tuple[torch.Tensor, Any]] = None   # first header, posted ahead
+        self._spec: Optional[Tuple[torch.Tensor, Any]] = None     # next packed message, posted
         self.times: Dict[int, Tuple[int, int, int, int]] = {}  # seq -> sent, arrived, wait from, to
 
     def begin_run(self, expected: int = 0) -> None:
-        """Start a run that receives ``expected`` messages on this stream (sending needs no
-        count)."""
+        """Start a run that receives ``expected`` messages on this stream."""
         self.seq, self._next, self.times = 0, 0, {}
-        self._posted, self._expected, self._spec = [], expected, None
+        self._expected, self._header, self._spec = expected, None, None
+
+    def _isend(self, t: torch.Tensor, part: int) -> Any:
+        return dist.isend(t, dst=self.peer, tag=self.tags[part], group=self.group)
+
+    def _irecv(self, t: torch.Tensor, part: int) -> Any:
+        return dist.irecv(t, src=self.peer, tag=self.tags[part], group=self.group)
 
     # -- sending -------------------------------------------------------------------------
     def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
         """Post the message for ``value``; returns the works and the buffers to keep alive."""
         tensors, meta = encode(value)
-        changed = meta != self.sent_meta
-        first = self.seq == 0
-        works, keep = self._header(self.seq, meta if changed else b"")
+        desc = pickle.loads(meta)[1] if meta != self.sent_meta else None
+        layout, size = _layout(desc) if desc is not None else (self._layout, self.sent_size)
+        seq = self.seq
         self.seq += 1
-        if changed:
-            self.sent_meta = meta
-        if not first and changed:
-            # The receiver posted receives shaped like the previous message: fill them, and
-            # send the real data on the resized tag.
-            for shape, dtype in self.sent_shapes:
-                filler = torch.zeros(shape, dtype=dtype, device=self.device)
-                works.append(dist.isend(filler, dst=self.peer, tag=self.tags[DATA], group=self.group))
-                keep.append(filler)
-        tag = self.tags[DATA if not first and not changed else RESIZED]
-        works += [dist.isend(t, dst=self.peer, tag=tag, group=self.group) for t in tensors]
-        self.sent_shapes = [(t.shape, t.dtype) for t in tensors]
-        return works, keep + tensors
-
-    def _header(self, seq: int, meta: bytes) -> Tuple[List[Any], List[torch.Tensor]]:
-        header = torch.tensor([seq, len(meta), time.monotonic_ns()], dtype=torch.int64)
-        works = [dist.isend(header, dst=self.peer, tag=self.tags[HEADER], group=self.group)]
-        keep = [header]
-        if meta:
-            buf = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
-            works.append(dist.isend(buf, dst=self.peer, tag=self.tags[META], group=self.group))
-            keep.append(buf)
+        buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        head = buf[:24].view(torch.int64)
+        head[0], head[1], head[2] = seq, 0, time.monotonic_ns()
+        for t, (off, n) in zip(tensors, layout):
+            buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+        works, keep = [], [buf]
+        if seq > 0 and desc is None:
+            works.append(self._isend(buf, DATA))
+            return works, keep
+        if seq > 0:      # changed: fill the receive the peer posted, flagged
+            filler = torch.zeros(self.sent_size, dtype=torch.uint8, device=self.device)
+            filler[:24].view(torch.int64)[:2] = torch.tensor([seq, self.RESIZE])
+            works.append(self._isend(filler, DATA))
+            keep.append(filler)
+        described = meta if meta != self.sent_meta else b""   # the peer keeps the last one
+        header = torch.tensor([seq, len(described), size], dtype=torch.int64)
+        works.append(self._isend(header, HEADER))
+        keep.append(header)
+        if described:
+            mbuf = torch.frombuffer(bytearray(described), dtype=torch.uint8)
+            works.append(self._isend(mbuf, META))
+            keep.append(mbuf)
+        works.append(self._isend(buf, RESIZED))
+        self.sent_meta, self.sent_size, self._layout = meta, size, layout
         return works, keep
 
     def send_error(self, text: str) -> Tuple[List[Any], List[torch.Tensor]]:
         """Tell the peer, waiting (or about to wait) on this stream, that this step failed."""
-        return self._header(-1, text.encode())
+        works, keep = [], []
+        if self.seq > 0 and self.sent_size:   # the peer may wait on a posted packed receive
+            filler = torch.zeros(self.sent_size, dtype=torch.uint8, device=self.device)
+            filler[:24].view(torch.int64)[:2] = torch.tensor([-1, self.ERROR])
+            works.append(self._isend(filler, DATA))
+            keep.append(filler)
+        raw = text.encode()
+        header = torch.tensor([-1, len(raw), 0], dtype=torch.int64)
+        mbuf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        works += [self._isend(header, HEADER), self._isend(mbuf, META)]
+        return works, keep + [header, mbuf]
 
     # -- receiving -----------------------------------------------------------------------
     def post(self) -> None:
-        """Post the receive of one more header (they are matched in order)."""
-        header = torch.zeros(3, dtype=torch.int64)
-        self._posted.append((header, dist.irecv(header, src=self.peer, tag=self.tags[HEADER],
-                                                group=self.group)))
+        """Post the receive of the run's first header ahead of its action (later messages
+        are posted as their predecessor comes in)."""
+        if self._next == 0 and self._header is None and self._expected:
+            header = torch.zeros(3, dtype=torch.int64)
+            self._header = (header, self._irecv(header, HEADER))
 
     def _wait(self, work: Any, me: int, what: str) -> None:
         try:
@@ -236,51 +282,60 @@ class Stream:
 
     def take(self, *, me: int, what: str) -> Any:
         """The next message's value (blocking, bounded by the group's timeout). Raises
-        PeerFailed when the peer died, timed out or sent an error header."""
+        PeerFailed when the peer died, timed out or reported an error."""
         seq = self._next
         self._next += 1
-        if not self._posted:
-            self.post()
-        header, work = self._posted.pop(0)
         t0 = time.monotonic_ns()
-        self._wait(work, me, what)
-        got_seq, meta_len, sent_ns = (int(v) for v in header)
-        if meta_len:
-            buf = torch.empty(meta_len, dtype=torch.uint8)
-            self._wait(dist.irecv(buf, src=self.peer, tag=self.tags[META], group=self.group),
-                       me, what)
-            raw = buf.numpy().tobytes()
-            if got_seq == -1:
-                raise PeerFailed(f"{raw.decode(errors='replace')} (rank {me} was waiting for "
-                                 f"{what})")
-            self.meta = pickle.loads(raw)
-        if got_seq != seq:
-            raise RuntimeError(f"{what}: rank {self.peer} sent message {got_seq} of "
-                               f"{self.name} where {seq} was expected (the ranks' schedules "
-                               "disagree)")
-        if self.meta is None:
-            raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
-        spec, desc = self.meta
-        posted, self._spec = self._spec, None
-        if posted is not None and not meta_len:
-            tensors, works = posted          # posted when the previous message came in
-        else:
-            if posted is not None:           # filled by the sender with zeros: drop them
-                for w in posted[1]:
-                    self._wait(w, me, what)
-            tensors = [torch.empty(d[1], dtype=d[2], device=self.device)
-                       for d in desc if d[0] == "t"]
-            works = [dist.irecv(t, src=self.peer, tag=self.tags[RESIZED], group=self.group)
-                     for t in tensors]
-        for w in works:
-            self._wait(w, me, what)
+        buf = None
+        if seq > 0 and self._spec is not None:
+            packed, work = self._spec
+            self._spec = None
+            self._wait(work, me, what)
+            got, flag = int(packed[:24].view(torch.int64)[0]), int(packed[:24].view(torch.int64)[1])
+            if flag == 0:
+                buf = packed
+            elif flag not in (self.RESIZE, self.ERROR):
+                raise RuntimeError(f"{what}: a malformed message from rank {self.peer}")
+        if buf is None:
+            if self._header is None:
+                header = torch.zeros(3, dtype=torch.int64)
+                self._header = (header, self._irecv(header, HEADER))
+            header, work = self._header
+            self._header = None
+            self._wait(work, me, what)
+            got, meta_len, size = (int(v) for v in header)
+            if meta_len:
+                mbuf = torch.empty(meta_len, dtype=torch.uint8)
+                self._wait(self._irecv(mbuf, META), me, what)
+                raw = mbuf.numpy().tobytes()
+                if got == -1:
+                    raise PeerFailed(f"{raw.decode(errors='replace')} (rank {me} was waiting "
+                                     f"for {what})")
+                self.meta = pickle.loads(raw)
+            if self.meta is None:
+                raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self._wait(self._irecv(buf, RESIZED), me, what)
+        head = buf[:24].view(torch.int64)
+        got, sent_ns = int(head[0]), int(head[2])
+        if got != seq:
+            raise RuntimeError(f"{what}: rank {self.peer} sent message {got} of {self.name} "
+                               f"where {seq} was expected (the ranks' schedules disagree)")
         t1 = time.monotonic_ns()
         self.times[seq] = (sent_ns, t1, t0, t1)
         if seq + 1 < self._expected:
-            # The next message most likely has the same shapes: post its data receives now,
-            # so they are in place long before it is sent (no rendezvous on the way).
-            nxt = [torch.empty(d[1], dtype=d[2], device=self.device) for d in desc if d[0] == "t"]
-            self._spec = (nxt, [dist.irecv(t, src=self.peer, tag=self.tags[DATA], group=self.group)
-                                for t in nxt])
-        it = iter(tensors)
-        return unflatten([next(it) if d[0] == "t" else d[1] for d in desc], spec)
+            # The next message most likely looks the same: post its receive now, so it is
+            # in place long before it is sent (no rendezvous on the way).
+            nxt = torch.empty(buf.numel(), dtype=torch.uint8, device=self.device)
+            self._spec = (nxt, self._irecv(nxt, DATA))
+        spec, desc = self.meta
+        layout, _ = _layout(desc)
+        it = iter(layout)
+        leaves = []
+        for d in desc:
+            if d[0] == "t":
+                off, n = next(it)
+                leaves.append(buf[off:off + n].view(d[2]).view(d[1]))
+            else:
+                leaves.append(d[1])
+        return unflatten(leaves, spec)
