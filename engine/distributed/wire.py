@@ -2,23 +2,18 @@
 
 One *stream* per (edge, direction) of the stage graph carries the messages of that edge in
 one direction (forward values producer -> consumer, gradients back), in the order the
-schedule sends them. A message is::
+schedule sends them (:class:`Stream` describes a message: one packed buffer per value, its
+description only when it changes). Each part has its own tag (``tag_of``): gloo matches
+messages per source and tag, in order, so receives of different parts can be posted ahead
+independently. A sequence number in every message catches ranks whose schedules disagree.
 
-    header   int64[3] = (sequence number, length of the description (0: unchanged), the
-             sender's monotonic clock in ns when it posted the message: for the overlap
-             measurement, meaningful between ranks of one machine)
-    meta     uint8[len]: pickled structure, shapes, dtypes, plain (non-tensor) leaves —
-             sent only when they differ from this stream's previous message
-    data     one tensor per tensor leaf
-
-Each part has its own tag (``tag_of``), so a receiver can post the next headers early
-without them matching another part (gloo matches messages per source and tag, in order).
-The sequence number catches a schedule whose sends and receives disagree on the order.
-
-Every wait is bounded (:func:`wait_all`): it polls the works, a shared failure *board* (the
-process group's store: a rank that fails posts its error there, so ranks waiting on someone
-else learn about it within a poll interval) and a deadline. A peer that dies makes gloo fail
-the pending operation (connection closed) and the wait names that rank.
+Waits. Receives block on the issuing thread, bounded by the point-to-point group's timeout
+(the pipeline's ``timeout``); a dead peer makes gloo fail them at once (connection closed)
+and the error names that rank and the action. Other waits (sends at the end of a run,
+collectives) go through :func:`wait_all`: gloo's works cannot be polled, so helper threads
+block on them while the caller watches the futures, a shared failure *board* (the process
+group's store: the first failure of a step is posted there, so a rank waiting on a
+collective learns the origin within a poll) and a deadline.
 """
 
 from __future__ import annotations

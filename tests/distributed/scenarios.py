@@ -222,3 +222,14 @@ def evaluate(p: int, schedule: str = "1f1b", token: bool = False) -> dict:
            "only": None if only is None else float((only - ref_out).abs().max())}
     pipe.close()
     return res
+
+
+def bad_schedule(p: int) -> dict:
+    """A schedule that cannot run this m fails at construction on every rank (no hang)."""
+    net = model(2 * p + 1, False)
+    try:
+        pipetrain.Pipeline(net, num_devices=p, schedule="interleaved-1f1b", num_microbatches=p + 1,
+                           loss_fn=mse)
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": None}

@@ -33,13 +33,14 @@ def _check(results, world, clip=False):
                 assert err["norm"] < TOL, (r, err)
 
 
-CASES = [("gpipe", 2), ("1f1b", 3), ("interleaved-1f1b", 2), ("zb-h1", 4), ("zb-h2", 3),
-         ("1f1b", 4), ("gpipe", 3), ("zb-h1", 2)]
+# Every synchronous schedule, p in {2, 3, 4}; m < p and m not a multiple of p among them.
+CASES = [("gpipe", 2, 4), ("1f1b", 3, 4), ("interleaved-1f1b", 2, 4), ("zb-h1", 4, 4),
+         ("zb-h2", 3, 5), ("1f1b", 4, 2), ("gpipe", 3, 2), ("zb-h1", 2, 3), ("zb-h2", 4, 6),
+         ("interleaved-1f1b", 3, 6)]
 
 
-@pytest.mark.parametrize("schedule,p", CASES)
-def test_schedule_equals_unsplit(pool, schedule, p):
-    m = 2 * p if schedule == "interleaved-1f1b" else 4
+@pytest.mark.parametrize("schedule,p,m", CASES)
+def test_schedule_equals_unsplit(pool, schedule, p, m):
     res = pool.run(S, "train", p, schedule=schedule, p=p, m=m)
     _check(res, p)
     assert sorted(r["pp_rank"] for r in res) == list(range(p))
@@ -106,3 +107,8 @@ def test_eval_forward_only_equals_unsplit(pool, schedule, p, token):
         assert r["loss"] < TOL, r
     last = [r for r in res if r["out"] is not None]
     assert len(last) == 1 and last[0]["out"] < TOL and last[0]["only"] < TOL
+
+
+def test_schedule_that_cannot_run_m_fails_clearly_on_every_rank(pool):
+    for r in pool.run(S, "bad_schedule", 2, p=2):
+        assert r["error"] is not None and "multiple" in r["error"], r
