@@ -277,6 +277,8 @@ class Distributed:
             self.eval_runner = RankRunner(self.mesh, plan, self.device, timeout=self.timeout,
                                           num_threads=pipe.num_threads, board=self.board,
                                           ties=self.ties, group=self.group)
+            if self.runner is not None:
+                self.runner.companions.append(self.eval_runner)
         graph = self.plan.graph
         source = any(not graph.stage(k).inputs for k in self.local)
         sink = any(not graph.stage(k).outputs for k in self.local)

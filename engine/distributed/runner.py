@@ -188,6 +188,7 @@ class RankRunner:
         self.executor = Executor(1, backend="cuda" if device.type == "cuda" else "cpu")
         self.compiled = self.executor.compile([[(str(a), []) for a in row]])
         self.broken: Optional[str] = None
+        self.companions: List["RankRunner"] = []
 
     # -- a run -------------------------------------------------------------------------------
     def execute(self, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
@@ -274,5 +275,8 @@ class RankRunner:
                 "hidden_fraction": 1.0 - exposed / total if total else 1.0}
 
     def close(self) -> None:
+        """Stop the executor's thread, and those of runners made for this one (evaluation)."""
+        for other in self.companions:
+            other.close()
         if self.executor is not None:
             self.executor.close()
