@@ -17,7 +17,7 @@ split's parameters; hyper-parameters (learning rate ...) are the new optimizer's
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn

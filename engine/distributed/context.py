@@ -193,7 +193,8 @@ class Distributed:
             if isinstance(cause, PeerFailed):
                 self.runner.fail(str(cause))
                 raise PipelineError(str(cause)) from cause
-            a = self.plan.actions[mesh.pp_rank][err.index] if err.index is not None and err.index >= 0 else None
+            index = err.index if err.index is not None and err.index >= 0 else None
+            a = self.plan.actions[mesh.pp_rank][index] if index is not None else None
             if a is None:
                 msg = f"rank {mesh.rank}: pipeline run failed: {err}"
                 self.runner.fail(msg)

@@ -17,7 +17,6 @@ them into ``p.grad`` at its end, so everything here works on this step's gradien
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -141,7 +140,8 @@ def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, norm_type: 
     norm_type = float(norm_type)
     dev = grads[0].device if grads else torch.device("cpu")
     if math.isinf(norm_type):
-        local = max((g.detach().abs().max().double() for g in grads), default=torch.zeros((), dtype=torch.float64))
+        local = max((g.detach().abs().max().double() for g in grads),
+                    default=torch.zeros((), dtype=torch.float64))
         op = dist.ReduceOp.MAX
     else:
         local = sum((g.detach().double().norm(norm_type) ** norm_type for g in grads),

@@ -11,16 +11,18 @@ dependencies on other ranks are the transfer actions:
                 them at its end)
     RF / RB     wait (bounded) for the message and put the value in the mailbox
 
-Receives are posted ahead: before each action the headers of the next ``LOOKAHEAD``
-receives of the row are posted (:class:`~pipetrain.distributed.wire.Stream`), so a receive is
-posted before the compute that precedes its use; the RF / RB action waits for the header and
-the data on the issuing thread itself. After a stage's last backward (B or W) of the step its gradients start their
-data-parallel all-reduce (buckets, async), overlapping the rest of the cool-down.
+Receives are posted ahead (:class:`~pipetrain.distributed.wire.Stream`): a run's first
+message on a stream has its header posted up to ``LOOKAHEAD`` receives before its action,
+and each later message's buffer is posted as soon as the previous one is in — before the
+compute that precedes its use; the RF / RB action waits for it on the issuing thread itself.
+After a stage's last backward (B or W) of the step its gradients start their data-parallel
+all-reduce (buckets, async), overlapping the rest of the cool-down.
 
 At the end of a run one all-reduce over all ranks carries (loss, token count, non-finite
 gradient flag); then gradients are scaled (1/w, or 1/tokens), tied copies summed, committed.
 A failure anywhere is posted on the board (:class:`~pipetrain.distributed.wire.Board`) and
-raised on every rank as a PipelineError naming its origin; the process group may then hold
+sent as an error on the rank's outgoing streams, and raised on every rank as a PipelineError
+naming its origin; the process group may then hold
 unmatched operations, so the pipeline refuses further steps (restart the job).
 """
 
@@ -31,7 +33,6 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from pipetrain.dispatch import Run
 from pipetrain.evaluation import EvalMixin

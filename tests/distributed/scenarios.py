@@ -233,3 +233,20 @@ def bad_schedule(p: int) -> dict:
     except ValueError as err:
         return {"error": str(err)}
     return {"error": None}
+
+
+def nonfinite(p: int) -> dict:
+    """An infinite gradient on rank 0 only: every rank sees found_inf and commits nothing."""
+    import torch.distributed as dist
+    net = model(p + 1, False)
+    pipe = pipetrain.Pipeline(net, num_devices=p, schedule="1f1b", num_microbatches=2,
+                              loss_fn=mse, timeout=30)
+    if dist.get_rank() == 0:
+        first = pipe.parameters()[0]
+        first.register_hook(lambda g: g * float("inf"))
+    x, y = batch(4, 0, False)
+    pipe.step(x, y)
+    out = {"found_inf": pipe.found_inf,
+           "committed": any(prm.grad is not None for prm in pipe.parameters())}
+    pipe.close()
+    return out

@@ -112,3 +112,8 @@ def test_eval_forward_only_equals_unsplit(pool, schedule, p, token):
 def test_schedule_that_cannot_run_m_fails_clearly_on_every_rank(pool):
     for r in pool.run(S, "bad_schedule", 2, p=2):
         assert r["error"] is not None and "multiple" in r["error"], r
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all(pool):
+    for r in pool.run(S, "nonfinite", 3, p=3):
+        assert r == {"found_inf": True, "committed": False}, r
