@@ -250,3 +250,33 @@ def nonfinite(p: int) -> dict:
            "committed": any(prm.grad is not None for prm in pipe.parameters())}
     pipe.close()
     return out
+
+
+def meta_init(p: int) -> dict:
+    """A model built on the meta device: each rank materializes only its own stages (by
+    ``init_fn``), the others stay meta; with a deterministic init_fn the pipeline then equals
+    the unsplit model initialized the same way."""
+    with torch.device("meta"):
+        net = model(p + 1, False).float()
+    ref = model(p + 1, False).float()
+
+    def init_fn(layer):
+        torch.manual_seed(7)
+        for prm in layer.parameters():
+            with torch.no_grad():
+                prm.copy_(torch.randn(prm.shape) * 0.3)
+
+    for layer in ref:
+        init_fn(layer)
+    pipe = pipetrain.Pipeline(net, num_devices=p, schedule="1f1b", num_microbatches=2,
+                              loss_fn=mse, init_fn=init_fn, timeout=30)
+    local = {id(q) for q in pipe.parameters()}
+    x, y = batch(4, 0, False)
+    loss = pipe.step(x.float(), y.float())
+    ref_loss = mse(ref(x.float()), y.float())
+    res = {"local_meta": any(q.is_meta for q in pipe.parameters()),
+           "others_meta": all(q.is_meta for q in net.parameters() if id(q) not in local),
+           "num_local": len(local),
+           "loss": abs(float(loss) - float(ref_loss.detach()))}
+    pipe.close()
+    return res

@@ -117,3 +117,9 @@ def test_schedule_that_cannot_run_m_fails_clearly_on_every_rank(pool):
 def test_nonfinite_gradient_on_one_rank_skips_the_step_on_all(pool):
     for r in pool.run(S, "nonfinite", 3, p=3):
         assert r == {"found_inf": True, "committed": False}, r
+
+
+def test_meta_model_materializes_only_local_stages(pool):
+    for r in pool.run(S, "meta_init", 2, p=2):
+        assert not r["local_meta"] and r["others_meta"] and r["num_local"] > 0, r
+        assert r["loss"] < 1e-5, r
