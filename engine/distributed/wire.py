@@ -195,6 +195,7 @@ class Stream:
         self.sent_meta: Optional[bytes] = None
         self.sent_size = 0               # sending: packed size of the previous message
         self._layout: List[Tuple[int, int]] = []
+        self._recv_layout: Tuple[Any, List[Tuple[int, int]]] = (None, [])
         self.seq = 0                     # sending: next sequence number, per run
         self._next = 0                   # receiving: next sequence number, per run
         self._expected = 0               # receiving: messages in this run
@@ -222,8 +223,7 @@ class Stream:
         seq = self.seq
         self.seq += 1
         buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-        head = buf[:24].view(torch.int64)
-        head[0], head[1], head[2] = seq, 0, time.monotonic_ns()
+        buf[:24].view(torch.int64).copy_(torch.tensor([seq, 0, time.monotonic_ns()]))
         for t, (off, n) in zip(tensors, layout):
             buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
         works, keep = [], [buf]
@@ -286,7 +286,7 @@ class Stream:
             packed, work = self._spec
             self._spec = None
             self._wait(work, me, what)
-            got, flag = int(packed[:24].view(torch.int64)[0]), int(packed[:24].view(torch.int64)[1])
+            flag = packed[:24].view(torch.int64)[1].item()
             if flag == 0:
                 buf = packed
             elif flag not in (self.RESIZE, self.ERROR):
@@ -311,8 +311,7 @@ class Stream:
                 raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._wait(self._irecv(buf, RESIZED), me, what)
-        head = buf[:24].view(torch.int64)
-        got, sent_ns = int(head[0]), int(head[2])
+        got, _, sent_ns = buf[:24].view(torch.int64).tolist()
         if got != seq:
             raise RuntimeError(f"{what}: rank {self.peer} sent message {got} of {self.name} "
                                f"where {seq} was expected (the ranks' schedules disagree)")
@@ -324,8 +323,9 @@ class Stream:
             nxt = torch.empty(buf.numel(), dtype=torch.uint8, device=self.device)
             self._spec = (nxt, self._irecv(nxt, DATA))
         spec, desc = self.meta
-        layout, _ = _layout(desc)
-        it = iter(layout)
+        if self._recv_layout[0] is not self.meta:     # computed once per description
+            self._recv_layout = (self.meta, _layout(desc)[0])
+        it = iter(self._recv_layout[1])
         leaves = []
         for d in desc:
             if d[0] == "t":
