@@ -85,7 +85,9 @@ class Pipeline:
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``, ``"zb-h2"``,
             or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain.
         num_microbatches: ``m``, micro-batches per mini-batch (default 1).
-        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch.
+        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch; or
+            ``(loss_sum, count)``, a token-level loss divided by the mini-batch's total count
+            (:mod:`pipetrain.losses`).
         devices: one per pipeline device (``p`` entries); default all ``"cpu"``.
         checkpoint: re-materialization: ``"never"``, ``"always"`` or ``"except_last"``.
         num_chunks: ``v``, stages per device for the interleaved schedule (default 2 there).
@@ -104,6 +106,11 @@ class Pipeline:
             and ``cudaProfilerStop`` after step ``stop - 1`` (from 0), so ``nsys profile
             --capture-range=cudaProfilerApi`` records that window with an NVTX range ``s1/F3``
             per action. A no-op on CPU.
+        data_parallel: across processes (the default process group initialized with several
+            ranks, :mod:`pipetrain.distributed`): ``w`` pipeline replicas of ``p`` ranks each
+            (default ``world_size // p``); gradients are averaged over replicas.
+        init_fn: across processes, ``init_fn(layer)`` initializes a local layer built on the
+            ``meta`` device (default: each module's ``reset_parameters()``).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
