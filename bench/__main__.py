@@ -10,7 +10,7 @@ import pathlib
 import sys
 
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
-SECTIONS = ["schedule_table", "executor_overhead", "training", "optim_kernels"]
+SECTIONS = ["schedule_table", "executor_overhead", "training", "optim_kernels", "convergence"]
 
 
 def main(argv=None) -> int:

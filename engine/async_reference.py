@@ -214,6 +214,7 @@ class _Stage:
     module: nn.Module
     opt: torch.optim.Optimizer
     group_of: list[int]                # param index -> param group index
+    names: list[str]                   # parameter names, in parameters() order
     events: list[tuple[str, int]]
     next_forward: list[int | None]     # event position -> micro-batch of the next F, if any
     pos: int = 0                       # the next event to run
@@ -263,7 +264,8 @@ class _Run:
                 if events[i][0] == "F":
                     upcoming = events[i][1]
                 nxt[i] = upcoming
-            st = _Stage(module, opt, [group[id(q)] for q in params], events, nxt)
+            st = _Stage(module, opt, [group[id(q)] for q in params],
+                        [name for name, _ in module.named_parameters()], events, nxt)
             st.versions[0] = [q.detach().clone() for q in params]
             st.states[0] = [{} for _ in params]
             self.stages.append(st)
@@ -293,8 +295,7 @@ class _Run:
 
     def _call(self, r, st, leaves, x, k):
         """The stage's output (the last stage: its loss, weighted by the micro-batch's share)."""
-        names = [name for name, _ in st.module.named_parameters()]
-        out = functional_call(st.module, dict(zip(names, leaves)), (x,))
+        out = functional_call(st.module, dict(zip(st.names, leaves)), (x,))
         if r == self.p - 1:
             _, y, share = self.micro[k]
             out = self.loss_fn(out, y) * share
