@@ -62,7 +62,6 @@ weight decay and SGD's Nesterov term are not extrapolated (the formulas above, a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -90,7 +89,7 @@ def stage_events(schedule: str, p: int, r: int, m: int, T: int) -> list[tuple[st
     if schedule == "sync":  # 1F1B with a flush: each mini-batch is its own little pipeline
         events = []
         for t in range(T):
-            events += [(kind, t * m + i) for kind, i in _one_f_one_b(p - r - 1, m) if kind != "U"]
+            events += [(kind, t * m + i) for kind, i in _one_f_one_b(p - r - 1, m)]
             events.append(("U", t + 1))
         return events
     return _one_f_one_b(p - r - 1, T * m, m)
