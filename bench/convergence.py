@@ -1,24 +1,28 @@
 """Bench section ``convergence``: do asynchronous pipelines train as well as synchronous ones?
 
 Trains the two tasks of ``bench/tasks.py`` (digits: residual MLP; charlm: character-level
-transformer on the stdlib's sources) split into p = 4 and p = 8 stages, with m = p
-micro-batches per mini-batch (the least 2BW accepts), the same seeds, data and number of
-updates for every method:
+transformer on the stdlib's sources) split into p stages, the same seeds, data and number of
+updates for every method, in three columns (p, m): (4, 4) and (8, 8) -- m = p, the least 2BW
+accepts, so a stage is at most one update behind -- and (8, 1), PipeDream's own regime (an
+update per micro-batch, stage r up to p-r-1 = 7 updates behind; 2BW cannot run there).
+Methods:
 
 - Adam: ``sync`` (1F1B with a flush: the baseline), ``pipedream`` (weight stashing), ``2bw``,
   ``2bw-predict``, ``xpipe`` and ``stale`` (no stashing, backward on the live weights);
 - momentum SGD: ``sync``, ``spectrain`` and ``stale``, SpecTrain's own optimizer, with its
   own synchronous baseline.
 
-Per (task, p, method) it prints the final evaluation metric (digits: test accuracy; charlm:
-validation loss, nats/char) as mean ± std over the seeds, its difference from sync with the
-same optimizer, and the number of updates after which the training loss (moving average,
-mean over seeds) first reaches sync's final one (">N": never). It writes the loss curves
+Per (task, column, method) it prints the final evaluation metric (digits: test accuracy;
+charlm: validation loss, nats/char) as mean ± std over the seeds and its difference from sync
+with the same optimizer; then, from the training loss (moving average, mean over seeds):
+"reach", the update at which it first reaches sync's final value (">N": never), and
+"sync@", the update at which sync first reached this method's final value (how many
+synchronous updates its whole run is worth). It writes the loss curves
 (``convergence_<task>.png``) and every number (``convergence.json``) to the out folder.
 
 The training runs through ``trainer`` (default: ``pipetrain.async_reference.reference_train``);
-anything with that signature — the real asynchronous pipeline, later — can replace it.
-Run alone: ``python -m bench.convergence [--quick] [--out DIR]``.
+anything with that signature -- the real asynchronous pipeline, later -- can replace it.
+Run alone: ``python -m bench.convergence [--quick | --full] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ METHODS = [
     ("stale sgd", "stale", "sgd"),
 ]
 
-FULL = {"ps": (4, 8), "seeds": (0, 1, 2), "steps": {"digits": 80, "charlm": 60},
-        "digits": {}, "charlm": {}}
+FULL = {"columns": ((4, 4), (8, 8), (8, 1)), "seeds": (0, 1, 2),
+        "steps": {"digits": 80, "charlm": 60}, "digits": {}, "charlm": {}}
 # CI: every method and both depths, one seed, a few updates of smaller models: it checks the
 # section end to end (and that nothing diverges), not convergence.
-QUICK = {"ps": (4, 8), "seeds": (0,), "steps": {"digits": 6, "charlm": 4},
+QUICK = {"columns": ((4, 4), (8, 8), (8, 1)), "seeds": (0,), "steps": {"digits": 6, "charlm": 4},
          "digits": {"width": 16, "blocks": 6, "batch": 32},
          "charlm": {"width": 16, "blocks": 6, "seq": 16, "batch": 8, "chars": 20_000}}
 
@@ -72,11 +76,16 @@ def _smooth(xs: list[float], window: int) -> list[float]:
     return out
 
 
-def train_one(task, p: int, seed: int, steps: int, schedule: str, kind: str, trainer) -> dict:
+def _runs_at(schedule: str, p: int, m: int) -> bool:
+    return not (schedule in ("2bw", "2bw-predict") and m < p)
+
+
+def train_one(task, p: int, m: int, seed: int, steps: int, schedule: str, kind: str,
+              trainer) -> dict:
     """One training run; evaluates the final weights returned by the trainer on a fresh copy."""
     stages = task_lib.split(task.build(seed), p)
     losses, weights = trainer(stages, task.batches(seed, steps), schedule=schedule,
-                              num_microbatches=p, loss_fn=task.loss_fn,
+                              num_microbatches=m, loss_fn=task.loss_fn,
                               optimizer_factory=_optimizer(kind, task.lr[kind]))
     fresh = task_lib.split(task.build(seed), p)
     for stage, state in zip(fresh, weights):
@@ -102,18 +111,20 @@ def run(quick: bool, out: pathlib.Path, trainer=None) -> dict:
         for name in ("digits", "charlm"):
             task = getattr(task_lib, name)(**cfg[name])
             steps = cfg["steps"][name]
-            for p in cfg["ps"]:
+            for p, m in cfg["columns"]:
                 for label, schedule, kind in METHODS:
+                    if not _runs_at(schedule, p, m):
+                        continue
                     runs = []
                     for seed in cfg["seeds"]:
                         t0 = time.perf_counter()
-                        r = train_one(task, p, seed, steps, schedule, kind, trainer)
+                        r = train_one(task, p, m, seed, steps, schedule, kind, trainer)
                         runs.append(r)
-                        print(f"  {name} p={p} {label:14s} seed {seed}: "
+                        print(f"  {name} p={p} m={m} {label:14s} seed {seed}: "
                               f"{task.metric} {r[task.metric]:.4f}, last loss "
                               f"{r['losses'][-1]:.3f}  ({time.perf_counter() - t0:.1f} s)",
                               flush=True)
-                    results[(name, p, label)] = runs
+                    results[(name, p, m, label)] = runs
         _report(results, cfg, out)
     finally:
         torch.set_num_threads(threads)
@@ -133,32 +144,37 @@ def _report(results: dict, cfg: dict, out: pathlib.Path) -> None:
         metric = "accuracy" if name == "digits" else "loss"
         scale = 100.0 if metric == "accuracy" else 1.0
         unit = "test accuracy %" if metric == "accuracy" else "val loss (nats/char)"
-        print(f"\n{name}: {unit}, mean ± std over {len(cfg['seeds'])} seeds, {steps} updates, "
-              f"m = p; 'vs sync': difference of means from sync with the same optimizer; "
-              f"'reach': updates until the smoothed training loss first reaches sync's final")
-        head = f"{'method':15s}" + "".join(
-            f" | p={p}: {'final':>15s} {'vs sync':>8s} {'reach':>6s}" for p in cfg["ps"])
+        print(f"\n{name}: {unit}, mean ± std over {len(cfg['seeds'])} seeds, {steps} updates; "
+              "'vs sync': difference of means from sync with the same optimizer; 'reach' / "
+              "'sync@': see the section's docstring")
+        head = f"{'method':14s}" + "".join(
+            f" | p={p} m={m}: {'final':>13s} {'vs sync':>7s} {'reach':>5s} {'sync@':>5s}"
+            for p, m in cfg["columns"])
         print(head + "\n" + "-" * len(head))
         curves = {}
-        for p in cfg["ps"]:
-            for label, _, _ in METHODS:
-                runs = results[(name, p, label)]
+        for key, runs in results.items():
+            if key[0] == name:
                 mean_curve = [statistics.fmean(c) for c in zip(*[r["losses"] for r in runs])]
-                curves[(p, label)] = _smooth(mean_curve, window)
-        for label, _, kind in METHODS:
+                curves[key[1:]] = _smooth(mean_curve, window)
+        for label, schedule, kind in METHODS:
             base = "sync" if kind == "adam" else "sync sgd"
-            row = f"{label:15s}"
-            for p in cfg["ps"]:
-                vals = [r[metric] for r in results[(name, p, label)]]
-                ref = [r[metric] for r in results[(name, p, base)]]
+            row = f"{label:14s}"
+            for p, m in cfg["columns"]:
+                if (p, m, label) not in curves:
+                    row += f" | {'':8s} {'-':>13s} {'':7s} {'':5s} {'':5s}"
+                    continue
+                vals = [r[metric] for r in results[(name, p, m, label)]]
+                ref = [r[metric] for r in results[(name, p, m, base)]]
                 delta = (statistics.fmean(vals) - statistics.fmean(ref)) * scale
-                reach = _steps_to(curves[(p, label)], curves[(p, base)][-1])
-                row += (f" | {'':4s} {_fmt(vals, scale):>15s} {delta:+8.3f} "
-                        f"{str(reach) if reach else '>' + str(steps):>6s}")
-                summary[f"{name} p={p} {label}"] = {
-                    metric: vals, "vs_sync": delta / scale, "reach": reach,
-                    "eval_loss": [r["loss"] for r in results[(name, p, label)]],
-                    "train_loss_smoothed_final": curves[(p, label)][-1]}
+                mine, sync = curves[(p, m, label)], curves[(p, m, base)]
+                reach, worth = _steps_to(mine, sync[-1]), _steps_to(sync, mine[-1])
+                row += (f" | {'':8s} {_fmt(vals, scale):>13s} {delta:+7.3f} "
+                        f"{str(reach) if reach else '>' + str(steps):>5s} "
+                        f"{str(worth) if worth else '>' + str(steps):>5s}")
+                summary[f"{name} p={p} m={m} {label}"] = {
+                    metric: vals, "vs_sync": delta / scale, "reach": reach, "sync_at": worth,
+                    "eval_loss": [r["loss"] for r in results[(name, p, m, label)]],
+                    "train_loss_curve": mine}
             print(row)
         _plot(name, cfg, curves, out / f"convergence_{name}.png")
     (out / "convergence.json").write_text(json.dumps(summary, indent=1))
@@ -169,12 +185,15 @@ def _plot(name: str, cfg: dict, curves: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(cfg["ps"]), figsize=(6 * len(cfg["ps"]), 4), sharey=True)
-    for ax, p in zip(axes, cfg["ps"]):
+    cols = cfg["columns"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.5 * len(cols), 4), sharey=True)
+    for ax, (p, m) in zip(axes, cols):
         for label, _, kind in METHODS:
-            ax.plot(range(1, len(curves[(p, label)]) + 1), curves[(p, label)], label=label,
-                    linestyle="-" if kind == "adam" else "--")
-        ax.set_title(f"{name}, p = m = {p}")
+            if (p, m, label) in curves:
+                c = curves[(p, m, label)]
+                ax.plot(range(1, len(c) + 1), c, label=label,
+                        linestyle="-" if kind == "adam" else "--")
+        ax.set_title(f"{name}, p = {p}, m = {m}")
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training loss (moving average, mean over seeds)")
