@@ -187,17 +187,18 @@ def _plot(name: str, cfg: dict, curves: dict, path: pathlib.Path) -> None:
 
     cols = cfg["columns"]
     fig, axes = plt.subplots(1, len(cols), figsize=(5.5 * len(cols), 4), sharey=True)
+    colors = plt.get_cmap("tab10")
     for ax, (p, m) in zip(axes, cols):
-        for label, _, kind in METHODS:
+        for i, (label, _, kind) in enumerate(METHODS):  # one colour per method in every panel
             if (p, m, label) in curves:
                 c = curves[(p, m, label)]
-                ax.plot(range(1, len(c) + 1), c, label=label,
+                ax.plot(range(1, len(c) + 1), c, label=label, color=colors(i),
                         linestyle="-" if kind == "adam" else "--")
         ax.set_title(f"{name}, p = {p}, m = {m}")
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training loss (moving average, mean over seeds)")
-    axes[-1].legend(fontsize=8)
+    axes[0].legend(fontsize=8)   # the first panel (m = p) has every method
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
