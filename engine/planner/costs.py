@@ -132,6 +132,17 @@ class CostTable:
     update: float = 0.0
     name: str = "costs"
     inner_input: Optional[List[bool]] = None
+    slowdown: Optional[dict] = None
+
+    def slowdown_at(self, p: int) -> float:
+        """How much slower each action runs when p devices compute at once (measured on CPU,
+        where p threads share the cores and memory bandwidth with each other and whatever
+        else runs; 1 on GPUs, which do not share). ``slowdown[p]``, else the nearest
+        measured depth below p, else 1."""
+        if not self.slowdown:
+            return 1.0
+        known = [q for q in self.slowdown if q <= p]
+        return self.slowdown[max(known)] if known else 1.0
 
     def stash(self, first: int, last: int, b: float) -> float:
         """Bytes a stage of layers ``first..last`` keeps per micro-batch of b without
@@ -240,16 +251,26 @@ def _key(t: torch.Tensor) -> tuple:
 
 
 def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional[Sequence[int]] = None,
-                  repeats: int = 5, threads: int = 1, optimizer_factor: float = 0.0) -> CostTable:
+                  repeats: int = 5, threads: int = 1, optimizer_factor: float = 0.0,
+                  calibrate: bool = True, depths: Sequence[int] = (2,)) -> CostTable:
     """Time and weigh each layer of ``model`` on slices of ``sample = (inputs, targets)``.
 
     For each micro-batch size in ``sizes`` (default: a quarter, half and all of the sample's
     batch), each layer runs on the previous layer's output: its forward (with the loss for the
     last layer), its input-gradient backward (I) and its full backward (B), ``repeats`` times
-    after one warm-up; the median is kept and W = B - I. Activation bytes are what a pipeline
+    after one warm-up; the minimum is kept and W = B - I. Activation bytes are what a pipeline
     stage stashes (:mod:`pipetrain.stage`): the distinct tensors autograd saves, parameters
     excluded, the layer's own input counted as ``input_bytes``. Measured with ``threads`` torch
     threads (restored after); gradients produced are discarded.
+
+    ``calibrate``: layers timed one by one miss what the executor adds (dispatch, the
+    sink's loss weighting, staged gradient accumulation, a loaded machine's slowdown); so
+    the whole model also runs as a one-stage :class:`~pipetrain.Pipeline` (1F1B) at each
+    size, and each layer's F and B (I, W) are scaled by the ratio of that run's median
+    per-micro-batch F and B to the sum of the layers' — the split between layers comes
+    from the layer timings, the total from the runtime that will execute them. Then, for each
+    p in ``depths``, a p-stage Pipeline runs at the middle size, and the ratio of its summed
+    per-stage F + B to the one-stage run's is :attr:`CostTable.slowdown` at p.
     """
     from pipetrain.partition import layers_of
     layers = layers_of(model)
@@ -304,9 +325,11 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                         b_t.append(t4 - t3)
                 in_saved[li] = any(k in packed for k in in_keys)
                 out_saved[li] = any(k in packed for k in out_keys)
-                rows["F"][li][si] = statistics.median(f_t)
-                rows["B"][li][si] = statistics.median(b_t)
-                rows["I"][li][si] = min(statistics.median(i_t), rows["B"][li][si])
+                # The minimum: on a shared machine it is the stable statistic of a layer's
+                # own cost; the load is put back by the calibration below.
+                rows["F"][li][si] = min(f_t)
+                rows["B"][li][si] = min(b_t)
+                rows["I"][li][si] = min(min(i_t), rows["B"][li][si])
                 rows["X"][li][si] = float(sum(t.nbytes for t in _leaves(inp)))
                 rows["A"][li][si] = float(sum(v for k, v in packed.items() if k not in in_keys))
                 x = _detach(out) if not last else x
@@ -314,6 +337,11 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
         torch.set_num_threads(old_threads)
         for p, g in zip(params, saved_grads):
             p.grad = g
+
+    slowdown = None
+    if calibrate:
+        slowdown = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
+                              [q for q in depths if 1 < q <= L])
 
     def fit(kind, li):
         return Affine.fit(sizes, rows[kind][li])
@@ -325,5 +353,61 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                      input_bytes=[fit("X", li) for li in range(L)],
                      param_bytes=[float(sum(p.nbytes for p in m.parameters())) for m in layers],
                      optimizer_factor=optimizer_factor,
+                     slowdown=slowdown,
                      inner_input=[li > 0 and in_saved[li] and not out_saved[li - 1] for li in range(L)],
                      name=f"measured ({L} layers, b in {sizes})")
+
+
+def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], rows: dict,
+               threads: int, repeats: int, depths: Sequence[int]) -> dict:
+    """Scale ``rows`` (per layer, per size) to one-stage Pipeline runs and measure the
+    slowdown at each depth (see measure_costs)."""
+    from pipetrain.partition import balance_costs
+    inputs, targets = sample
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    slowdown = {1: 1.0}
+    try:
+        for si, b in enumerate(sizes):
+            f1, b1 = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats)
+            sum_f = sum(row[si] for row in rows["F"])
+            sum_b = sum(row[si] for row in rows["B"])
+            kf = f1 / sum_f if sum_f > 0 else 1.0
+            kb = b1 / sum_b if sum_b > 0 else 1.0
+            for li in range(len(rows["F"])):
+                rows["F"][li][si] *= kf
+                rows["B"][li][si] *= kb
+                rows["I"][li][si] *= kb
+        mid = len(sizes) // 2
+        b = sizes[mid]
+        base = sum(row[mid] for row in rows["F"]) + sum(row[mid] for row in rows["B"])
+        for q in depths:
+            costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(len(rows["F"]))]
+            fq, bq = _run_costs(model, inputs, targets, loss_fn, b, q, balance_costs(costs, q),
+                                threads, repeats)
+            slowdown[q] = max(1.0, (fq + bq) / base) if base > 0 else 1.0
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return slowdown
+
+
+def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats):
+    """Median per-micro-batch F and B seconds, summed over stages, of a p-stage 1F1B
+    Pipeline on micro-batches of b (up to 8 of them)."""
+    from pipetrain.pipeline import Pipeline
+    m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
+    x, y = _slice(inputs, m * b), _slice(targets, m * b)
+    pipe = Pipeline(model, p, schedule="1f1b", num_microbatches=m, loss_fn=loss_fn,
+                    balance=balance, num_threads=threads)
+    try:
+        f_runs, b_runs = [], []
+        for r in range(max(2, repeats // 2) + 1):
+            pipe.step(x, y)
+            if r:
+                c = pipe.stats().costs_s
+                f_runs.append(sum(c["F"]))
+                b_runs.append(sum(c["B"]))
+    finally:
+        pipe.close()
+    return statistics.median(f_runs), statistics.median(b_runs)

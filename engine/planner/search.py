@@ -28,7 +28,7 @@ from pipetrain.planner.memory import device_memory, stage_ranges
 from pipetrain.planner.result import Candidate
 from pipetrain.planner.schedule_models import ScheduleModel
 
-__all__ = ["search", "fast_balance", "divisors"]
+__all__ = ["search", "evaluate", "fast_balance", "divisors"]
 
 
 def divisors(n: int) -> List[int]:
@@ -112,20 +112,21 @@ class _Evaluator:
             self._prefix[b] = tuple(out)
         return self._prefix[b]
 
-    def stage_costs(self, balance, b, recompute, split):
+    def stage_costs(self, balance, b, recompute, split, p=1):
         """Per stage F, B (I + W) and W seconds, with the per-action overhead (a split
         backward is two actions)."""
-        key = (tuple(balance), b, recompute, split)
+        key = (tuple(balance), b, recompute, split, p)
         if key in self._stage:
             return self._stage[key]
         o = self.network.action_overhead
+        k = self.table.slowdown_at(p)
         pf, pb, pw = self._prefixes(b)
         F, B, W = [], [], []
         for first, last in stage_ranges(balance):
             f = pf[last + 1] - pf[first]
-            F.append(f + o)
-            B.append(pb[last + 1] - pb[first] + (f if recompute else 0.0) + (2 * o if split else o))
-            W.append(pw[last + 1] - pw[first] + o)
+            F.append(k * f + o)
+            B.append(k * (pb[last + 1] - pb[first] + (f if recompute else 0.0)) + (2 * o if split else o))
+            W.append(k * (pw[last + 1] - pw[first]) + o)
         self._stage[key] = (F, B, W)
         return F, B, W
 
@@ -185,7 +186,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                     for rc in recompute:
                         bal = ev.balance(p * v, b, rc)
                         mem = ev.memory(bal, p, b, inflight, versions, rc)
-                        F, B, W = ev.stage_costs(bal, b, rc, model.split_backward)
+                        F, B, W = ev.stage_costs(bal, b, rc, model.split_backward, p)
                         params = [0.0] * p
                         for k, (first, last) in enumerate(stage_ranges(bal)):
                             params[k % p] += sum(table.param_bytes[first:last + 1])
@@ -228,3 +229,30 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
     rest = sorted((c for c in ok if c.status != "simulated"), key=lambda c: c.bound)
     over = sorted((c for c in cands if not c.fits), key=lambda c: c.peak_memory)
     return sim + rest + over, ev
+
+
+def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, schedule: str,
+             v: int = 1, recompute: bool = False, w: int = 1, balance: Optional[Sequence[int]] = None,
+             memory_limit: float = math.inf) -> Candidate:
+    """Predict one given configuration (simulated, exact in-flight counts): what the search
+    would say about it. ``balance`` defaults to the search's own."""
+    from pipetrain.planner.schedule_models import MODELS
+    model = MODELS[schedule]
+    ev = _Evaluator(table, network)
+    bal = list(balance) if balance is not None else ev.balance(p * v, b, recompute)
+    inflight = model.peak_inflight(p, m, v)
+    mem = device_memory(table, bal, p, b, inflight, [model.versions(p, d) for d in range(p)],
+                        recompute)
+    F, B, W = ev.stage_costs(bal, b, recompute, model.split_backward, p)
+    boundary = max(table.input_bytes[i](b) for i in range(table.num_layers))
+    latency = network.transfer(boundary) if p > 1 else 0.0
+    params = [0.0] * p
+    for k, (first, last) in enumerate(stage_ranges(bal)):
+        params[k % p] += sum(table.param_bytes[first:last + 1])
+    extra = network.allreduce(table.grad_factor * max(params), w) + table.update * max(params)
+    c = Candidate(p=p, w=w, b=b, m=m, schedule=schedule, v=v, recompute=recompute, balance=bal,
+                  memory=mem, bound=0.0, extra=extra, latency=latency, costs=(F, B, W),
+                  model=model, limit=memory_limit)
+    c.step_time = ev.simulate(model, p, m, v, F, B, W, latency) + extra
+    c.status = "simulated"
+    return c
