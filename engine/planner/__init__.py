@@ -31,7 +31,7 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
          network: Optional[Network] = None, micro_batch_sizes: Optional[Sequence[int]] = None,
          recompute: Sequence[bool] = (False, True), optimizer_factor: float = 0.0,
          measure_sizes: Optional[Sequence[int]] = None, repeats: int = 5,
-         threads: int = 1) -> TrainingPlan:
+         threads: int = 1, widths: Optional[Sequence[int]] = None) -> TrainingPlan:
     """Choose the fastest configuration that fits.
 
     Args:
@@ -54,6 +54,8 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
         optimizer_factor: optimizer-state bytes per parameter byte of a measured model
             (0 plain SGD, 1 momentum, 2 Adam).
         measure_sizes, repeats, threads: for :func:`measure_costs`.
+        widths: data-parallel widths w to consider (default all; ``[1]``: only what one
+            process runs until the multi-process Pipeline lands).
     Returns:
         a :class:`TrainingPlan`.
     Raises:
@@ -76,7 +78,8 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
     network = network or Network()
     t0 = time.perf_counter()
     cands, ev = search(costs, devices, limit, batch_size, rows, network,
-                       micro_batch_sizes=micro_batch_sizes, recompute=recompute)
+                       micro_batch_sizes=micro_batch_sizes, recompute=recompute,
+                       widths=widths)
     elapsed = time.perf_counter() - t0
     if not cands:
         raise ValueError(f"no configuration of {devices} devices divides batch {batch_size} "

@@ -150,6 +150,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
            models: Sequence[ScheduleModel], network: Network, *,
            micro_batch_sizes: Optional[Sequence[int]] = None,
            recompute: Sequence[bool] = (False, True), depths: Optional[Sequence[int]] = None,
+           widths: Optional[Sequence[int]] = None,
            evaluator: Optional[_Evaluator] = None) -> Tuple[List[Candidate], _Evaluator]:
     """Evaluate the configurations; return them best first (fitting and simulated, then the
     pruned ones, then those that do not fit, by how much they miss) and the evaluator used.
@@ -159,7 +160,9 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
         batch_size: the global mini-batch B (w * m * b); models: schedule rows to consider;
         network: transfer / all-reduce model; micro_batch_sizes: the b to try (default: every
         divisor of B / w); recompute: the re-materialization settings to try; depths: the p
-        to try (default: every divisor of devices up to the layer count).
+        to try (default: every divisor of devices up to the layer count); widths: the w to
+        try (default: all; ``[1]`` until issue 9's data-parallel Pipeline lands, to get only
+        configurations one process runs).
     """
     ev = evaluator or _Evaluator(table, network)
     L = table.num_layers
@@ -168,7 +171,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
         if devices % p or p > L:
             continue
         w = devices // p
-        if batch_size % w:
+        if batch_size % w or (widths is not None and w not in widths):
             continue
         per_replica = batch_size // w
         for b in micro_batch_sizes or divisors(per_replica):
