@@ -103,29 +103,38 @@ def _transformer(n=6, d=128):
     return nn.Sequential(*[_Block(d) for _ in range(n)])
 
 
-def _measure(model, x, y, c, steps):
-    pipe = pipetrain.Pipeline(model, c.p, schedule=c.schedule, num_microbatches=c.m,
-                              balance=c.balance, loss_fn=nn.functional.mse_loss, num_threads=1,
-                              checkpoint="always" if c.recompute else "never",
-                              **({"num_chunks": c.v} if c.v > 1 else {}))
-    spans, peaks = [], []
+def _measure_all(model, x, y, cands, steps):
+    """Per candidate (median makespan s, peak bytes = weights + grads + metered stash). The
+    pipelines run round-robin, one step each per round, so a change of the machine's load
+    hits every configuration alike; the first round is a warm-up (a stage's first forward
+    runs on a copy of its input, which the meter counts: pipetrain.stage)."""
+    pipes = [pipetrain.Pipeline(model, c.p, schedule=c.schedule, num_microbatches=c.m,
+                                balance=c.balance, loss_fn=nn.functional.mse_loss,
+                                num_threads=1, checkpoint="always" if c.recompute else "never",
+                                **({"num_chunks": c.v} if c.v > 1 else {})) for c in cands]
+    spans = [[] for _ in cands]
+    peaks = [[] for _ in cands]
     try:
-        for i in range(steps + 1):
-            pipe.step(x, y)
-            if i:   # the first step's meter counts a stage's first input twice (stage.py)
-                st = pipe.stats()
-                spans.append(st.makespan_s)
-                peaks.append(st.peak_stash_bytes)
-        params = [0] * c.p
-        for k, stage in enumerate(pipe.stages):
-            params[k % c.p] += sum(q.nbytes for q in stage.parameters())
+        for r in range(steps + 1):
+            for i, pipe in enumerate(pipes):
+                pipe.step(x, y)
+                if r:
+                    st = pipe.stats()
+                    spans[i].append(st.makespan_s)
+                    peaks[i].append(st.peak_stash_bytes)
+        out = []
+        for c, pipe, sp, pk in zip(cands, pipes, spans, peaks):
+            params = [0] * c.p
+            for k, stage in enumerate(pipe.stages):
+                params[k % c.p] += sum(q.nbytes for q in stage.parameters())
+            stash = [max(col) for col in zip(*pk)]
+            out.append((statistics.median(sp), max(2 * pr + s for pr, s in zip(params, stash))))
+        return out
     finally:
-        pipe.close()
+        for pipe in pipes:
+            pipe.close()
         for q in model.parameters():
             q.grad = None
-    stash = [max(col) for col in zip(*peaks)]
-    mem = max(2 * pr + s for pr, s in zip(params, stash))
-    return statistics.median(spans), mem
 
 
 MODELS_CPU = {
@@ -151,13 +160,15 @@ def predicted_vs_measured(quick: bool) -> list:
         n = x.shape[0]
         table = measure_costs(model, (x, y), nn.functional.mse_loss,
                               sizes=[n // 8, n // 4, n // 2], repeats=3 if quick else 5)
+        cands = []
         for p, b, sched, v, rc in configs:
             b = min(b, n // 2) if name.startswith("transformer") else b
             m = n // b
             if v > 1 and m % p:
                 continue
-            c = evaluate(table, Network(), p=p, b=b, m=m, schedule=sched, v=v, recompute=rc)
-            t, mem = _measure(model, x, y, c, steps)
+            cands.append(evaluate(table, Network(), p=p, b=b, m=m, schedule=sched, v=v,
+                                  recompute=rc))
+        for c, (t, mem) in zip(cands, _measure_all(model, x, y, cands, steps)):
             pm = max(q.metered for q in c.memory)
             rows.append((t, c.step_time, mem, pm))
             print(f"{name:18s} {c.label():40s} {c.step_time * 1e3:8.2f} {t * 1e3:8.2f} "
@@ -174,23 +185,20 @@ def grid(quick: bool) -> None:
     model = _mlp()
     x, y = torch.randn(64, 768), torch.randn(64, 768)
     fn = nn.functional.mse_loss
-    sizes = [8, 16] if quick else [4, 8, 16, 32]
+    sizes = [8, 16, 32] if quick else [4, 8, 16, 32]
     plan = pipetrain.plan(model, sample=(x, y), loss_fn=fn, devices=2, widths=[1],
                           memory_per_device="1GB", batch_size=64, micro_batch_sizes=sizes,
                           measure_sizes=[8, 16, 32], repeats=3,
                           recompute=(False,) if quick else (False, True))
     print(f"\ngrid on CPU: mlp 8x768, 2 devices, batch 64 ({_load()})")
     print(plan)
-    runnable = [c for c in plan.candidates if c.fits and c.model.runnable]
-    seen, measured = set(), []
-    for c in runnable:
-        key = c.label()
-        if key in seen:
-            continue
-        seen.add(key)
-        t, _ = _measure(model, x, y, c, 2 if quick else 4)
-        measured.append((t, c))
-    measured.sort(key=lambda r: r[0])
+    runnable, seen = [], set()
+    for c in plan.candidates:
+        if c.fits and c.model.runnable and c.label() not in seen:
+            seen.add(c.label())
+            runnable.append(c)
+    results = _measure_all(model, x, y, runnable, 3 if quick else 5)
+    measured = sorted(((t, c) for c, (t, _) in zip(runnable, results)), key=lambda r: r[0])
     chosen = next(t for t, c in measured if c is plan.best)
     fastest = measured[0]
     print(f"{len(measured)} configurations measured; fastest {fastest[1].label()} "

@@ -114,6 +114,12 @@ class CostTable:
         input_bytes: bytes of each layer's input per micro-batch (the stage boundary: sent
             between stages, and all a re-materialized stage keeps).
         param_bytes: bytes of each layer's parameters (one weight version).
+        split_factor: how much a backward split into I and W costs, in total, relative to
+            the full B (measured: the runtime runs them as two autograd passes).
+        slowdown: depth p -> factor on every action when p devices compute at once.
+        action_overhead: seconds between consecutive actions of one device when nothing is
+            waited for (the executor's dispatch; measured as the gaps of a one-stage run).
+        inner_input: per layer, whether its input counts in a stage's stash (:meth:`stash`).
         grad_factor, optimizer_factor: gradient and optimizer-state bytes per parameter byte
             (SGD without momentum 1 / 0; Adam in fp32 1 / 2; mixed precision with fp32 master
             and Adam over fp16 weights 1 / 6).
@@ -133,6 +139,8 @@ class CostTable:
     name: str = "costs"
     inner_input: Optional[List[bool]] = None
     slowdown: Optional[dict] = None
+    split_factor: float = 1.0
+    action_overhead: float = 0.0
 
     def slowdown_at(self, p: int) -> float:
         """How much slower each action runs when p devices compute at once (measured on CPU,
@@ -269,8 +277,9 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     size, and each layer's F and B (I, W) are scaled by the ratio of that run's median
     per-micro-batch F and B to the sum of the layers' — the split between layers comes
     from the layer timings, the total from the runtime that will execute them. Then, for each
-    p in ``depths``, a p-stage Pipeline runs at the middle size, and the ratio of its summed
-    per-stage F + B to the one-stage run's is :attr:`CostTable.slowdown` at p.
+    p in ``depths``, a p-stage 1F1B Pipeline runs at the middle size, and the ratio of its
+    median makespan to the simulator's for the same shape and these costs is
+    :attr:`CostTable.slowdown` at p (p threads sharing the cores run each action slower).
     """
     from pipetrain.partition import layers_of
     layers = layers_of(model)
@@ -338,10 +347,10 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
         for p, g in zip(params, saved_grads):
             p.grad = g
 
-    slowdown = None
+    slowdown, split, gap = None, 1.0, 0.0
     if calibrate:
-        slowdown = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
-                              [q for q in depths if 1 < q <= L])
+        slowdown, split, gap = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
+                                     [q for q in depths if 1 < q <= L])
 
     def fit(kind, li):
         return Affine.fit(sizes, rows[kind][li])
@@ -353,7 +362,8 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                      input_bytes=[fit("X", li) for li in range(L)],
                      param_bytes=[float(sum(p.nbytes for p in m.parameters())) for m in layers],
                      optimizer_factor=optimizer_factor,
-                     slowdown=slowdown,
+                     slowdown=slowdown, split_factor=split,
+                     action_overhead=gap,
                      inner_input=[li > 0 and in_saved[li] and not out_saved[li - 1] for li in range(L)],
                      name=f"measured ({L} layers, b in {sizes})")
 
@@ -367,9 +377,12 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
     params = list(model.parameters())
     saved = [p.grad for p in params]
     slowdown = {1: 1.0}
+    gaps = []
     try:
         for si, b in enumerate(sizes):
-            f1, b1 = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats)
+            f1, b1, gap = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads,
+                                     repeats)
+            gaps.append(gap)
             sum_f = sum(row[si] for row in rows["F"])
             sum_b = sum(row[si] for row in rows["B"])
             kf = f1 / sum_f if sum_f > 0 else 1.0
@@ -380,34 +393,70 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
                 rows["I"][li][si] *= kb
         mid = len(sizes) // 2
         b = sizes[mid]
-        base = sum(row[mid] for row in rows["F"]) + sum(row[mid] for row in rows["B"])
+        L = len(rows["F"])
         for q in depths:
-            costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(len(rows["F"]))]
-            fq, bq = _run_costs(model, inputs, targets, loss_fn, b, q, balance_costs(costs, q),
-                                threads, repeats)
-            slowdown[q] = max(1.0, (fq + bq) / base) if base > 0 else 1.0
+            costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(L)]
+            balance = balance_costs(costs, q)
+            m, span = _run_makespan(model, inputs, targets, loss_fn, b, q, balance, threads, repeats)
+            F, B, i = [], [], 0
+            for n in balance:
+                F.append(sum(rows["F"][li][mid] for li in range(i, i + n)))
+                B.append(sum(rows["B"][li][mid] for li in range(i, i + n)))
+                i += n
+            from pipetrain import schedules
+            sim = schedules.build("1f1b", num_stages=q, num_microbatches=m).simulate(
+                forward=F, backward=B).makespan
+            slowdown[q] = span / sim if sim > 0 else 1.0
+        # A split backward (zero-bubble schedules) as the runtime runs it: I then W.
+        _, b_full, _ = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats)
+        i_w = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats,
+                         schedule="zb-h1")[1]
+        split = i_w / b_full if b_full > 0 else 1.0
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-    return slowdown
+    return slowdown, split, statistics.median(gaps)
 
 
-def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats):
-    """Median per-micro-batch F and B seconds, summed over stages, of a p-stage 1F1B
-    Pipeline on micro-batches of b (up to 8 of them)."""
+def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repeats):
+    """(m, median makespan in seconds) of a p-stage 1F1B Pipeline on up to 8 micro-batches of b."""
     from pipetrain.pipeline import Pipeline
     m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
     x, y = _slice(inputs, m * b), _slice(targets, m * b)
     pipe = Pipeline(model, p, schedule="1f1b", num_microbatches=m, loss_fn=loss_fn,
                     balance=balance, num_threads=threads)
     try:
-        f_runs, b_runs = [], []
+        spans = []
+        for r in range(max(3, repeats) + 1):
+            pipe.step(x, y)
+            if r:
+                spans.append(pipe.stats().makespan_s)
+    finally:
+        pipe.close()
+    return m, statistics.median(spans)
+
+
+def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
+               schedule="1f1b"):
+    """Median per-micro-batch F and backward (B, or I + W for a split schedule) seconds,
+    summed over stages, of a p-stage Pipeline on micro-batches of b (up to 8 of them), and
+    the median idle time per action of a one-stage run (its gaps: the dispatch overhead)."""
+    from pipetrain.pipeline import Pipeline
+    m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
+    x, y = _slice(inputs, m * b), _slice(targets, m * b)
+    pipe = Pipeline(model, p, schedule=schedule, num_microbatches=m, loss_fn=loss_fn,
+                    balance=balance, num_threads=threads)
+    try:
+        f_runs, b_runs, gaps = [], [], []
         for r in range(max(2, repeats // 2) + 1):
             pipe.step(x, y)
             if r:
                 c = pipe.stats().costs_s
                 f_runs.append(sum(c["F"]))
-                b_runs.append(sum(c["B"]))
+                b_runs.append(sum(c["B"]) if "B" in c else sum(c["I"]) + sum(c["W"]))
+                st = pipe.stats()
+                actions = sum(len(d) for d in st.records)
+                gaps.append(max(0.0, st.makespan_s - sum(st.busy_s)) / max(1, actions))
     finally:
         pipe.close()
-    return statistics.median(f_runs), statistics.median(b_runs)
+    return statistics.median(f_runs), statistics.median(b_runs), statistics.median(gaps)

@@ -118,15 +118,17 @@ class _Evaluator:
         key = (tuple(balance), b, recompute, split, p)
         if key in self._stage:
             return self._stage[key]
-        o = self.network.action_overhead
+        o = self.network.action_overhead + self.table.action_overhead
         k = self.table.slowdown_at(p)
+        ks = k * (self.table.split_factor if split else 1.0)
         pf, pb, pw = self._prefixes(b)
         F, B, W = [], [], []
         for first, last in stage_ranges(balance):
             f = pf[last + 1] - pf[first]
             F.append(k * f + o)
-            B.append(k * (pb[last + 1] - pb[first] + (f if recompute else 0.0)) + (2 * o if split else o))
-            W.append(k * (pw[last + 1] - pw[first]) + o)
+            B.append(ks * (pb[last + 1] - pb[first]) + k * (f if recompute else 0.0)
+                     + (2 * o if split else o))
+            W.append(ks * (pw[last + 1] - pw[first]) + o)
         self._stage[key] = (F, B, W)
         return F, B, W
 
