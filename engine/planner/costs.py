@@ -119,6 +119,8 @@ class CostTable:
         slowdown: depth p -> factor on every action when p devices compute at once.
         action_overhead: seconds between consecutive actions of one device when nothing is
             waited for (the executor's dispatch; measured as the gaps of a one-stage run).
+        handoff_latency: seconds from an action's end to the start of the action on another
+            device that waits for it (a thread waking up; measured on a two-stage run).
         inner_input: per layer, whether its input counts in a stage's stash (:meth:`stash`).
         grad_factor, optimizer_factor: gradient and optimizer-state bytes per parameter byte
             (SGD without momentum 1 / 0; Adam in fp32 1 / 2; mixed precision with fp32 master
@@ -141,6 +143,7 @@ class CostTable:
     slowdown: Optional[dict] = None
     split_factor: float = 1.0
     action_overhead: float = 0.0
+    handoff_latency: float = 0.0
 
     def slowdown_at(self, p: int) -> float:
         """How much slower each action runs when p devices compute at once (measured on CPU,
@@ -347,9 +350,9 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
         for p, g in zip(params, saved_grads):
             p.grad = g
 
-    slowdown, split, gap = None, 1.0, 0.0
+    slowdown, split, gap, handoff = None, 1.0, 0.0, 0.0
     if calibrate:
-        slowdown, split, gap = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
+        slowdown, split, gap, handoff = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
                                      [q for q in depths if 1 < q <= L])
 
     def fit(kind, li):
@@ -363,7 +366,7 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                      param_bytes=[float(sum(p.nbytes for p in m.parameters())) for m in layers],
                      optimizer_factor=optimizer_factor,
                      slowdown=slowdown, split_factor=split,
-                     action_overhead=gap,
+                     action_overhead=gap, handoff_latency=handoff,
                      inner_input=[li > 0 and in_saved[li] and not out_saved[li - 1] for li in range(L)],
                      name=f"measured ({L} layers, b in {sizes})")
 
@@ -377,7 +380,7 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
     params = list(model.parameters())
     saved = [p.grad for p in params]
     slowdown = {1: 1.0}
-    gaps = []
+    gaps, handoff = [], 0.0
     try:
         for si, b in enumerate(sizes):
             f1, b1, gap = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads,
@@ -397,7 +400,9 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
         for q in depths:
             costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(L)]
             balance = balance_costs(costs, q)
-            m, span = _run_makespan(model, inputs, targets, loss_fn, b, q, balance, threads, repeats)
+            m, span, wake = _run_makespan(model, inputs, targets, loss_fn, b, q, balance, threads,
+                                          repeats)
+            handoff = wake if q == min(depths) else handoff
             F, B, i = [], [], 0
             for n in balance:
                 F.append(sum(rows["F"][li][mid] for li in range(i, i + n)))
@@ -405,7 +410,7 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
                 i += n
             from pipetrain import schedules
             sim = schedules.build("1f1b", num_stages=q, num_microbatches=m).simulate(
-                forward=F, backward=B).makespan
+                forward=F, backward=B, transfer=wake).makespan
             slowdown[q] = span / sim if sim > 0 else 1.0
         # A split backward (zero-bubble schedules) as the runtime runs it: I then W.
         _, b_full, _ = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats)
@@ -415,25 +420,50 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-    return slowdown, split, statistics.median(gaps)
+    return slowdown, split, statistics.median(gaps), handoff
 
 
 def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repeats):
-    """(m, median makespan in seconds) of a p-stage 1F1B Pipeline on up to 8 micro-batches of b."""
+    """(m, median makespan, median hand-off latency), seconds, of a p-stage 1F1B Pipeline on
+    up to 8 micro-batches of b. A hand-off sample: an F whose input comes from the previous
+    device (or a B whose gradient comes from the next) and whose own device was free before
+    that input was ready: its start minus the input's end."""
     from pipetrain.pipeline import Pipeline
     m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
     x, y = _slice(inputs, m * b), _slice(targets, m * b)
     pipe = Pipeline(model, p, schedule="1f1b", num_microbatches=m, loss_fn=loss_fn,
                     balance=balance, num_threads=threads)
     try:
-        spans = []
+        spans, wakes = [], []
         for r in range(max(3, repeats) + 1):
             pipe.step(x, y)
             if r:
-                spans.append(pipe.stats().makespan_s)
+                st = pipe.stats()
+                spans.append(st.makespan_s)
+                wakes.extend(_handoffs(st.records, p))
     finally:
         pipe.close()
-    return m, statistics.median(spans)
+    return m, statistics.median(spans), statistics.median(wakes) if wakes else 0.0
+
+
+def _handoffs(records, p):
+    """Hand-off latency samples (seconds) from one run's records (see _run_makespan)."""
+    end = {(r.kind, r.stage, r.microbatch): r.end_ns for d in records for r in d}
+    out = []
+    for d in records:
+        prev_end = None
+        for r in d:
+            if r.start_ns < 0:
+                continue
+            dep = None
+            if r.kind == "F" and r.stage > 0:
+                dep = end.get(("F", r.stage - 1, r.microbatch))
+            elif r.kind == "B" and r.stage < p - 1:
+                dep = end.get(("B", r.stage + 1, r.microbatch))
+            if dep is not None and (prev_end is None or prev_end <= dep) and r.start_ns >= dep:
+                out.append((r.start_ns - dep) * 1e-9)
+            prev_end = r.end_ns
+    return out
 
 
 def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,

@@ -181,7 +181,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                 continue
             m = per_replica // b
             boundary = max(table.input_bytes[i](b) for i in range(L))
-            latency = network.transfer(boundary) if p > 1 else 0.0
+            latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
             for model in models:
                 for v in model.chunks:
                     if p * v > L or (v > 1 and p == 1) or not model.valid(p, m, v):
@@ -250,7 +250,7 @@ def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, sche
                         recompute)
     F, B, W = ev.stage_costs(bal, b, recompute, model.split_backward, p)
     boundary = max(table.input_bytes[i](b) for i in range(table.num_layers))
-    latency = network.transfer(boundary) if p > 1 else 0.0
+    latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
     params = [0.0] * p
     for k, (first, last) in enumerate(stage_ranges(bal)):
         params[k % p] += sum(table.param_bytes[first:last + 1])
