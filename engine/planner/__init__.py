@@ -6,8 +6,10 @@ batch_size=256)`` measures the model's per-layer costs on the sample
 schedule simulator and the memory model (:mod:`~pipetrain.planner.search`,
 :mod:`~pipetrain.planner.memory`, :mod:`~pipetrain.planner.schedule_models`), and returns a
 :class:`~pipetrain.planner.result.TrainingPlan`. Give ``costs=CostTable(...)`` instead of a
-model to plan for hardware you do not have. The PipeDream-2BW rule is
-:func:`~pipetrain.planner.twobw.twobw_rule`.
+model to plan for hardware you do not have. PipeDream-2BW's planner is the special case
+``schedules=["2bw"], allow_async=True``: with costs affine in b, the fastest fitting
+configuration of each (w, p) is the largest b that fits, with recompute when that allows a
+larger b and wins (tests/planner/test_search.py checks it against the paper's formulas).
 """
 
 from __future__ import annotations
