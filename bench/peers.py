@@ -10,7 +10,7 @@ per way of computing the same gradients:
   the fine grain this is the plain Python loop that an engine at p = 1 competes with);
 - ``pippy <Schedule>``: ``torch.distributed.pipelining`` on 2 gloo processes, one thread
   each (interleaved schedules: the same units split into 4 stages, 2 per process);
-- ``pipetrain <schedule>``: ``pipetrain.Pipeline(layers, num_stages=2, schedule=...,
+- ``pipetrain <schedule>``: ``pipetrain.Pipeline(layers, num_devices=2, schedule=...,
   num_microbatches=m, loss_fn=mse, balance=...)`` with default arguments otherwise
   (interleaved: ``balance`` in 4 stages, the default 2 chunks); at the fine grain also p = 1;
 - ``floor``: each stage's micro-batch work (forward + backward of each of its micro-batches)
@@ -171,7 +171,7 @@ class Pipetrain(Row):
         layers = pm.make_layers(wl)
         parts = self.p * (2 if self.schedule.startswith("interleaved") else 1)
         self.params = [q for layer in layers for q in layer.parameters()]
-        self.pipe = pipetrain.Pipeline(layers, num_stages=self.p, schedule=self.schedule,
+        self.pipe = pipetrain.Pipeline(layers, num_devices=self.p, schedule=self.schedule,
                                        num_microbatches=wl.microbatches, loss_fn=pm.mse,
                                        balance=pm.balance(wl, parts),
                                        **({} if self.num_threads is None else
