@@ -15,7 +15,6 @@ Conventions: per-stage costs in seconds (F, full backward B, weight part W), one
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pipetrain import schedules
