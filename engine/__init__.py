@@ -17,3 +17,4 @@ from pipetrain.schedules import ScheduleError  # noqa: E402
 
 __all__ = ["Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "optim", "schedules",
            "__version__"]
+from pipetrain.planner import plan  # noqa: E402,F401  (issue 12: the planner)
