@@ -3,7 +3,9 @@
 Modules: ``schedules`` (the schedule IR: build, parse, validate, simulate), ``Pipeline``
 (train an ``nn.Sequential`` through any synchronous schedule), ``executor`` (the C++
 executor), ``optim`` (fused SGD/Adam/AdamW with weight prediction), ``flat_buffer`` (one
-contiguous buffer per stage), ``kernels`` (Triton kernels and their torch references).
+contiguous buffer per stage), ``kernels`` (Triton kernels and their torch references),
+``plan`` (choose depth, width, micro-batch size, schedule and recompute under a memory
+limit), ``graphpipe`` (GraphPipe's DAG partitioner).
 """
 
 from pipetrain import _C  # noqa: F401  (the compiled core; fails loudly if the build is missing)
@@ -16,6 +18,7 @@ from pipetrain.pipeline import Pipeline, PipelineError  # noqa: E402
 from pipetrain.schedules import ScheduleError  # noqa: E402
 from pipetrain.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
 
+from pipetrain.planner import plan  # noqa: E402
+
 __all__ = ["Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "load_checkpoint",
-           "optim", "save_checkpoint", "schedules",
-           "__version__"]
+           "optim", "plan", "save_checkpoint", "schedules", "__version__"]
