@@ -55,6 +55,8 @@ class GraphModel:
                   rng_lock=o["rng_lock"], check_finite=o["check_finite"], devices=devices,
                   times=self.op_times)
         pipe.schedule, pipe.plan, pipe.stages = b.schedule, Plan(b.schedule), b.stages
+        for st in b.stages:
+            st.grad_scale = pipe._loss.grad_scale
         graph = pipe.plan.graph
         pipe.num_devices, pipe.num_stages = graph.num_devices, graph.num_stages
         pipe.devices = devices[:graph.num_devices]
