@@ -76,7 +76,9 @@ class Pipeline:
 
     Args:
         model: the layers, called in order with one argument each (a tensor, or a tuple /
-            dict of tensors such as ``(hidden, mask)``).
+            dict of tensors such as ``(hidden, mask)``); or any other ``nn.Module`` (a graph
+            model, :mod:`pipetrain.graphpipe.build`): traced with torch.fx and cut into
+            stages forming a DAG (``schedule="graphpipe"``) or a chain (a chain schedule).
         num_devices: pipeline devices ``p`` (issuing threads; GPUs with ``devices=``). The
             model is cut into ``num_stages = p * num_chunks`` stages, stage ``k`` on device
             ``k % p``. Optional if ``balance`` or a built schedule gives it.
@@ -112,6 +114,10 @@ class Pipeline:
             (default ``world_size // p``); gradients are averaged over replicas.
         init_fn: across processes, ``init_fn(layer)`` initializes a local layer built on the
             ``meta`` device (default: each module's ``reset_parameters()``).
+        leaf_modules, memory_limit, example_inputs, op_times: graph models only: module
+            classes / instances kept as one operator; bytes per device for the partitioner;
+            a sample micro-batch to build at construction (default: the first step's); given
+            per-operator ``(forward_s, backward_s)`` per sample instead of measuring.
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
