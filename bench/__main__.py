@@ -11,8 +11,8 @@ import pathlib
 import sys
 
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
-SECTIONS = ["schedule_table", "executor_overhead", "step_overhead", "training", "optim_kernels", "peers",
-            "graph_partition", "convergence"]
+SECTIONS = ["schedule_table", "executor_overhead", "step_overhead", "training", "optim_kernels",
+            "peers", "graph_partition", "graph_runtime", "convergence", "planner"]
 
 
 def main(argv=None) -> int:

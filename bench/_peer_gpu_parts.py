@@ -201,7 +201,7 @@ def nsys_target() -> Dict[str, Any]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)]).cuda(0)
     m = 4
-    pipe = pipetrain.Pipeline(model, num_stages=2, schedule="1f1b", num_microbatches=m,
+    pipe = pipetrain.Pipeline(model, num_devices=2, schedule="1f1b", num_microbatches=m,
                               loss_fn=torch.nn.functional.mse_loss, devices=devices,
                               profile_steps=(1, 3))
     x = torch.randn(32, 256, device=devices[0])

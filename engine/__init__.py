@@ -3,7 +3,9 @@
 Modules: ``schedules`` (the schedule IR: build, parse, validate, simulate), ``Pipeline``
 (train an ``nn.Sequential`` through any synchronous schedule), ``executor`` (the C++
 executor), ``optim`` (fused SGD/Adam/AdamW with weight prediction), ``flat_buffer`` (one
-contiguous buffer per stage), ``kernels`` (Triton kernels and their torch references).
+contiguous buffer per stage), ``kernels`` (Triton kernels and their torch references),
+``plan`` (choose depth, width, micro-batch size, schedule and recompute under a memory
+limit), ``graphpipe`` (GraphPipe's DAG partitioner).
 """
 
 from pipetrain import _C  # noqa: F401  (the compiled core; fails loudly if the build is missing)
@@ -14,6 +16,9 @@ __version__ = "0.1.0"
 from pipetrain import flat_buffer, optim, schedules  # noqa: E402
 from pipetrain.pipeline import Pipeline, PipelineError  # noqa: E402
 from pipetrain.schedules import ScheduleError  # noqa: E402
+from pipetrain.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
 
-__all__ = ["Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "optim", "schedules",
-           "__version__"]
+from pipetrain.planner import plan  # noqa: E402
+
+__all__ = ["Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "load_checkpoint",
+           "optim", "plan", "save_checkpoint", "schedules", "__version__"]

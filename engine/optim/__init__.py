@@ -8,8 +8,11 @@ They add ``predict(s, out=None)`` (SpecTrain / XPipe weight prediction) and
 ``skip_nonfinite`` step skipping, and ``master_weights=True`` for bf16/fp16 parameters.
 """
 
+from pipetrain._cpu_kernels import get_num_threads, set_num_threads
+
 from .adam import Adam, AdamW
 from .base import FusedOptimizer
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "FusedOptimizer"]
+# set_num_threads / get_num_threads: the CPU kernels' thread pool (also PIPETRAIN_NUM_THREADS).
+__all__ = ["SGD", "Adam", "AdamW", "FusedOptimizer", "set_num_threads", "get_num_threads"]

@@ -1,0 +1,263 @@
+"""The search: every (p, w, b, m, schedule, v, recompute), pruned by memory and bounds.
+
+For ``devices`` devices and a global batch B: depth p divides devices, width w = devices / p,
+each replica takes B / w samples as m micro-batches of b. For each shape and each row of the
+schedule table (:mod:`pipetrain.planner.schedule_models`):
+
+1. balance the layers over the p * v stages (contiguous, slowest stage as fast as possible,
+   cached per (stages, b, recompute));
+2. predict memory per device (:mod:`pipetrain.planner.memory`) from the table's closed-form
+   in-flight counts; a shape over the limit is out (remembering by how much);
+3. bound the step time from below without simulating: the busiest device's m * (F + B), and
+   the critical path of the last micro-batch, ``(m - 1) F_0 + sum_k (F_k + I_k)``;
+4. simulate the fitting candidates in increasing order of bound, stopping when the bound
+   reaches the best simulated time (branch and bound); simulations are cached by shape and
+   costs. The winner's memory is re-checked with the built schedule's exact in-flight counts.
+
+Times are seconds; memory bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from pipetrain.partition import balance_costs
+from pipetrain.planner.costs import CostTable, Network
+from pipetrain.planner.memory import device_memory, stage_ranges
+from pipetrain.planner.result import Candidate
+from pipetrain.planner.schedule_models import ScheduleModel
+
+__all__ = ["search", "evaluate", "fast_balance", "divisors"]
+
+
+def divisors(n: int) -> List[int]:
+    """Positive divisors of n, increasing."""
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def fast_balance(costs: Sequence[float], parts: int) -> List[int]:
+    """Contiguous split into ``parts`` non-empty parts minimising the largest part (the same
+    optimum as :func:`pipetrain.partition.balance_costs`, without its tie-breaks): binary
+    search on the bottleneck, greedy feasibility. O(n log(sum / eps))."""
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot split {n} layers into {parts} stages")
+
+    def cut(limit: float) -> Optional[List[int]]:
+        out, acc, cnt = [], 0.0, 0
+        for i, c in enumerate(costs):
+            left_layers, left_parts = n - i, parts - len(out)
+            if cnt and (acc + c > limit or left_layers < left_parts):
+                out.append(cnt)
+                acc, cnt = 0.0, 0
+            acc += c
+            cnt += 1
+        out.append(cnt)
+        return out if len(out) <= parts else None
+
+    lo, hi = max(costs), sum(costs)
+    for _ in range(60):
+        if hi - lo <= 1e-12 * max(hi, 1e-30):
+            break
+        mid = (lo + hi) / 2
+        if cut(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    out = cut(hi)
+    while len(out) < parts:   # fewer parts than asked: split the largest part
+        i = max(range(len(out)), key=lambda j: out[j])
+        out[i:i + 1] = [out[i] // 2, out[i] - out[i] // 2]
+    return out
+
+
+class _Evaluator:
+    """Stage costs, balances and simulations for one table, cached across candidates."""
+
+    def __init__(self, table: CostTable, network: Network, exact_balance_limit: int = 20_000):
+        self.table, self.network = table, network
+        self.exact_limit = exact_balance_limit
+        self._balances: Dict[tuple, List[int]] = {}
+        self._sims: Dict[tuple, float] = {}
+        self._prefix: Dict[int, tuple] = {}
+        self._stage: Dict[tuple, tuple] = {}
+        self._memory: Dict[tuple, list] = {}
+        self.simulations = 0
+
+    def balance(self, stages: int, b: int, recompute: bool) -> List[int]:
+        key = (stages, b, recompute)
+        if key not in self._balances:
+            t = self.table
+            costs = [t.forward[i](b) * (2 if recompute else 1) + t.backward[i](b)
+                     for i in range(t.num_layers)]
+            if t.num_layers ** 2 * stages <= self.exact_limit:
+                self._balances[key] = balance_costs(costs, stages)
+            else:
+                self._balances[key] = fast_balance(costs, stages)
+        return self._balances[key]
+
+    def _prefixes(self, b: int) -> tuple:
+        """Prefix sums over layers of F, B, W at micro-batch size b (stage sums in O(1))."""
+        if b not in self._prefix:
+            t = self.table
+            out = []
+            for fns in (t.forward, t.backward, t.weight):
+                acc, pre = 0.0, [0.0]
+                for fn in fns:
+                    acc += fn(b)
+                    pre.append(acc)
+                out.append(pre)
+            self._prefix[b] = tuple(out)
+        return self._prefix[b]
+
+    def stage_costs(self, balance, b, recompute, split, p=1):
+        """Per stage F, B (I + W) and W seconds, with the per-action overhead (a split
+        backward is two actions)."""
+        key = (tuple(balance), b, recompute, split, p)
+        if key in self._stage:
+            return self._stage[key]
+        o = self.network.action_overhead + self.table.action_overhead
+        k = self.table.slowdown_at(p)
+        ks = k * (self.table.split_factor if split else 1.0)
+        pf, pb, pw = self._prefixes(b)
+        F, B, W = [], [], []
+        for first, last in stage_ranges(balance):
+            f = pf[last + 1] - pf[first]
+            F.append(k * f + o)
+            B.append(ks * (pb[last + 1] - pb[first]) + k * (f if recompute else 0.0)
+                     + (2 * o if split else o))
+            W.append(ks * (pw[last + 1] - pw[first]) + o)
+        self._stage[key] = (F, B, W)
+        return F, B, W
+
+    def memory(self, balance, p, b, inflight, versions, recompute):
+        key = (tuple(balance), p, b, tuple(inflight), tuple(versions), recompute)
+        if key not in self._memory:
+            self._memory[key] = device_memory(self.table, balance, p, b, inflight, versions,
+                                              recompute)
+        return self._memory[key]
+
+    def simulate(self, model: ScheduleModel, p, m, v, F, B, W, latency) -> float:
+        key = (model.name, p, m, v, tuple(F), tuple(B), tuple(W) if model.split_backward else (),
+               latency)
+        if key not in self._sims:
+            self.simulations += 1
+            self._sims[key] = model.simulate(p, m, v, F, B, W, latency)
+        return self._sims[key]
+
+
+def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
+           models: Sequence[ScheduleModel], network: Network, *,
+           micro_batch_sizes: Optional[Sequence[int]] = None,
+           recompute: Sequence[bool] = (False, True), depths: Optional[Sequence[int]] = None,
+           widths: Optional[Sequence[int]] = None,
+           evaluator: Optional[_Evaluator] = None) -> Tuple[List[Candidate], _Evaluator]:
+    """Evaluate the configurations; return them best first (fitting and simulated, then the
+    pruned ones, then those that do not fit, by how much they miss) and the evaluator used.
+
+    Args:
+        table: per-layer costs; devices: total devices (w * p); memory_limit: bytes per device;
+        batch_size: the global mini-batch B (w * m * b); models: schedule rows to consider;
+        network: transfer / all-reduce model; micro_batch_sizes: the b to try (default: every
+        divisor of B / w); recompute: the re-materialization settings to try; depths: the p
+        to try (default: every divisor of devices up to the layer count); widths: the w to
+        try (default: all; ``[1]`` until issue 9's data-parallel Pipeline lands, to get only
+        configurations one process runs).
+    """
+    ev = evaluator or _Evaluator(table, network)
+    L = table.num_layers
+    cands: List[Candidate] = []
+    for p in depths or divisors(devices):
+        if devices % p or p > L:
+            continue
+        w = devices // p
+        if batch_size % w or (widths is not None and w not in widths):
+            continue
+        per_replica = batch_size // w
+        for b in micro_batch_sizes or divisors(per_replica):
+            if per_replica % b:
+                continue
+            m = per_replica // b
+            boundary = max(table.input_bytes[i](b) for i in range(L))
+            latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+            for model in models:
+                for v in model.chunks:
+                    if p * v > L or (v > 1 and p == 1) or not model.valid(p, m, v):
+                        continue
+                    inflight = [model.inflight(p, m, v, d) for d in range(p)]
+                    versions = [model.versions(p, d) for d in range(p)]
+                    for rc in recompute:
+                        bal = ev.balance(p * v, b, rc)
+                        mem = ev.memory(bal, p, b, inflight, versions, rc)
+                        F, B, W = ev.stage_costs(bal, b, rc, model.split_backward, p)
+                        params = [0.0] * p
+                        for k, (first, last) in enumerate(stage_ranges(bal)):
+                            params[k % p] += sum(table.param_bytes[first:last + 1])
+                        extra = network.allreduce(table.grad_factor * max(params), w) \
+                            + table.update * max(params)
+                        busy = [0.0] * p
+                        for k in range(p * v):
+                            busy[k % p] += F[k] + B[k]
+                        I = [bb - ww for bb, ww in zip(B, W)] if model.split_backward else B
+                        crit = (m - 1) * F[0] + sum(F) + sum(I) + 2 * (p * v - 1) * latency \
+                            if not model.asynchronous else 0.0
+                        bound = max(m * max(busy), crit) + extra
+                        cands.append(Candidate(p=p, w=w, b=b, m=m, schedule=model.name, v=v,
+                                               recompute=rc, balance=bal, memory=mem,
+                                               bound=bound, extra=extra, latency=latency,
+                                               costs=(F, B, W), model=model,
+                                               limit=memory_limit))
+    fitting = sorted((c for c in cands if c.fits), key=lambda c: c.bound)
+    best = math.inf
+    for c in fitting:
+        if c.bound >= best:
+            c.status = "pruned"
+            continue
+        F, B, W = c.costs
+        c.step_time = ev.simulate(c.model, c.p, c.m, c.v, F, B, W, c.latency) + c.extra
+        c.status = "simulated"
+        if c.step_time < best:
+            # Confirm with the built schedule's exact in-flight counts before trusting it.
+            exact = c.model.peak_inflight(c.p, c.m, c.v)
+            if exact != [c.model.inflight(c.p, c.m, c.v, d) for d in range(c.p)]:
+                c.memory = device_memory(table, c.balance, c.p, c.b, exact,
+                                         [c.model.versions(c.p, d) for d in range(c.p)],
+                                         c.recompute)
+                if not c.fits:
+                    c.status = "over"
+                    continue
+            best = c.step_time
+    ok = [c for c in fitting if c.fits]
+    sim = sorted((c for c in ok if c.status == "simulated"), key=lambda c: c.step_time)
+    rest = sorted((c for c in ok if c.status != "simulated"), key=lambda c: c.bound)
+    over = sorted((c for c in cands if not c.fits), key=lambda c: c.peak_memory)
+    return sim + rest + over, ev
+
+
+def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, schedule: str,
+             v: int = 1, recompute: bool = False, w: int = 1, balance: Optional[Sequence[int]] = None,
+             memory_limit: float = math.inf) -> Candidate:
+    """Predict one given configuration (simulated, exact in-flight counts): what the search
+    would say about it. ``balance`` defaults to the search's own."""
+    from pipetrain.planner.schedule_models import MODELS
+    model = MODELS[schedule]
+    ev = _Evaluator(table, network)
+    bal = list(balance) if balance is not None else ev.balance(p * v, b, recompute)
+    inflight = model.peak_inflight(p, m, v)
+    mem = device_memory(table, bal, p, b, inflight, [model.versions(p, d) for d in range(p)],
+                        recompute)
+    F, B, W = ev.stage_costs(bal, b, recompute, model.split_backward, p)
+    boundary = max(table.input_bytes[i](b) for i in range(table.num_layers))
+    latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+    params = [0.0] * p
+    for k, (first, last) in enumerate(stage_ranges(bal)):
+        params[k % p] += sum(table.param_bytes[first:last + 1])
+    extra = network.allreduce(table.grad_factor * max(params), w) + table.update * max(params)
+    c = Candidate(p=p, w=w, b=b, m=m, schedule=schedule, v=v, recompute=recompute, balance=bal,
+                  memory=mem, bound=0.0, extra=extra, latency=latency, costs=(F, B, W),
+                  model=model, limit=memory_limit)
+    c.step_time = ev.simulate(model, p, m, v, F, B, W, latency) + extra
+    c.status = "simulated"
+    return c
