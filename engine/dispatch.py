@@ -31,7 +31,7 @@ import torch
 
 from pipetrain.mailbox import GRAD, VALUE, Mailbox
 from pipetrain.microbatch import flatten, scatter
-from pipetrain.stage import Meter
+from pipetrain.stage_run import Meter
 from pipetrain.transport import to_device
 
 __all__ = ["Run", "split_minibatches"]
