@@ -232,3 +232,67 @@ def test_chunked_runs_drain_between_chunks():
     assert len(losses) == 4 and losses[:2] == pytest.approx(r_losses, abs=1e-9)
     assert pipe.stats().minibatches == 2
     pipe.close()
+
+
+class _Split(nn.Module):
+    """x -> (h, scale): a tuple between stages."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x), torch.full((x.shape[0], 1), 2.0, dtype=x.dtype)
+
+
+class _Join(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pair):
+        h, scale = pair
+        return self.inner(h * scale / 2.0)    # scale / 2 == 1: the same function as inner(h)
+
+
+def test_tuples_between_stages_train_like_tensors():
+    p, m, T = 3, 2, 4
+    plain = _model(p)
+    tupled = copy.deepcopy(plain)
+    tupled[1] = _Split(tupled[1])
+    tupled[2] = _Join(tupled[2])
+    out = []
+    for layers in (plain, tupled):
+        pipe = pipetrain.Pipeline(nn.Sequential(*layers), num_devices=p, schedule="xpipe",
+                                  num_microbatches=m, loss_fn=FN, optimizer=_adam)
+        out.append([float(x) for x in pipe.train(_data(T))])
+        pipe.close()
+    assert out[0] == pytest.approx(out[1], abs=1e-12)
+    for a, b in zip(nn.Sequential(*plain).parameters(), nn.Sequential(*tupled).parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_stats_after_train_report_versions_and_bytes():
+    p, m, T = 2, 2, 4
+    stages = _model(p)
+    pipe = pipetrain.Pipeline(nn.Sequential(*stages), num_devices=p, schedule="2bw-predict",
+                              num_microbatches=m, loss_fn=FN, optimizer=_sgd)
+    list(pipe.train(_data(T)))
+    st = pipe.stats()
+    nbytes = [sum(q.numel() * 8 for q in s.parameters()) for s in stages]
+    # 2bw-predict: stage 0 builds W_hat for t from W(t-1) before U(t-1) (F(2t) precedes it),
+    # so it keeps no old version; stage 1 runs F(2t) after U(t-1) and keeps W(t-1) until then.
+    # Predicted buffers: stage 0 holds W_hat of t+1 (built at F(2t+2)) while B(2t+1) still
+    # runs on W_hat of t; stage 1 one at a time. The reference counts the same.
+    trace = {}
+    ref.reference_train(_model(p), _data(T), schedule="2bw-predict", num_microbatches=m,
+                        loss_fn=FN, optimizer_factory=_sgd, trace=trace)
+    assert st.peak_versions == [1, 2] and st.peak_predicted == trace["peak_predicted"] == [2, 1]
+    # Bytes beyond the live weights: kept versions + predicted buffers (2 each here), each a
+    # stage's flat buffer (its parameters plus alignment padding, < 64 elements per tensor).
+    for r, b in enumerate(st.peak_version_bytes):
+        padding = 64 * 8 * len(list(stages[r].parameters()))
+        assert 2 * nbytes[r] <= b <= 2 * (nbytes[r] + padding)
+    assert st.minibatches == T and 0 <= st.bubble_ratio < 1 and st.steady_samples_per_s > 0
+    assert len(st.records) == p
+    pipe.close()
