@@ -257,11 +257,23 @@ class PlannedVersions(WeightVersions):
                 if version == self.current else self._states.pop(version)
             bufs = self._pool.pop() if self._pool else \
                 [b.new_buffer(zero=False) for b in self._buckets]
-            for buf, src in zip(bufs, base):
-                buf.copy_(src)
+            fused = version == self.current and _is_pipetrain_optim(self.optimizer)
             for bucket, buf in zip(self._buckets, bufs):
                 bucket.bind(buf)
-            prediction.apply_prediction([p.data for p in self._params], state, self._groups, s)
+            if fused:
+                # pipetrain.optim's fused predict: one pass reading the live weights and state,
+                # writing the views of this (pooled) buffer.
+                views = [q.data for g in self.optimizer.param_groups for q in g["params"]]
+                for bucket, live in zip(self._buckets, self._live):
+                    bucket.bind(live)
+                self.optimizer.predict(s, out=views)
+                for bucket, buf in zip(self._buckets, bufs):
+                    bucket.bind(buf)
+            else:   # an older version's (snapshotted) state, or a torch.optim optimizer
+                for buf, src in zip(bufs, base):
+                    buf.copy_(src)
+                prediction.apply_prediction([p.data for p in self._params], state,
+                                            self._groups, s)
             self._pred[key] = bufs
             self._need_state[version] -= 1
             self._read_w(version)
@@ -283,3 +295,7 @@ class PlannedVersions(WeightVersions):
         self._need_pred[done] -= 1
         if self._need_pred[done] <= 0:
             self._pool.append(self._pred.pop(done))
+
+
+def _is_pipetrain_optim(opt) -> bool:
+    return type(opt).__module__.startswith("pipetrain.optim") and hasattr(opt, "predict")
