@@ -30,7 +30,8 @@ from torch import nn
 from pipetrain import arguments as args
 from pipetrain import async_schedules
 from pipetrain import checkpoint as ckpt
-from pipetrain import partition
+from pipetrain import distributed
+from pipetrain import losses, partition
 from pipetrain import transport
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
@@ -102,7 +103,9 @@ class Pipeline:
             asynchronous (``train()`` only): ``"pipedream"``, ``"2bw"``, ``"spectrain"``,
             ``"xpipe"``, ``"2bw-predict"`` (:mod:`pipetrain.async_schedules`).
         num_microbatches: ``m``, micro-batches per mini-batch (default 1).
-        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch.
+        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch; or
+            ``(loss_sum, count)``, a token-level loss divided by the mini-batch's total count
+            (:mod:`pipetrain.losses`).
         devices: one per pipeline device (``p`` entries); default all ``"cpu"``.
         checkpoint: re-materialization: ``"never"``, ``"always"`` or ``"except_last"``.
         num_chunks: ``v``, stages per device for the interleaved schedule (default 2 there).
@@ -121,6 +124,11 @@ class Pipeline:
             and ``cudaProfilerStop`` after step ``stop - 1`` (from 0), so ``nsys profile
             --capture-range=cudaProfilerApi`` records that window with an NVTX range ``s1/F3``
             per action. A no-op on CPU.
+        data_parallel: across processes (the default process group initialized with several
+            ranks, :mod:`pipetrain.distributed`): ``w`` pipeline replicas of ``p`` ranks each
+            (default ``world_size // p``); gradients are averaged over replicas.
+        init_fn: across processes, ``init_fn(layer)`` initializes a local layer built on the
+            ``meta`` device (default: each module's ``reset_parameters()``).
 
         optimizer: ``optimizer(params) -> optimizer``, called once per stage with its
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
@@ -139,6 +147,7 @@ class Pipeline:
                  check_finite: bool = False, num_threads: Optional[int] = None,
                  rng_lock: Optional[bool] = None, timeout: float = 60.0, transfer: str = "auto",
                  profile_steps: Optional[Tuple[int, int]] = None,
+                 data_parallel: Optional[int] = None, init_fn: Any = None,
                  optimizer: Optional[Callable[[Any], Any]] = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
@@ -170,9 +179,16 @@ class Pipeline:
         order = graph.topological_order()          # a chain: source to sink
         parts = partition.split(layers, len(order), balance)
         self.balance = [len(part) for part in parts]
+        loss_fn = self._loss = losses.LossFn(loss_fn)
+        self.found_inf = False
+        self.dist = distributed.wanted(data_parallel) and distributed.Distributed(
+            self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
+            timeout=timeout) or None
         self.stages: List[Stage] = [None] * len(order)   # type: ignore[list-item]
         for part, k in zip(parts, order):
             info = graph.stage(k)
+            if self.dist is not None and not self.dist.is_local(k):
+                continue    # another rank's stage
             device = self.devices[info.device]
             for layer in part:
                 if any(t.device != device for t in list(layer.parameters()) + list(layer.buffers())):
@@ -182,6 +198,7 @@ class Pipeline:
                                    checkpoint=recompute, loss_fn=None if info.outputs else loss_fn,
                                    input_grad=bool(info.inputs), rng_lock=rng_lock,
                                    check_finite=check_finite)
+            self.stages[k].grad_scale = self._loss.grad_scale
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self.num_threads = args.check_num_threads(num_threads, cuda, _cores(), self.num_devices)
         self.timeout = timeout
@@ -189,16 +206,57 @@ class Pipeline:
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],
                              transfer=transfer, timeout=timeout, profile_steps=self.profile_steps,
-                             num_threads=self.num_threads)
+                             num_threads=self.num_threads) if self.dist is None \
+            else self.dist.make_runner(self)
         self.transfer = transfer
         from pipetrain.training import make_optimizers
-        make_optimizers(self.stages, optimizer, self.schedule_name)
+        make_optimizers(self, optimizer)
         self._stats: Optional[StepStats] = None
         self._lock = threading.Lock()
 
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
-        return [p for st in self.stages for p in st.parameters()]
+        return [p for st in self.stages if st is not None for p in st.parameters()]
+
+    @property
+    def pp_rank(self) -> int:
+        """This process's pipeline device (0 in one process)."""
+        return self.dist.mesh.pp_rank if self.dist is not None else 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel replica (0 in one process)."""
+        return self.dist.mesh.dp_rank if self.dist is not None else 0
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale every stage's gradients (on every rank) so that their total norm is at most
+        ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the unsplit model (a tied
+        weight counted once); returns the total norm before clipping, on every rank."""
+        if self.dist is not None:
+            return self.dist.clip_grad_norm_(self, max_norm, norm_type)
+        unique = list({id(p): p for p in self.parameters()}.values())
+        return torch.nn.utils.clip_grad_norm_(unique, max_norm, norm_type)
+
+    def state_dict(self, optimizer: Any = None) -> dict:
+        """This process's stages' tensors (and ``optimizer``'s state for them), keyed as in
+        the unsplit model (:mod:`pipetrain.checkpointing`)."""
+        from pipetrain import checkpointing
+        return checkpointing.state_dict(self, optimizer)
+
+    def load_state_dict(self, state: dict, optimizer: Any = None, strict: bool = True) -> None:
+        """Load :meth:`state_dict` output (from any split) into this process's stages."""
+        from pipetrain import checkpointing
+        checkpointing.load_state_dict(self, state, optimizer, strict)
+
+    def eval(self, inputs: Any, targets: Any = None) -> Any:
+        """Forward-only pipelined run (no autograd, modules in eval mode meanwhile): the merged
+        last-stage outputs (``None`` on ranks without the last stage), and with ``targets``
+        ``(outputs, loss)``, the loss as ``step`` computes it (on every rank). The batch size
+        may differ from training's (at least ``num_microbatches``)."""
+        from pipetrain import evaluation
+        out, loss = self.dist.eval(self, inputs, targets) if self.dist is not None \
+            else evaluation.evaluate(self, inputs, targets)
+        return out if targets is None else (out, loss)
 
     # -- the step -------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -229,8 +287,11 @@ class Pipeline:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
+            if self.dist is not None:
+                return self.dist.step(self, inputs, targets)
+            self._loss.begin(targets)
             outcome = self._execute(self.plan, [(inputs, targets)])
-            loss = outcome.run.losses_per_minibatch()[0]
+            loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
             self._stats = self._measure(outcome)
             return loss
         finally:

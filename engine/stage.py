@@ -195,6 +195,7 @@ class Stage:
         self._run = _Run(self.meter, staged=False)
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
+        self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -257,11 +258,21 @@ class Stage:
         self.versions.reset()          # version numbers count from the start of the run
         self._run = _Run(meter, staged=True)
 
+    def staged_grads(self) -> Optional[Dict[nn.Parameter, torch.Tensor]]:
+        """This run's staged gradients, by parameter (None outside a run): a multi-process
+        pipeline reduces them across ranks before they are committed."""
+        return self._run.staged
+
     def commit_grads(self) -> None:
         """Add the gradients staged so far in this run to ``p.grad`` (and stage no more until
-        the next one arrives)."""
+        the next one arrives), times ``grad_scale()`` when one is set (token-level losses
+        divide by the mini-batch's token count, known only once every forward ran)."""
         run = self._run
         if run.staged:
+            scale = self.grad_scale() if self.grad_scale is not None else 1.0
+            if scale != 1.0:
+                for g in run.staged.values():
+                    g.mul_(scale)
             _accumulate(None, list(run.staged), list(run.staged.values()))
             run.staged.clear()
 

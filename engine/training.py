@@ -29,9 +29,15 @@ from pipetrain.versions import PlannedVersions
 __all__ = ["make_optimizers", "train", "AsyncStats"]
 
 
-def make_optimizers(stages: List[Any], factory: Optional[Callable], schedule: str) -> None:
-    """Call ``factory(params)`` once per stage; set ``stage.optimizer``. Checks that a
+def make_optimizers(pipe: Any, factory: Optional[Callable]) -> None:
+    """Call ``factory(params)`` once per (local) stage; set ``stage.optimizer``. Checks that a
     predicting schedule can read the optimizer (ValueError saying what it needs)."""
+    schedule = pipe.schedule_name
+    stages = [st for st in pipe.stages if st is not None]
+    if async_schedules.is_async(schedule) and getattr(pipe, "dist", None) is not None:
+        raise ValueError(f"{schedule} runs in one process for now (its plan spans many "
+                         "mini-batches on local stages); across processes use a synchronous "
+                         "schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2)")
     if factory is None:
         if async_schedules.is_async(schedule):
             raise ValueError(f"schedule {schedule!r} updates weights inside the pipeline: pass "
@@ -127,6 +133,10 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
             kept = [st.versions for st in pipe.stages]
             for st, v in zip(pipe.stages, old):
                 st.versions = v
+        if getattr(getattr(pipe, "_loss", None), "token_level", False):
+            raise ValueError(f"{name}: a token-level loss ((loss_sum, count)) is normalized per "
+                             "mini-batch at its commit, which an asynchronous run does not "
+                             "have yet; use a mean loss (this run's updates were applied)")
         pipe._stats = _measure(pipe, plan, outcome, kept, name)
         for loss in outcome.run.losses_per_minibatch():
             yield loss
