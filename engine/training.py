@@ -57,10 +57,9 @@ class AsyncStats:
     """Wraps the last run's :class:`~pipetrain.stats.StepStats` with what train() measured.
 
     Attributes (besides every StepStats one, forwarded): ``minibatches`` in the run,
-    ``samples_per_s`` of the whole run, ``steady_samples_per_s`` (samples of the mini-batches
-    whose every forward started after the last warm-up forward of stage 0 ... measured as the
-    samples of mini-batches 1..T-2 over the span between the start of their first forward on
-    stage 0 and the end of their last backward on stage 0), ``peak_versions`` /
+    ``samples_per_s`` of the whole run, ``steady_samples_per_s`` (T >= 3: the samples of
+    mini-batches 1..T-2 over the time stage 0 takes to finish their backwards, from the end of
+    B(m-1) to the end of B((T-1)m-1): whole 1F1B periods, no fill or drain), ``peak_versions`` /
     ``peak_predicted`` / ``peak_version_bytes`` per device.
     """
 
@@ -166,7 +165,7 @@ def _measure(pipe: Any, plan: Plan, outcome: Any, versions: List[PlannedVersions
     if T >= 3:
         # Steady state: mini-batches 1 .. T-2 on stage 0 (device 0), first F to last B.
         rows = records[0]
-        first = min(r.start_ns for r in rows if r.kind == "F" and r.microbatch == m)
+        first = max(r.end_ns for r in rows if r.kind == "B" and r.microbatch == m - 1)
         last = max(r.end_ns for r in rows if r.kind == "B" and r.microbatch == (T - 1) * m - 1)
         samples = sum(sum(run.sizes[t]) for t in range(1, T - 1))
         if last > first:
