@@ -33,6 +33,7 @@ from pipetrain import checkpoint as ckpt
 from pipetrain import distributed
 from pipetrain import losses, partition
 from pipetrain import transport
+from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage import Stage
@@ -91,7 +92,9 @@ class Pipeline:
 
     Args:
         model: the layers, called in order with one argument each (a tensor, or a tuple /
-            dict of tensors such as ``(hidden, mask)``).
+            dict of tensors such as ``(hidden, mask)``); or any other ``nn.Module`` (a graph
+            model, :mod:`pipetrain.graphpipe.build`): traced with torch.fx and cut into
+            stages forming a DAG (``schedule="graphpipe"``) or a chain (a chain schedule).
         num_devices: pipeline devices ``p`` (issuing threads; GPUs with ``devices=``). The
             model is cut into ``num_stages = p * num_chunks`` stages, stage ``k`` on device
             ``k % p``. Optional if ``balance`` or a built schedule gives it.
@@ -129,6 +132,10 @@ class Pipeline:
             (default ``world_size // p``); gradients are averaged over replicas.
         init_fn: across processes, ``init_fn(layer)`` initializes a local layer built on the
             ``meta`` device (default: each module's ``reset_parameters()``).
+        leaf_modules, memory_limit, example_inputs, op_times: graph models only: module
+            classes / instances kept as one operator; bytes per device for the partitioner;
+            a sample micro-batch to build at construction (default: the first step's); given
+            per-operator ``(forward_s, backward_s)`` per sample instead of measuring.
 
         optimizer: ``optimizer(params) -> optimizer``, called once per stage with its
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
@@ -148,10 +155,16 @@ class Pipeline:
                  rng_lock: Optional[bool] = None, timeout: float = 60.0, transfer: str = "auto",
                  profile_steps: Optional[Tuple[int, int]] = None,
                  data_parallel: Optional[int] = None, init_fn: Any = None,
+                 leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
+                 example_inputs: Any = None, op_times: Optional[dict] = None,
                  optimizer: Optional[Callable[[Any], Any]] = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
-        layers = partition.layers_of(model)
+        # A model that is not a sequence of layers is an operator graph (GraphPipe path):
+        # built from a sample micro-batch, at the first step unless example_inputs is given.
+        self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
+            else graph_build.GraphModel(model, leaf_modules, memory_limit, op_times)
+        layers = partition.layers_of(model) if self._graph_model is None else []
         timeout = check_timeout(timeout)
         transport.check_mode(transfer)
         ckpt.checkpoint_flags(checkpoint, 1)
@@ -159,6 +172,25 @@ class Pipeline:
         args.check_flag("rng_lock", rng_lock, allow_none=True)
         self.profile_steps = args.check_profile_steps(profile_steps)
         p = args.resolve_num_devices(num_devices, num_stages)
+        self.checkpoint, self.timeout, self.transfer = checkpoint, timeout, transfer
+        self._stats: Optional[StepStats] = None
+        self._lock = threading.Lock()
+        self.found_inf, self.dist = False, None
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
+        if self._graph_model is not None:     # one process (no data_parallel) for now
+            if async_schedules.is_async(schedule) or optimizer is not None:
+                raise ValueError("a graph model runs the synchronous schedules with step(); "
+                                 "optimizer= and asynchronous schedules need a sequence of layers")
+            if data_parallel not in (None, 1):
+                raise ValueError("a graph model runs in one process: data_parallel is not supported")
+            self._loss = losses.LossFn(loss_fn)
+            self._graph_model.configure(self, schedule=schedule, num_devices=p, devices=devices,
+                                        num_microbatches=num_microbatches, num_chunks=num_chunks,
+                                        loss_fn=self._loss, checkpoint=checkpoint, rng_lock=rng_lock,
+                                        check_finite=check_finite, num_threads=num_threads)
+            if example_inputs is not None:
+                self._graph_model.build(example_inputs)
+            return
         if async_schedules.is_async(schedule):
             # The one-mini-batch form, for printing and stats; train() builds the T-mini-batch plans.
             self.schedule = _async_schedule(schedule, p, balance, num_microbatches, num_chunks,
@@ -180,7 +212,6 @@ class Pipeline:
         parts = partition.split(layers, len(order), balance)
         self.balance = [len(part) for part in parts]
         loss_fn = self._loss = losses.LossFn(loss_fn)
-        self.found_inf = False
         self.dist = distributed.wanted(data_parallel) and distributed.Distributed(
             self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
             timeout=timeout) or None
@@ -199,20 +230,20 @@ class Pipeline:
                                    input_grad=bool(info.inputs), rng_lock=rng_lock,
                                    check_finite=check_finite)
             self.stages[k].grad_scale = self._loss.grad_scale
+        self._start_runner(num_threads)
+
+    def _start_runner(self, num_threads: Optional[int]) -> None:
+        graph = self.plan.graph
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self.num_threads = args.check_num_threads(num_threads, cuda, _cores(), self.num_devices)
-        self.timeout = timeout
         self.runner = Runner(self.num_devices, self.devices,
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],
-                             transfer=transfer, timeout=timeout, profile_steps=self.profile_steps,
-                             num_threads=self.num_threads) if self.dist is None \
-            else self.dist.make_runner(self)
-        self.transfer = transfer
+                             transfer=self.transfer, timeout=self.timeout,
+                             profile_steps=self.profile_steps, num_threads=self.num_threads) \
+            if self.dist is None else self.dist.make_runner(self)
         from pipetrain.training import make_optimizers
         make_optimizers(self, optimizer)
-        self._stats: Optional[StepStats] = None
-        self._lock = threading.Lock()
 
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
@@ -287,6 +318,8 @@ class Pipeline:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
+            if self._graph_model is not None and self._graph_model.built is None:
+                self._graph_model.build_from_batch(inputs)
             if self.dist is not None:
                 return self.dist.step(self, inputs, targets)
             self._loss.begin(targets)
@@ -385,10 +418,23 @@ class Pipeline:
                              f"{st.schedule}  p={st.num_devices} m={st.num_microbatches}  "
                              f"bubble {100 * st.bubble_ratio:.1f} %")
 
+    @property
+    def stage_graph(self) -> Any:
+        """A graph model's stages: operators, edges and devices (printable); None for a
+        sequence of layers or before the first step."""
+        return None if self._graph_model is None else self._graph_model.summary()
+
+    def plot_stage_graph(self, path: Any) -> Any:
+        """Draw a graph model's operator graph coloured by stage device (after the build)."""
+        if self._graph_model is None or self._graph_model.built is None:
+            raise RuntimeError("plot_stage_graph needs a graph model, built (after step())")
+        return self._graph_model.plot(path)
+
     def close(self) -> None:
         """Stop the executor's threads (also done when the pipeline is garbage-collected). A
         step running in another thread then fails with a PipelineError."""
-        self.runner.close()
+        if hasattr(self, "runner"):
+            self.runner.close()
 
     def __repr__(self) -> str:
         return (f"Pipeline(schedule={self.schedule.name!r}, num_devices={self.num_devices}, "
