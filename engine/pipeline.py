@@ -231,6 +231,8 @@ class Pipeline:
                                    check_finite=check_finite)
             self.stages[k].grad_scale = self._loss.grad_scale
         self._start_runner(num_threads)
+        from pipetrain.training import make_optimizers
+        make_optimizers(self, optimizer)
 
     def _start_runner(self, num_threads: Optional[int]) -> None:
         graph = self.plan.graph
@@ -242,8 +244,6 @@ class Pipeline:
                              transfer=self.transfer, timeout=self.timeout,
                              profile_steps=self.profile_steps, num_threads=self.num_threads) \
             if self.dist is None else self.dist.make_runner(self)
-        from pipetrain.training import make_optimizers
-        make_optimizers(self, optimizer)
 
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
