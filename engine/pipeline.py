@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipetrain import arguments as args
+from pipetrain import async_schedules
 from pipetrain import checkpoint as ckpt
 from pipetrain import distributed
 from pipetrain import losses, partition
@@ -71,6 +72,21 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _async_schedule(name: str, p: Optional[int], balance: Any, m: Optional[int],
+                    num_chunks: Optional[int], num_layers: int) -> Any:
+    """The asynchronous schedule's one-mini-batch plan, checking the same shapes as sync."""
+    if p is None:
+        p = len(balance) if balance is not None else None
+    if p is None:
+        raise ValueError("give num_devices (pipeline devices) or balance (layers per stage)")
+    if balance is not None and len(balance) != p:
+        raise ValueError(f"balance has {len(balance)} entries but num_devices = {p}")
+    if p > num_layers:
+        raise ValueError(f"num_devices = {p} stages but the model has only {num_layers} layers")
+    async_schedules.check(name, p, 1 if m is None else m, 1 if num_chunks is None else num_chunks)
+    return async_schedules.build_async(name, p, 1 if m is None else m, 1)
+
+
 class Pipeline:
     """Pipeline-parallel training of an ``nn.Sequential`` (or list of modules).
 
@@ -86,7 +102,9 @@ class Pipeline:
         balance: layers per stage (``num_stages`` entries), e.g. ``[3, 3, 2, 2]``; default:
             equal parameter count (:func:`pipetrain.partition.balance_by_size`).
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``, ``"zb-h2"``,
-            or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain.
+            or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain;
+            asynchronous (``train()`` only): ``"pipedream"``, ``"2bw"``, ``"spectrain"``,
+            ``"xpipe"``, ``"2bw-predict"`` (:mod:`pipetrain.async_schedules`).
         num_microbatches: ``m``, micro-batches per mini-batch (default 1).
         loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch; or
             ``(loss_sum, count)``, a token-level loss divided by the mini-batch's total count
@@ -119,6 +137,11 @@ class Pipeline:
             a sample micro-batch to build at construction (default: the first step's); given
             per-operator ``(forward_s, backward_s)`` per sample instead of measuring.
 
+        optimizer: ``optimizer(params) -> optimizer``, called once per stage with its
+            parameters; the pipeline then steps it (``train()``). Required by asynchronous
+            schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
+            either (torch.optim or pipetrain.optim: prediction reads their state).
+
     Raises:
         ValueError: an argument that is not allowed, saying what is.
     """
@@ -133,7 +156,8 @@ class Pipeline:
                  profile_steps: Optional[Tuple[int, int]] = None,
                  data_parallel: Optional[int] = None, init_fn: Any = None,
                  leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
-                 example_inputs: Any = None, op_times: Optional[dict] = None) -> None:
+                 example_inputs: Any = None, op_times: Optional[dict] = None,
+                 optimizer: Optional[Callable[[Any], Any]] = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
         # A model that is not a sequence of layers is an operator graph (GraphPipe path):
@@ -152,7 +176,11 @@ class Pipeline:
         self._stats: Optional[StepStats] = None
         self._lock = threading.Lock()
         self.found_inf, self.dist = False, None
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
         if self._graph_model is not None:     # one process (no data_parallel) for now
+            if async_schedules.is_async(schedule) or optimizer is not None:
+                raise ValueError("a graph model runs the synchronous schedules with step(); "
+                                 "optimizer= and asynchronous schedules need a sequence of layers")
             if data_parallel not in (None, 1):
                 raise ValueError("a graph model runs in one process: data_parallel is not supported")
             self._loss = losses.LossFn(loss_fn)
@@ -163,8 +191,14 @@ class Pipeline:
             if example_inputs is not None:
                 self._graph_model.build(example_inputs)
             return
-        self.schedule = args.build_schedule(schedule, p, balance, num_microbatches, num_chunks,
+        if async_schedules.is_async(schedule):
+            # The one-mini-batch form, for printing and stats; train() builds the T-mini-batch plans.
+            self.schedule = _async_schedule(schedule, p, balance, num_microbatches, num_chunks,
                                             len(layers))
+        else:
+            self.schedule = args.build_schedule(schedule, p, balance, num_microbatches, num_chunks,
+                                                len(layers))
+        self.schedule_name = self.schedule.name
         self.plan = Plan(self.schedule)
         graph = self.plan.graph
         if not graph.is_chain:
@@ -197,6 +231,8 @@ class Pipeline:
                                    check_finite=check_finite)
             self.stages[k].grad_scale = self._loss.grad_scale
         self._start_runner(num_threads)
+        from pipetrain.training import make_optimizers
+        make_optimizers(self, optimizer)
 
     def _start_runner(self, num_threads: Optional[int]) -> None:
         graph = self.plan.graph
@@ -275,6 +311,10 @@ class Pipeline:
                 stalled for ``timeout`` seconds. Nothing of the failed step is kept: every
                 ``p.grad`` is what it was before the call, and the next step works.
         """
+        if async_schedules.is_async(self.schedule_name):
+            raise ValueError(f"step() runs one synchronous mini-batch; {self.schedule_name!r} is "
+                             "asynchronous (no flush between mini-batches): use "
+                             "pipe.train(batches), or a synchronous schedule (gpipe, 1f1b, ...)")
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
@@ -289,6 +329,18 @@ class Pipeline:
             return loss
         finally:
             self._lock.release()
+
+    def train(self, batches: Any, minibatches_per_run: Optional[int] = None) -> Any:
+        """Train on ``batches`` (an iterable of ``(inputs, targets)`` mini-batches) with the
+        optimizer inside the pipeline (``optimizer=`` factory); yields each mini-batch's loss
+        in order. Synchronous schedules: step() then each stage's optimizer step, per
+        mini-batch. Asynchronous ones (pipedream, 2bw, spectrain, xpipe, 2bw-predict): runs of
+        ``minibatches_per_run`` mini-batches (None: all at once) with no flush inside a run
+        and a drain at its end; after the last run the model holds W(T). See
+        :mod:`pipetrain.training`. Raises ValueError (no optimizer, bad batches) and
+        PipelineError (naming stage, micro-batch, mini-batch, action and the version held)."""
+        from pipetrain.training import train
+        return train(self, batches, minibatches_per_run)
 
     def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]]) -> Any:
         """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError."""

@@ -204,6 +204,7 @@ class Stage:
                                "optimizer, and none was given")
         self.commit_grads()
         self.versions.release()
+        self.versions.before_update(self.optimizer)   # keeps W(n) if the plan reads it later
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.versions.advance()
