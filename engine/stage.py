@@ -324,7 +324,11 @@ class Stage:
             else:
                 key = _signature(x_leaves, saved.target) if run.saved_bytes is not None else None
                 nbytes = run.saved_bytes.get(key) if key is not None else None
-                if nbytes is not None:      # measured before in this run: no hooks
+                if nbytes is not None and not self.versions.rebinds:
+                    # Measured before in this run: no hooks. (Weight versions that move the
+                    # live buffer between passes need the hook path: tensors saved through
+                    # hooks are read as bound at the backward, with no version-counter check
+                    # against the update that ran on the parameter in between.)
                     with torch.enable_grad():
                         out = self._forward_checked(saved)
                 else:

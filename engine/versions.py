@@ -43,6 +43,11 @@ class WeightVersions:
         bound: the version bound now (``current`` when nothing is bound).
     """
 
+    #: Whether passes of one run may see the parameters rebound to other buffers while an
+    #: update runs in between (asynchronous plans): the stage then keeps saved tensors
+    #: through hooks (see Stage.forward).
+    rebinds = False
+
     def __init__(self, params: Sequence[torch.nn.Parameter], name: str = "stage") -> None:
         self._params = list(params)
         self.name = name
@@ -162,6 +167,8 @@ class PlannedVersions(WeightVersions):
         peak_predicted: most predicted buffers held at once.
         peak_bytes: most bytes of kept + predicted buffers (the live weights excluded).
     """
+
+    rebinds = True
 
     def __init__(self, params: Sequence[torch.nn.Parameter], name: str, optimizer, schedule: str,
                  actions: Sequence) -> None:
