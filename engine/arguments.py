@@ -8,7 +8,7 @@ the interleaved schedule, ``p`` otherwise. Earlier versions called the device co
 
 from __future__ import annotations
 
-import math
+import os
 import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -17,7 +17,7 @@ import torch
 from pipetrain import schedules
 
 __all__ = ["resolve_num_devices", "build_schedule", "resolve_devices", "check_profile_steps",
-           "check_num_threads", "check_flag"]
+           "check_num_threads", "check_flag", "cores"]
 
 
 def _is_int(v: Any) -> bool:
@@ -154,5 +154,9 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> Any:
     return value
 
 
-def is_finite_timeout(timeout: float) -> bool:
-    return not math.isinf(timeout)
+def cores() -> int:
+    """CPU cores this process may run on (its affinity set where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

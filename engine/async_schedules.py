@@ -27,11 +27,11 @@ The closed forms above are asserted by tests against this counting and against
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from pipetrain import schedules
 
-__all__ = ["ASYNC", "PREDICTING", "is_async", "build_async", "prediction_distance",
+__all__ = ["ASYNC", "PREDICTING", "is_async", "build_async", "from_arguments", "prediction_distance",
            "stage_order", "delay"]
 
 ASYNC = ("pipedream", "2bw", "spectrain", "xpipe", "2bw-predict")
@@ -113,3 +113,20 @@ def prediction_distance(name: str, action) -> int:
     if name not in PREDICTING or action.kind not in ("F", "B", "I", "W"):
         return 0
     return action.microbatch // action.num_microbatches - action.version
+
+
+def from_arguments(name: str, p: Optional[int], balance: Any, m: Optional[int],
+                    num_chunks: Optional[int], num_layers: int) -> Any:
+    """The Pipeline's asynchronous schedule from its arguments: the one-mini-batch plan (for
+    printing and stats; ``train()`` builds the plans over several mini-batches), checking the
+    same shapes as a synchronous schedule. Raises ValueError saying what is allowed."""
+    if p is None:
+        p = len(balance) if balance is not None else None
+    if p is None:
+        raise ValueError("give num_devices (pipeline devices) or balance (layers per stage)")
+    if balance is not None and len(balance) != p:
+        raise ValueError(f"balance has {len(balance)} entries but num_devices = {p}")
+    if p > num_layers:
+        raise ValueError(f"num_devices = {p} stages but the model has only {num_layers} layers")
+    check(name, p, 1 if m is None else m, 1 if num_chunks is None else num_chunks)
+    return build_async(name, p, 1 if m is None else m, 1)

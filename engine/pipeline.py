@@ -20,7 +20,6 @@ gradient ``2B0`` posted back on the same edge (:mod:`pipetrain.dispatch`).
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from pipetrain import arguments as args
+from pipetrain import errors
 from pipetrain import async_schedules
 from pipetrain import checkpoint as ckpt
 from pipetrain import distributed
@@ -36,55 +36,13 @@ from pipetrain import transport
 from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
-from pipetrain.stage import Stage
-from pipetrain.stats import StepStats, measure
+from pipetrain.stage_builder import build_stages
+from pipetrain.errors import PipelineError
+from pipetrain.stats import StepStats, measure_run, simulate_measured
 
 __all__ = ["Pipeline", "PipelineError"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-class PipelineError(RuntimeError):
-    """An action failed during a run: which stage, micro-batch and action.
-
-    Attributes:
-        stage, microbatch: where it failed (``None`` if no action was at fault, e.g. timeout).
-        minibatch: the mini-batch of that micro-batch (plans over several mini-batches).
-        action: the action kind ("F", "B", "I", "W", "U"); ``label`` the full label ("2B5").
-        device: the device whose thread ran it.
-    The original exception is ``__cause__``. After the error every ``p.grad`` is what it was
-    before the step, and the next step works.
-    """
-
-    def __init__(self, message: str, *, stage: Optional[int] = None,
-                 microbatch: Optional[int] = None, action: Optional[str] = None,
-                 label: Optional[str] = None, device: Optional[int] = None,
-                 minibatch: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.stage, self.microbatch, self.action = stage, microbatch, action
-        self.label, self.device, self.minibatch = label, device, minibatch
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _async_schedule(name: str, p: Optional[int], balance: Any, m: Optional[int],
-                    num_chunks: Optional[int], num_layers: int) -> Any:
-    """The asynchronous schedule's one-mini-batch plan, checking the same shapes as sync."""
-    if p is None:
-        p = len(balance) if balance is not None else None
-    if p is None:
-        raise ValueError("give num_devices (pipeline devices) or balance (layers per stage)")
-    if balance is not None and len(balance) != p:
-        raise ValueError(f"balance has {len(balance)} entries but num_devices = {p}")
-    if p > num_layers:
-        raise ValueError(f"num_devices = {p} stages but the model has only {num_layers} layers")
-    async_schedules.check(name, p, 1 if m is None else m, 1 if num_chunks is None else num_chunks)
-    return async_schedules.build_async(name, p, 1 if m is None else m, 1)
 
 
 class Pipeline:
@@ -193,8 +151,8 @@ class Pipeline:
             return
         if async_schedules.is_async(schedule):
             # The one-mini-batch form, for printing and stats; train() builds the T-mini-batch plans.
-            self.schedule = _async_schedule(schedule, p, balance, num_microbatches, num_chunks,
-                                            len(layers))
+            self.schedule = async_schedules.from_arguments(schedule, p, balance, num_microbatches,
+                                                           num_chunks, len(layers))
         else:
             self.schedule = args.build_schedule(schedule, p, balance, num_microbatches, num_chunks,
                                                 len(layers))
@@ -215,21 +173,10 @@ class Pipeline:
         self.dist = distributed.wanted(data_parallel) and distributed.Distributed(
             self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
             timeout=timeout) or None
-        self.stages: List[Stage] = [None] * len(order)   # type: ignore[list-item]
-        for part, k in zip(parts, order):
-            info = graph.stage(k)
-            if self.dist is not None and not self.dist.is_local(k):
-                continue    # another rank's stage
-            device = self.devices[info.device]
-            for layer in part:
-                if any(t.device != device for t in list(layer.parameters()) + list(layer.buffers())):
-                    layer.to(device)   # in place: the Parameter objects stay the model's
-            recompute = checkpoint == "always" or (checkpoint == "except_last" and bool(info.outputs))
-            self.stages[k] = Stage(k, part, device, inputs=info.inputs, outputs=info.outputs,
-                                   checkpoint=recompute, loss_fn=None if info.outputs else loss_fn,
-                                   input_grad=bool(info.inputs), rng_lock=rng_lock,
-                                   check_finite=check_finite)
-            self.stages[k].grad_scale = self._loss.grad_scale
+        self.stages = build_stages(
+            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint,
+            rng_lock=rng_lock, check_finite=check_finite, grad_scale=self._loss.grad_scale,
+            is_local=self.dist.is_local if self.dist is not None else (lambda k: True))
         self._start_runner(num_threads)
         from pipetrain.training import make_optimizers
         make_optimizers(self, optimizer)
@@ -237,7 +184,7 @@ class Pipeline:
     def _start_runner(self, num_threads: Optional[int]) -> None:
         graph = self.plan.graph
         cuda = all(dev.type == "cuda" for dev in self.devices)
-        self.num_threads = args.check_num_threads(num_threads, cuda, _cores(), self.num_devices)
+        self.num_threads = args.check_num_threads(num_threads, cuda, args.cores(), self.num_devices)
         self.runner = Runner(self.num_devices, self.devices,
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],
@@ -351,34 +298,11 @@ class Pipeline:
             try:
                 return self.runner.execute(plan, self.stages, batches)
             except ExecutorError as err:
-                raise self._error(plan, err) from (err.__cause__ or err)
-
-    def _error(self, plan: Plan, err: Any) -> PipelineError:
-        cause = err.__cause__
-        device, index = getattr(err, "device", None), getattr(err, "index", None)
-        if cause is None or device is None or index is None or index < 0:
-            return PipelineError(f"pipeline run failed: {err}", device=device)
-        a = plan.actions[device][index]
-        if a.kind == "U":
-            mb, t, what = None, a.microbatch, f"update after mini-batch {a.microbatch}"
-        else:
-            mb, t = a.microbatch, plan.minibatch_of(a.microbatch)
-            what = f"micro-batch {mb}" + (f" of mini-batch {t}" if plan.num_minibatches > 1 else "")
-        return PipelineError(
-            f"stage {a.stage}, {what}, action {a.kind} ({a} on device {device}) raised "
-            f"{type(cause).__name__}: {cause}",
-            stage=a.stage, microbatch=mb, action=str(a.kind), label=str(a), device=device,
-            minibatch=t)
+                raise errors.from_executor(plan, err) from (err.__cause__ or err)
 
     # -- measurements ---------------------------------------------------------------------
     def _measure(self, outcome: Any) -> StepStats:
-        timeline, run = outcome.timeline, outcome.run
-        records = timeline.records(self.plan.actions)
-        return measure(records, schedule=self.schedule.name, num_stages=self.num_stages,
-                       num_microbatches=self.num_microbatches, samples=sum(map(sum, run.sizes)), wall_s=outcome.wall_s,
-                       peak_stash_bytes=[mt.peak_bytes for mt in run.meters],
-                       peak_inflight=[mt.peak_count for mt in run.meters],
-                       waits=timeline.waits)
+        return measure_run(outcome, self.plan, self.num_stages)
 
     def stats(self) -> StepStats:
         """The last step's :class:`~pipetrain.stats.StepStats` (wall time, per-device busy /
@@ -390,15 +314,7 @@ class Pipeline:
     def simulate(self, stats: Optional[StepStats] = None) -> Any:
         """The schedule simulator's prediction from the last step's measured per-stage costs
         (F, and B or I + W): ``schedule.simulate(...)``'s result, to compare with ``stats()``."""
-        c = (stats or self.stats()).costs_s
-        zeros = [0.0] * self.num_stages
-        forward = c.get("F", zeros)
-        if "W" in c:
-            i_cost, w_cost = c.get("I", zeros), c["W"]
-            return self.schedule.simulate(forward=forward,
-                                          backward=[a + b for a, b in zip(i_cost, w_cost)],
-                                          weight=w_cost)
-        return self.schedule.simulate(forward=forward, backward=c.get("B", zeros))
+        return simulate_measured(self.schedule, (stats or self.stats()).costs_s)
 
     def export_trace(self, path: Any) -> Any:
         """Write the last step's timeline as Chrome / Perfetto trace JSON, with the executor's

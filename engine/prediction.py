@@ -14,7 +14,7 @@ trainer :mod:`pipetrain.async_reference` does the same).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 

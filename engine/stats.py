@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
-__all__ = ["ActionRecord", "StepStats", "bubble_ratio", "measure", "per_stage_costs"]
+__all__ = ["ActionRecord", "StepStats", "bubble_ratio", "measure", "measure_run", "per_stage_costs",
+           "simulate_measured"]
 
 
 def bubble_ratio(busy: Sequence[float], makespan: float) -> float:
@@ -141,3 +142,26 @@ def measure(records: Sequence[Sequence[ActionRecord]], *, schedule: str, num_sta
         costs_s=per_stage_costs(ran, num_stages),
         peak_stash_bytes=list(peak_stash_bytes or []), peak_inflight=list(peak_inflight or []),
         records=[list(d) for d in records], waits=list(waits) if waits is not None else [])
+
+
+def measure_run(outcome: Any, plan: Any, num_stages: int) -> StepStats:
+    """:class:`StepStats` of a one-mini-batch run (a :class:`~pipetrain.runner.RunOutcome` of
+    ``plan``): the executor's timeline and waits, the run's memory meters."""
+    timeline, run = outcome.timeline, outcome.run
+    return measure(timeline.records(plan.actions), schedule=plan.schedule.name,
+                   num_stages=num_stages, num_microbatches=plan.num_microbatches,
+                   samples=sum(map(sum, run.sizes)), wall_s=outcome.wall_s,
+                   peak_stash_bytes=[mt.peak_bytes for mt in run.meters],
+                   peak_inflight=[mt.peak_count for mt in run.meters], waits=timeline.waits)
+
+
+def simulate_measured(schedule: Any, costs: Dict[str, List[float]]) -> Any:
+    """``schedule.simulate`` fed measured mean costs per stage (``StepStats.costs_s``): F, and
+    B or I + W (then ``weight`` = W)."""
+    zeros = [0.0] * schedule.num_stages
+    forward = costs.get("F", zeros)
+    if "W" in costs:
+        i_cost, w_cost = costs.get("I", zeros), costs["W"]
+        return schedule.simulate(forward=forward, backward=[a + b for a, b in zip(i_cost, w_cost)],
+                                 weight=w_cost)
+    return schedule.simulate(forward=forward, backward=costs.get("B", zeros))

@@ -246,7 +246,7 @@ class PlannedVersions(WeightVersions):
             self._pass = (version, 0) if action is not None else None
             super().bind(version)
             return
-        from pipetrain import async_schedules, prediction
+        from pipetrain import prediction
         s = action.microbatch // action.num_microbatches - version
         self._pass = (version, s)
         if s == 0:
