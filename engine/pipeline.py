@@ -190,12 +190,17 @@ class Pipeline:
                 stalled for ``timeout`` seconds. Nothing of the failed step is kept: every
                 ``p.grad`` is what it was before the call, and the next step works.
         """
+        from pipetrain.executor import active
+
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
-            outcome = self._execute(self.plan, [(inputs, targets)])
-            loss = outcome.run.losses_per_minibatch()[0]
-            self._stats = self._measure(outcome)
+            # Interpreter exit waits for this (torch work after the run included); a step
+            # started once exit began raises RuntimeError at once.
+            with active():
+                outcome = self._execute(self.plan, [(inputs, targets)])
+                loss = outcome.run.losses_per_minibatch()[0]
+                self._stats = self._measure(outcome)
             return loss
         finally:
             self._lock.release()
