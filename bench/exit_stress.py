@@ -4,7 +4,7 @@ Runs the child of tests/test_faults.py::test_interpreter_exits_cleanly_mid_step 
 with variations (exit delay, devices, stalls in forward/backward, transfer) and counts
 aborts (returncode < 0, "terminate" in stderr). Bounded by --seconds. Not run by pytest.
 
-    python bench/exit_stress.py --seconds 120 [--load 2] [--gdb]
+    python bench/exit_stress.py --seconds 120 [--load 2] [--gdb] [--delays 0.05,0.5]
 """
 import argparse, os, random, subprocess, sys, time
 
@@ -33,7 +33,9 @@ def main():
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--load", type=int, default=0, help="busy-loop processes")
     ap.add_argument("--gdb", action="store_true", help="run children under gdb, print the abort stack")
-    ap.add_argument("--delay", type=float, default=None)
+    ap.add_argument("--delays", default="0.05,0.1,0.2,0.3,0.5,0.7,1.0",
+                    help="exit delays to draw from (0: exit while the thread starts its first "
+                         "torch.randn, user code pipetrain cannot protect)")
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=ROOT)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
@@ -42,7 +44,7 @@ def main():
     try:
         while time.time() < t_end:
             cfg = dict(p=random.choice([2, 3, 4]),
-                       delay=args.delay if args.delay is not None else random.choice([0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0]),
+                       delay=random.choice([float(x) for x in args.delays.split(",")]),
                        stall=random.choice([0.0, 0.01, 0.05, 0.3]), bwd=random.random() < 0.3,
                        transfer=random.choice(["auto", "copy"]))
             code = CHILD.format(**cfg)
