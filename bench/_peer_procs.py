@@ -1,5 +1,7 @@
-"""The ``peers`` section's multi-process rows: torch.distributed.pipelining (PiPPy) and the
-two-process floor, on p = 2 gloo processes that the benchmark launches itself.
+"""The ``peers`` section's multi-process rows: torch.distributed.pipelining (PiPPy),
+pipetrain's own multi-process runner (``pipetrain-mp <schedule>``: one rank per pipeline
+device, :mod:`pipetrain.distributed`) and the two-process floor, on p = 2 gloo processes
+that the benchmark launches itself.
 
 One pair of worker processes serves every multi-process row of every workload, so torch is
 imported and the process group built once per run (a few seconds on 2 loaded cores), and the
@@ -28,6 +30,10 @@ PIPPY_SCHEDULES = {   # row name -> (torch class name, stages per process)
     "ScheduleInterleaved1F1B": ("ScheduleInterleaved1F1B", 2),
     "ScheduleInterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", 2),
 }
+
+
+#: pipetrain's schedules run by its multi-process runner in the same two workers.
+PIPETRAIN_MP_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
 
 
 def pippy_available() -> Optional[str]:
@@ -84,6 +90,9 @@ class _Worker:
         from torch.distributed import pipelining as pp
         from bench import _peer_models as pm
 
+        for kind, obj, _, _ in self.rows.values():
+            if kind == "pipetrain":
+                obj.close()       # the previous workload's executors
         self.rows.clear()
         self.wl, (self.x, self.y) = wl, pm.data(wl)
         rank, world = self.rank, self.world
@@ -103,6 +112,15 @@ class _Worker:
                         loss_fn=pm.mse)
             params = [p for k in range(rank, n_stages, world) for p in parts[k].parameters()]
             self.rows[row] = ("pippy", sched, params, log)
+        import pipetrain
+        for sched in PIPETRAIN_MP_SCHEDULES:
+            # The same units and split as the PiPPy rows (interleaved: 4 stages, stage k on
+            # process k % 2); the pipeline sees the process group and keeps its own stages.
+            v = 2 if sched.startswith("interleaved") else 1
+            pipe = pipetrain.Pipeline(pm.make_layers(wl), num_devices=world, schedule=sched,
+                                      num_microbatches=wl.microbatches, loss_fn=pm.mse,
+                                      balance=pm.balance(wl, world * v), timeout=120)
+            self.rows[f"pipetrain-mp {sched}"] = ("pipetrain", pipe, pipe.parameters(), None)
         parts = pm.split(pm.make_layers(wl), pm.balance(wl, world))
         work = pm.floor_inputs(wl, parts)[rank]
         self.rows["floor"] = ("floor", parts[rank], list(parts[rank].parameters()), work)
@@ -113,7 +131,7 @@ class _Worker:
         from bench import _peer_models as pm
 
         kind, obj, params, extra = self.rows[row]
-        starts, ends, actions = [], [], []
+        starts, ends, actions, overlap = [], [], [], []
         with pm.PeakRSS() as mem:
             for _ in range(steps):
                 for p in params:
@@ -122,7 +140,9 @@ class _Worker:
                 if kind == "pippy":
                     extra.clear()
                 t0 = pm.now_ns()
-                if kind == "pippy":
+                if kind == "pipetrain":
+                    obj.step(self.x, self.y)
+                elif kind == "pippy":
                     # Process 0 holds the first stage, process 1 the last one.
                     if self.rank == 0:
                         obj.step(self.x, return_outputs=False)
@@ -132,8 +152,13 @@ class _Worker:
                     pm.stage_work(obj, *extra)
                 starts.append(t0)
                 ends.append(pm.now_ns())
-                actions.append(list(extra) if kind == "pippy" else [(t0, ends[-1])])
-        return {"starts": starts, "ends": ends, "actions": actions, "mem": mem.delta}
+                if kind == "pipetrain":   # compute actions of this rank, same clock
+                    actions.append([(r.start_ns, r.end_ns) for r in obj.stats().records[0]])
+                    overlap.append(obj.dist.last_overlap)
+                else:
+                    actions.append(list(extra) if kind == "pippy" else [(t0, ends[-1])])
+        return {"starts": starts, "ends": ends, "actions": actions, "mem": mem.delta,
+                "overlap": overlap}
 
 
 def _worker_main(rank: int, world: int, port: int, conn) -> None:

@@ -20,8 +20,10 @@ with the same optimizer; then, from the training loss (moving average, mean over
 synchronous updates its whole run is worth). It writes the loss curves
 (``convergence_<task>.png``) and every number (``convergence.json``) to the out folder.
 
-The training runs through ``trainer`` (default: ``pipetrain.async_reference.reference_train``);
-anything with that signature -- the real asynchronous pipeline, later -- can replace it.
+The training runs through ``trainer``: default (``"pipeline"``) the real pipeline's ``train()``
+(:mod:`bench.async_trainer`; ``stale`` is delegated to the reference, the runtime always
+stashes); ``"reference"`` (``--reference``): ``pipetrain.async_reference.reference_train``;
+or any callable with that signature.
 Run alone: ``python -m bench.convergence [--quick | --full] [--out DIR]``.
 """
 
@@ -100,7 +102,9 @@ def _fmt(xs: list[float], scale: float = 1.0) -> str:
 
 
 def run(quick: bool, out: pathlib.Path, trainer=None) -> dict:
-    if trainer is None:
+    if trainer is None or trainer == "pipeline":     # the real pipeline's train()
+        from bench.async_trainer import pipeline_train as trainer
+    elif trainer == "reference":
         from pipetrain.async_reference import reference_train as trainer
     cfg = QUICK if quick else FULL
     threads = torch.get_num_threads()
@@ -211,9 +215,11 @@ def main(argv=None) -> int:
     mode.add_argument("--quick", action="store_true", help="the short CI version")
     mode.add_argument("--full", action="store_true", help="the full run (the default)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/out"))
+    parser.add_argument("--reference", action="store_true",
+                        help="train with the plain-torch reference instead of the pipeline")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    run(quick=args.quick, out=args.out)
+    run(quick=args.quick, out=args.out, trainer="reference" if args.reference else "pipeline")
     return 0
 
 

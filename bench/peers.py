@@ -77,6 +77,7 @@ class Sample:
     times: List[float]
     bubbles: Optional[List[float]] = None
     mem: Optional[int] = None
+    overlap: Optional[List[float]] = None   # per step: transfer time hidden under compute
 
 
 class Row:
@@ -281,7 +282,16 @@ class InWorkers(Row):
             bubbles.append(_bubble(spans) if all(spans) else None)
         mems = [r["mem"] for r in replies]
         mem = None if None in mems else sum(mems)
-        return Sample(times, bubbles if None not in bubbles else None, mem)
+        # pipetrain's runner measures, per rank, how much of the incoming transfer time the
+        # rank spent computing rather than blocked in the receive: pooled over both ranks.
+        overlap = None
+        if all(r.get("overlap") for r in replies):
+            overlap = []
+            for i in range(steps):
+                total = sum(r["overlap"][i]["transfer_s"] for r in replies)
+                exposed = sum(r["overlap"][i]["exposed_s"] for r in replies)
+                overlap.append(1.0 - exposed / total if total else 1.0)
+        return Sample(times, bubbles if None not in bubbles else None, mem, overlap)
 
 
 def make_rows(wl: Workload) -> List[Row]:
@@ -295,6 +305,10 @@ def make_rows(wl: Workload) -> List[Row]:
     rows += [Pipetrain(s) for s in PIPETRAIN_SCHEDULES]
     rows += [InWorkers(k, f"pippy {k}", "pippy", "4 stages, 2 per process" if per == 2 else "")
              for k, (_, per) in PIPPY_SCHEDULES.items()]
+    from bench._peer_procs import PIPETRAIN_MP_SCHEDULES
+    rows += [InWorkers(f"pipetrain-mp {s}", f"pipetrain {s}, 2 processes", "pipetrain",
+                       "4 stages, 2 per process" if s.startswith("interleaved") else "")
+             for s in PIPETRAIN_MP_SCHEDULES]
     rows += [FloorThreads(), InWorkers("floor", "floor, 2 processes", "floor")]
     return rows
 
@@ -306,6 +320,7 @@ class Result:
     bubbles: List[float] = field(default_factory=list)
     mem: Optional[int] = None
     error: Optional[str] = None
+    overlaps: List[float] = field(default_factory=list)
 
     @property
     def median(self) -> Optional[float]:
@@ -360,6 +375,7 @@ def measure_workload(wl: Workload, ctx: Context, rows: List[Row], log=print) -> 
                 continue
             res.rounds.append(s.times)
             res.bubbles += [b for b in (s.bubbles or []) if b is not None]
+            res.overlaps += list(s.overlap or [])
             if s.mem is not None:
                 res.mem = max(res.mem or 0, s.mem)
         for res in live:   # keep rounds aligned: a row that failed this round gets an empty one
@@ -395,6 +411,13 @@ def summarize(wl: Workload, results: List[Result]) -> Dict[str, object]:
            (_ratio(bt, f) if bt else None) for f in floors},
         "pipetrain_over_unsplit1": _ratio(bt, base) if bt and base else None,
     }
+    # pipetrain's multi-process rows alone (same processes and transport as PiPPy's).
+    mp = [r for r in results if r.row.name.startswith("pipetrain") and "processes" in r.row.name
+          and r.median]
+    bm = min(mp, key=lambda r: r.median) if mp else None
+    out["best_pipetrain_mp"] = bm.row.name if bm else None
+    out["pippy_over_pipetrain_mp"] = _ratio(bp, bm) if bp and bm else None
+    out["pipetrain_mp_overlap"] = statistics.median(bm.overlaps) if bm and bm.overlaps else None
     loop = next((r for r in results if r.row.name.startswith("grad-accum") and r.median), None)
     for r in results:
         if r.row.group == "pipetrain" and r.row.p == 1 and r.median and loop:
@@ -424,7 +447,9 @@ def print_table(wl: Workload, results: List[Result], summary: Dict[str, object])
         n = sum(len(x) for x in r.rounds)
         print(f"{r.row.name:<38}{_fmt(r.median and r.median * 1e3, '9.1f', 'n/a'):>9}"
               f"{_fmt(ratio, '11.2f'):>11}{_fmt(bub, '7.1f'):>7}{'%' if bub is not None else ' '}{_fmt(None if r.mem is None else r.mem / 2**20, '12.1f'):>12}"
-              f"{n:>6}  {r.row.note}")
+              f"{n:>6}  {r.row.note}"
+              + (f"{'; ' if r.row.note else ''}transfers hidden {100 * statistics.median(r.overlaps):.0f} %"
+                 if r.overlaps else ""))
     s = summary
     print(f"best PiPPy / best pipetrain = {_fmt(s['pippy_over_pipetrain'], '.2f')} "
           f"({s['best_pippy']} / {s['best_pipetrain']}); best pipetrain / floor = "
@@ -435,6 +460,9 @@ def print_table(wl: Workload, results: List[Result], summary: Dict[str, object])
              if "pipetrain_p1_over_loop" in s else "")
           + (f" (1 thread: {_fmt(s['pipetrain_p1_1thr_over_loop'], '.2f')})"
              if "pipetrain_p1_1thr_over_loop" in s else ""))
+    print(f"best PiPPy / best pipetrain multi-process = {_fmt(s.get('pippy_over_pipetrain_mp'), '.2f')} "
+          f"({s['best_pippy']} / {s.get('best_pipetrain_mp')}); its transfers hidden under compute: "
+          f"{_fmt(s.get('pipetrain_mp_overlap') and 100 * s['pipetrain_mp_overlap'], '.0f')} %")
     if s["pipetrain_over_floor"] is not None and s["pipetrain_over_floor"] < 0.95:
         print("  (below the floor: the load from other processes changed between rows; "
               "more rounds or a quieter machine)")

@@ -31,7 +31,7 @@ import torch
 
 from pipetrain.mailbox import GRAD, VALUE, Mailbox
 from pipetrain.microbatch import flatten, scatter
-from pipetrain.stage import Meter
+from pipetrain.stage_run import Meter
 from pipetrain.transport import to_device
 
 __all__ = ["Run", "split_minibatches"]
@@ -117,7 +117,7 @@ class Run:
         if kind not in ("F", "B", "I", "W"):
             return          # transfers of a lowered schedule: values move with F and B here
         versions = stage.versions
-        versions.bind(a.version)
+        versions.bind(a.version, a)
         try:
             if self.autocast and kind != "W":   # F, and B / I which may recompute F
                 with contextlib.ExitStack() as stack:

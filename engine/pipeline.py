@@ -28,9 +28,12 @@ import torch
 from torch import nn
 
 from pipetrain import arguments as args
+from pipetrain import async_schedules
 from pipetrain import checkpoint as ckpt
-from pipetrain import partition
+from pipetrain import distributed
+from pipetrain import losses, partition
 from pipetrain import transport
+from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage import Stage
@@ -69,12 +72,29 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _async_schedule(name: str, p: Optional[int], balance: Any, m: Optional[int],
+                    num_chunks: Optional[int], num_layers: int) -> Any:
+    """The asynchronous schedule's one-mini-batch plan, checking the same shapes as sync."""
+    if p is None:
+        p = len(balance) if balance is not None else None
+    if p is None:
+        raise ValueError("give num_devices (pipeline devices) or balance (layers per stage)")
+    if balance is not None and len(balance) != p:
+        raise ValueError(f"balance has {len(balance)} entries but num_devices = {p}")
+    if p > num_layers:
+        raise ValueError(f"num_devices = {p} stages but the model has only {num_layers} layers")
+    async_schedules.check(name, p, 1 if m is None else m, 1 if num_chunks is None else num_chunks)
+    return async_schedules.build_async(name, p, 1 if m is None else m, 1)
+
+
 class Pipeline:
     """Pipeline-parallel training of an ``nn.Sequential`` (or list of modules).
 
     Args:
         model: the layers, called in order with one argument each (a tensor, or a tuple /
-            dict of tensors such as ``(hidden, mask)``).
+            dict of tensors such as ``(hidden, mask)``); or any other ``nn.Module`` (a graph
+            model, :mod:`pipetrain.graphpipe.build`): traced with torch.fx and cut into
+            stages forming a DAG (``schedule="graphpipe"``) or a chain (a chain schedule).
         num_devices: pipeline devices ``p`` (issuing threads; GPUs with ``devices=``). The
             model is cut into ``num_stages = p * num_chunks`` stages, stage ``k`` on device
             ``k % p``. Optional if ``balance`` or a built schedule gives it.
@@ -82,9 +102,13 @@ class Pipeline:
         balance: layers per stage (``num_stages`` entries), e.g. ``[3, 3, 2, 2]``; default:
             equal parameter count (:func:`pipetrain.partition.balance_by_size`).
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``, ``"zb-h2"``,
-            or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain.
+            or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain;
+            asynchronous (``train()`` only): ``"pipedream"``, ``"2bw"``, ``"spectrain"``,
+            ``"xpipe"``, ``"2bw-predict"`` (:mod:`pipetrain.async_schedules`).
         num_microbatches: ``m``, micro-batches per mini-batch (default 1).
-        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch.
+        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over its micro-batch; or
+            ``(loss_sum, count)``, a token-level loss divided by the mini-batch's total count
+            (:mod:`pipetrain.losses`).
         devices: one per pipeline device (``p`` entries); default all ``"cpu"``.
         checkpoint: re-materialization: ``"never"``, ``"always"`` or ``"except_last"``.
         num_chunks: ``v``, stages per device for the interleaved schedule (default 2 there).
@@ -103,6 +127,20 @@ class Pipeline:
             and ``cudaProfilerStop`` after step ``stop - 1`` (from 0), so ``nsys profile
             --capture-range=cudaProfilerApi`` records that window with an NVTX range ``s1/F3``
             per action. A no-op on CPU.
+        data_parallel: across processes (the default process group initialized with several
+            ranks, :mod:`pipetrain.distributed`): ``w`` pipeline replicas of ``p`` ranks each
+            (default ``world_size // p``); gradients are averaged over replicas.
+        init_fn: across processes, ``init_fn(layer)`` initializes a local layer built on the
+            ``meta`` device (default: each module's ``reset_parameters()``).
+        leaf_modules, memory_limit, example_inputs, op_times: graph models only: module
+            classes / instances kept as one operator; bytes per device for the partitioner;
+            a sample micro-batch to build at construction (default: the first step's); given
+            per-operator ``(forward_s, backward_s)`` per sample instead of measuring.
+
+        optimizer: ``optimizer(params) -> optimizer``, called once per stage with its
+            parameters; the pipeline then steps it (``train()``). Required by asynchronous
+            schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
+            either (torch.optim or pipetrain.optim: prediction reads their state).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -115,10 +153,18 @@ class Pipeline:
                  checkpoint: str = "never", num_chunks: Optional[int] = None,
                  check_finite: bool = False, num_threads: Optional[int] = None,
                  rng_lock: Optional[bool] = None, timeout: float = 60.0, transfer: str = "auto",
-                 profile_steps: Optional[Tuple[int, int]] = None) -> None:
+                 profile_steps: Optional[Tuple[int, int]] = None,
+                 data_parallel: Optional[int] = None, init_fn: Any = None,
+                 leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
+                 example_inputs: Any = None, op_times: Optional[dict] = None,
+                 optimizer: Optional[Callable[[Any], Any]] = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
-        layers = partition.layers_of(model)
+        # A model that is not a sequence of layers is an operator graph (GraphPipe path):
+        # built from a sample micro-batch, at the first step unless example_inputs is given.
+        self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
+            else graph_build.GraphModel(model, leaf_modules, memory_limit, op_times)
+        layers = partition.layers_of(model) if self._graph_model is None else []
         timeout = check_timeout(timeout)
         transport.check_mode(transfer)
         ckpt.checkpoint_flags(checkpoint, 1)
@@ -126,8 +172,33 @@ class Pipeline:
         args.check_flag("rng_lock", rng_lock, allow_none=True)
         self.profile_steps = args.check_profile_steps(profile_steps)
         p = args.resolve_num_devices(num_devices, num_stages)
-        self.schedule = args.build_schedule(schedule, p, balance, num_microbatches, num_chunks,
+        self.checkpoint, self.timeout, self.transfer = checkpoint, timeout, transfer
+        self._stats: Optional[StepStats] = None
+        self._lock = threading.Lock()
+        self.found_inf, self.dist = False, None
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
+        if self._graph_model is not None:     # one process (no data_parallel) for now
+            if async_schedules.is_async(schedule) or optimizer is not None:
+                raise ValueError("a graph model runs the synchronous schedules with step(); "
+                                 "optimizer= and asynchronous schedules need a sequence of layers")
+            if data_parallel not in (None, 1):
+                raise ValueError("a graph model runs in one process: data_parallel is not supported")
+            self._loss = losses.LossFn(loss_fn)
+            self._graph_model.configure(self, schedule=schedule, num_devices=p, devices=devices,
+                                        num_microbatches=num_microbatches, num_chunks=num_chunks,
+                                        loss_fn=self._loss, checkpoint=checkpoint, rng_lock=rng_lock,
+                                        check_finite=check_finite, num_threads=num_threads)
+            if example_inputs is not None:
+                self._graph_model.build(example_inputs)
+            return
+        if async_schedules.is_async(schedule):
+            # The one-mini-batch form, for printing and stats; train() builds the T-mini-batch plans.
+            self.schedule = _async_schedule(schedule, p, balance, num_microbatches, num_chunks,
                                             len(layers))
+        else:
+            self.schedule = args.build_schedule(schedule, p, balance, num_microbatches, num_chunks,
+                                                len(layers))
+        self.schedule_name = self.schedule.name
         self.plan = Plan(self.schedule)
         graph = self.plan.graph
         if not graph.is_chain:
@@ -140,9 +211,15 @@ class Pipeline:
         order = graph.topological_order()          # a chain: source to sink
         parts = partition.split(layers, len(order), balance)
         self.balance = [len(part) for part in parts]
+        loss_fn = self._loss = losses.LossFn(loss_fn)
+        self.dist = distributed.wanted(data_parallel) and distributed.Distributed(
+            self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
+            timeout=timeout) or None
         self.stages: List[Stage] = [None] * len(order)   # type: ignore[list-item]
         for part, k in zip(parts, order):
             info = graph.stage(k)
+            if self.dist is not None and not self.dist.is_local(k):
+                continue    # another rank's stage
             device = self.devices[info.device]
             for layer in part:
                 if any(t.device != device for t in list(layer.parameters()) + list(layer.buffers())):
@@ -152,21 +229,65 @@ class Pipeline:
                                    checkpoint=recompute, loss_fn=None if info.outputs else loss_fn,
                                    input_grad=bool(info.inputs), rng_lock=rng_lock,
                                    check_finite=check_finite)
+            self.stages[k].grad_scale = self._loss.grad_scale
+        self._start_runner(num_threads)
+        from pipetrain.training import make_optimizers
+        make_optimizers(self, optimizer)
+
+    def _start_runner(self, num_threads: Optional[int]) -> None:
+        graph = self.plan.graph
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self.num_threads = args.check_num_threads(num_threads, cuda, _cores(), self.num_devices)
-        self.timeout = timeout
         self.runner = Runner(self.num_devices, self.devices,
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],
-                             transfer=transfer, timeout=timeout, profile_steps=self.profile_steps,
-                             num_threads=self.num_threads)
-        self.transfer = transfer
-        self._stats: Optional[StepStats] = None
-        self._lock = threading.Lock()
+                             transfer=self.transfer, timeout=self.timeout,
+                             profile_steps=self.profile_steps, num_threads=self.num_threads) \
+            if self.dist is None else self.dist.make_runner(self)
 
     def parameters(self) -> List[nn.Parameter]:
         """Every parameter of every stage (the model's own objects)."""
-        return [p for st in self.stages for p in st.parameters()]
+        return [p for st in self.stages if st is not None for p in st.parameters()]
+
+    @property
+    def pp_rank(self) -> int:
+        """This process's pipeline device (0 in one process)."""
+        return self.dist.mesh.pp_rank if self.dist is not None else 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel replica (0 in one process)."""
+        return self.dist.mesh.dp_rank if self.dist is not None else 0
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale every stage's gradients (on every rank) so that their total norm is at most
+        ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the unsplit model (a tied
+        weight counted once); returns the total norm before clipping, on every rank."""
+        if self.dist is not None:
+            return self.dist.clip_grad_norm_(self, max_norm, norm_type)
+        unique = list({id(p): p for p in self.parameters()}.values())
+        return torch.nn.utils.clip_grad_norm_(unique, max_norm, norm_type)
+
+    def state_dict(self, optimizer: Any = None) -> dict:
+        """This process's stages' tensors (and ``optimizer``'s state for them), keyed as in
+        the unsplit model (:mod:`pipetrain.checkpointing`)."""
+        from pipetrain import checkpointing
+        return checkpointing.state_dict(self, optimizer)
+
+    def load_state_dict(self, state: dict, optimizer: Any = None, strict: bool = True) -> None:
+        """Load :meth:`state_dict` output (from any split) into this process's stages."""
+        from pipetrain import checkpointing
+        checkpointing.load_state_dict(self, state, optimizer, strict)
+
+    def eval(self, inputs: Any, targets: Any = None) -> Any:
+        """Forward-only pipelined run (no autograd, modules in eval mode meanwhile): the merged
+        last-stage outputs (``None`` on ranks without the last stage), and with ``targets``
+        ``(outputs, loss)``, the loss as ``step`` computes it (on every rank). The batch size
+        may differ from training's (at least ``num_microbatches``)."""
+        from pipetrain import evaluation
+        out, loss = self.dist.eval(self, inputs, targets) if self.dist is not None \
+            else evaluation.evaluate(self, inputs, targets)
+        return out if targets is None else (out, loss)
 
     # -- the step -------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -192,18 +313,39 @@ class Pipeline:
         """
         from pipetrain.executor import active
 
+        if async_schedules.is_async(self.schedule_name):
+            raise ValueError(f"step() runs one synchronous mini-batch; {self.schedule_name!r} is "
+                             "asynchronous (no flush between mini-batches): use "
+                             "pipe.train(batches), or a synchronous schedule (gpipe, 1f1b, ...)")
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
             # Interpreter exit waits for this (torch work after the run included); a step
             # started once exit began raises RuntimeError at once.
             with active():
+                if self._graph_model is not None and self._graph_model.built is None:
+                    self._graph_model.build_from_batch(inputs)
+                if self.dist is not None:
+                    return self.dist.step(self, inputs, targets)
+                self._loss.begin(targets)
                 outcome = self._execute(self.plan, [(inputs, targets)])
-                loss = outcome.run.losses_per_minibatch()[0]
+                loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
                 self._stats = self._measure(outcome)
             return loss
         finally:
             self._lock.release()
+
+    def train(self, batches: Any, minibatches_per_run: Optional[int] = None) -> Any:
+        """Train on ``batches`` (an iterable of ``(inputs, targets)`` mini-batches) with the
+        optimizer inside the pipeline (``optimizer=`` factory); yields each mini-batch's loss
+        in order. Synchronous schedules: step() then each stage's optimizer step, per
+        mini-batch. Asynchronous ones (pipedream, 2bw, spectrain, xpipe, 2bw-predict): runs of
+        ``minibatches_per_run`` mini-batches (None: all at once) with no flush inside a run
+        and a drain at its end; after the last run the model holds W(T). See
+        :mod:`pipetrain.training`. Raises ValueError (no optimizer, bad batches) and
+        PipelineError (naming stage, micro-batch, mini-batch, action and the version held)."""
+        from pipetrain.training import train
+        return train(self, batches, minibatches_per_run)
 
     def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]]) -> Any:
         """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError."""
@@ -281,10 +423,23 @@ class Pipeline:
                              f"{st.schedule}  p={st.num_devices} m={st.num_microbatches}  "
                              f"bubble {100 * st.bubble_ratio:.1f} %")
 
+    @property
+    def stage_graph(self) -> Any:
+        """A graph model's stages: operators, edges and devices (printable); None for a
+        sequence of layers or before the first step."""
+        return None if self._graph_model is None else self._graph_model.summary()
+
+    def plot_stage_graph(self, path: Any) -> Any:
+        """Draw a graph model's operator graph coloured by stage device (after the build)."""
+        if self._graph_model is None or self._graph_model.built is None:
+            raise RuntimeError("plot_stage_graph needs a graph model, built (after step())")
+        return self._graph_model.plot(path)
+
     def close(self) -> None:
         """Stop the executor's threads (also done when the pipeline is garbage-collected). A
         step running in another thread then fails with a PipelineError."""
-        self.runner.close()
+        if hasattr(self, "runner"):
+            self.runner.close()
 
     def __repr__(self) -> str:
         return (f"Pipeline(schedule={self.schedule.name!r}, num_devices={self.num_devices}, "

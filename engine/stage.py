@@ -30,7 +30,6 @@ the optimizer.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,113 +38,17 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 
 from pipetrain import checkpoint as ckpt
 from pipetrain import split_backward as split
-from pipetrain.microbatch import Spec, flatten, tree_sum, unflatten
+from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.microbatch import flatten, tree_sum, unflatten
+from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
+from pipetrain.stage_run import accumulate as _accumulate, tensor_bytes as _tensor_bytes
 from pipetrain.versions import WeightVersions
 
 __all__ = ["Stage", "Meter"]
 
 
-class Meter:
-    """What a device keeps between forward and backward, now and at peak.
-
-    ``bytes`` / ``count``: boundary inputs (and, without re-materialization, the saved
-    activations of the graph) of the micro-batches in flight — from the start of F to the end
-    of B, or of I for a split backward (the simulator's definition of in flight).
-    ``w_bytes``: what split backwards keep from I until their W. Stages sharing a device
-    (interleaved) share one meter; all are touched only by that device's thread.
-    """
-
-    def __init__(self) -> None:
-        self.bytes = self.count = self.w_bytes = 0
-        self.peak_bytes = self.peak_count = self.peak_w_bytes = 0
-
-    def add(self, nbytes: int, count: int = 0, w_bytes: int = 0) -> None:
-        self.bytes += nbytes
-        self.count += count
-        self.w_bytes += w_bytes
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
-        self.peak_count = max(self.peak_count, self.count)
-        self.peak_w_bytes = max(self.peak_w_bytes, self.w_bytes)
-
-    def reset_peaks(self) -> None:
-        self.peak_bytes, self.peak_count, self.peak_w_bytes = self.bytes, self.count, self.w_bytes
-
-
-@dataclass
-class _Saved:
-    """What a stage keeps for one micro-batch between its forward and its (last) backward."""
-
-    inputs: List[Any]                     # boundary-input leaves (detached; floats may require grad)
-    spec: Spec                            # nesting of the inputs
-    target: Any = None                    # sink: this micro-batch's target
-    target_leaves: List[Any] = field(default_factory=list)  # its leaves (those needing grad marked)
-    target_spec: Optional[Spec] = None
-    weight: float = 1.0                   # sink: loss weight (micro-batch size / batch size)
-    rng: Optional[ckpt.RNGState] = None   # re-materialized: RNG state at forward start
-    outputs: Optional[List[Any]] = None   # output leaves carrying the graph (None until built)
-    nbytes: int = 0                       # bytes counted in the stash (until B or I)
-    w_nbytes: int = 0                     # bytes counted as waiting for W (after I)
-    inflight: bool = True                 # between F and the end of B / I
-    recomputed: List[Any] = field(default_factory=list)  # tensors saved by a recomputation
-    # Between I and W: the deferred weight-gradient work.
-    w_full: Optional[Tuple[list, list]] = None        # (tensors, grads): W is the whole backward
-    w_edges: List[Tuple[list, list, list]] = field(default_factory=list)  # (outputs, grads, params)
-    w_fallback: Optional[Tuple[list, list, list]] = None  # (tensors, grads, params)
-
-
-class _Run:
-    """The state of one run on one stage (see the module docstring)."""
-
-    __slots__ = ("stash", "own", "meter", "staged", "target_grads")
-
-    def __init__(self, meter: Meter, staged: bool) -> None:
-        self.stash: Dict[int, _Saved] = {}
-        self.own = Meter()          # this stage's share of the device meter
-        self.meter = meter          # the device's meter (shared by its stages in this run)
-        # param -> gradient accumulated in this run; None: accumulate into p.grad directly.
-        self.staged: Optional[Dict[nn.Parameter, torch.Tensor]] = {} if staged else None
-        self.target_grads: Dict[int, Any] = {}   # sink: mb -> gradient of a target needing one
-
-    def add(self, nbytes: int, count: int = 0, w_bytes: int = 0) -> None:
-        self.own.add(nbytes, count, w_bytes)
-        self.meter.add(nbytes, count, w_bytes)
-
-
-def _tensor_bytes(tensors: Sequence[Any], exclude: Optional[set] = None) -> int:
-    """Bytes of distinct tensor data among ``tensors`` (views counted by their own extent)."""
-    seen = set()
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = (t.data_ptr(), t.nbytes)
-        if key in seen or (exclude and t.data_ptr() in exclude):
-            continue
-        seen.add(key)
-        total += t.nbytes
-    return total
-
-
-def _accumulate(into: Optional[Dict[nn.Parameter, torch.Tensor]], params: Sequence[nn.Parameter],
-                grads: Sequence[Optional[torch.Tensor]]) -> None:
-    """Add ``grads`` to ``params``' gradients: into the staging dict, or ``p.grad`` if None.
-
-    The first gradient is kept as is (no copy, as autograd's AccumulateGrad does), in the
-    parameter's own layout, so optimizers and flat buffers see the strides they expect.
-    """
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        current = p.grad if into is None else into.get(p)
-        if current is None:
-            if not g.is_sparse and g.stride() != p.stride():
-                g = torch.empty_like(p).copy_(g)
-            if into is None:
-                p.grad = g
-            else:
-                into[p] = g
-        else:
-            current.add_(g)
+#: Set True to measure every forward's saved tensors in runs too (the bench's "before" row).
+MEASURE_EACH_FORWARD = False
 
 
 class Stage:
@@ -195,6 +98,7 @@ class Stage:
         self._run = _Run(self.meter, staged=False)
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
+        self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -255,13 +159,24 @@ class Stage:
         """Start a run: fresh stash and meters, gradients staged until :meth:`commit_grads`."""
         self.refresh_params()
         self.versions.reset()          # version numbers count from the start of the run
-        self._run = _Run(meter, staged=True)
+        self._run = _Run(meter, staged=True, uses_rng=self.uses_rng,
+                         measure_each=MEASURE_EACH_FORWARD)
+
+    def staged_grads(self) -> Optional[Dict[nn.Parameter, torch.Tensor]]:
+        """This run's staged gradients, by parameter (None outside a run): a multi-process
+        pipeline reduces them across ranks before they are committed."""
+        return self._run.staged
 
     def commit_grads(self) -> None:
         """Add the gradients staged so far in this run to ``p.grad`` (and stage no more until
-        the next one arrives)."""
+        the next one arrives), times ``grad_scale()`` when one is set (token-level losses
+        divide by the mini-batch's token count, known only once every forward ran)."""
         run = self._run
         if run.staged:
+            scale = self.grad_scale() if self.grad_scale is not None else 1.0
+            if scale != 1.0:
+                for g in run.staged.values():
+                    g.mul_(scale)
             _accumulate(None, list(run.staged), list(run.staged.values()))
             run.staged.clear()
 
@@ -289,6 +204,7 @@ class Stage:
                                "optimizer, and none was given")
         self.commit_grads()
         self.versions.release()
+        self.versions.before_update(self.optimizer)   # keeps W(n) if the plan reads it later
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.versions.advance()
@@ -396,7 +312,7 @@ class Stage:
                                        if isinstance(t, torch.Tensor) and t.requires_grad else t
                                        for t in t_leaves]
                 saved.target = unflatten(saved.target_leaves, saved.target_spec)
-        random = self.uses_rng
+        random = run.uses_rng if run.uses_rng is not None else self.uses_rng
         with ckpt.maybe_lock(random):
             if self.checkpoint:
                 # Only a stage with random ops saves (and later restores) the generator: a
@@ -406,12 +322,28 @@ class Stage:
                     out = self._forward_checked(saved)
                 nbytes = _tensor_bytes(x_leaves)
             else:
-                packed: List[torch.Tensor] = []
-                with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
-                    out = self._forward_checked(saved)
+                key = _signature(x_leaves, saved.target) if run.saved_bytes is not None else None
+                nbytes = run.saved_bytes.get(key) if key is not None else None
+                if nbytes is not None and not self.versions.rebinds:
+                    # Measured before in this run: no hooks. (Weight versions that move the
+                    # live buffer between passes need the hook path: tensors saved through
+                    # hooks are read as bound at the backward, with no version-counter check
+                    # against the update that ran on the parameter in between.)
+                    with torch.enable_grad():
+                        out = self._forward_checked(saved)
+                else:
+                    # The first forward works on copies of the inputs (see _forward_checked),
+                    # which it would count too: its measurement is not kept.
+                    if self._clone_inputs is None:
+                        key = None
+                    packed: List[torch.Tensor] = []
+                    with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
+                        out = self._forward_checked(saved)
+                    exclude = {p.data_ptr() for p in self.params}
+                    nbytes = _tensor_bytes(x_leaves + packed, exclude)
+                    if key is not None:
+                        run.saved_bytes[key] = nbytes
                 saved.outputs = flatten(self._scaled(out, saved))[0]
-                exclude = {p.data_ptr() for p in self.params}
-                nbytes = _tensor_bytes(x_leaves + packed, exclude)
         run.stash[mb] = saved
         saved.nbytes = nbytes
         run.add(nbytes, 1)
@@ -559,7 +491,7 @@ class Stage:
             leaves = self._grad_leaves(saved)
             wrt = leaves + self.params
             if tensors and wrt:
-                gs = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+                gs = fast_grad(tensors, wrt, grads)
                 for t, g in zip(leaves, gs):
                     t.grad = g
                 _accumulate(run.staged, self.params, gs[len(leaves):])
@@ -578,7 +510,7 @@ class Stage:
         leaves = self._grad_leaves(saved)
         if not tensors or not self.params:
             if tensors and leaves:
-                for t, g in zip(leaves, torch.autograd.grad(tensors, leaves, grads, allow_unused=True)):
+                for t, g in zip(leaves, fast_grad(tensors, leaves, grads)):
                     t.grad = g
             self._after_input(run, saved, mb)
             return self._input_grads(saved)
@@ -595,7 +527,7 @@ class Stage:
         captured: Dict[Any, tuple] = {}
         handles = split.capture_hooks(edges, captured)
         try:
-            in_grads = torch.autograd.grad(tensors, leaves, grads, retain_graph=True, allow_unused=True)
+            in_grads = fast_grad(tensors, leaves, grads, retain_graph=True)
         finally:
             for h in handles:
                 h.remove()
@@ -630,10 +562,22 @@ class Stage:
             if saved.w_fallback is not None:
                 work.append(saved.w_fallback)
             for outputs, grads, params in work:
-                gs = torch.autograd.grad(outputs, params, grads, retain_graph=True, allow_unused=True)
+                gs = fast_grad(outputs, params, grads, retain_graph=True)
                 _accumulate(run.staged, params, gs)
         finally:
             self._pop(run, mb)
+
+
+def _signature(leaves: Sequence[Any], target: Any) -> Any:
+    """What decides the bytes a forward saves, for the per-run cache: shape, dtype, device
+    and requires-grad of each input leaf and of the target (plain values by identity of
+    type); grad and autocast state are fixed for a run's actions."""
+    def sig(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return (tuple(t.shape), t.dtype, t.device, t.requires_grad)
+        return type(t)
+    tl = flatten(target)[0] if target is not None else ()
+    return tuple(sig(t) for t in leaves) + (None,) + tuple(sig(t) for t in tl)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["LIVE", "WeightVersions", "VersionError"]
+__all__ = ["LIVE", "WeightVersions", "PlannedVersions", "VersionError"]
 
 #: The version number of an action that runs on the live weights.
 LIVE = -1
@@ -42,6 +42,11 @@ class WeightVersions:
         current: the number of the live version (updates applied since :meth:`reset`).
         bound: the version bound now (``current`` when nothing is bound).
     """
+
+    #: Whether passes of one run may see the parameters rebound to other buffers while an
+    #: update runs in between (asynchronous plans): the stage then keeps saved tensors
+    #: through hooks (see Stage.forward).
+    rebinds = False
 
     def __init__(self, params: Sequence[torch.nn.Parameter], name: str = "stage") -> None:
         self._params = list(params)
@@ -88,8 +93,9 @@ class WeightVersions:
         self.current += 1
         self.bound = self.current
 
-    def bind(self, version: int) -> None:
-        """Make the parameters hold ``version`` (``LIVE`` or the live number: no-op)."""
+    def bind(self, version: int, action=None) -> None:
+        """Make the parameters hold ``version`` (``LIVE`` or the live number: no-op).
+        ``action`` (the plan action about to run) matters to :class:`PlannedVersions` only."""
         if version == LIVE or version == self.bound:
             return
         if version == self.current:
@@ -102,6 +108,9 @@ class WeightVersions:
         for bucket, buf in zip(self._buckets, bufs):
             bucket.bind(buf)
         self.bound = version
+
+    def before_update(self, optimizer) -> None:
+        """Called by ``Stage.update`` right before the optimizer step (no-op here)."""
 
     def release(self) -> None:
         """Rebind the live weights (after an action that ran on an older version)."""
@@ -131,3 +140,169 @@ def _buckets_of(params: Sequence[torch.nn.Parameter]) -> list:
         if all({id(q) for q in b.params} <= ids for b in found.values()):
             return list(found.values())
     return list(flat_buffer.flatten(params, grads=False))
+
+
+class PlannedVersions(WeightVersions):
+    """The versions an asynchronous plan needs on one stage, kept and dropped by counting.
+
+    Args:
+        params: the stage's parameters; name: for messages.
+        optimizer: the stage's optimizer (its state is what prediction reads).
+        schedule: the schedule name (:mod:`pipetrain.async_schedules`).
+        actions: this stage's plan actions (F/B/I/W with versions, U), in the order of the
+            plan; only the passes are counted.
+
+    Each pass names a version v and, for a predicting schedule, a distance s = t - v
+    (:func:`~pipetrain.async_schedules.prediction_distance`). Key (v, 0) binds W(v) itself;
+    key (v, s > 0) binds a predicted buffer W_hat = W(v) - s * direction(state(v)), built at
+    the key's first pass (a copy of W(v) into a pooled flat buffer, then one in-place update
+    on its views) and reused by every later pass with that key, returned to the pool after
+    the last. Before each update (:meth:`before_update`) the live weights W(n) are kept only
+    if a later pass still reads them (or predicts from them), and the optimizer state of
+    version n is snapshotted only if a prediction from W(n) has not been built yet. So
+    pipedream holds ceil((p-r-1)/m) + 1 versions at most, 2bw exactly two.
+
+    Attributes:
+        peak_versions: most weight versions held at once (live included).
+        peak_predicted: most predicted buffers held at once.
+        peak_bytes: most bytes of kept + predicted buffers (the live weights excluded).
+    """
+
+    rebinds = True
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], name: str, optimizer, schedule: str,
+                 actions: Sequence) -> None:
+        super().__init__(params, name)
+        from pipetrain import async_schedules, prediction
+        self.optimizer = optimizer
+        self._uses = [(a.version, async_schedules.prediction_distance(schedule, a))
+                      for a in actions if a.kind in ("F", "B", "I", "W")]
+        self._groups = prediction.group_of(optimizer, self._params) \
+            if schedule in async_schedules.PREDICTING else None
+        self._pool: List[List[torch.Tensor]] = []      # free predicted buffers
+        self._wpool: List[List[torch.Tensor]] = []     # free version buffers
+        self.peak_versions = self.peak_predicted = self.peak_bytes = 0
+        self._pass: Optional[tuple] = None
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        from collections import Counter
+        self._need_w, self._need_state, self._need_pred = Counter(), Counter(), Counter()
+        seen = set()
+        for v, s in self._uses:
+            if s == 0:
+                self._need_w[v] += 1
+                continue
+            self._need_pred[(v, s)] += 1
+            if (v, s) not in seen:     # the base and its state are read once, at the build
+                seen.add((v, s))
+                self._need_w[v] += 1
+                self._need_state[v] += 1
+        self._pred: Dict[tuple, List[torch.Tensor]] = {}
+        self._states: Dict[int, list] = {}
+        self._pass: Optional[tuple] = None
+
+    def _ensure_buckets(self) -> None:
+        if self._buckets is None:
+            self._buckets = _buckets_of(self._params)
+            self._live = [b.data for b in self._buckets]
+
+    def _measure(self) -> None:
+        # Measured right before the update: the live buffer becomes W(n+1), so count it apart.
+        self.peak_versions = max(self.peak_versions, len(self._kept) + 1)
+        self.peak_predicted = max(self.peak_predicted, len(self._pred))
+        per = sum(t.numel() * t.element_size() for t in self._live)
+        self.peak_bytes = max(self.peak_bytes, per * (len(self._kept) + len(self._pred)))
+
+    def before_update(self, optimizer) -> None:
+        """Keep W(n) and snapshot state(n) if a later pass needs them (n = current)."""
+        from pipetrain import prediction
+        n = self.current
+        if self._need_w[n] > 0:
+            # The in-flight forwards' autograd graphs hold views of the live buffer, so W(n)
+            # keeps *that* buffer and the live weights move to a copy the update then
+            # overwrites (one copy, like keep(); a dropped version's buffer is reused).
+            self._ensure_buckets()
+            fresh = self._wpool.pop() if self._wpool else \
+                [b.new_buffer(zero=False) for b in self._buckets]
+            for buf, live in zip(fresh, self._live):
+                buf.copy_(live)
+            self._kept[n] = self._live
+            for bucket, buf in zip(self._buckets, fresh):
+                bucket.bind(buf)
+            self._live = fresh
+        if self._need_state[n] > 0:
+            self._states[n] = prediction.snapshot_state(self.optimizer, self._params)
+        self._measure()
+
+    def _read_w(self, v: int) -> None:
+        self._need_w[v] -= 1
+        if self._need_w[v] <= 0 and v != self.current and v in self._kept:
+            self._wpool.append(self._kept.pop(v))
+
+    def bind(self, version: int, action=None) -> None:
+        if action is None or self._groups is None:
+            self._pass = (version, 0) if action is not None else None
+            super().bind(version)
+            return
+        from pipetrain import async_schedules, prediction
+        s = action.microbatch // action.num_microbatches - version
+        self._pass = (version, s)
+        if s == 0:
+            super().bind(version)
+            return
+        key = (version, s)
+        bufs = self._pred.get(key)
+        self._ensure_buckets()
+        if bufs is None:
+            base = self._live if version == self.current else self._kept.get(version)
+            if base is None:
+                raise VersionError(f"{self.name}: prediction from version {version}, not held "
+                                   f"(held: {self.held})")
+            state = prediction.live_state(self.optimizer, self._params) \
+                if version == self.current else self._states.pop(version)
+            bufs = self._pool.pop() if self._pool else \
+                [b.new_buffer(zero=False) for b in self._buckets]
+            fused = version == self.current and _is_pipetrain_optim(self.optimizer)
+            for bucket, buf in zip(self._buckets, bufs):
+                bucket.bind(buf)
+            if fused:
+                # pipetrain.optim's fused predict: one pass reading the live weights and state,
+                # writing the views of this (pooled) buffer.
+                views = [q.data for g in self.optimizer.param_groups for q in g["params"]]
+                for bucket, live in zip(self._buckets, self._live):
+                    bucket.bind(live)
+                self.optimizer.predict(s, out=views)
+                for bucket, buf in zip(self._buckets, bufs):
+                    bucket.bind(buf)
+            else:   # an older version's (snapshotted) state, or a torch.optim optimizer
+                for buf, src in zip(bufs, base):
+                    buf.copy_(src)
+                prediction.apply_prediction([p.data for p in self._params], state,
+                                            self._groups, s)
+            self._pred[key] = bufs
+            self._need_state[version] -= 1
+            self._read_w(version)
+            self._measure()
+        else:
+            for bucket, buf in zip(self._buckets, bufs):
+                bucket.bind(buf)
+        self.bound = ("predicted",) + key
+
+    def release(self) -> None:
+        super().release()
+        done, self._pass = self._pass, None
+        if done is None:
+            return
+        v, s = done
+        if s == 0:
+            self._read_w(v)
+            return
+        self._need_pred[done] -= 1
+        if self._need_pred[done] <= 0:
+            self._pool.append(self._pred.pop(done))
+
+
+def _is_pipetrain_optim(opt) -> bool:
+    return type(opt).__module__.startswith("pipetrain.optim") and hasattr(opt, "predict")

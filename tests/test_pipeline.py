@@ -391,7 +391,12 @@ def test_profile_steps_bracket_the_chosen_window():
 
 def test_exported_trace_keeps_the_executors_waits(tmp_path):
     import json
-    pipe = Pipeline(mlp(4), 2, num_microbatches=4, loss_fn=mse)
+    class Slow(nn.Module):          # 0F0 takes 20 ms, so device 1 surely waits for it
+        def forward(self, x):
+            time.sleep(0.02)
+            return x
+    pipe = Pipeline([Slow()] + list(mlp(4)), 2, num_microbatches=4, loss_fn=mse,
+                    balance=[3, 2])
     pipe.step(torch.randn(8, D, dtype=torch.float64), torch.randn(8, D, dtype=torch.float64))
     trace = json.loads(pipe.export_trace(tmp_path / "t.json").read_text())
     names = [e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"]

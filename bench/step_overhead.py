@@ -1,0 +1,150 @@
+"""Per-action engine cost at the fine grain (issue 11, levers 1 and 5), before/after in one run.
+
+Workload: 8 x (Linear(16, 16) + GELU), one-row micro-batches, m = 64, one torch thread. Rows,
+measured interleaved (every row once per round), medians of per-round ratios:
+
+- ``plain loop``: ``(mse(model(x_k), y_k) / m).backward()`` for each micro-batch — what a
+  p = 1 pipeline competes with;
+- ``pipetrain 1f1b / zb-h1, p=1``, each with the step-path levers on (``now``) and off
+  (``before``: every forward's saved tensors watched through a Python hook, and every
+  backward through ``torch.autograd.grad``'s Python wrapper) — the same code, flags flipped;
+- ``B`` vs ``I + W`` on the stage alone, per micro-batch (the split's own cost).
+
+Engine overhead per action = (pipeline step - plain loop) / actions. Targets: p = 1 within
+1.05x of the plain loop, <= 20 us per action, I + W within 1.05x of B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import pipetrain
+from pipetrain import autograd_fast
+from pipetrain import stage as stage_mod
+from pipetrain.stage import Meter, Stage
+
+
+@contextlib.contextmanager
+def _levers(on: bool):
+    old = autograd_fast.ENABLED, stage_mod.MEASURE_EACH_FORWARD
+    autograd_fast.ENABLED, stage_mod.MEASURE_EACH_FORWARD = on, not on
+    try:
+        yield
+    finally:
+        autograd_fast.ENABLED, stage_mod.MEASURE_EACH_FORWARD = old
+
+
+def _layers():
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(8)]
+
+
+def _zero(params):
+    for p in params:
+        p.grad = None
+
+
+def run(quick: bool, out: pathlib.Path) -> None:
+    m = 16 if quick else 64
+    rounds = 5 if quick else 25
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mse = nn.functional.mse_loss
+    x, y = torch.randn(m, 16), torch.randn(m, 16)
+    model = nn.Sequential(*_layers())
+    mparams = list(model.parameters())
+    xs, ys = x.chunk(m), y.chunk(m)
+
+    def plain():
+        _zero(mparams)
+        for xb, yb in zip(xs, ys):
+            (mse(model(xb), yb) / m).backward()
+
+    rows = {"plain loop": (plain, None, 0)}
+    pipes = []
+    for sched in ("1f1b", "zb-h1"):
+        layers = _layers()
+        pipe = pipetrain.Pipeline(layers, 1, schedule=sched, num_microbatches=m, loss_fn=mse,
+                                  num_threads=1)
+        pipes.append(pipe)
+        params = [q for layer in layers for q in layer.parameters()]
+        actions = (3 if sched.startswith("zb") else 2) * m
+
+        def step(pipe=pipe, params=params):
+            _zero(params)
+            pipe.step(x, y)
+        rows[f"pipetrain {sched}, p=1, now"] = (step, True, actions)
+        rows[f"pipetrain {sched}, p=1, before"] = (step, False, actions)
+
+    st = Stage(0, _layers())
+    xb, gb = torch.randn(1, 16), torch.randn(1, 16)
+
+    def fwd_all():
+        st.begin_run(Meter())
+        for k in range(m):
+            st.forward(k, xb)
+
+    def whole():
+        fwd_all()
+        t = time.perf_counter()
+        for k in range(m):
+            st.backward(k, gb)
+        d = time.perf_counter() - t
+        st.end_run(commit=False)
+        return d
+
+    def split():
+        fwd_all()
+        t = time.perf_counter()
+        for k in range(m):
+            st.backward_input(k, gb)
+        for k in range(m):
+            st.backward_weight(k)
+        d = time.perf_counter() - t
+        st.end_run(commit=False)
+        return d
+
+    times = {k: [] for k in rows}
+    bw = {(name, on): [] for name in ("B", "I+W") for on in (True, False)}
+    try:
+        for r in range(rounds + 2):
+            for name, (fn, on, _) in rows.items():
+                with _levers(True if on is None else on):
+                    t = time.perf_counter()
+                    fn()
+                    d = time.perf_counter() - t
+                if r >= 2:
+                    times[name].append(d)
+            for on in (True, False):
+                with _levers(on):
+                    b, iw = whole(), split()
+                if r >= 2:
+                    bw[("B", on)].append(b)
+                    bw[("I+W", on)].append(iw)
+    finally:
+        for pipe in pipes:
+            pipe.close()
+        torch.set_num_threads(old_threads)
+    base = times["plain loop"]
+    print(f"8 x (Linear(16,16)+GELU), m = {m} one-row micro-batches, 1 torch thread, "
+          f"{rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
+    print(f"{'row':34s} {'step ms':>9s} {'/ plain':>8s} {'us/action over plain':>21s}")
+    for name, (_, _, actions) in rows.items():
+        med = statistics.median(times[name])
+        ratio = statistics.median([a / b for a, b in zip(times[name], base)])
+        over = "" if not actions else \
+            f"{statistics.median([(a - b) / actions * 1e6 for a, b in zip(times[name], base)]):21.1f}"
+        print(f"{name:34s} {med * 1e3:9.2f} {ratio:8.3f} {over}")
+    for on in (True, False):
+        ratio = statistics.median([a / b for a, b in zip(bw[("I+W", on)], bw[("B", on)])])
+        print(f"stage alone, {'now   ' if on else 'before'}: B {statistics.median(bw[('B', on)]) / m * 1e6:7.1f} us, "
+              f"I + W {statistics.median(bw[('I+W', on)]) / m * 1e6:7.1f} us per micro-batch; "
+              f"(I + W) / B = {ratio:.3f}")

@@ -1,0 +1,336 @@
+"""A Pipeline across processes: what this rank holds and how its step runs.
+
+Built by ``Pipeline(...)`` when the default process group is initialized with more than one
+rank (:func:`~pipetrain.distributed.mesh.wanted`). This rank
+
+- checks that every rank built the same pipeline (schedule, m, p, w, stage split, model
+  structure): a mismatch raises ValueError naming the rank and what differs;
+- keeps only its stages (pipeline device ``pp_rank``): layers of other stages have their
+  parameters replaced by ``meta`` tensors, and ``meta`` layers of its own stages are
+  materialized on its device by ``init_fn(layer)`` or each module's ``reset_parameters()``;
+- holds the lowered plan and a :class:`~pipetrain.distributed.runner.RankRunner`.
+
+``step`` returns the mini-batch loss on every rank (the mean over replicas' mini-batches; a
+token-level loss over all their tokens) and leaves in ``p.grad`` of the local stages what the
+unsplit model would have on the combined batch (replicas are averaged, as with DDP).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import time
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipetrain.distributed import grads as grads_mod
+from pipetrain.distributed.mesh import Mesh, local_device
+from pipetrain.distributed.runner import RankRunner
+from pipetrain.distributed.wire import Board, PeerFailed, wait_all
+from pipetrain.plan import Plan
+
+__all__ = ["Distributed"]
+
+_PIPELINES = itertools.count()   # every rank builds its pipelines in the same order
+
+
+def _materialize(layers: Sequence[nn.Module], device: torch.device,
+                 init_fn: Optional[Callable[[nn.Module], None]]) -> None:
+    """Give ``meta`` parameters / buffers of ``layers`` storage on ``device`` and initialize
+    them (shared parameters stay shared)."""
+    done: dict = {}
+    for layer in layers:
+        fresh = False
+        for mod in layer.modules():
+            for table in (mod._parameters, mod._buffers):
+                for name, t in list(table.items()):
+                    if t is None or not t.is_meta:
+                        continue
+                    if id(t) not in done:
+                        new = torch.empty_like(t, device=device)
+                        done[id(t)] = nn.Parameter(new, t.requires_grad) \
+                            if isinstance(t, nn.Parameter) else new
+                    table[name] = done[id(t)]
+                    fresh = True
+        if fresh:
+            if init_fn is not None:
+                init_fn(layer)
+            else:
+                for mod in layer.modules():
+                    if hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+
+
+def _free(layers: Sequence[nn.Module], keep: set) -> None:
+    """Replace the tensors of ``layers`` (except those in ``keep``, by id) with meta ones."""
+    for layer in layers:
+        for mod in layer.modules():
+            for table in (mod._parameters, mod._buffers):
+                for name, t in list(table.items()):
+                    if t is None or t.is_meta or id(t) in keep:
+                        continue
+                    meta = torch.empty_like(t, device="meta")
+                    table[name] = nn.Parameter(meta, t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else meta
+
+
+def _fingerprint(pipe: Any, layers: Sequence[nn.Module], mesh: Mesh) -> dict:
+    return {"schedule": pipe.schedule.name, "num_microbatches": pipe.num_microbatches,
+            "num_devices": pipe.num_devices, "num_stages": pipe.num_stages,
+            "data_parallel": mesh.w, "balance": list(pipe.balance),
+            "model structure": [(type(layer).__name__,
+                                 [(n, tuple(p.shape), str(p.dtype)) for n, p in layer.named_parameters()])
+                                for layer in layers]}
+
+
+def _check_agreement(mine: dict, mesh: Mesh) -> int:
+    """Raise ValueError naming the first rank whose pipeline differs from rank 0's; returns
+    rank 0's pipeline number (processes may have built different numbers of pipelines
+    before, so the board's keys use rank 0's)."""
+    everyone: List[Any] = [None] * mesh.world_size
+    dist.all_gather_object(everyone, (next(_PIPELINES), mine))
+    number = everyone[0][0]
+    everyone = [e[1] for e in everyone]
+    ref = everyone[0]
+    for r, theirs in enumerate(everyone):
+        for key in ref:
+            if theirs.get(key) != ref[key]:
+                a, b = ref[key], theirs.get(key)
+                if key == "model structure":
+                    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                    a, b = (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
+                    key = f"model structure at layer {i}"
+                raise ValueError(f"rank {r} differs from rank 0 in {key}: rank 0 has {a!r}, "
+                                 f"rank {r} has {b!r} (every rank must build the same Pipeline)")
+    return number
+
+
+class Distributed:
+    """This rank's share of a multi-process pipeline (see the module docstring)."""
+
+    def __init__(self, pipe: Any, layers: Sequence[nn.Module], parts: Sequence[Sequence[nn.Module]],
+                 order: Sequence[int], *, data_parallel: Optional[int], init_fn: Any,
+                 timeout: float) -> None:
+        graph = pipe.plan.graph
+        self.mesh = mesh = Mesh(graph.num_devices, data_parallel)
+        self.device = local_device()
+        self.timeout = timeout
+        pipe.devices = [self.device] * graph.num_devices
+        number = _check_agreement(_fingerprint(pipe, layers, mesh), mesh)
+        dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
+        self.local = [k for k in range(graph.num_stages) if dev_of[k] == mesh.pp_rank]
+        stage_of_layer: List[int] = []
+        for part, k in zip(parts, order):
+            stage_of_layer += [k] * len(part)
+        ties = grads_mod.find_ties(layers, stage_of_layer, dev_of)
+        mine = [layer for layer, k in zip(layers, stage_of_layer) if dev_of[k] == mesh.pp_rank]
+        others = [layer for layer, k in zip(layers, stage_of_layer) if dev_of[k] != mesh.pp_rank]
+        _materialize(mine, self.device, init_fn)
+        keep = {id(t) for layer in mine for t in list(layer.parameters()) + list(layer.buffers())}
+        _free(others, keep)
+        self.layer_names = {}
+        for i, layer in enumerate(layers):
+            for name, p in layer.named_parameters(remove_duplicate=False):
+                self.layer_names.setdefault(id(p), f"{i}.{name}")
+        self.ties = [t for t, _ in ties]
+        for tie in self.ties:
+            for r in range(mesh.w):
+                tie.groups.append(dist.new_group([mesh.rank_of(d, r) for d in tie.devices]))
+            if mesh.pp_rank in tie.devices:
+                i, name = tie.name.split(".", 1)
+                tie.param = layers[int(i)].get_parameter(name)
+                # The holders start from the first holder's values (a meta model is
+                # initialized on each holder independently).
+                with torch.no_grad():
+                    dist.broadcast(tie.param.data, src=mesh.rank_of(tie.devices[0]),
+                                   group=tie.groups[mesh.dp_rank])
+        self.plan = Plan(pipe.schedule.lower())
+        # Point-to-point traffic in a group of its own whose timeout is the pipeline's: a
+        # blocking receive is bounded by it (gloo raises), a dead peer fails it at once.
+        self.group = dist.new_group(backend=dist.get_backend(),
+                                    timeout=datetime.timedelta(seconds=min(timeout, 1e7)))
+        store = dist.distributed_c10d._get_default_store()
+        self.board = Board(store, f"pipetrain/{number}")
+        self.runner: Optional[RankRunner] = None
+        self.eval_runner: Optional[RankRunner] = None
+
+    def is_local(self, stage: int) -> bool:
+        return stage in self.local
+
+    def make_runner(self, pipe: Any) -> RankRunner:
+        for k in self.local:
+            pipe.stages[k].grad_scale = pipe._loss.grad_scale
+        self.runner = RankRunner(self.mesh, self.plan, self.device, timeout=self.timeout,
+                                 num_threads=pipe.num_threads, board=self.board, ties=self.ties,
+                                 group=self.group)
+        return self.runner
+
+    def _wait(self, works: Sequence[Any], what: str) -> None:
+        wait_all(works, deadline=time.monotonic() + self.timeout, board=self.board, peer=None,
+                 me=self.mesh.rank, what=what)
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self, pipe: Any, inputs: Any, targets: Any) -> torch.Tensor:
+        from pipetrain.executor import ExecutorError
+        from pipetrain.pipeline import PipelineError
+
+        graph, mesh = self.plan.graph, self.mesh
+        source = any(not graph.stage(k).inputs for k in self.local)
+        sink = any(not graph.stage(k).outputs for k in self.local)
+        x = inputs if source else None
+        y = targets if sink else None
+        pipe._loss.begin(y)
+        if x is None and y is None:    # a middle rank: the split of a stand-in is never used
+            x = y = torch.zeros(pipe.num_microbatches)
+        x, y = (y if x is None else x), (x if y is None else y)
+        try:
+            run, timeline, wall = self.runner.execute(pipe.stages, [(x, y)])
+        except ExecutorError as err:
+            cause = err.__cause__
+            if isinstance(cause, PeerFailed):
+                self.runner.fail(str(cause))
+                raise PipelineError(str(cause)) from cause
+            index = err.index if err.index is not None and err.index >= 0 else None
+            a = self.plan.actions[mesh.pp_rank][index] if index is not None else None
+            if a is None:
+                msg = f"rank {mesh.rank}: pipeline run failed: {err}"
+                self.runner.fail(msg)
+                raise PipelineError(msg) from err
+            msg = (f"rank {mesh.rank}: stage {a.stage}, micro-batch {a.microbatch}, action "
+                   f"{a.kind} ({a}) raised {type(cause).__name__}: {cause}")
+            self.runner.fail(msg)
+            perr = PipelineError(msg, stage=a.stage, microbatch=a.microbatch,
+                                 action=str(a.kind), label=str(a), device=mesh.pp_rank)
+            raise perr from cause
+        except PeerFailed as err:
+            self.runner.fail(str(err))
+            raise PipelineError(str(err)) from err
+        try:
+            self._record(pipe, run, timeline, wall)
+            return self._finish(pipe, run, sink)
+        except BaseException as err:
+            # Whatever failed here, the other ranks must not wait for us past a poll.
+            msg = str(err) if isinstance(err, PeerFailed) else \
+                f"rank {mesh.rank}: ending the step failed: {type(err).__name__}: {err}"
+            self.runner.fail(msg)
+            for k in self.local:
+                pipe.stages[k].end_run(commit=False)
+            raise PipelineError(msg) from err
+
+    def _record(self, pipe: Any, run: Any, timeline: Any, wall: float) -> None:
+        """This rank's stats (compute actions only: transfers are waits, not work) and the
+        overlap of its incoming transfers with compute."""
+        from pipetrain.stats import measure
+        d = self.mesh.pp_rank
+        row = self.plan.actions[d]
+        records = [r for r in timeline.records([row])[0]
+                   if str(r.kind) in ("F", "B", "I", "W", "U")]
+        pipe._stats = measure([records], schedule=pipe.schedule.name, num_stages=pipe.num_stages,
+                              num_microbatches=pipe.num_microbatches,
+                              samples=sum(map(sum, run.sizes)), wall_s=wall)
+        self.last_overlap = self.runner.overlap(timeline)
+        self.last_timeline = timeline
+
+    def _finish(self, pipe: Any, run: Any, sink: bool) -> torch.Tensor:
+        """After our row ran: agree on loss / count / finiteness, reduce and commit gradients."""
+        mesh, loss_fn = self.mesh, pipe._loss
+        stages = [pipe.stages[k] for k in self.local]
+        nonfinite = any(not bool(torch.isfinite(g).all())
+                        for st in stages for g in (st.staged_grads() or {}).values())
+        vec = torch.zeros(4, dtype=torch.float64)
+        if sink:
+            vec[0] = float(run.losses_per_minibatch()[0])
+            vec[1] = loss_fn.total_count
+            vec[2] = 1.0 if loss_fn.token_level else 0.0
+        vec[3] = 1.0 if nonfinite else 0.0
+        vec = vec.to(self.device)
+        self._wait([dist.all_reduce(vec, async_op=True)], "the end-of-step all-reduce")
+        vec = vec.cpu()
+        token = bool(vec[2] > 0)
+        if token:
+            loss, loss_fn.scale = vec[0] / vec[1], 1.0 / float(vec[1])
+        else:
+            loss, loss_fn.scale = vec[0] / mesh.w, 1.0 / mesh.w
+        pipe.found_inf = bool(vec[3] > 0)
+        for red in run.reducers.values():
+            red.finish(self._wait)
+        if self.ties:
+            grads_mod.sum_tied(self.ties, pipe.stages, mesh.dp_rank, self._wait)
+        for st in stages:
+            # A non-finite gradient on any rank skips the step everywhere: nothing committed.
+            st.end_run(commit=not pipe.found_inf)
+        dtype = next((p.dtype for st in stages for p in st.params), torch.float32)
+        return loss.to(dtype)
+
+    def eval(self, pipe: Any, inputs: Any, targets: Any) -> Any:
+        """Forward-only run: (outputs on the last stage's rank, else None; loss or None)."""
+        from pipetrain.evaluation import EvalPlan, _train_modes, forward_schedule
+        from pipetrain.distributed.runner import RankEvalRun
+        from pipetrain.microbatch import gather
+        from pipetrain.pipeline import PipelineError
+
+        if self.eval_runner is None:
+            graph = self.plan.graph
+            plan = EvalPlan(forward_schedule(graph, pipe.num_microbatches), graph, lowered=True)
+            self.eval_runner = RankRunner(self.mesh, plan, self.device, timeout=self.timeout,
+                                          num_threads=pipe.num_threads, board=self.board,
+                                          ties=self.ties, group=self.group)
+            if self.runner is not None:
+                self.runner.companions.append(self.eval_runner)
+        graph = self.plan.graph
+        source = any(not graph.stage(k).inputs for k in self.local)
+        sink = any(not graph.stage(k).outputs for k in self.local)
+        x = inputs if source else None
+        y = targets if sink and targets is not None else None
+        pipe._loss.begin(y)
+        if x is None and y is None:
+            x = y = torch.zeros(pipe.num_microbatches)
+        x, y = (y if x is None else x), (x if y is None else y)
+        modes = _train_modes(pipe.stages)
+        try:
+            run_cls = type("EvalRun", (RankEvalRun,), {"has_targets": targets is not None,
+                                                       "loss_fn": pipe._loss})
+            run, _, _ = self.eval_runner.execute(pipe.stages, [(x, y)], run_cls=run_cls)
+        except Exception as err:  # noqa: BLE001
+            cause = err.__cause__ or err
+            self.eval_runner.fail(f"rank {self.mesh.rank}: evaluation failed: {cause}")
+            raise PipelineError(f"rank {self.mesh.rank}: evaluation failed: "
+                                f"{type(cause).__name__}: {cause}") from cause
+        finally:
+            _train_modes(pipe.stages, modes)
+        for k in self.local:
+            pipe.stages[k].end_run(commit=False)
+        out = gather([run.outputs[k] for k in range(pipe.num_microbatches)]) if sink else None
+        if targets is None:
+            return out, None
+        vec = torch.zeros(3, dtype=torch.float64)
+        if sink:
+            vec[0] = float(run.losses_per_minibatch()[0])
+            vec[1] = pipe._loss.total_count
+            vec[2] = 1.0 if pipe._loss.token_level else 0.0
+        vec = vec.to(self.device)
+        try:
+            self._wait([dist.all_reduce(vec, async_op=True)], "the evaluation loss all-reduce")
+        except PeerFailed as err:
+            raise PipelineError(str(err)) from err
+        vec = vec.cpu()
+        loss = vec[0] / vec[1] if vec[2] > 0 else vec[0] / self.mesh.w
+        return out, loss
+
+    # -- global operations ---------------------------------------------------------------------
+    def clip_grad_norm_(self, pipe: Any, max_norm: float, norm_type: float) -> torch.Tensor:
+        own = set()
+        for tie in self.ties:      # a tied weight counts once: on its first holder
+            if tie.param is not None and tie.devices[0] != self.mesh.pp_rank:
+                own.add(id(tie.param))
+        params = [p for p in pipe.parameters() if id(p) not in own]
+        copies = [p for p in pipe.parameters() if id(p) in own]
+        return grads_mod.clip_grad_norm_(params, max_norm, norm_type, self.mesh.pp_group,
+                                         self._wait, also=copies)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()

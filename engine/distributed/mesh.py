@@ -1,0 +1,85 @@
+"""The (dp, pp) layout of a multi-process pipeline over the default process group.
+
+With world size ``w * p`` the ranks form a ``torch.distributed.device_mesh`` of shape
+``(dp=w, pp=p)``, row-major::
+
+    global rank = dp_rank * p + pp_rank
+
+so replica ``r`` (its own mini-batch, as with DDP) is ranks ``r*p .. r*p + p - 1``, and pipeline
+device ``d`` of every replica (same stages, gradients averaged) is ranks ``d, p + d, 2p + d ...``.
+Pipeline device ``d`` holds the stages ``k`` with ``k % p == d`` (interleaved: several).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Mesh", "wanted", "local_device"]
+
+
+def wanted(data_parallel: Optional[int]) -> bool:
+    """Whether a new Pipeline runs across processes: the default process group is
+    initialized with more than one rank (or ``data_parallel`` is given)."""
+    return dist.is_available() and dist.is_initialized() and (
+        dist.get_world_size() > 1 or data_parallel is not None)
+
+
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+class Mesh:
+    """Which replica and pipeline position this rank has, and the groups it talks in.
+
+    Args:
+        num_devices: ``p``, pipeline devices per replica.
+        data_parallel: ``w``, replicas; default ``world_size // p``.
+
+    Attributes:
+        rank, world_size, p, w, pp_rank, dp_rank; ``pp_group`` (this replica's ranks),
+        ``dp_group`` (this pipeline position across replicas; None when w == 1),
+        ``device_mesh`` (None when w == 1).
+    Raises:
+        ValueError: the world size is not ``w * p``.
+    """
+
+    def __init__(self, num_devices: int, data_parallel: Optional[int] = None) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        p = num_devices
+        if data_parallel is None:
+            if self.world_size % p:
+                raise ValueError(f"the world size {self.world_size} is not a multiple of the "
+                                 f"{p} pipeline devices (one rank per pipeline device)")
+            data_parallel = self.world_size // p
+        if isinstance(data_parallel, bool) or not isinstance(data_parallel, int) or data_parallel < 1:
+            raise ValueError(f"data_parallel must be an int >= 1; got {data_parallel!r}")
+        if data_parallel * p != self.world_size:
+            raise ValueError(f"data_parallel={data_parallel} x {p} pipeline devices needs "
+                             f"{data_parallel * p} ranks; the world size is {self.world_size}")
+        self.p, self.w = p, data_parallel
+        self.pp_rank, self.dp_rank = self.rank % p, self.rank // p
+        self.device_mesh: Any = None
+        self.dp_group: Any = None
+        self.pp_group: Any = dist.group.WORLD
+        if self.w > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            self.device_mesh = init_device_mesh(kind, (self.w, p), mesh_dim_names=("dp", "pp"))
+            self.dp_group = self.device_mesh.get_group("dp")
+            self.pp_group = self.device_mesh.get_group("pp")
+
+    def rank_of(self, device: int, replica: Optional[int] = None) -> int:
+        """The global rank of pipeline device ``device`` in ``replica`` (default: ours)."""
+        return (self.dp_rank if replica is None else replica) * self.p + device
+
+    def __repr__(self) -> str:
+        return f"Mesh(rank={self.rank}, dp={self.dp_rank}/{self.w}, pp={self.pp_rank}/{self.p})"

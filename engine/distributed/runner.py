@@ -1,0 +1,283 @@
+"""The per-rank runner: this rank's row of the lowered plan on the C++ executor.
+
+Every rank holds the whole lowered plan (``schedule.lower()``: ``1SF3>2``, ``2RF3<1`` ...) and
+runs the row of its own pipeline device on a one-device executor, in order (several stages
+for interleaved schedules). Dependencies between actions of the row are the row's order;
+dependencies on other ranks are the transfer actions:
+
+    F / B / I   as in one process (:class:`~pipetrain.dispatch.Run`); a value for another
+                rank is posted with ``isend`` right when it is produced
+    SF / SB     take that send's works (they complete in the background; the run waits for
+                them at its end)
+    RF / RB     wait (bounded) for the message and put the value in the mailbox
+
+Receives are posted ahead (:class:`~pipetrain.distributed.wire.Stream`): a run's first
+message on a stream has its header posted up to ``LOOKAHEAD`` receives before its action,
+and each later message's buffer is posted as soon as the previous one is in — before the
+compute that precedes its use; the RF / RB action waits for it on the issuing thread itself.
+After a stage's last backward (B or W) of the step its gradients start their data-parallel
+all-reduce (buckets, async), overlapping the rest of the cool-down.
+
+At the end of a run one all-reduce over all ranks carries (loss, token count, non-finite
+gradient flag); then gradients are scaled (1/w, or 1/tokens), tied copies summed, committed.
+A failure anywhere is posted on the board (:class:`~pipetrain.distributed.wire.Board`) and
+sent as an error on the rank's outgoing streams, and raised on every rank as a PipelineError
+naming its origin; the process group may then hold
+unmatched operations, so the pipeline refuses further steps (restart the job).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from pipetrain.dispatch import Run
+from pipetrain.evaluation import EvalMixin
+from pipetrain.mailbox import GRAD, VALUE
+from pipetrain.transport import Handoff, Transport
+from pipetrain.distributed import grads as grads_mod
+from pipetrain.distributed.wire import Board, PeerFailed, Stream, wait_all
+
+__all__ = ["RankRunner", "RankEdge"]
+
+RECEIVES = ("RF", "RB")
+LOOKAHEAD = 2
+
+
+class RankEdge(Transport):
+    """An edge whose ends are on two ranks: ``send`` posts the message at once (isend) and
+    returns its works; the value reaches the consumer's mailbox through its RF / RB action,
+    so ``receive`` gets the value itself."""
+
+    name = "rank"
+
+    def __init__(self, streams: Dict[str, Optional[Stream]], producer_device: int) -> None:
+        self.streams, self.producer_device = streams, producer_device
+
+    def send(self, value: Any, src: int, dst: int) -> Any:
+        direction = VALUE if src == self.producer_device else GRAD
+        return self.streams[direction].send(value)
+
+    def receive(self, token: Any) -> Any:
+        return token
+
+
+class _RankRun(Run):
+    """One run on this rank: :class:`Run` plus the transfer actions and gradient reduction."""
+
+    def __init__(self, runner: "RankRunner", plan: Any, stages: Sequence[Any],
+                 batches: Sequence[Tuple[Any, Any]]) -> None:
+        super().__init__(plan, stages, runner.transports, runner.devices, batches,
+                         runner.num_threads)
+        self.runner = runner
+        self.sends: List[Tuple[List[Any], List[torch.Tensor], str]] = []
+        self.reducers: Dict[int, Any] = {}
+        self.deadline_s = runner.timeout
+
+    def dispatch(self, _local: int, index: int) -> None:
+        r = self.runner
+        d = r.device_index
+        a = self.plan.actions[d][index]
+        kind = str(a.kind)
+        r.post_ahead(index)
+        if kind in RECEIVES:
+            direction = VALUE if kind == "RF" else GRAD
+            stream = r.streams[(r.edge_of[index], direction)]
+            value = stream.take(me=r.mesh.rank, what=f"{a} from rank {stream.peer}")
+            self.mailbox.put(direction, r.edge_of[index], a.microbatch, value)
+            return
+        if kind in ("SF", "SB"):
+            direction = VALUE if kind == "SF" else GRAD
+            works, keep = self.mailbox.take(direction, r.edge_of[index], a.microbatch)
+            self.sends.append((works, keep, f"delivery of {a} to rank {r.peer_of[index]}"))
+            return
+        super().dispatch(d, index)
+        stage = a.stage
+        if r.last_backward.get(stage) == index and r.mesh.dp_group is not None:
+            self.reducers[stage] = grads_mod.start_allreduce(self.stages[stage], r.mesh.dp_group)
+
+    def finish_sends(self) -> None:
+        """Wait (bounded) until every message this run sent was delivered."""
+        r = self.runner
+        works = [w for ws, _, _ in self.sends for w in ws]
+        peers = sorted({r.peer_of[i] for i in r.sends_at})
+        wait_all(works, deadline=time.monotonic() + r.timeout, board=r.board,
+                 peer=peers[0] if len(peers) == 1 else None, me=r.mesh.rank,
+                 what=f"the delivery of this step's sends to rank(s) {peers}")
+        self.sends.clear()
+
+
+class RankEvalRun(EvalMixin, _RankRun):
+    """A forward-only run on this rank (:mod:`pipetrain.evaluation`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.outputs: Dict[int, Any] = {}
+
+
+class RankRunner:
+    """Runs this rank's row of lowered plans; see the module docstring.
+
+    Args:
+        mesh: the :class:`~pipetrain.distributed.mesh.Mesh`.
+        plan: the lowered :class:`~pipetrain.plan.Plan` (all devices' rows).
+        device: this rank's torch device.
+        timeout: seconds any single wait may last.
+        num_threads: torch intra-op threads on the issuing thread (0: leave torch's).
+        board: the failure :class:`Board`.
+        ties: :class:`~pipetrain.distributed.grads.Ties` of the pipeline.
+    """
+
+    def __init__(self, mesh: Any, plan: Any, device: torch.device, *, timeout: float,
+                 num_threads: int, board: Board, ties: Any, group: Any = None) -> None:
+        from pipetrain.executor import Executor
+        self.mesh, self.plan, self.timeout, self.num_threads = mesh, plan, timeout, num_threads
+        self.board, self.ties = board, ties
+        self.device_index = d = mesh.pp_rank
+        self.devices = [device] * plan.num_devices
+        graph = plan.graph
+        dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
+        self.transports: Dict[int, Transport] = {}
+        self.streams: Dict[Tuple[int, str], Stream] = {}
+        self.outgoing: List[Stream] = []
+        handoff = Handoff()
+        for e in graph.edges:
+            a, b = dev_of[e.src], dev_of[e.dst]
+            if a == b:
+                self.transports[e.id] = handoff
+                continue
+            streams: Dict[str, Optional[Stream]] = {VALUE: None, GRAD: None}
+            if d in (a, b):
+                peer = mesh.rank_of(b if d == a else a)
+                for direction in (VALUE, GRAD):
+                    st = Stream(e.id, direction, peer, device, e.name, group)
+                    streams[direction] = self.streams[(e.id, direction)] = st
+                    if (direction == VALUE) == (d == a):
+                        self.outgoing.append(st)
+            self.transports[e.id] = RankEdge(streams, a)
+        # Per action of our row: the edge / peer of transfers, the stream of receives.
+        row = plan.actions[d]
+        self.edge_of: Dict[int, int] = {}
+        self.peer_of: Dict[int, int] = {}
+        self.expected: Dict[Tuple[int, str], int] = {}   # messages per receiving stream
+        self.sends_at: List[int] = []
+        self.receives: List[int] = []           # indices of RF / RB in the row
+        self._posted = 0
+        self.recv_seq: Dict[int, Tuple[Tuple[int, str], int]] = {}
+        self.last_backward: Dict[int, int] = {}  # stage -> index of its last B / W
+        edge_by_pair = {(e.src, e.dst): e.id for e in graph.edges}
+        for i, a in enumerate(row):
+            kind = str(a.kind)
+            if kind in ("SF", "RB"):
+                self.edge_of[i] = edge_by_pair[(a.stage, a.peer)]
+            elif kind in ("RF", "SB"):
+                self.edge_of[i] = edge_by_pair[(a.peer, a.stage)]
+            if kind in ("SF", "SB", "RF", "RB"):
+                self.peer_of[i] = mesh.rank_of(dev_of[a.peer])
+            if kind in RECEIVES:
+                self.receives.append(i)
+                key = (self.edge_of[i], VALUE if kind == "RF" else GRAD)
+                self.recv_seq[i] = (key, self.expected.get(key, 0))
+                self.expected[key] = self.expected.get(key, 0) + 1
+            elif kind in ("SF", "SB"):
+                self.sends_at.append(i)
+            if kind in ("B", "W"):
+                self.last_backward[a.stage] = i
+        self.executor = Executor(1, backend="cuda" if device.type == "cuda" else "cpu")
+        self.compiled = self.executor.compile([[(str(a), []) for a in row]])
+        self.broken: Optional[str] = None
+        self.companions: List["RankRunner"] = []
+
+    # -- a run -------------------------------------------------------------------------------
+    def execute(self, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
+                run_cls: Any = None) -> Tuple[_RankRun, Any, float]:
+        """Run our row; returns (run, timeline, wall seconds). Raises ExecutorError (an
+        action failed: PeerFailed as its cause when another rank did) or PeerFailed."""
+        from pipetrain.executor import ExecutorError
+
+        if self.broken:
+            raise PeerFailed(f"an earlier step failed ({self.broken}); the process group may "
+                             "hold unmatched messages: restart the job (torchrun restarts it)")
+        t0 = time.perf_counter()
+        self.board.step += 1
+        for key, st in self.streams.items():
+            st.begin_run(self.expected.get(key, 0))
+        self._posted = 0
+        run = (run_cls or _RankRun)(self, self.plan, stages, batches)
+        d = self.device_index
+        local = [st for st in stages if st is not None]
+        for st in local:
+            st.begin_run(run.meters[d])
+        old_threads = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            # The executor's own timeout is a backstop: every wait inside an action is bounded.
+            timeline = self.executor.run(self.compiled, run.dispatch,
+                                         timeout=min(2 * self.timeout + 10, 1e9))
+            run.finish_sends()
+        except BaseException as err:
+            for st in local:
+                st.end_run(commit=False)
+            self.broken = str(err.__cause__ or err) if isinstance(err, ExecutorError) else str(err)
+            raise
+        finally:
+            if self.num_threads:
+                torch.set_num_threads(old_threads)
+        return run, timeline, time.perf_counter() - t0
+
+    def post_ahead(self, index: int) -> None:
+        """Before action ``index``: post the headers of the receives up to ``LOOKAHEAD``
+        past it (in row order, which is each stream's message order)."""
+        upto = min(bisect.bisect_right(self.receives, index) + LOOKAHEAD, len(self.receives))
+        row = self.plan.actions[self.device_index]
+        while self._posted < upto:
+            i = self.receives[self._posted]
+            self.streams[(self.edge_of[i], VALUE if str(row[i].kind) == "RF" else GRAD)].post()
+            self._posted += 1
+
+    def fail(self, text: str) -> None:
+        """This step failed here: publish ``text`` on the board and as an error header on
+        every outgoing stream, so waiting ranks learn the origin at once."""
+        self.broken = self.broken or text
+        self.board.post(text)
+        works = []
+        for st in self.outgoing:
+            try:
+                works += st.send_error(text)[0]
+            except Exception:  # noqa: BLE001  the peer is gone: nothing to tell it
+                pass
+        try:
+            wait_all(works, deadline=time.monotonic() + min(self.timeout, 5.0), board=self.board,
+                     peer=None, me=self.mesh.rank, what="error notices")
+        except PeerFailed:
+            pass
+
+    def overlap(self, timeline: Any) -> Dict[str, float]:
+        """How much of the last run's incoming transfer time was hidden under compute.
+
+        A message's transfer time runs from its sender's post to its arrival here; the part
+        of it this rank spent blocked in the RF / RB action that takes it is exposed, the
+        rest overlapped other work. Returns ``transfer_s``, ``exposed_s`` and
+        ``hidden_fraction`` (1.0 when nothing was received)."""
+        del timeline
+        total = exposed = 0
+        for i, (key, seq) in self.recv_seq.items():
+            times = self.streams[key].times.get(seq)
+            if times is None:
+                continue
+            sent, arrived, wait_from, wait_to = times
+            total += max(0, arrived - sent)
+            exposed += max(0, min(arrived, wait_to) - max(sent, wait_from))
+        return {"transfer_s": total * 1e-9, "exposed_s": exposed * 1e-9,
+                "hidden_fraction": 1.0 - exposed / total if total else 1.0}
+
+    def close(self) -> None:
+        """Stop the executor's thread, and those of runners made for this one (evaluation)."""
+        for other in self.companions:
+            other.close()
+        if self.executor is not None:
+            self.executor.close()
