@@ -26,7 +26,10 @@ Lifetime: :meth:`Executor.close` may be called from any thread, also while a run
 progress: it cancels the run (which raises ``ExecutorError(kind="closed")``), waits for the
 threads to leave their actions (bounded), then joins them. At interpreter exit every
 executor is closed that way before finalization starts, so a daemon thread inside
-:meth:`Executor.run` gets back to Python instead of being killed inside C++.
+:meth:`Executor.run` gets back to Python instead of being killed inside C++; exit then waits
+until no thread is inside ``Runner.execute`` / ``Pipeline.step`` (:func:`active`), whose torch
+work before and after the run would abort the process if finalization killed the thread
+there. From then on no executor is created and no step starts (RuntimeError).
 """
 
 from __future__ import annotations
@@ -163,16 +166,73 @@ _exiting = False
 CLOSE_GRACE_S = 5.0
 
 
+#: How long interpreter exit waits for threads to leave pipetrain calls (:func:`active`).
+EXIT_WAIT_S = CLOSE_GRACE_S + 5.0
+
+_active_cv = threading.Condition(threading.Lock())
+_active_count = 0
+
+
+class _Active:
+    """``with active():`` marks the calling thread as inside a pipetrain call that does torch
+    work around executor runs (``Runner.execute``, ``Pipeline.step``). Entering raises
+    RuntimeError once the interpreter is exiting; :func:`_close_all` waits until no thread
+    is inside, so finalization never starts while such a call still runs torch ops. A call
+    that overlapped the exit raises RuntimeError instead of returning."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _active_count
+        with _active_cv:
+            if _exiting:
+                raise RuntimeError("pipetrain: the interpreter is exiting")
+            _active_count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        global _active_count
+        with _active_cv:
+            _active_count -= 1
+            if _active_count == 0:
+                _active_cv.notify_all()
+            exiting = _exiting
+        if exiting and exc_type is None:
+            # A call that overlapped the exit does not return into the caller's (daemon
+            # thread's) loop, which would go on issuing torch ops during finalization.
+            raise RuntimeError("pipetrain: the interpreter is exiting")
+
+
+_ACTIVE = _Active()
+
+
+def active() -> _Active:
+    """The context manager described in :class:`_Active` (reentrant, any thread)."""
+    return _ACTIVE
+
+
+#: Test hook: called by :func:`_close_all` after it marked the exit, before closing.
+_exit_hook: Callable[[], None] | None = None
+
+
 @atexit.register
 def _close_all() -> None:
     # atexit runs before finalization starts. From then on a thread re-taking the GIL is
-    # killed (pthread_exit), which aborts if it unwinds through C++ noexcept frames (a run
-    # waiting in C++, a worker). So cancel every run and wait, GIL released, until each run()
-    # call is back in Python and every worker has been joined.
+    # killed (pthread_exit), which aborts the process ("terminate called without an active
+    # exception") if it unwinds through a C++ noexcept frame: a run waiting in C++, a worker,
+    # or any torch op, which drops and re-takes the GIL inside pybind11/torch destructors.
+    # So: refuse new pipetrain calls and new executors, cancel every run and wait, GIL
+    # released, until each run() call is back in Python and every worker has been joined,
+    # then until every thread has left Runner.execute / Pipeline.step (which do torch work
+    # before and after the run: a daemon thread there would be killed inside torch).
     global _exiting
-    _exiting = True
+    with _active_cv:
+        _exiting = True
+    if _exit_hook is not None:
+        _exit_hook()
     for ex in list(_live):
         ex.close()
+    with _active_cv:
+        _active_cv.wait_for(lambda: _active_count == 0, EXIT_WAIT_S)
 
 
 class Executor:
@@ -198,6 +258,9 @@ class Executor:
                  profile_steps: tuple[int, int] | None = None, spin: int = 0, yields: int = 64):
         if num_devices <= 0:
             raise ValueError(f"num_devices must be positive, got {num_devices}")
+        if _exiting:
+            # Its threads could outlive the close-all at exit; no executor is made after it.
+            raise RuntimeError("cannot create an Executor: the interpreter is exiting")
         self.num_devices = num_devices
         self._backend = _backend(backend)
         self.backend = self._backend.name

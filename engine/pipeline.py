@@ -258,6 +258,8 @@ class Pipeline:
                 stalled for ``timeout`` seconds. Nothing of the failed step is kept: every
                 ``p.grad`` is what it was before the call, and the next step works.
         """
+        from pipetrain.executor import active
+
         if async_schedules.is_async(self.schedule_name):
             raise ValueError(f"step() runs one synchronous mini-batch; {self.schedule_name!r} is "
                              "asynchronous (no flush between mini-batches): use "
@@ -265,14 +267,17 @@ class Pipeline:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("Pipeline.step is already running (one step at a time)")
         try:
-            if self._graph_model is not None and self._graph_model.built is None:
-                self._graph_model.build_from_batch(inputs)
-            if self.dist is not None:
-                return self.dist.step(self, inputs, targets)
-            self._loss.begin(targets)
-            outcome = self._execute(self.plan, [(inputs, targets)])
-            loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
-            self._stats = self._measure(outcome)
+            # Interpreter exit waits for this (torch work after the run included); a step
+            # started once exit began raises RuntimeError at once.
+            with active():
+                if self._graph_model is not None and self._graph_model.built is None:
+                    self._graph_model.build_from_batch(inputs)
+                if self.dist is not None:
+                    return self.dist.step(self, inputs, targets)
+                self._loss.begin(targets)
+                outcome = self._execute(self.plan, [(inputs, targets)])
+                loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
+                self._stats = self._measure(outcome)
             return loss
         finally:
             self._lock.release()

@@ -103,6 +103,14 @@ class Runner:
             ValueError: the batches cannot be split into the plan's micro-batches.
             ExecutorError: an action failed or the run stalled (the caller names it).
         """
+        from pipetrain.executor import active
+
+        # Interpreter exit (pipetrain.executor._close_all) waits until no thread is in here:
+        # a daemon thread killed by finalization inside a torch op aborts the process.
+        with active():
+            return self._execute(plan, stages, batches)
+
+    def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]]) -> RunOutcome:
         from pipetrain.executor import ExecutorError
 
         t0 = time.perf_counter()
@@ -138,7 +146,10 @@ class Runner:
         for tr in {id(t): t for t in self.transports.values()}.values():
             with contextlib.suppress(Exception):
                 tr.drain(min(self.timeout, 60.0))
-        if self.executor.poisoned:
+        from pipetrain import executor as executor_mod
+        if self.executor.poisoned and not executor_mod._exiting:
+            # Never replaced once the interpreter is exiting: a new executor would outlive
+            # the close-all at exit (Executor() refuses then).
             old = self.executor
             plan.forget(old)
             self._new_executor()

@@ -81,6 +81,69 @@ def test_interpreter_exits_cleanly_mid_step():
     assert time.perf_counter() - t0 < 30
 
 
+def test_interpreter_exit_waits_for_the_cleanup_after_a_cancelled_run():
+    """Regression: exit closed the executor and went on as soon as the cancelled run was back
+    in Python, while the daemon thread still did torch work in Runner.execute's cleanup
+    (end_run, mailbox); finalization then killed it inside a torch op (pthread_exit through
+    ~gil_scoped_release, noexcept): "terminate called without an active exception", -6. The
+    cleanup is made slow here (as under load) so the old code aborts every time."""
+    t0 = time.perf_counter()
+    out = _python("""
+        import threading, time, torch
+        from torch import nn
+        from pipetrain import Pipeline
+        from pipetrain.stage import Stage
+        from tests.models import Stall, mse
+        model = nn.Sequential(nn.Linear(4, 4), Stall(0.3), nn.Linear(4, 4), Stall(0.3))
+        pipe = Pipeline(model, 2, num_microbatches=8, loss_fn=mse)
+        running = threading.Event()
+        orig_begin, orig_end = Stage.begin_run, Stage.end_run
+        def begin_run(self, *a, **k):
+            running.set()
+            return orig_begin(self, *a, **k)
+        def end_run(self, commit):
+            t, t_end = torch.zeros(64), time.monotonic() + 1.5
+            while time.monotonic() < t_end:
+                t.add_(1)   # drops and re-takes the GIL inside C++
+            return orig_end(self, commit)
+        Stage.begin_run, Stage.end_run = begin_run, end_run
+        def train():
+            while True:
+                pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+        threading.Thread(target=train, daemon=True).start()
+        running.wait(20)
+        time.sleep(0.2)   # the run is under way (Stall sleeps in its first forward)
+        print("main returns")
+    """)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "terminate" not in out.stderr and "Fatal" not in out.stderr
+    assert "main returns" in out.stdout
+    assert time.perf_counter() - t0 < 20
+
+
+def test_nothing_starts_once_the_interpreter_is_exiting():
+    """After the atexit close-all no executor is created (Runner._recover does not replace
+    one) and no step starts: their threads would outlive it."""
+    out = _python("""
+        import torch
+        from torch import nn
+        import pipetrain.executor as ex
+        from pipetrain import Pipeline
+        from tests.models import mse
+        pipe = Pipeline(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 2,
+                        num_microbatches=2, loss_fn=mse)
+        pipe.step(torch.randn(4, 4), torch.randn(4, 4))
+        ex._close_all()
+        for make in (lambda: ex.Executor(2), lambda: pipe.step(torch.randn(4, 4), torch.randn(4, 4))):
+            try:
+                make()
+            except RuntimeError as err:
+                print("refused:", err)
+    """)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("refused:") == 2, out.stdout
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_an_action_stuck_past_the_timeout_touches_nothing_of_later_steps(where):
     """The stuck action returns after the step failed: it must not write .grad, nor leave
