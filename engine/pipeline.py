@@ -38,14 +38,16 @@ from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage_builder import build_stages
 from pipetrain.errors import PipelineError
-from pipetrain.stats import StepStats, measure_run, simulate_measured
+from pipetrain.global_ops import GlobalOps
+from pipetrain.reporting import Reporting
+from pipetrain.stats import StepStats, measure_run
 
 __all__ = ["Pipeline", "PipelineError"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-class Pipeline:
+class Pipeline(GlobalOps, Reporting):
     """Pipeline-parallel training of an ``nn.Sequential`` (or list of modules).
 
     Args:
@@ -196,46 +198,6 @@ class Pipeline:
         """Every parameter of every stage (the model's own objects)."""
         return [p for st in self.stages if st is not None for p in st.parameters()]
 
-    @property
-    def pp_rank(self) -> int:
-        """This process's pipeline device (0 in one process)."""
-        return self.dist.mesh.pp_rank if self.dist is not None else 0
-
-    @property
-    def dp_rank(self) -> int:
-        """This process's data-parallel replica (0 in one process)."""
-        return self.dist.mesh.dp_rank if self.dist is not None else 0
-
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Scale every stage's gradients (on every rank) so that their total norm is at most
-        ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the unsplit model (a tied
-        weight counted once); returns the total norm before clipping, on every rank."""
-        if self.dist is not None:
-            return self.dist.clip_grad_norm_(self, max_norm, norm_type)
-        unique = list({id(p): p for p in self.parameters()}.values())
-        return torch.nn.utils.clip_grad_norm_(unique, max_norm, norm_type)
-
-    def state_dict(self, optimizer: Any = None) -> dict:
-        """This process's stages' tensors (and ``optimizer``'s state for them), keyed as in
-        the unsplit model (:mod:`pipetrain.checkpointing`)."""
-        from pipetrain import checkpointing
-        return checkpointing.state_dict(self, optimizer)
-
-    def load_state_dict(self, state: dict, optimizer: Any = None, strict: bool = True) -> None:
-        """Load :meth:`state_dict` output (from any split) into this process's stages."""
-        from pipetrain import checkpointing
-        checkpointing.load_state_dict(self, state, optimizer, strict)
-
-    def eval(self, inputs: Any, targets: Any = None) -> Any:
-        """Forward-only pipelined run (no autograd, modules in eval mode meanwhile): the merged
-        last-stage outputs (``None`` on ranks without the last stage), and with ``targets``
-        ``(outputs, loss)``, the loss as ``step`` computes it (on every rank). The batch size
-        may differ from training's (at least ``num_microbatches``)."""
-        from pipetrain import evaluation
-        out, loss = self.dist.eval(self, inputs, targets) if self.dist is not None \
-            else evaluation.evaluate(self, inputs, targets)
-        return out if targets is None else (out, loss)
-
     # -- the step -------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
         """One mini-batch: every forward and backward of the schedule.
@@ -308,36 +270,6 @@ class Pipeline:
     # -- measurements ---------------------------------------------------------------------
     def _measure(self, outcome: Any) -> StepStats:
         return measure_run(outcome, self.plan, self.num_stages)
-
-    def stats(self) -> StepStats:
-        """The last step's :class:`~pipetrain.stats.StepStats` (wall time, per-device busy /
-        idle, measured bubble ratio, samples/s, per-stage action costs, peak stash)."""
-        if self._stats is None:
-            raise RuntimeError("no step has run yet: call step() first")
-        return self._stats
-
-    def simulate(self, stats: Optional[StepStats] = None) -> Any:
-        """The schedule simulator's prediction from the last step's measured per-stage costs
-        (F, and B or I + W): ``schedule.simulate(...)``'s result, to compare with ``stats()``."""
-        return simulate_measured(self.schedule, (stats or self.stats()).costs_s)
-
-    def export_trace(self, path: Any) -> Any:
-        """Write the last step's timeline as Chrome / Perfetto trace JSON, with the executor's
-        waits (``wait 1F3``, ``wait GIL``) beside the actions; returns the path."""
-        from pipetrain.trace import write_chrome_trace
-        st = self.stats()
-        return write_chrome_trace(st.records, path, waits=st.waits, name=f"pipetrain {st.schedule}",
-                                  metadata={"schedule": st.schedule, "num_devices": st.num_devices,
-                                            "num_microbatches": st.num_microbatches,
-                                            "bubble_ratio": st.bubble_ratio, "wall_s": st.wall_s})
-
-    def plot_timeline(self, path: Any, title: Optional[str] = None) -> Any:
-        """Draw the last step's timeline (one row per device) to an image file."""
-        from pipetrain.trace import plot_timeline
-        st = self.stats()
-        return plot_timeline(st.records, path, title or
-                             f"{st.schedule}  p={st.num_devices} m={st.num_microbatches}  "
-                             f"bubble {100 * st.bubble_ratio:.1f} %")
 
     @property
     def stage_graph(self) -> Any:
