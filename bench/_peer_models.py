@@ -15,6 +15,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from bench.training import Block  # the pre-norm residual MLP block, one definition
+
 # Where wall clocks come from: CLOCK_MONOTONIC is one clock for every process on the machine,
 # so action times recorded in the worker processes line up with each other.
 now_ns = time.monotonic_ns
@@ -41,18 +43,6 @@ class Workload:
         unit = {"linear": "Linear+GELU", "block": "pre-norm residual MLP block (4x)"}[self.kind]
         return (f"{self.layers} x {unit}, width {self.width}, batch {self.batch}, "
                 f"m = {self.microbatches} (micro-batch {self.batch // self.microbatches} rows)")
-
-
-class Block(nn.Module):
-    """Pre-norm residual MLP block: x + W2 gelu(W1 LN(x))."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.down(nn.functional.gelu(self.up(self.ln(x))))
 
 
 def make_layers(wl: Workload) -> List[nn.Module]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Sequence, Tuple
 import torch
 
 __all__ = ["flatten", "unflatten", "batch_size", "split_sizes", "scatter", "gather", "tree_map",
-           "tree_sum"]
+           "tree_sum", "detach_for_backward"]
 
 # A spec mirrors the nesting: ("leaf",), ("tuple", type, [specs]), ("list", [specs]),
 # ("dict", keys, [specs]). Kept as plain tuples so that building one per action is cheap.
@@ -172,3 +172,15 @@ def tree_sum(values: Sequence[Any]) -> Any:
         out.append(torch.stack(parts).sum(0) if len(parts) > 2 else
                    (parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)))
     return unflatten(out, spec)
+
+
+def detach_for_backward(obj: Any) -> Any:
+    """``obj`` with every tensor detached and every floating one requiring grad: a stage's
+    boundary input as measured alone (partitioning by time, the planner's cost probes)."""
+    def leaf(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            if t.is_floating_point():
+                t.requires_grad_(True)
+        return t
+    return tree_map(leaf, obj)

@@ -21,6 +21,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
+from pipetrain.microbatch import detach_for_backward
+
 __all__ = ["layers_of", "balance_costs", "balance_by_size", "balance_by_time", "split"]
 
 
@@ -111,7 +113,7 @@ def balance_by_time(layers: Sequence[nn.Module], sample: Any, num_parts: int,
         for layer in layers:
             times = []
             for r in range(repeats + 1):
-                inp = _detached(x)
+                inp = detach_for_backward(x)
                 t0 = time.perf_counter()
                 with torch.enable_grad():
                     out = layer(inp)
@@ -121,7 +123,7 @@ def balance_by_time(layers: Sequence[nn.Module], sample: Any, num_parts: int,
                 if r:
                     times.append(time.perf_counter() - t0)
             costs.append(sorted(times)[len(times) // 2])
-            x = _detached(out)
+            x = detach_for_backward(out)
     finally:
         for p, g in zip(params, saved):
             p.grad = g
@@ -131,18 +133,6 @@ def balance_by_time(layers: Sequence[nn.Module], sample: Any, num_parts: int,
 def _tensors(obj: Any) -> List[torch.Tensor]:
     from pipetrain.microbatch import flatten
     return [t for t in flatten(obj)[0] if isinstance(t, torch.Tensor)]
-
-
-def _detached(obj: Any) -> Any:
-    from pipetrain.microbatch import tree_map
-
-    def leaf(t):
-        if isinstance(t, torch.Tensor):
-            t = t.detach()
-            if t.is_floating_point():
-                t.requires_grad_(True)
-        return t
-    return tree_map(leaf, obj)
 
 
 def split(layers: Sequence[nn.Module], num_parts: Optional[int] = None,

@@ -29,6 +29,8 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from pipetrain.microbatch import detach_for_backward
+
 __all__ = ["Affine", "CostTable", "Network", "measure_costs", "parse_bytes"]
 
 
@@ -245,18 +247,6 @@ def _slice(obj: Any, b: int) -> Any:
     return tree_map(lambda t: t[:b] if isinstance(t, torch.Tensor) else t, obj)
 
 
-def _detach(obj: Any) -> Any:
-    from pipetrain.microbatch import tree_map
-
-    def leaf(t):
-        if isinstance(t, torch.Tensor):
-            t = t.detach()
-            if t.is_floating_point():
-                t.requires_grad_(True)
-        return t
-    return tree_map(leaf, obj)
-
-
 def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.nbytes)
 
@@ -306,7 +296,7 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                 last = li == L - 1
                 f_t, b_t, i_t = [], [], []
                 for r in range(repeats + 1):
-                    inp = _detach(x)
+                    inp = detach_for_backward(x)
                     in_keys = {_key(t) for t in _leaves(inp)}
                     packed: dict = {}
 
@@ -344,7 +334,7 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                 rows["I"][li][si] = min(min(i_t), rows["B"][li][si])
                 rows["X"][li][si] = float(sum(t.nbytes for t in _leaves(inp)))
                 rows["A"][li][si] = float(sum(v for k, v in packed.items() if k not in in_keys))
-                x = _detach(out) if not last else x
+                x = detach_for_backward(out) if not last else x
     finally:
         torch.set_num_threads(old_threads)
         for p, g in zip(params, saved_grads):
