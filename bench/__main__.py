@@ -1,12 +1,13 @@
 """The main job: every benchmark section in turn, printing tables and writing pictures.
 
-Usage: ``python -m bench [--quick] [--out DIR] [--only SECTION ...]``, or
+Usage: ``python -m bench [--quick | --full] [--out DIR] [--only SECTION ...]``, or
 ``python -m bench --gpu-check [--out DIR]`` (bench/gpu_check.py).
 Each section is a module in ``bench/`` with ``run(quick: bool, out: pathlib.Path) -> None``.
 """
 
 import argparse
 import importlib
+import inspect
 import pathlib
 import sys
 
@@ -19,6 +20,8 @@ SECTIONS = ["schedule_table", "executor_overhead", "step_overhead", "training", 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    parser.add_argument("--full", action="store_true",
+                        help="the long versions of sections that have one (convergence: 3 seeds)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/out"),
                         help="where pictures and traces go (default: bench/out)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
                 raise
             print(f"(section {name} is not built yet)")
             continue
-        module.run(quick=args.quick, out=args.out)
+        kwargs = {"full": True} if args.full and "full" in inspect.signature(module.run).parameters else {}
+        module.run(quick=args.quick, out=args.out, **kwargs)
     print(f"\noutputs in {args.out}/")
     return 0
 

@@ -54,6 +54,9 @@ METHODS = [
 
 FULL = {"columns": ((4, 4), (8, 8), (8, 1)), "seeds": (0, 1, 2),
         "steps": {"digits": 80, "charlm": 60}, "digits": {}, "charlm": {}}
+# The main job's default: one seed, both depths at m = p, half the updates (~1 minute).
+DEFAULT = {"columns": ((4, 4), (8, 8)), "seeds": (0,), "steps": {"digits": 40, "charlm": 30},
+           "digits": {}, "charlm": {}}
 # CI: every method and both depths, one seed, a few updates of smaller models: it checks the
 # section end to end (and that nothing diverges), not convergence.
 QUICK = {"columns": ((4, 4), (8, 8), (8, 1)), "seeds": (0,), "steps": {"digits": 6, "charlm": 4},
@@ -101,12 +104,15 @@ def _fmt(xs: list[float], scale: float = 1.0) -> str:
     return f"{mean:.3f} ± {std:.3f}" if scale == 1.0 else f"{mean:.1f} ± {std:.1f}"
 
 
-def run(quick: bool, out: pathlib.Path, trainer=None) -> dict:
+def run(quick: bool, out: pathlib.Path, trainer=None, full: bool = False) -> dict:
+    """The section: ``quick`` (CI), the default (one seed, ~1 minute) or ``full`` (3 seeds,
+    p = 4 and 8, m = p and m = 1; ~10 minutes here: ``python -m bench --full --only
+    convergence``)."""
     if trainer is None or trainer == "pipeline":     # the real pipeline's train()
         from bench.async_trainer import pipeline_train as trainer
     elif trainer == "reference":
         from pipetrain.async_reference import reference_train as trainer
-    cfg = QUICK if quick else FULL
+    cfg = QUICK if quick else (FULL if full else DEFAULT)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny tensors: more threads only add overhead (and contention)
     results = {}
@@ -213,13 +219,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the short CI version")
-    mode.add_argument("--full", action="store_true", help="the full run (the default)")
+    mode.add_argument("--full", action="store_true", help="3 seeds, m = p and m = 1 (~10 min)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/out"))
     parser.add_argument("--reference", action="store_true",
                         help="train with the plain-torch reference instead of the pipeline")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    run(quick=args.quick, out=args.out, trainer="reference" if args.reference else "pipeline")
+    run(quick=args.quick, out=args.out, trainer="reference" if args.reference else "pipeline",
+        full=args.full)
     return 0
 
 
