@@ -34,7 +34,7 @@ from pipetrain.microbatch import flatten, scatter
 from pipetrain.stage_run import Meter
 from pipetrain.transport import to_device
 
-__all__ = ["Run", "split_minibatches"]
+__all__ = ["Run", "Feed", "Carry", "split_minibatches"]
 
 
 def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list, list, list, list]:
@@ -62,6 +62,65 @@ def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list,
     return xs, ys, weights, sizes
 
 
+class Feed:
+    """Micro-batches by global index, for runs that cover a window of a longer stream.
+
+    ``add(t, batch)`` scatters mini-batch ``t`` once; ``x[k]``, ``y[k]``, ``weights[k]``
+    (dicts by global micro-batch ``k = t*m + j``) and ``sizes[t]`` are what :class:`Run`
+    reads; ``drop_before(t)`` forgets the mini-batches every stage is done with (bounded
+    memory while streaming).
+    """
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+        self.x: Dict[int, Any] = {}
+        self.y: Dict[int, Any] = {}
+        self.weights: Dict[int, float] = {}
+        self.sizes: Dict[int, List[int]] = {}
+        self.batches: Dict[int, Tuple[Any, Any]] = {}
+
+    def add(self, t: int, batch: Tuple[Any, Any]) -> None:
+        """Scatter mini-batch ``t`` (ValueError naming it when it cannot be split)."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"mini-batch {t}: expected a pair (inputs, targets), got "
+                             f"{type(batch).__name__}")
+        try:
+            xs, ys, ws, sizes = split_minibatches([batch], self.m)
+        except ValueError as err:
+            raise ValueError(f"mini-batch {t}: {err}") from None
+        for j in range(self.m):
+            k = t * self.m + j
+            self.x[k], self.y[k], self.weights[k] = xs[j], ys[j], ws[j]
+        self.sizes[t] = sizes[0]
+        self.batches[t] = batch
+
+    def drop_before(self, t: int) -> None:
+        for old in [u for u in self.sizes if u < t]:
+            for j in range(self.m):
+                k = old * self.m + j
+                self.x.pop(k, None), self.y.pop(k, None), self.weights.pop(k, None)
+            self.sizes.pop(old)
+            self.batches.pop(old, None)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+class Carry:
+    """What one window's run hands to the next (a streamed asynchronous run,
+    :mod:`pipetrain.async_windows`): the mailbox (values posted and not yet taken), the
+    devices' memory meters (their peaks span the whole stream) and the :class:`Feed`. The
+    stages keep their stash and weight versions themselves (``Stage.end_run(keep=True)``).
+    """
+
+    def __init__(self, plan: Any, m: int) -> None:
+        graph = plan.graph
+        self.mailbox = Mailbox({e.id: e.name for e in graph.edges})
+        self.meters = [Meter() for _ in range(plan.num_devices)]
+        self.feed = Feed(m)
+        self.runs = 0          # windows run so far (the first one starts the stages' runs)
+
+
 class Run:
     """One run of a :class:`~pipetrain.plan.Plan` over ``len(batches)`` mini-batches.
 
@@ -76,19 +135,28 @@ class Run:
 
     def __init__(self, plan: Any, stages: Sequence[Any], transports: Dict[int, Any],
                  devices: Sequence[torch.device], batches: Sequence[Tuple[Any, Any]],
-                 num_threads: int = 0) -> None:
-        if len(batches) != plan.num_minibatches:
-            raise ValueError(f"the plan runs {plan.num_minibatches} mini-batches, "
-                             f"got {len(batches)}")
+                 num_threads: int = 0, carry: Optional[Carry] = None) -> None:
         self.plan, self.stages, self.transports = plan, stages, transports
-        self.batches = batches
-        self.x, self.y, self.weights, self.sizes = split_minibatches(batches, plan.num_microbatches)
+        self.carry = carry
         graph = plan.graph
-        self.mailbox = Mailbox({e.id: e.name for e in graph.edges})
-        self.losses: List[Optional[torch.Tensor]] = [None] * plan.total_microbatches
+        if carry is None:
+            if len(batches) != plan.num_minibatches:
+                raise ValueError(f"the plan runs {plan.num_minibatches} mini-batches, "
+                                 f"got {len(batches)}")
+            self.batches = batches
+            self.x, self.y, self.weights, self.sizes = split_minibatches(batches,
+                                                                         plan.num_microbatches)
+            self.mailbox = Mailbox({e.id: e.name for e in graph.edges})
+            self.meters = [Meter() for _ in range(plan.num_devices)]
+        else:
+            # A window of a stream: data by global micro-batch, in-flight values carried.
+            feed = carry.feed
+            self.batches = [feed.batches[t] for t in plan.minibatches]
+            self.x, self.y, self.weights, self.sizes = feed.x, feed.y, feed.weights, feed.sizes
+            self.mailbox, self.meters = carry.mailbox, carry.meters
+        self.losses: Dict[int, torch.Tensor] = {}
         self.input_grads: Dict[int, Any] = {}
         self.target_grads: Dict[int, Any] = {}
-        self.meters = [Meter() for _ in range(plan.num_devices)]
         self.num_threads = num_threads
         self._threads_set = [False] * plan.num_devices
         # Autocast is thread-local: the caller's carries over to the issuing threads.
@@ -169,15 +237,22 @@ class Run:
         """Each mini-batch's loss: its micro-batch losses weighted by micro-batch size."""
         m = self.plan.num_microbatches
         out = []
-        for t in range(self.plan.num_minibatches):
+        for t in getattr(self.plan, "minibatches", range(self.plan.num_minibatches)):
             ks = range(t * m, (t + 1) * m)
             out.append(sum(self.losses[k] * self.weights[k] for k in ks))
         return out
+
+    def samples(self) -> int:
+        """Samples of the mini-batches whose updates this run applied."""
+        return sum(sum(self.sizes[t]) for t in getattr(self.plan, "minibatches",
+                                                        range(self.plan.num_minibatches)))
 
     def backward_into_user_tensors(self) -> None:
         """Give the user's inputs (and targets) that require grad their gradients, as the
         unsplit model's backward would: micro-batch gradients are concatenated back along
         dim 0 (summed for leaves shared by every micro-batch) and backpropagated into them."""
+        if self.carry is not None:
+            return       # a stream's window: inputs' gradients span windows (not given)
         m = self.plan.num_microbatches
         tensors, grads = [], []
         for which, per_mb, index in ((0, self.input_grads, 0), (1, self.target_grads, 1)):

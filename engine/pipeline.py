@@ -256,13 +256,16 @@ class Pipeline(GlobalOps, Reporting):
         from pipetrain.training import train
         return train(self, batches, minibatches_per_run)
 
-    def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]]) -> Any:
-        """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError."""
+    def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]], carry: Any = None) -> Any:
+        """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError.
+        ``carry``: a window of a streamed asynchronous run (:meth:`Runner.execute`)."""
         from pipetrain.executor import ExecutorError
         from pipetrain.nvtx import range as nvtx_range
 
         with nvtx_range(f"pipetrain/run {self.schedule.name}"):
             try:
+                if carry is not None:
+                    return self.runner.execute(plan, self.stages, batches, carry=carry)
                 return self.runner.execute(plan, self.stages, batches)
             except ExecutorError as err:
                 raise errors.from_executor(plan, err) from (err.__cause__ or err)

@@ -12,7 +12,9 @@ runs one :class:`~pipetrain.plan.Plan` over its mini-batches::
              replaced, and can only touch the abandoned run's own state when it returns.
 
 A plan with ``U`` actions commits each stage's gradients at its update instead, so after a
-failure mid-plan a stage holds the weights of the updates that ran (``Stage.versions``).
+failure mid-plan a stage holds the weights of the updates that ran (``Stage.versions``;
+``train()`` then rolls the stages back to one version). A window of a streamed asynchronous
+run (``execute(..., carry=)``) keeps the in-flight state for the next window on success.
 """
 
 from __future__ import annotations
@@ -96,8 +98,15 @@ class Runner:
                                                    self.devices, self.executor,
                                                    timeout=min(self.timeout, 1e9))
 
-    def execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]]) -> RunOutcome:
+    def execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
+                carry: Optional[Any] = None) -> RunOutcome:
         """Run ``plan`` over ``batches``; see the module docstring.
+
+        ``carry`` (a :class:`~pipetrain.dispatch.Carry`): ``plan`` is one window of a streamed
+        asynchronous run (:class:`~pipetrain.async_windows.WindowPlan`); its data comes from
+        ``carry.feed`` (``batches`` is ignored), and on success the stages keep their stash,
+        versions and meters and the mailbox its pending values for the next window. A failure
+        drops all of it, as for any run.
 
         Raises:
             ValueError: the batches cannot be split into the plan's micro-batches.
@@ -108,16 +117,18 @@ class Runner:
         # Interpreter exit (pipetrain.executor._close_all) waits until no thread is in here:
         # a daemon thread killed by finalization inside a torch op aborts the process.
         with active():
-            return self._execute(plan, stages, batches)
+            return self._execute(plan, stages, batches, carry)
 
-    def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]]) -> RunOutcome:
+    def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
+                 carry: Optional[Any] = None) -> RunOutcome:
         from pipetrain.executor import ExecutorError
 
         t0 = time.perf_counter()
-        run = Run(plan, stages, self.transports, self.devices, batches, self.num_threads)
+        run = Run(plan, stages, self.transports, self.devices, batches, self.num_threads, carry)
         self.meters = run.meters
+        resume = carry is not None
         for st in stages:
-            st.begin_run(run.meters[plan.graph.stage(st.index).device])
+            st.begin_run(run.meters[plan.graph.stage(st.index).device], resume=resume)
         old_threads = torch.get_num_threads()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -134,9 +145,11 @@ class Runner:
             if self.num_threads:
                 torch.set_num_threads(old_threads)
             for st in stages:
-                st.end_run(commit=ok)
+                st.end_run(commit=ok, keep=carry is not None)
             if not ok:
                 run.mailbox.clear()
+            elif carry is not None:
+                carry.runs += 1
         run.backward_into_user_tensors()
         return RunOutcome(run, timeline, time.perf_counter() - t0)
 

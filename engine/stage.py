@@ -155,10 +155,16 @@ class Stage:
         self._run.meter.reset_peaks()
 
     # -- runs ----------------------------------------------------------------------------
-    def begin_run(self, meter: Meter) -> None:
-        """Start a run: fresh stash and meters, gradients staged until :meth:`commit_grads`."""
+    def begin_run(self, meter: Meter, resume: bool = False) -> None:
+        """Start a run: fresh stash and meters, gradients staged until :meth:`commit_grads`.
+        ``resume``: a window of a streamed asynchronous run: the weight versions go on (the
+        stream counts them), and the stash and meters a previous window left with
+        ``end_run(keep=True)`` are kept."""
+        if resume and self._run.staged is not None and self._run.meter is meter:
+            return
         self.refresh_params()
-        self.versions.reset()          # version numbers count from the start of the run
+        if not resume:
+            self.versions.reset()      # version numbers count from the start of the run
         self._run = _Run(meter, staged=True, uses_rng=self.uses_rng,
                          measure_each=MEASURE_EACH_FORWARD)
 
@@ -180,13 +186,15 @@ class Stage:
             _accumulate(None, list(run.staged), list(run.staged.values()))
             run.staged.clear()
 
-    def end_run(self, commit: bool) -> None:
+    def end_run(self, commit: bool, keep: bool = False) -> None:
         """End the run: commit its staged gradients (``commit``) or drop them and everything
-        stashed (a failed run). The stage is then as if used on its own."""
+        stashed (a failed run). The stage is then as if used on its own. ``keep`` (with
+        ``commit``): keep the run's stash and meters for ``begin_run(resume=True)``."""
         if commit:
             self.commit_grads()
         self.versions.release()
-        self._run = _Run(self.meter, staged=False)
+        if not (commit and keep):
+            self._run = _Run(self.meter, staged=False)
 
     def clear(self) -> None:
         """Drop every stashed micro-batch and staged gradient (after a failed step)."""

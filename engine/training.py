@@ -1,29 +1,39 @@
 """The ``train()`` loop: the optimizer inside the pipeline, for every schedule.
 
 Synchronous schedules (gpipe, 1f1b, interleaved, zero-bubble): per mini-batch, one
-``step()`` then each stage's optimizer step (the gradients of that mini-batch only).
+``step()`` then each stage's optimizer step (the gradients of that mini-batch only). A failing
+step changes no weight; a failing optimizer step is undone on every stage (each stage's
+weights and state are snapshotted before its step), so the model holds the weights of the
+last completed mini-batch.
 
-Asynchronous schedules (:mod:`pipetrain.async_schedules`): the iterable is cut into chunks of
-``minibatches_per_run`` mini-batches; each chunk is one executor run of the asynchronous plan
-over those T mini-batches (1F1B with no flush inside the chunk, a U per stage and mini-batch,
-every pass on the version the plan names, :class:`~pipetrain.versions.PlannedVersions`
-keeping, predicting and dropping versions). At a chunk boundary the pipeline drains: every
-update of the chunk is applied, and the next chunk starts from those weights as its version 0
-with an empty optimizer-state history. So a chunk boundary is a flush: the first p-1 forwards
-of the next chunk see fresher weights than an endless pipeline would, and the warm-up / drain
-bubble (about (p-1)/(T*m + p-1) of the run) is paid once per chunk. With one chunk (pass
-``minibatches_per_run=None``, the default, which reads the whole iterable first) train() is
-exactly the rules of :mod:`pipetrain.async_reference`.
+Asynchronous schedules (:mod:`pipetrain.async_schedules`) stream: the endless 1F1B order
+(no flush, a U per stage and mini-batch, every pass on the version the plan names) is cut
+into windows of ``minibatches_per_run`` mini-batches (:mod:`pipetrain.async_windows`), each
+one executor run; the in-flight state (stashed activations, posted values, weight versions
+and optimizer-state history, :class:`~pipetrain.versions.PlannedVersions`) carries over, so
+the result is exactly :mod:`pipetrain.async_reference`'s for any window size. The iterable is
+read with a lookahead of ``ceil((p-1)/m)`` mini-batches past the current window, memory
+stays a few mini-batches, and each window's losses are yielded as soon as it ends. When the
+iterable ends, the last window is the drain: every update is applied, the model holds W(T).
+
+A failure (:class:`~pipetrain.PipelineError`, naming stage, micro-batch, mini-batch and
+action) leaves every stage at one version n: the largest such that every stage has applied
+its first n updates; the stages that were ahead are rolled back to W(n) and the optimizer
+state of n (:mod:`pipetrain.rollback`), and a new ``train()`` continues from there. Breaking
+out of the loop (or a bad mini-batch, ValueError) leaves the model at the last window
+boundary, the same version on every stage.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 import torch
 
-from pipetrain import async_schedules, prediction
-from pipetrain.plan import Plan
+from pipetrain import async_schedules, async_windows, prediction
+from pipetrain.dispatch import Carry
+from pipetrain.rollback import UpdateLog
 from pipetrain.versions import PlannedVersions
 
 __all__ = ["make_optimizers", "train", "AsyncStats"]
@@ -56,11 +66,16 @@ def make_optimizers(pipe: Any, factory: Optional[Callable]) -> None:
 class AsyncStats:
     """Wraps the last run's :class:`~pipetrain.stats.StepStats` with what train() measured.
 
-    Attributes (besides every StepStats one, forwarded): ``minibatches`` in the run,
-    ``samples_per_s`` of the whole run, ``steady_samples_per_s`` (T >= 3: the samples of
-    mini-batches 1..T-2 over the time stage 0 takes to finish their backwards, from the end of
-    B(m-1) to the end of B((T-1)m-1): whole 1F1B periods, no fill or drain), ``peak_versions`` /
-    ``peak_predicted`` / ``peak_version_bytes`` per device.
+    Attributes (besides every StepStats one, forwarded, measured over the windows merged on
+    one time axis): ``minibatches`` (T, all of train()'s), ``windows`` (executor runs) and
+    ``window`` (mini-batches per run), ``samples_per_s`` of the whole stream (the time between
+    windows, yielding losses and reading data, included), ``steady_samples_per_s`` (T >= 3:
+    the samples of mini-batches a+1..b over the time stage 0 takes from the end of B(a*m+m-1)
+    to the end of B(b*m+m-1), a the first mini-batch recorded, b <= T-2 the last: whole 1F1B
+    periods, no fill or drain), ``peak_versions`` / ``peak_predicted`` /
+    ``peak_version_bytes`` per device, ``rollback_bytes`` per device (the most bytes of
+    pre-update snapshots kept for a rollback). ``records`` hold the last windows only (at most
+    ``RECORDS_KEPT`` actions), with their waits left out.
     """
 
     def __init__(self, base: Any, **extra: Any) -> None:
@@ -76,18 +91,9 @@ class AsyncStats:
                 f"peak_versions={self.peak_versions})")
 
 
-def _chunks(batches: Iterable, size: Optional[int]) -> Iterator[list]:
-    if size is None:
-        yield list(batches)
-        return
-    chunk = []
-    for b in batches:
-        chunk.append(b)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+#: At most this many action records are kept for stats() / traces of a stream (the last
+#: windows'): a stream of 100k mini-batches stays bounded in memory.
+RECORDS_KEPT = 50_000
 
 
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
@@ -96,82 +102,203 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
     if any(st.optimizer is None for st in pipe.stages):
         raise ValueError("train() needs the optimizer inside the pipeline: "
                          "Pipeline(..., optimizer=lambda params: torch.optim.SGD(params, lr=0.1))")
-    if minibatches_per_run is not None and (not isinstance(minibatches_per_run, int)
+    if minibatches_per_run is not None and (isinstance(minibatches_per_run, bool) or
+                                            not isinstance(minibatches_per_run, int)
                                             or minibatches_per_run < 1):
         raise ValueError(f"minibatches_per_run must be an int >= 1 or None; got {minibatches_per_run!r}")
     if not async_schedules.is_async(name):
-        for st in pipe.stages:
-            st.optimizer.zero_grad()
-        for inputs, targets in batches:
-            loss = pipe.step(inputs, targets)
-            for st in pipe.stages:
+        return _train_sync(pipe, batches)
+    return _train_async(pipe, batches, minibatches_per_run)
+
+
+def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
+    from pipetrain.errors import PipelineError
+    stages = list(pipe.stages)
+    logs = [UpdateLog(st.parameters(), st.optimizer, 0) for st in stages]
+    for st in stages:
+        st.optimizer.zero_grad()
+    for t, (inputs, targets) in enumerate(batches):
+        loss = pipe.step(inputs, targets)      # a failure changes no weight and no p.grad
+        for i, (st, log) in enumerate(zip(stages, logs)):
+            log.save(t)
+            try:
                 st.optimizer.step()
-                st.optimizer.zero_grad()
-            yield loss
-        return
-    p, m = pipe.num_devices, pipe.num_microbatches
-    plans = {}
-    for chunk in _chunks(batches, minibatches_per_run):
-        if not chunk:
-            return
-        T = len(chunk)
-        plan = plans.get(T)
-        if plan is None:
-            plan = plans[T] = Plan(async_schedules.build_async(name, p, m, T))
-        old = [st.versions for st in pipe.stages]
-        for st in pipe.stages:
-            st.versions = PlannedVersions(st.parameters(), f"stage {st.index}", st.optimizer, name,
-                                          plan.actions[st.index])
+            except Exception as cause:
+                for done in logs[:i + 1]:
+                    done.restore(t)
+                for other in stages:
+                    other.optimizer.zero_grad()
+                raise PipelineError(
+                    f"stage {st.index}, update after mini-batch {t}, action U raised "
+                    f"{type(cause).__name__}: {cause}; every stage was put back to the weights "
+                    f"and optimizer state before this update (version {t}: the {t} mini-batch(es) "
+                    "completed in this train()); a new train() starts from them",
+                    stage=st.index, action="U", label=f"{st.index}U{t}", minibatch=t) from cause
+        for st in stages:
             st.optimizer.zero_grad()
-        try:
-            outcome = pipe._execute(plan, chunk)
-        except Exception as err:
-            _name_version(err, pipe, T)
-            raise
-        finally:
-            kept = [st.versions for st in pipe.stages]
-            for st, v in zip(pipe.stages, old):
-                st.versions = v
-        if getattr(getattr(pipe, "_loss", None), "token_level", False):
-            raise ValueError(f"{name}: a token-level loss ((loss_sum, count)) is normalized per "
-                             "mini-batch at its commit, which an asynchronous run does not "
-                             "have yet; use a mean loss (this run's updates were applied)")
-        pipe._stats = _measure(pipe, plan, outcome, kept, name)
-        for loss in outcome.run.losses_per_minibatch():
-            yield loss
+        yield loss
 
 
-def _name_version(err: Exception, pipe: Any, T: int) -> None:
-    """Add to a PipelineError which version each stage's live weights hold now."""
-    now = [st.versions.current for st in pipe.stages]
-    if hasattr(err, "args") and err.args and isinstance(err.args[0], str) and hasattr(err, "stage"):
-        err.args = (err.args[0] + f"; the model holds, per stage, the weights after the updates "
-                    f"that ran in this run of {T} mini-batch(es): {now} (the earlier runs' updates "
-                    "all applied); a new train() starts from them",)
-        err.versions = now
+def _register(versions: List[PlannedVersions], name: str, p: int, m: int, t: int) -> None:
+    """Mini-batch t's data is known: count the passes its forwards and backwards will make."""
+    predicting = name in async_schedules.PREDICTING
+    for r, v in enumerate(versions):
+        uses = []
+        for k in range(t * m, (t + 1) * m):
+            ver = async_windows.forward_version(name, p, r, m, k)
+            uses += [(ver, t - ver if predicting else 0)] * 2      # F(k) and B(k)
+        v.register(uses)
 
 
-def _measure(pipe: Any, plan: Plan, outcome: Any, versions: List[PlannedVersions], name: str) -> AsyncStats:
-    from pipetrain.stats import measure
-    timeline, run = outcome.timeline, outcome.run
-    records = timeline.records(plan.actions)
-    base = measure(records, schedule=name, num_stages=pipe.num_stages,
-                   num_microbatches=pipe.num_microbatches, samples=sum(map(sum, run.sizes)),
-                   wall_s=outcome.wall_s,
-                   peak_stash_bytes=[mt.peak_bytes for mt in run.meters],
-                   peak_inflight=[mt.peak_count for mt in run.meters], waits=timeline.waits)
-    T, m = plan.num_minibatches, plan.num_microbatches
-    steady = base.samples_per_s
-    if T >= 3:
-        # Steady state: mini-batches 1 .. T-2 on stage 0 (device 0), first F to last B.
-        rows = records[0]
-        first = max(r.end_ns for r in rows if r.kind == "B" and r.microbatch == m - 1)
-        last = max(r.end_ns for r in rows if r.kind == "B" and r.microbatch == (T - 1) * m - 1)
-        samples = sum(sum(run.sizes[t]) for t in range(1, T - 1))
-        if last > first:
-            steady = samples / ((last - first) * 1e-9)
-    return AsyncStats(base, minibatches=T, steady_samples_per_s=steady,
-                      peak_versions=[v.peak_versions for v in versions],
-                      peak_predicted=[v.peak_predicted for v in versions],
-                      peak_version_bytes=[v.peak_bytes for v in versions])
+def _train_async(pipe: Any, batches: Iterable, window: Optional[int]) -> Iterator[torch.Tensor]:
+    from pipetrain.errors import PipelineError
+    name, p, m = pipe.schedule_name, pipe.num_devices, pipe.num_microbatches
+    W = window or async_windows.default_window(p, m)
+    L = async_windows.lookahead(p, m)
+    depth = async_windows.rollback_depth(name, p, m)
+    stages = list(pipe.stages)
+    old = [st.versions for st in stages]
+    versions = [PlannedVersions(st.parameters(), f"stage {st.index}", st.optimizer, name,
+                                log_depth=depth[st.index]) for st in stages]
+    carry = Carry(pipe.plan, m)
+    feed = carry.feed
+    meter = _StreamStats(pipe, name, versions, W)
+    it = iter(batches)
+    known, end, c0 = 0, None, 0
+    running = False            # stages hold a streamed run's in-flight state
+    try:
+        for st, v in zip(stages, versions):
+            st.versions = v
+            st.optimizer.zero_grad()
+        while True:
+            while end is None and known < c0 + W + L:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    end = known
+                    break
+                feed.add(known, batch)
+                _register(versions, name, p, m, known)
+                known += 1
+            if end is not None and c0 >= end:
+                break
+            count = W if end is None else min(W, end - c0)
+            plan = async_windows.window_plan(name, p, m, c0, count, end)
+            running = True
+            t_run = time.perf_counter()
+            try:
+                outcome = pipe._execute(plan, [], carry=carry)
+            except PipelineError as err:
+                running = False
+                _roll_back(err, stages, versions)
+                raise
+            if getattr(getattr(pipe, "_loss", None), "token_level", False):
+                raise ValueError(f"{name}: a token-level loss ((loss_sum, count)) is normalized "
+                                 "per mini-batch at its commit, which an asynchronous run does "
+                                 "not have yet; use a mean loss")
+            meter.add(plan, outcome, t_run)
+            losses = outcome.run.losses_per_minibatch()
+            c0 += count
+            feed.drop_before(c0)
+            if end is not None and c0 >= end:
+                running = False
+            for loss in losses:
+                yield loss
+    finally:
+        if running:
+            # Left between windows (break, a bad mini-batch): every stage is at version c0;
+            # drop the in-flight micro-batches of later mini-batches.
+            for st in stages:
+                st.end_run(commit=False)
+            carry.mailbox.clear()
+        for st, v in zip(stages, old):
+            st.versions = v
+        if meter.windows:
+            pipe._stats = meter.stats()
 
+
+def _roll_back(err: Exception, stages: List[Any], versions: List[PlannedVersions]) -> None:
+    """Every stage to version n = min over stages of the updates applied; name it in err."""
+    at_failure = [v.current for v in versions]
+    n = min(at_failure)
+    for st, v in zip(stages, versions):
+        v.rollback(n)
+        st.optimizer.zero_grad()
+    if hasattr(err, "args") and err.args and isinstance(err.args[0], str):
+        msg = err.args[0]
+        if getattr(err, "minibatch", None) is not None and "mini-batch" not in msg:
+            msg += f" (mini-batch {err.minibatch})"
+        err.args = (msg + f"; the model is at version {n} on every stage (W({n}): the updates of "
+                    f"mini-batches 0..{n - 1} of this train(); the stages had applied "
+                    f"{at_failure} updates, those ahead were rolled back with their optimizer "
+                    "state); a new train() continues from it",)
+    err.version = n
+    err.versions = [n] * len(stages)
+    err.versions_at_failure = at_failure
+
+
+class _StreamStats:
+    """Merges the windows' timelines onto one time axis (offset by when each run started)."""
+
+    def __init__(self, pipe: Any, name: str, versions: List[PlannedVersions], window: int) -> None:
+        self.pipe, self.name, self.versions, self.window = pipe, name, versions, window
+        self.windows = 0
+        self.t0: Optional[float] = None
+        self.t_end = 0.0
+        self.samples = 0
+        self.kept: List[tuple] = []      # (records per device, actions)
+        self.sizes: dict = {}
+        self.meters: Any = None
+        self.minibatches = 0
+
+    def add(self, plan: Any, outcome: Any, t_run: float) -> None:
+        if self.t0 is None:
+            self.t0 = t_run
+        self.windows += 1
+        self.t_end = time.perf_counter()
+        run = outcome.run
+        self.meters = run.meters
+        self.samples += run.samples()
+        self.minibatches = plan.first_minibatch + plan.num_minibatches
+        for t in plan.minibatches:
+            self.sizes[t] = sum(run.sizes[t])
+        off = int((t_run - self.t0) * 1e9)
+        records = outcome.timeline.records(plan.actions)
+        for row in records:
+            for i, r in enumerate(row):
+                if r.start_ns >= 0:
+                    row[i] = r._replace(start_ns=r.start_ns + off, end_ns=r.end_ns + off)
+        self.kept.append((plan.first_minibatch, records))
+        total = sum(len(row) for _, recs in self.kept for row in recs)
+        while len(self.kept) > 1 and total > RECORDS_KEPT:
+            _, gone = self.kept.pop(0)
+            total -= sum(map(len, gone))
+            first = self.kept[0][0]
+            for t in [u for u in self.sizes if u < first - 1]:
+                self.sizes.pop(t)
+
+    def stats(self) -> "AsyncStats":
+        from pipetrain.stats import measure
+        pipe = self.pipe
+        records = [[r for _, recs in self.kept for r in recs[d]] for d in range(pipe.num_devices)]
+        wall = self.t_end - self.t0
+        base = measure(records, schedule=self.name, num_stages=pipe.num_stages,
+                       num_microbatches=pipe.num_microbatches, samples=self.samples, wall_s=wall,
+                       peak_stash_bytes=[mt.peak_bytes for mt in self.meters],
+                       peak_inflight=[mt.peak_count for mt in self.meters])
+        m, T = pipe.num_microbatches, self.minibatches
+        steady = base.samples_per_s
+        ends = {r.microbatch // m: r.end_ns for r in records[0]
+                if r.kind == "B" and r.microbatch % m == m - 1 and r.end_ns >= 0}
+        if ends and T >= 3:
+            a, b = min(ends), min(max(ends), T - 2)
+            if b > a and ends[b] > ends[a] and all(t in self.sizes for t in range(a + 1, b + 1)):
+                samples = sum(self.sizes[t] for t in range(a + 1, b + 1))
+                steady = samples / ((ends[b] - ends[a]) * 1e-9)
+        v = self.versions
+        return AsyncStats(base, minibatches=T, windows=self.windows, window=self.window,
+                          steady_samples_per_s=steady,
+                          peak_versions=[x.peak_versions for x in v],
+                          peak_predicted=[x.peak_predicted for x in v],
+                          peak_version_bytes=[x.peak_bytes for x in v],
+                          rollback_bytes=[x.log.peak_bytes if x.log is not None else 0 for x in v])

@@ -171,37 +171,65 @@ class PlannedVersions(WeightVersions):
     rebinds = True
 
     def __init__(self, params: Sequence[torch.nn.Parameter], name: str, optimizer, schedule: str,
-                 actions: Sequence) -> None:
+                 actions: Optional[Sequence] = None, log_depth: Optional[int] = None) -> None:
         super().__init__(params, name)
         from pipetrain import async_schedules, prediction
         self.optimizer = optimizer
-        self._uses = [(a.version, async_schedules.prediction_distance(schedule, a))
-                      for a in actions if a.kind in ("F", "B", "I", "W")]
+        self.schedule = schedule
         self._groups = prediction.group_of(optimizer, self._params) \
             if schedule in async_schedules.PREDICTING else None
         self._pool: List[List[torch.Tensor]] = []      # free predicted buffers
         self._wpool: List[List[torch.Tensor]] = []     # free version buffers
         self.peak_versions = self.peak_predicted = self.peak_bytes = 0
         self._pass: Optional[tuple] = None
+        #: Pre-update snapshots for a rollback after a failure (None: none kept).
+        self.log = None
+        if log_depth is not None:
+            from pipetrain.rollback import UpdateLog
+            self.log = UpdateLog(self._params, optimizer, log_depth, weights=self._live_buffers)
         self.reset()
+        if actions is not None:
+            self.register((a.version, async_schedules.prediction_distance(schedule, a))
+                          for a in actions if a.kind in ("F", "B", "I", "W"))
 
     def reset(self) -> None:
         super().reset()
         from collections import Counter
         self._need_w, self._need_state, self._need_pred = Counter(), Counter(), Counter()
-        seen = set()
-        for v, s in self._uses:
+        self._seen: set = set()
+        self._pred: Dict[tuple, List[torch.Tensor]] = {}
+        self._states: Dict[int, list] = {}
+        self._pass: Optional[tuple] = None
+        if self.log is not None:
+            self.log.clear()
+
+    def register(self, uses) -> None:
+        """Count passes still to run: ``(version, distance)`` each. A streamed run registers,
+        window by window, the F and B of every forward whose data is known, before any of them
+        runs; a version is then kept at its update iff a registered pass still reads it (the
+        forwards registered later all run on newer versions: see
+        :mod:`pipetrain.async_windows`)."""
+        for v, s in uses:
             if s == 0:
                 self._need_w[v] += 1
                 continue
             self._need_pred[(v, s)] += 1
-            if (v, s) not in seen:     # the base and its state are read once, at the build
-                seen.add((v, s))
+            if (v, s) not in self._seen:   # the base and its state are read once, at the build
+                self._seen.add((v, s))
                 self._need_w[v] += 1
                 self._need_state[v] += 1
-        self._pred: Dict[tuple, List[torch.Tensor]] = {}
-        self._states: Dict[int, list] = {}
-        self._pass: Optional[tuple] = None
+
+    def _live_buffers(self) -> List[torch.Tensor]:
+        self._ensure_buckets()
+        return self._live
+
+    def rollback(self, version: int) -> bool:
+        """After a failed run: put back W(version) and its optimizer state if this stage went
+        past it (or failed inside its update); True if anything was undone."""
+        self.release()
+        if self.log is None:
+            return False
+        return self.log.restore(version)
 
     def _ensure_buckets(self) -> None:
         if self._buckets is None:
@@ -219,6 +247,8 @@ class PlannedVersions(WeightVersions):
         """Keep W(n) and snapshot state(n) if a later pass needs them (n = current)."""
         from pipetrain import prediction
         n = self.current
+        if self.log is not None:
+            self.log.save(n)
         if self._need_w[n] > 0:
             # The in-flight forwards' autograd graphs hold views of the live buffer, so W(n)
             # keeps *that* buffer and the live weights move to a copy the update then
