@@ -266,7 +266,10 @@ class _Run:
             st = _Stage(module, opt, [group[id(q)] for q in params],
                         [name for name, _ in module.named_parameters()], events, nxt)
             st.versions[0] = [q.detach().clone() for q in params]
-            st.states[0] = [{} for _ in params]
+            # The state of version 0: empty for a fresh optimizer; an optimizer handed over
+            # from an earlier run (training continued) predicts from the state it holds.
+            st.states[0] = [{key: (val.detach().clone() if torch.is_tensor(val) else val)
+                             for key, val in opt.state.get(q, {}).items()} for q in params]
             self.stages.append(st)
         self.losses = [0.0] * self.T
         self.acts, self.grads = {}, {}  # (r, k) -> activation for r+1 / input gradient for r-1

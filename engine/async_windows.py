@@ -187,7 +187,8 @@ def rollback_depth(name: str, p: int, m: int) -> Tuple[int, ...]:
 
     Computed on the validated plan of a steady window: for each U(r, t), the U's of every
     other stage that must have finished before it (its ancestors over program order and
-    dependencies); the depth of r is the largest ``t + 1 - min over stages of that count``.
+    dependencies); the depth of r is the largest ``t + 1 - min over stages of that count``
+    (r's own count taken as t + 1). One stage: 0.
     """
     L = lookahead(p, m)
     T = 2 * (L + 2) + 4
@@ -223,6 +224,7 @@ def rollback_depth(name: str, p: int, m: int) -> Tuple[int, ...]:
     for d in range(p):
         for i, a in enumerate(plan.actions[d]):
             if a.kind == "U":
-                vec = done[d][i]
+                vec = list(done[d][i])
+                vec[a.stage] = a.microbatch + 1      # the stage itself, once U(t) finished
                 depth[a.stage] = max(depth[a.stage], a.microbatch + 1 - min(vec))
     return tuple(depth)
