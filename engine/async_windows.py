@@ -52,10 +52,17 @@ def lookahead(p: int, m: int) -> int:
 
 
 def default_window(p: int, m: int) -> int:
-    """``max(2, lookahead + 1)`` mini-batches per run: at least twice the data a window reads
-    ahead, so each run's steady part outweighs the lookahead held in memory, and few enough
-    that losses come back soon after their mini-batch (memory stays a few mini-batches)."""
-    return max(2, lookahead(p, m) + 1)
+    """Mini-batches per executor run when ``train()`` is not told:
+    ``max(2, lookahead + 1, ceil(8 (p-1) / m))``.
+
+    Why: runs are separated by a barrier (every device finishes the run before the next one
+    starts), which idles the devices for about the time a backward takes to cross the p-1
+    stage boundaries, roughly (p-1)/(W*m) of a run of W mini-batches; 8 (p-1)/m keeps that
+    near 1/8 or below. What a larger window costs is only the inputs of W + lookahead
+    mini-batches held at once (the stashed activations do not grow with it: the schedule
+    bounds them) and losses reported W mini-batches at a time. At least lookahead + 1, so a
+    run does more than read ahead, and at least 2."""
+    return max(2, lookahead(p, m) + 1, -(-8 * (p - 1) // m))
 
 
 def forward_version(name: str, p: int, r: int, m: int, k: int) -> int:

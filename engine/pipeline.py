@@ -248,11 +248,15 @@ class Pipeline(GlobalOps, Reporting):
         """Train on ``batches`` (an iterable of ``(inputs, targets)`` mini-batches) with the
         optimizer inside the pipeline (``optimizer=`` factory); yields each mini-batch's loss
         in order. Synchronous schedules: step() then each stage's optimizer step, per
-        mini-batch. Asynchronous ones (pipedream, 2bw, spectrain, xpipe, 2bw-predict): runs of
-        ``minibatches_per_run`` mini-batches (None: all at once) with no flush inside a run
-        and a drain at its end; after the last run the model holds W(T). See
+        mini-batch. Asynchronous ones (pipedream, 2bw, spectrain, xpipe, 2bw-predict): the
+        endless 1F1B order with no flush, streamed in executor runs of
+        ``minibatches_per_run`` mini-batches (None: :func:`pipetrain.async_windows.default_window`)
+        that carry the in-flight state between them, so the numbers do not depend on it; the
+        iterable is read ``ceil((p-1)/m)`` mini-batches ahead of the run, losses come back
+        as each run ends, and when it ends the pipeline drains: the model holds W(T). See
         :mod:`pipetrain.training`. Raises ValueError (no optimizer, bad batches) and
-        PipelineError (naming stage, micro-batch, mini-batch, action and the version held)."""
+        PipelineError (naming stage, micro-batch, mini-batch and action; every stage is then
+        at one version, ``err.version``, and a new train() continues from it)."""
         from pipetrain.training import train
         return train(self, batches, minibatches_per_run)
 

@@ -74,7 +74,9 @@ class AsyncStats:
     to the end of B(b*m+m-1), a the first mini-batch recorded, b <= T-2 the last: whole 1F1B
     periods, no fill or drain), ``peak_versions`` / ``peak_predicted`` /
     ``peak_version_bytes`` per device, ``rollback_bytes`` per device (the most bytes of
-    pre-update snapshots kept for a rollback). ``records`` hold the last windows only (at most
+    pre-update snapshots kept for a rollback). ``bubble_ratio`` spans the whole stream, the
+    time between runs (yielding losses, reading data, making the next run) counted as idle;
+    ``bubble_in_runs`` is the idle share inside the runs only, ``between_runs_s`` that time. ``records`` hold the last windows only (at most
     ``RECORDS_KEPT`` actions), with their waits left out.
     """
 
@@ -86,7 +88,8 @@ class AsyncStats:
         return getattr(self._base, name)
 
     def __repr__(self) -> str:
-        return (f"AsyncStats({self.schedule}, T={self.minibatches}, bubble={self.bubble_ratio:.3f}, "
+        return (f"AsyncStats({self.schedule}, T={self.minibatches}, windows={self.windows}, "
+                f"bubble={self.bubble_ratio:.3f} (in runs {self.bubble_in_runs:.3f}), "
                 f"samples/s={self.samples_per_s:.1f}, steady={self.steady_samples_per_s:.1f}, "
                 f"peak_versions={self.peak_versions})")
 
@@ -250,6 +253,8 @@ class _StreamStats:
         self.sizes: dict = {}
         self.meters: Any = None
         self.minibatches = 0
+        self.busy_ns = self.makespan_ns = 0     # summed over windows (the runs themselves)
+        self.run_s = 0.0
 
     def add(self, plan: Any, outcome: Any, t_run: float) -> None:
         if self.t0 is None:
@@ -258,6 +263,10 @@ class _StreamStats:
         self.t_end = time.perf_counter()
         run = outcome.run
         self.meters = run.meters
+        tl = outcome.timeline
+        self.busy_ns += sum(tl.busy_ns(d) for d in range(tl.num_devices))
+        self.makespan_ns += tl.makespan_ns() * tl.num_devices
+        self.run_s += outcome.wall_s
         self.samples += run.samples()
         self.minibatches = plan.first_minibatch + plan.num_minibatches
         for t in plan.minibatches:
@@ -296,8 +305,10 @@ class _StreamStats:
                 samples = sum(self.sizes[t] for t in range(a + 1, b + 1))
                 steady = samples / ((ends[b] - ends[a]) * 1e-9)
         v = self.versions
+        inside = 1.0 - self.busy_ns / self.makespan_ns if self.makespan_ns else 0.0
         return AsyncStats(base, minibatches=T, windows=self.windows, window=self.window,
-                          steady_samples_per_s=steady,
+                          steady_samples_per_s=steady, bubble_in_runs=inside,
+                          between_runs_s=max(0.0, wall - self.run_s),
                           peak_versions=[x.peak_versions for x in v],
                           peak_predicted=[x.peak_predicted for x in v],
                           peak_version_bytes=[x.peak_bytes for x in v],

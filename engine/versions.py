@@ -150,7 +150,11 @@ class PlannedVersions(WeightVersions):
         optimizer: the stage's optimizer (its state is what prediction reads).
         schedule: the schedule name (:mod:`pipetrain.async_schedules`).
         actions: this stage's plan actions (F/B/I/W with versions, U), in the order of the
-            plan; only the passes are counted.
+            plan; only the passes are counted. None: passes are counted by :meth:`register`
+            as a streamed run learns of them (``train()``, window by window).
+        log_depth: keep pre-update snapshots of the last ``log_depth + 1`` updates
+            (:class:`~pipetrain.rollback.UpdateLog`, attribute ``log``) so :meth:`rollback`
+            can undo them after a failure; None: none kept.
 
     Each pass names a version v and, for a predicting schedule, a distance s = t - v
     (:func:`~pipetrain.async_schedules.prediction_distance`). Key (v, 0) binds W(v) itself;
