@@ -6,7 +6,8 @@ mini-batches with ``Pipeline.train()`` through:
 - ``gpipe`` and ``1f1b``: synchronous, one executor run per mini-batch with a flush (and the
   optimizer step) between mini-batches;
 - ``pipedream``, ``2bw``, ``spectrain``, ``xpipe``, ``2bw-predict``: asynchronous, the T
-  mini-batches in one run with no flush (1F1B order across mini-batch boundaries).
+  mini-batches streamed with no flush (1F1B order across mini-batch boundaries), in executor
+  runs of train()'s default window (``pipetrain.async_windows.default_window``).
 
 Per schedule it prints samples/s over the whole train() call (wall clock, all T mini-batches),
 the steady-state samples/s of the async runs (mini-batches 1..T-2 on stage 0, from the
@@ -27,6 +28,7 @@ import torch
 
 from bench.training import make_model, mse
 from pipetrain.async_schedules import build_async
+from pipetrain.async_windows import default_window
 from pipetrain.pipeline import Pipeline
 from pipetrain import schedules
 
@@ -84,7 +86,7 @@ def run(quick: bool, out: pathlib.Path) -> list:
     rows = [max(col, key=lambda r: r["samples_per_s"]) for col in zip(*runs)]
     base = next(r for r in rows if r["schedule"] == "1f1b")["samples_per_s"]
     print(f"p={p} m={m} T={T} mini-batches, d={d}, batch={batch}; sync: a flush per mini-batch, "
-          "async: one run of T with no flush")
+          f"async: no flush, runs of {default_window(p, m)} mini-batches (train()'s default window)")
     print(f"{'schedule':12s} {'samples/s':>10s} {'vs 1f1b':>8s} {'steady/s':>9s} "
           f"{'bubble':>7s} {'sim':>6s}  peak versions / MiB per device")
     for r in rows:

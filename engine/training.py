@@ -154,7 +154,6 @@ def _register(versions: List[PlannedVersions], name: str, p: int, m: int, t: int
 
 
 def _train_async(pipe: Any, batches: Iterable, window: Optional[int]) -> Iterator[torch.Tensor]:
-    from pipetrain.errors import PipelineError
     name, p, m = pipe.schedule_name, pipe.num_devices, pipe.num_microbatches
     W = window or async_windows.default_window(p, m)
     L = async_windows.lookahead(p, m)
@@ -168,7 +167,6 @@ def _train_async(pipe: Any, batches: Iterable, window: Optional[int]) -> Iterato
     meter = _StreamStats(pipe, name, versions, W)
     it = iter(batches)
     known, end, c0 = 0, None, 0
-    running = False            # stages hold a streamed run's in-flight state
     try:
         for st, v in zip(stages, versions):
             st.versions = v
@@ -187,12 +185,10 @@ def _train_async(pipe: Any, batches: Iterable, window: Optional[int]) -> Iterato
                 break
             count = W if end is None else min(W, end - c0)
             plan = async_windows.window_plan(name, p, m, c0, count, end)
-            running = True
             t_run = time.perf_counter()
             try:
                 outcome = pipe._execute(plan, [], carry=carry)
-            except PipelineError as err:
-                running = False
+            except BaseException as err:     # PipelineError, or Ctrl-C during the run
                 _roll_back(err, stages, versions)
                 raise
             if getattr(getattr(pipe, "_loss", None), "token_level", False):
@@ -203,14 +199,13 @@ def _train_async(pipe: Any, batches: Iterable, window: Optional[int]) -> Iterato
             losses = outcome.run.losses_per_minibatch()
             c0 += count
             feed.drop_before(c0)
-            if end is not None and c0 >= end:
-                running = False
             for loss in losses:
                 yield loss
     finally:
-        if running:
+        if carry.runs:
             # Left between windows (break, a bad mini-batch): every stage is at version c0;
-            # drop the in-flight micro-batches of later mini-batches.
+            # drop the in-flight micro-batches of later mini-batches. After the drain (or a
+            # failure) there are none: this only ends the stages' streamed run.
             for st in stages:
                 st.end_run(commit=False)
             carry.mailbox.clear()
@@ -227,6 +222,8 @@ def _roll_back(err: Exception, stages: List[Any], versions: List[PlannedVersions
     for st, v in zip(stages, versions):
         v.rollback(n)
         st.optimizer.zero_grad()
+    if not isinstance(err, Exception):
+        return                  # KeyboardInterrupt and the like: rolled back, left as they are
     if hasattr(err, "args") and err.args and isinstance(err.args[0], str):
         msg = err.args[0]
         if getattr(err, "minibatch", None) is not None and "mini-batch" not in msg:
