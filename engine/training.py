@@ -94,7 +94,8 @@ def _chunks(batches: Iterable, size: Optional[int]) -> Iterator[list]:
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
     name = pipe.schedule_name
-    if any(st.optimizer is None for st in pipe.stages):
+    unbuilt = not pipe.stages and getattr(pipe, "_optimizer_factory", None) is not None
+    if any(st.optimizer is None for st in pipe.stages) or not (pipe.stages or unbuilt):
         raise ValueError("train() needs the optimizer inside the pipeline: "
                          "Pipeline(..., optimizer=lambda params: torch.optim.SGD(params, lr=0.1))")
     if minibatches_per_run is not None and (not isinstance(minibatches_per_run, int)
