@@ -8,18 +8,8 @@ import pytest
 import torch
 
 import pipetrain
-from pipetrain.graphpipe import build as build_mod
 from tests.graphpipe.dag_models import D, TwoTower, mse
-
-
-@pytest.fixture(autouse=True)
-def fixed_costs(monkeypatch):
-    real = build_mod.measure
-
-    def fake(gm, args, repeats=3):
-        times, act, batch = real(gm, args, repeats=1)
-        return {k: (1e-3, 2e-3) for k in times}, act, batch
-    monkeypatch.setattr(build_mod, "measure", fake)
+from tests.graphpipe.test_runtime import fixed_costs  # noqa: F401  (autouse: fixed operator costs)
 
 
 def _batches(T, seed=0):
