@@ -73,11 +73,12 @@ class AsyncStats:
     the samples of mini-batches a+1..b over the time stage 0 takes from the end of B(a*m+m-1)
     to the end of B(b*m+m-1), a the first mini-batch recorded, b <= T-2 the last: whole 1F1B
     periods, no fill or drain), ``peak_versions`` / ``peak_predicted`` /
-    ``peak_version_bytes`` per device, ``rollback_bytes`` per device (the most bytes of
+    ``peak_version_bytes`` / ``peak_buffers`` (live + kept + predicted weight buffers at once,
+    what the simulator's ``peak_versions`` predicts) per device, ``rollback_bytes`` per device (the most bytes of
     pre-update snapshots kept for a rollback). ``bubble_ratio`` spans the whole stream, the
     time between runs (yielding losses, reading data, making the next run) counted as idle;
-    ``bubble_in_runs`` is the idle share inside the runs only, ``between_runs_s`` that time. ``records`` hold the last windows only (at most
-    ``RECORDS_KEPT`` actions), with their waits left out.
+    ``bubble_in_runs`` is the idle share inside the runs only, ``between_runs_s`` that time.
+    ``records`` hold the last windows only (at most ``RECORDS_KEPT`` actions), without waits.
     """
 
     def __init__(self, base: Any, **extra: Any) -> None:
@@ -102,7 +103,8 @@ RECORDS_KEPT = 50_000
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
     name = pipe.schedule_name
-    if any(st.optimizer is None for st in pipe.stages):
+    unbuilt = not pipe.stages and getattr(pipe, "_optimizer_factory", None) is not None
+    if any(st.optimizer is None for st in pipe.stages) or not (pipe.stages or unbuilt):
         raise ValueError("train() needs the optimizer inside the pipeline: "
                          "Pipeline(..., optimizer=lambda params: torch.optim.SGD(params, lr=0.1))")
     if minibatches_per_run is not None and (isinstance(minibatches_per_run, bool) or
@@ -116,18 +118,23 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
 
 def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
     from pipetrain.errors import PipelineError
-    stages = list(pipe.stages)
-    logs = [UpdateLog(st.parameters(), st.optimizer, 0) for st in stages]
-    for st in stages:
+    for st in pipe.stages:
         st.optimizer.zero_grad()
+    logs: dict = {}
     for t, (inputs, targets) in enumerate(batches):
         loss = pipe.step(inputs, targets)      # a failure changes no weight and no p.grad
-        for i, (st, log) in enumerate(zip(stages, logs)):
+        # A graph model builds its stages (and their optimizers) at its first step.
+        stages = list(pipe.stages)
+        for st in stages:
+            if id(st) not in logs:
+                logs[id(st)] = UpdateLog(st.parameters(), st.optimizer, 0)
+        order = [logs[id(st)] for st in stages]
+        for i, (st, log) in enumerate(zip(stages, order)):
             log.save(t)
             try:
                 st.optimizer.step()
             except Exception as cause:
-                for done in logs[:i + 1]:
+                for done in order[:i + 1]:
                     done.restore(t)
                 for other in stages:
                     other.optimizer.zero_grad()
@@ -309,4 +316,5 @@ class _StreamStats:
                           peak_versions=[x.peak_versions for x in v],
                           peak_predicted=[x.peak_predicted for x in v],
                           peak_version_bytes=[x.peak_bytes for x in v],
+                          peak_buffers=[x.peak_buffers for x in v],
                           rollback_bytes=[x.log.peak_bytes if x.log is not None else 0 for x in v])
