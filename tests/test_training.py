@@ -345,3 +345,34 @@ def test_sync_schedule_failed_step_changes_no_weight():
     assert len(seen) == 2
     assert all(torch.equal(a, b) for a, b in zip(seen[-1], pipe.parameters()))
     pipe.close()
+
+
+def test_a_bad_minibatch_mid_stream_stops_at_a_window_boundary():
+    p, m, W = 2, 2, 2
+    layers = _model(p)
+    clean = copy.deepcopy(layers)
+    data = _data(8)
+    data[5] = (data[5][0][:1], data[5][1][:1])      # 1 sample for m = 2 micro-batches
+    pipe = pipetrain.Pipeline(nn.Sequential(*layers), num_devices=p, schedule="pipedream",
+                              num_microbatches=m, loss_fn=FN, optimizer=_adam)
+    losses = []
+    with pytest.raises(ValueError, match="mini-batch 5"):
+        for loss in pipe.train(data, minibatches_per_run=W):
+            losses.append(float(loss))
+    # Mini-batch 5 is read (lookahead 1) before the window [4, 6) runs: the model is W(4)
+    # on every stage, the reference's after mini-batches 0..3, and training goes on from it.
+    assert len(losses) == 4
+    ref_opt = _cached(_adam)
+    r_losses, r_weights = ref.reference_train(clean, data[:4], schedule="pipedream",
+                                              num_microbatches=m, loss_fn=FN,
+                                              optimizer_factory=ref_opt)
+    assert losses == pytest.approx(r_losses, abs=TOL, rel=0)
+    _same_weights(layers, r_weights)
+    more = _data(3, seed=9)
+    losses = [float(x) for x in pipe.train(more)]
+    r_losses, r_weights = ref.reference_train(clean, more, schedule="pipedream",
+                                              num_microbatches=m, loss_fn=FN,
+                                              optimizer_factory=ref_opt)
+    assert losses == pytest.approx(r_losses, abs=TOL, rel=0)
+    _same_weights(layers, r_weights)
+    pipe.close()
