@@ -272,6 +272,17 @@ class PlannedVersions(WeightVersions):
         if self._need_state[n] > 0:
             self._states[n] = prediction.snapshot_state(self.optimizer, self._params)
         self._measure()
+        self._prune(n)
+
+    def _prune(self, n: int) -> None:
+        """Forget the counts of versions before n that no pass reads any more, so a stream of
+        any length keeps a few entries (registrations only ever add versions >= current)."""
+        for counter in (self._need_w, self._need_state):
+            for v in [v for v, c in counter.items() if v < n and c <= 0]:
+                del counter[v]
+        for key in [k for k, c in self._need_pred.items() if k[0] < n and c <= 0]:
+            del self._need_pred[key]
+            self._seen.discard(key)
 
     def _read_w(self, v: int) -> None:
         self._need_w[v] -= 1
