@@ -119,12 +119,18 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
 def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
     from pipetrain.errors import PipelineError
     for st in pipe.stages:
-        st.optimizer.zero_grad()
+        if st is not None:
+            st.optimizer.zero_grad()
     logs: dict = {}
     for t, (inputs, targets) in enumerate(batches):
-        loss = pipe.step(inputs, targets)      # a failure changes no weight and no p.grad
-        # A graph model builds its stages (and their optimizers) at its first step.
-        stages = list(pipe.stages)
+        try:
+            loss = pipe.step(inputs, targets)  # a failure changes no weight and no p.grad
+        except PipelineError as err:
+            err.version = t                    # the weights after mini-batches 0..t-1
+            raise
+        # A graph model builds its stages (and their optimizers) at its first step; a
+        # multi-process pipeline holds only its own.
+        stages = [st for st in pipe.stages if st is not None]
         for st in stages:
             if id(st) not in logs:
                 logs[id(st)] = UpdateLog(st.parameters(), st.optimizer, 0)
@@ -138,12 +144,14 @@ def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
                     done.restore(t)
                 for other in stages:
                     other.optimizer.zero_grad()
-                raise PipelineError(
+                err = PipelineError(
                     f"stage {st.index}, update after mini-batch {t}, action U raised "
                     f"{type(cause).__name__}: {cause}; every stage was put back to the weights "
                     f"and optimizer state before this update (version {t}: the {t} mini-batch(es) "
                     "completed in this train()); a new train() starts from them",
-                    stage=st.index, action="U", label=f"{st.index}U{t}", minibatch=t) from cause
+                    stage=st.index, action="U", label=f"{st.index}U{t}", minibatch=t)
+                err.version = t
+                raise err from cause
         for st in stages:
             st.optimizer.zero_grad()
         yield loss

@@ -316,7 +316,8 @@ def test_sync_schedule_failed_update_keeps_the_last_completed_minibatch():
     with pytest.raises(pipetrain.PipelineError) as info:
         list(pipe.train(data))
     err = info.value
-    assert (err.stage, err.action, err.minibatch) == (2, "U", 2) and "version 2" in str(err)
+    assert (err.stage, err.action, err.minibatch, err.version) == (2, "U", 2, 2)
+    assert "version 2" in str(err)
     ref_opt = _cached(_adam)
     _, r_weights = ref.reference_train(clean, data[:2], schedule="sync", num_microbatches=m,
                                        loss_fn=FN, optimizer_factory=ref_opt)
@@ -339,10 +340,10 @@ def test_sync_schedule_failed_step_changes_no_weight():
                               num_microbatches=m, loss_fn=FN, optimizer=_sgd)
     data = _data(4)
     seen = []
-    with pytest.raises(pipetrain.PipelineError):
+    with pytest.raises(pipetrain.PipelineError) as info:
         for loss in pipe.train(data):
             seen.append([q.detach().clone() for q in pipe.parameters()])
-    assert len(seen) == 2
+    assert len(seen) == 2 and info.value.version == 2
     assert all(torch.equal(a, b) for a, b in zip(seen[-1], pipe.parameters()))
     pipe.close()
 
