@@ -8,6 +8,6 @@ global norm), :mod:`.context` (what a rank holds and how its step ends), :mod:`.
 """
 
 from pipetrain.distributed.context import Distributed
-from pipetrain.distributed.mesh import Mesh, wanted
+from pipetrain.distributed.mesh import Mesh, in_process, wanted
 
-__all__ = ["Distributed", "Mesh", "wanted"]
+__all__ = ["Distributed", "Mesh", "in_process", "wanted"]

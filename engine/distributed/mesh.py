@@ -12,20 +12,37 @@ Pipeline device ``d`` holds the stages ``k`` with ``k % p == d`` (interleaved: s
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Optional
+import threading
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Mesh", "wanted", "local_device"]
+__all__ = ["Mesh", "wanted", "local_device", "in_process"]
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def in_process() -> Iterator[None]:
+    """Pipelines made inside (on this thread) run in this process even under an initialized
+    process group: the planner's cost probes, which each rank runs on its own."""
+    old = getattr(_local, "on", False)
+    _local.on = True
+    try:
+        yield
+    finally:
+        _local.on = old
 
 
 def wanted(data_parallel: Optional[int]) -> bool:
     """Whether a new Pipeline runs across processes: the default process group is
-    initialized with more than one rank (or ``data_parallel`` is given)."""
-    return dist.is_available() and dist.is_initialized() and (
-        dist.get_world_size() > 1 or data_parallel is not None)
+    initialized with more than one rank (or ``data_parallel`` is given), outside
+    :func:`in_process`."""
+    return not getattr(_local, "on", False) and dist.is_available() and dist.is_initialized() \
+        and (dist.get_world_size() > 1 or data_parallel is not None)
 
 
 def local_device() -> torch.device:

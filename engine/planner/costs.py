@@ -342,8 +342,11 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
 
     slowdown, split, gap, handoff = None, 1.0, 0.0, 0.0
     if calibrate:
-        slowdown, split, gap, handoff = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
-                                     [q for q in depths if 1 < q <= L])
+        from pipetrain.distributed import in_process
+        with in_process():   # under torchrun each rank probes its own pipelines
+            slowdown, split, gap, handoff = _calibrate(model, sample, loss_fn, sizes, rows,
+                                                       threads, repeats,
+                                                       [q for q in depths if 1 < q <= L])
 
     def fit(kind, li):
         return Affine.fit(sizes, rows[kind][li])
