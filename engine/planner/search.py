@@ -118,17 +118,20 @@ class _Evaluator:
         key = (tuple(balance), b, recompute, split, p)
         if key in self._stage:
             return self._stage[key]
-        o = self.network.action_overhead + self.table.action_overhead
-        k = self.table.slowdown_at(p)
-        ks = k * (self.table.split_factor if split else 1.0)
+        t = self.table
+        o = self.network.action_overhead + t.action_overhead
+        k = t.slowdown_at(p)
+        ks = k * (t.split_factor if split else 1.0)
+        # Engine work inside each action (per action, not per layer), slowed like compute.
+        of, ob = k * t.forward_overhead, k * t.backward_overhead
         pf, pb, pw = self._prefixes(b)
         F, B, W = [], [], []
         for first, last in stage_ranges(balance):
             f = pf[last + 1] - pf[first]
-            F.append(k * f + o)
+            F.append(k * f + of + o)
             B.append(ks * (pb[last + 1] - pb[first]) + k * (f if recompute else 0.0)
-                     + (2 * o if split else o))
-            W.append(ks * (pw[last + 1] - pw[first]) + o)
+                     + (2 * (ob + o) if split else ob + o))
+            W.append(ks * (pw[last + 1] - pw[first]) + ob + o)
         self._stage[key] = (F, B, W)
         return F, B, W
 
