@@ -22,7 +22,8 @@ from pipetrain.planner.costs import Affine, CostTable, Network, measure_costs, p
 from pipetrain.planner.memory import Memory, device_memory
 from pipetrain.planner.result import Candidate, TrainingPlan, fmt_bytes
 from pipetrain.planner.schedule_models import MODELS, ScheduleModel, models_for, register
-from pipetrain.planner.search import search
+from pipetrain.planner.search import rank, search
+from pipetrain.planner.graph import graphpipe_candidates, is_graph_model, measure_graph
 
 __all__ = ["plan", "DeviceSpec", "device_spec", "Affine", "CostTable", "Network", "measure_costs", "Memory", "Candidate",
            "TrainingPlan", "ScheduleModel", "MODELS", "register", "search", "device_memory"]
@@ -35,12 +36,15 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
          recompute: Sequence[bool] = (False, True), optimizer_factor: float = 0.0,
          measure_sizes: Optional[Sequence[int]] = None, repeats: int = 5,
          threads: int = 1, widths: Optional[Sequence[int]] = None,
-         optimizer: Optional[Callable] = None) -> TrainingPlan:
+         optimizer: Optional[Callable] = None, leaf_modules: Sequence[Any] = (),
+         op_times: Optional[dict] = None) -> TrainingPlan:
     """Choose the fastest configuration that fits.
 
     Args:
-        model: an ``nn.Sequential`` (or list of layers) to measure; or a :class:`CostTable`
-            (the same as ``costs=``).
+        model: an ``nn.Sequential`` (or list of layers) to measure; any other ``nn.Module``
+            is a multi-branch graph: its operators are measured, the chain schedules run on
+            their topological order and ``graphpipe`` on GraphPipe's stage DAG
+            (:mod:`~pipetrain.planner.graph`); or a :class:`CostTable` (as ``costs=``).
         sample: ``(inputs, targets)``, a mini-batch whose slices are timed (its batch size
             bounds the measured micro-batch sizes; others are extrapolated by the fit).
         loss_fn: ``loss_fn(output, target) -> scalar``.
@@ -65,6 +69,9 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
         measure_sizes, repeats, threads: for :func:`measure_costs`.
         widths: data-parallel widths w to consider (default all; ``[1]``: only what one
             process runs).
+        leaf_modules, op_times: graph models only (as for ``Pipeline``): modules kept as one
+            operator; ``{fx node name: (forward_s, backward_s)}`` per sample instead of
+            timing the operators.
         optimizer: ``optimizer(params) -> torch optimizer``, passed on to the Pipeline that
             :meth:`TrainingPlan.pipeline` builds (required there for asynchronous schedules,
             which step it themselves). Its state bytes are ``optimizer_factor``'s to say.
@@ -88,6 +95,23 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
         raise ValueError("optimizer must be a factory: optimizer(params) -> optimizer")
     limit = parse_bytes(memory_per_device)
     rows = models_for(schedules, allow_async)
+    graph = model is not None and is_graph_model(model)
+    if any(r.graph for r in rows) and not graph and schedules not in ("all", None):
+        raise ValueError("schedule 'graphpipe' partitions a multi-branch model (an nn.Module "
+                         "with a forward over several branches); this model is a sequence of "
+                         "layers: use the chain schedules")
+    gc = None
+    if graph:
+        if sample is None or loss_fn is None:
+            raise ValueError("a graph model is planned from its operators: give sample="
+                             "(inputs, targets) and loss_fn")
+        if any(r.asynchronous for r in rows) and schedules not in ("all", None):
+            raise ValueError("a graph model runs the synchronous schedules (asynchronous ones "
+                             "need a sequence of layers)")
+        rows = [r for r in rows if not r.asynchronous]
+        gc = measure_graph(model, sample, leaf_modules=leaf_modules, repeats=repeats,
+                           op_times=op_times, optimizer_factor=optimizer_factor)
+        costs = gc.table
     if costs is None:
         if model is None or sample is None or loss_fn is None:
             raise ValueError("give model, sample=(inputs, targets) and loss_fn to measure, "
@@ -99,6 +123,12 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
     cands, ev = search(costs, devices, limit, batch_size, rows, network,
                        micro_batch_sizes=micro_batch_sizes, recompute=recompute,
                        widths=widths, depths=[spec.depth] if spec.depth else None)
+    simulations = ev.simulations
+    if gc is not None and any(r.graph for r in rows):
+        extra, sims = graphpipe_candidates(gc, devices, limit, batch_size, network,
+                                           micro_batch_sizes=micro_batch_sizes, widths=widths,
+                                           depths=[spec.depth] if spec.depth else None)
+        cands, simulations = rank(list(cands) + extra), simulations + sims
     elapsed = time.perf_counter() - t0
     if not cands:
         raise ValueError(f"no configuration of {devices} devices divides batch {batch_size} "
@@ -107,7 +137,8 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
     if not cands[0].fits:
         raise ValueError(_impossible(cands, limit, devices, batch_size))
     return TrainingPlan(cands, table=costs, model=model, loss_fn=loss_fn, search_s=elapsed,
-                        simulations=ev.simulations, memory_limit=limit, optimizer=optimizer)
+                        simulations=simulations, memory_limit=limit, optimizer=optimizer,
+                        graph=graph, op_times=gc.op_times if gc is not None else None)
 
 
 def _impossible(cands: Sequence[Candidate], limit: float, devices: int, batch_size: int) -> str:

@@ -80,6 +80,8 @@ def build_pipeline(plan: Any, *, one_replica: bool = False, **kwargs: Any) -> An
                                 checkpoint="always" if cfg["recompute"] else "never")
     if not plan.graph:
         opts["balance"] = cfg["balance"]
+    else:       # the same operator times, so the Pipeline partitions as planned
+        opts["op_times"] = plan.op_times
     if cfg["v"] > 1:
         opts["num_chunks"] = cfg["v"]
     if optimizer is not None:

@@ -110,18 +110,20 @@ class TrainingPlan:
         schedule, num_chunks (v), recompute, balance: the configuration.
         search_s: seconds the search took; simulations: simulator calls it made.
         optimizer: the optimizer factory :meth:`pipeline` passes on (None: none).
-        graph: the model is an operator graph (GraphPipe), not a sequence of layers.
+        graph: the model is an operator graph (GraphPipe), not a sequence of layers;
+        op_times: then its per-operator times, which :meth:`pipeline` passes on.
     """
 
     def __init__(self, candidates: List[Candidate], *, table: Any, model: Any = None,
                  loss_fn: Optional[Callable] = None, search_s: float = 0.0,
                  simulations: int = 0, memory_limit: float = math.inf,
-                 optimizer: Optional[Callable] = None, graph: bool = False) -> None:
+                 optimizer: Optional[Callable] = None, graph: bool = False,
+                 op_times: Optional[dict] = None) -> None:
         self.candidates = candidates
         self.best = candidates[0]
         self.table, self._model, self._loss_fn = table, model, loss_fn
         self.search_s, self.simulations, self.memory_limit = search_s, simulations, memory_limit
-        self.optimizer, self.graph = optimizer, graph
+        self.optimizer, self.graph, self.op_times = optimizer, graph, op_times
         c = self.best
         self.step_time, self.samples_per_s, self.peak_memory = c.step_time, c.samples_per_s, c.peak_memory
         self.num_devices, self.depth, self.width = c.p * c.w, c.p, c.w

@@ -32,6 +32,9 @@ class ScheduleModel:
             with ``allow_async=True``.
         runnable: ``Pipeline(schedule=name)`` runs it in this build.
         split_backward: the backward is split into I and W (zero bubble).
+        graph: the schedule runs a stage DAG of a multi-branch model (graphpipe): evaluated
+            by :mod:`pipetrain.planner.graph` on the partitioner's stages, not by the chain
+            search.
         chunks: the values of v (stages per device) to try.
         versions: ``versions(p, d)`` weight versions device d holds.
         inflight: ``inflight(p, m, v, d)`` peak micro-batch activations held on device d (in
@@ -46,6 +49,7 @@ class ScheduleModel:
     asynchronous: bool = False
     runnable: bool = True
     split_backward: bool = False
+    graph: bool = False
     chunks: Tuple[int, ...] = (1,)
     versions: Callable[[int, int], int] = lambda p, d: 1
     inflight: Callable[[int, int, int, int], int] = lambda p, m, v, d: min(p - d, m)
@@ -104,6 +108,9 @@ register(ScheduleModel("zb-h1", split_backward=True,
 register(ScheduleModel("zb-h2", split_backward=True,
                        inflight=lambda p, m, v, d: min(2 * (p - d) - 1, m),
                        note="zero bubble H2: about twice 1F1B's in-flight"))
+register(ScheduleModel("graphpipe", graph=True,
+                       note="GraphPipe: the partitioner's stage DAG, DAG 1F1B; multi-branch "
+                            "models only"))
 register(ScheduleModel("2bw", asynchronous=True, step_time=_steady_1f1b,
                        versions=lambda p, d: 2, valid=lambda p, m, v: m >= p,
                        note="PipeDream-2BW: 1F1B without flush, 2 weight versions, m >= p"))

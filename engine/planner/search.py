@@ -28,7 +28,7 @@ from pipetrain.planner.memory import device_memory, stage_ranges
 from pipetrain.planner.result import Candidate
 from pipetrain.planner.schedule_models import ScheduleModel
 
-__all__ = ["search", "evaluate", "fast_balance", "divisors"]
+__all__ = ["search", "evaluate", "fast_balance", "divisors", "rank"]
 
 
 def divisors(n: int) -> List[int]:
@@ -186,6 +186,8 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
             boundary = max(table.input_bytes[i](b) for i in range(L))
             latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
             for model in models:
+                if model.graph:     # stage DAGs: pipetrain.planner.graph
+                    continue
                 for v in model.chunks:
                     if p * v > L or (v > 1 and p == 1) or not model.valid(p, m, v):
                         continue
@@ -232,11 +234,18 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                     c.status = "over"
                     continue
             best = c.step_time
-    ok = [c for c in fitting if c.fits]
+    return rank(cands), ev
+
+
+def rank(cands: Sequence[Candidate]) -> List[Candidate]:
+    """Best first: the fitting simulated ones by step time, the fitting pruned ones by bound,
+    then those that do not fit by how much they need."""
+    ok = [c for c in cands if c.fits and c.status != "over"]
     sim = sorted((c for c in ok if c.status == "simulated"), key=lambda c: c.step_time)
     rest = sorted((c for c in ok if c.status != "simulated"), key=lambda c: c.bound)
-    over = sorted((c for c in cands if not c.fits), key=lambda c: c.peak_memory)
-    return sim + rest + over, ev
+    over = sorted((c for c in cands if not c.fits or c.status == "over"),
+                  key=lambda c: c.peak_memory)
+    return sim + rest + over
 
 
 def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, schedule: str,
