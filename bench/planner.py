@@ -168,19 +168,19 @@ CONFIGS = [  # (p, b, schedule, v, recompute)
 
 def predicted_vs_measured(quick: bool) -> list:
     """Each configuration's predicted step time (the simulator on measured costs) against its
-    measured makespan, two ways:
+    measured makespans over interleaved rounds, two ways:
 
-    - ``raw``: the prediction against the median of the measured rounds. The costs were
-      measured minutes earlier; on a shared machine the load (and so every time) drifts.
-    - ``at load``: the first configuration (one stage, the calibration's own shape) is run in
-      every round as the anchor; each round's prediction is scaled by that round's
-      anchor measured / predicted (the machine's speed at that moment, what the calibration
-      measures), and the error is the median over rounds. The anchor itself is excluded from
-      the count (0 by construction).
-    ``noise``: the interquartile range over the median of the configuration's own rounds."""
+    - ``typical``: costs calibrated with medians of repeated runs, against the median of
+      the rounds (a step at the load of the moment);
+    - ``quiet``: costs calibrated with minima, against the fastest round (the least
+      disturbed step: on a machine shared with others the reproducible one).
+    ``noise``: the interquartile range over the median of the configuration's rounds. The
+    costs are measured before the rounds, so a change of the machine's load in between shows
+    in ``typical``."""
     print(f"\npredicted vs measured on CPU (Pipeline, 1 thread per device; {_load()})")
-    print(f"{'model':18s} {'configuration':38s} {'pred ms':>8s} {'meas ms':>8s} {'raw':>6s} "
-          f"{'at load':>7s} {'noise':>6s} {'pred mem':>10s} {'meas mem':>10s} {'err':>6s}")
+    print(f"{'model':18s} {'configuration':38s} {'typ pred':>8s} {'meas':>7s} {'err':>5s} "
+          f"{'quiet pred':>10s} {'meas':>7s} {'err':>5s} {'noise':>5s} {'pred mem':>9s} "
+          f"{'meas mem':>9s} {'err':>6s}")
     rows = []
     rounds = 4 if quick else 9
     configs = CONFIGS[:4] if quick else CONFIGS
@@ -189,60 +189,65 @@ def predicted_vs_measured(quick: bool) -> list:
         x, y = data()
         n = x.shape[0]
         t0 = time.perf_counter()
-        table = measure_costs(model, (x, y), nn.functional.mse_loss,
-                              sizes=[n // 8, n // 4, n // 2], repeats=3 if quick else 5)
+        tables = {st: measure_costs(model, (x, y), nn.functional.mse_loss,
+                                    sizes=[n // 8, n // 4, n // 2], repeats=3 if quick else 5,
+                                    statistic=st) for st in ("median", "min")}
+        tm = tables["median"]
         print(f"  ... {name}: costs measured in {time.perf_counter() - t0:.0f} s "
-              f"(per-action overhead {table.forward_overhead * 1e6:.0f} us, slowdown at p=2 "
-              f"{table.slowdown_at(2):.2f}, hand-off {table.handoff_latency * 1e3:.2f} ms)",
-              flush=True)
-        cands = []
+              f"(per-action overhead {tm.forward_overhead * 1e6:.0f} us; slowdown at p=2 "
+              f"{tm.slowdown_at(2):.2f} typical, {tables['min'].slowdown_at(2):.2f} quiet; "
+              f"hand-off {tm.handoff_latency * 1e3:.2f} ms)", flush=True)
+        shapes = []
         for p, b, sched, v, rc in configs:
             b = min(b, n // 2) if name.startswith("transformer") else b
             m = n // b
             if v > 1 and m % p:
                 continue
-            cands.append(evaluate(table, Network(), p=p, b=b, m=m, schedule=sched, v=v,
-                                  recompute=rc))
-        measured = _measure_all(model, x, y, cands, rounds, name)
-        anchor_pred, anchor_meas = cands[0].step_time, measured[0][0]
-        for i, (c, (spans, mem)) in enumerate(zip(cands, measured)):
-            t = statistics.median(spans)
-            at_load = statistics.median(c.step_time * a / anchor_pred / s
-                                        for a, s in zip(anchor_meas, spans)) - 1
+            shapes.append(dict(p=p, b=b, m=m, schedule=sched, v=v, recompute=rc))
+        cands = {st: [evaluate(t, Network(), **sh) for sh in shapes] for st, t in tables.items()}
+        measured = _measure_all(model, x, y, cands["median"], rounds, name)
+        for c, cq, (spans, mem) in zip(cands["median"], cands["min"], measured):
+            t, tq = statistics.median(spans), min(spans)
             pm = max(q.metered for q in c.memory)
             rows.append(dict(model=name, label=c.label(), pred=c.step_time, meas=t,
-                             raw=c.step_time / t - 1, at_load=None if i == 0 else at_load,
-                             noise=_spread(spans), pmem=pm, mmem=mem))
-            print(f"{name:18s} {c.label():38s} {c.step_time * 1e3:8.2f} {t * 1e3:8.2f} "
-                  f"{100 * (c.step_time / t - 1):+5.0f}% "
-                  f"{'anchor' if i == 0 else f'{100 * at_load:+6.0f}%':>7s} "
-                  f"{100 * _spread(spans):5.0f}% {fmt_bytes(pm):>10s} "
-                  f"{fmt_bytes(mem):>10s} {100 * (pm / mem - 1):+5.1f}%")
-    ok_raw = sum(abs(r["raw"]) <= 0.15 for r in rows)
-    loaded = [r for r in rows if r["at_load"] is not None]
-    ok_load = sum(abs(r["at_load"]) <= 0.15 for r in loaded)
+                             err=c.step_time / t - 1, qpred=cq.step_time, qmeas=tq,
+                             qerr=cq.step_time / tq - 1, noise=_spread(spans), pmem=pm,
+                             mmem=mem))
+            print(f"{name:18s} {c.label():38s} {c.step_time * 1e3:8.2f} {t * 1e3:7.2f} "
+                  f"{100 * rows[-1]['err']:+4.0f}% {cq.step_time * 1e3:10.2f} {tq * 1e3:7.2f} "
+                  f"{100 * rows[-1]['qerr']:+4.0f}% {100 * rows[-1]['noise']:4.0f}% "
+                  f"{fmt_bytes(pm):>9s} {fmt_bytes(mem):>9s} {100 * (pm / mem - 1):+5.1f}%")
+    ok_t = sum(abs(r["err"]) <= 0.15 for r in rows)
+    ok_q = sum(abs(r["qerr"]) <= 0.15 for r in rows)
     ok_m = sum(abs(r["pmem"] / r["mmem"] - 1) <= 0.10 for r in rows)
-    print(f"time within 15 %: {ok_raw}/{len(rows)} raw, {ok_load}/{len(loaded)} at load "
-          f"(anchors excluded); memory within 10 %: {ok_m}/{len(rows)}; median noise "
-          f"{100 * statistics.median(r['noise'] for r in rows):.0f} % "
-          f"(max {100 * max(r['noise'] for r in rows):.0f} %); {_load()}")
+    print(f"time within 15 %: {ok_t}/{len(rows)} typical, {ok_q}/{len(rows)} quiet; memory "
+          f"within 10 %: {ok_m}/{len(rows)}; noise median "
+          f"{100 * statistics.median(r['noise'] for r in rows):.0f} % (max "
+          f"{100 * max(r['noise'] for r in rows):.0f} %): above 15 %, the typical comparison "
+          f"measures the machine's load as much as the model; {_load()}")
     return rows
 
 
 def grid(quick: bool) -> dict:
-    """Every runnable configuration the planner considered for one model, measured
-    interleaved; where the plan's choice lands. When the noise (median over configurations
-    of their rounds' interquartile range / median) exceeds 5 %, differences below it are
-    not measurable: the choice is also judged against the configurations measured slower
-    than the fastest by more than the noise."""
+    """Every runnable synchronous configuration the planner considered for one model,
+    measured interleaved; where the plan's choices land (costs calibrated with medians:
+    ``typical``, judged by the median over rounds of each configuration's time relative to
+    the round's fastest; with minima: ``quiet``, judged by each configuration's fastest
+    round). When the noise (median over configurations of their rounds' interquartile range
+    / median) exceeds 5 %, smaller differences are not measurable: the choice is also judged
+    against the configurations measured slower than the fastest by more than the noise."""
     model = _mlp()
     x, y = torch.randn(64, 768), torch.randn(64, 768)
     fn = nn.functional.mse_loss
     sizes = [8, 16, 32] if quick else [4, 8, 16, 32]
-    plan = pipetrain.plan(model, sample=(x, y), loss_fn=fn, devices=2, widths=[1],
-                          memory_per_device="1GB", batch_size=64, micro_batch_sizes=sizes,
-                          measure_sizes=[8, 16, 32], repeats=3,
-                          recompute=(False,) if quick else (False, True))
+    plans = {}
+    for st in ("median", "min"):
+        table = measure_costs(model, (x, y), fn, sizes=[8, 16, 32], repeats=3, statistic=st)
+        plans[st] = pipetrain.plan(model, sample=(x, y), loss_fn=fn, devices=2, widths=[1],
+                                   memory_per_device="1GB", batch_size=64,
+                                   micro_batch_sizes=sizes, costs=table,
+                                   recompute=(False,) if quick else (False, True))
+    plan = plans["median"]
     print(f"\ngrid on CPU: mlp 8x768, 2 devices, batch 64 ({_load()})")
     print(plan)
     runnable, seen = [], set()
@@ -253,36 +258,42 @@ def grid(quick: bool) -> dict:
                 c = evaluate(plan.table, Network(), p=c.p, b=c.b, m=c.m, schedule=c.schedule,
                              v=c.v, recompute=c.recompute)
             runnable.append(c)
-    chosen_i = next(i for i, c in enumerate(runnable) if c.label() == plan.best.label())
+    labels = [c.label() for c in runnable]
     rounds = 3 if quick else 5
     spans = [sp for sp, _ in _measure_all(model, x, y, runnable, rounds, "grid")]
     # Per round, each configuration relative to the round's fastest: load drift cancels.
     rel = [statistics.median(sp[r] / min(s[r] for s in spans) for r in range(rounds))
            for sp in spans]
+    quiet = [min(sp) for sp in spans]
     noise = statistics.median(_spread(sp) for sp in spans)
     order = sorted(range(len(runnable)), key=lambda i: rel[i])
-    print(f"{'configuration':40s} {'pred ms':>8s} {'meas ms':>8s} {'vs fastest':>10s} "
-          f"{'noise':>6s}")
-    for i in order[:12]:
-        mark = "  <- plan" if i == chosen_i else ""
-        print(f"{runnable[i].label():40s} {runnable[i].step_time * 1e3:8.2f} "
-              f"{statistics.median(spans[i]) * 1e3:8.2f} {100 * (rel[i] / rel[order[0]] - 1):+9.1f}% "
-              f"{100 * _spread(spans[i]):5.0f}%{mark}")
-    if chosen_i not in order[:12]:
-        print(f"{runnable[chosen_i].label():40s} ... rank {order.index(chosen_i) + 1}  <- plan")
-    gap = rel[chosen_i] / rel[order[0]] - 1
-    # Predicted order vs measured: the fastest predicted among those measured.
-    best_pred = min(range(len(runnable)), key=lambda i: runnable[i].step_time)
-    clear = [i for i in order if rel[i] / rel[order[0]] - 1 > noise]
-    print(f"{len(runnable)} configurations, {rounds} interleaved rounds, noise {100 * noise:.1f} %"
-          f" ({_load()}); plan's choice {plan.best.label()}: +{100 * gap:.1f} % from the "
-          f"fastest measured ({runnable[order[0]].label()}), rank {order.index(chosen_i) + 1}/"
-          f"{len(runnable)}; within 5 %: {'yes' if gap <= 0.05 else 'no'}; "
-          f"within the noise: {'yes' if gap <= max(0.05, noise) else 'no'} "
-          f"({len(clear)} configurations measured slower than the fastest by more than the "
-          f"noise, the choice {'is not' if chosen_i not in clear else 'IS'} among them)")
-    return dict(gap=gap, noise=noise, rank=order.index(chosen_i) + 1, n=len(runnable),
-                best_pred=runnable[best_pred].label())
+    chosen = {st: labels.index(pl.best.label()) for st, pl in plans.items()}
+    print(f"{'configuration':40s} {'pred ms':>8s} {'median ms':>9s} {'vs fastest':>10s} "
+          f"{'min ms':>7s} {'noise':>6s}")
+    for i in order[:10] + [i for i in chosen.values() if i not in order[:10]]:
+        mark = "".join(f"  <- {'typical' if st == 'median' else 'quiet'} plan"
+                       for st, j in chosen.items() if j == i)
+        print(f"{labels[i]:40s} {runnable[i].step_time * 1e3:8.2f} "
+              f"{statistics.median(spans[i]) * 1e3:9.2f} {100 * (rel[i] / rel[order[0]] - 1):+9.1f}% "
+              f"{quiet[i] * 1e3:7.2f} {100 * _spread(spans[i]):5.0f}%{mark}")
+    out = dict(noise=noise, n=len(runnable))
+    for st, i in chosen.items():
+        if st == "median":
+            gap = rel[i] / rel[order[0]] - 1
+            fastest = labels[order[0]]
+        else:
+            gap = quiet[i] / min(quiet) - 1
+            fastest = labels[min(range(len(quiet)), key=quiet.__getitem__)]
+        clear = [j for j in range(len(runnable)) if rel[j] / rel[order[0]] - 1 > noise]
+        name = "typical" if st == "median" else "quiet"
+        print(f"{name} plan {labels[i]}: +{100 * gap:.1f} % from the fastest measured "
+              f"({fastest}); within 5 %: {'yes' if gap <= 0.05 else 'no'}; within the noise "
+              f"({100 * noise:.0f} %): {'yes' if gap <= max(0.05, noise) else 'no'} "
+              f"({len(clear)}/{len(runnable)} configurations measured slower than the fastest "
+              f"by more than the noise; the choice {'IS' if i in clear else 'is not'} one)")
+        out[name] = gap
+    print(f"{len(runnable)} configurations, {rounds} interleaved rounds; {_load()}")
+    return out
 
 
 def run(quick: bool, out) -> None:

@@ -300,7 +300,8 @@ def _detached(obj: Any) -> Any:
 
 def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional[Sequence[int]] = None,
                   repeats: int = 5, threads: int = 1, optimizer_factor: float = 0.0,
-                  calibrate: bool = True, depths: Sequence[int] = (2,)) -> CostTable:
+                  calibrate: bool = True, depths: Sequence[int] = (2,),
+                  statistic: str = "median") -> CostTable:
     """Time and weigh each layer of ``model`` on slices of ``sample = (inputs, targets)``.
 
     For each micro-batch size in ``sizes`` (default: a quarter, half and all of the sample's
@@ -321,7 +322,10 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     comes from the layer timings, the total from the runtime that will execute them, and the
     engine's per-action cost (:func:`measure_action_overhead`) is per action, not per layer. The first layer is probed without
     an input gradient, as the first stage runs it. The machine's cores and other load are
-    recorded for :func:`contention`. Then, for each
+    recorded for :func:`contention`. ``statistic`` ("median" or "min") summarises the
+    calibration's repeated runs: the median predicts a typical step at the load of the
+    moment; the minimum the least-disturbed step, which on a machine shared with others is
+    the reproducible one. Then, for each
     p in ``depths``, a p-stage 1F1B Pipeline runs at the middle size, and the ratio of its
     median makespan to the simulator's for the same shape and these costs is
     :attr:`CostTable.slowdown` at p (p threads sharing the cores run each action slower).
@@ -329,6 +333,8 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     from pipetrain.partition import layers_of
     layers = layers_of(model)
     load = _other_load()
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}")
     inputs, targets = sample
     n = _leaves(inputs)[0].shape[0]
     sizes = sorted(set(sizes or [max(1, n // 4), max(1, n // 2), n]))
@@ -399,9 +405,9 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     if calibrate:
         from pipetrain.distributed import in_process
         with in_process():   # under torchrun each rank probes its own pipelines
-            slowdown, split, gap, handoff, overhead = _calibrate(model, sample, loss_fn, sizes, rows,
-                                                       threads, repeats,
-                                                       [q for q in depths if 1 < q <= L])
+            slowdown, split, gap, handoff, overhead = _calibrate(
+                model, sample, loss_fn, sizes, rows, threads, repeats,
+                [q for q in depths if 1 < q <= L], STATISTICS[statistic])
 
     def fit(kind, li):
         return Affine.fit(sizes, rows[kind][li])
@@ -436,7 +442,7 @@ def _other_load() -> float:
 
 
 def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], rows: dict,
-               threads: int, repeats: int, depths: Sequence[int]) -> dict:
+               threads: int, repeats: int, depths: Sequence[int], stat: Callable) -> tuple:
     """Scale ``rows`` (per layer, per size) to one-stage Pipeline runs and measure the
     slowdown at each depth (see measure_costs)."""
     from pipetrain.partition import balance_costs
@@ -449,7 +455,7 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
     try:
         for si, b in enumerate(sizes):
             f1, b1, gap = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads,
-                                     repeats)
+                                     repeats, stat=stat)
             gaps.append(gap)
             runtime["F"].append(f1)
             runtime["B"].append(b1)
@@ -470,7 +476,7 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
             costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(L)]
             balance = balance_costs(costs, q)
             m, span, wake = _run_makespan(model, inputs, targets, loss_fn, b, q, balance, threads,
-                                          repeats)
+                                          repeats, stat)
             handoff = wake if q == min(depths) else handoff
             F, B, i = [], [], 0
             for n in balance:
@@ -482,9 +488,10 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
                 forward=F, backward=B, transfer=wake).makespan
             slowdown[q] = span / sim if sim > 0 else 1.0
         # A split backward (zero-bubble schedules) as the runtime runs it: I then W.
-        _, b_full, _ = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats)
+        _, b_full, _ = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats,
+                                  stat=stat)
         i_w = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats,
-                         schedule="zb-h1")[1]
+                         stat=stat, schedule="zb-h1")[1]
         # The split's factor on the layers' compute: I and W each pay the per-action overhead.
         split = (i_w - 2 * overhead["B"]) / (b_full - overhead["B"]) \
             if b_full > overhead["B"] else 1.0
@@ -494,7 +501,8 @@ def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int],
     return slowdown, split, statistics.median(gaps), handoff, overhead
 
 
-def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repeats):
+def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
+                  stat=statistics.median):
     """(m, median makespan, median hand-off latency), seconds, of a p-stage 1F1B Pipeline on
     up to 8 micro-batches of b. A hand-off sample: an F whose input comes from the previous
     device (or a B whose gradient comes from the next) and whose own device was free before
@@ -514,7 +522,7 @@ def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repea
                 wakes.extend(_handoffs(st.records, p))
     finally:
         pipe.close()
-    return m, statistics.median(spans), statistics.median(wakes) if wakes else 0.0
+    return m, stat(spans), statistics.median(wakes) if wakes else 0.0
 
 
 def _handoffs(records, p):
@@ -538,7 +546,7 @@ def _handoffs(records, p):
 
 
 def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
-               schedule="1f1b"):
+               schedule="1f1b", stat=statistics.median):
     """Median per-micro-batch F and backward (B, or I + W for a split schedule) seconds,
     summed over stages, of a p-stage Pipeline on micro-batches of b (up to 8 of them), and
     the median idle time per action of a one-stage run (its gaps: the dispatch overhead)."""
@@ -560,10 +568,11 @@ def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
                 gaps.append(max(0.0, st.makespan_s - sum(st.busy_s)) / max(1, actions))
     finally:
         pipe.close()
-    return statistics.median(f_runs), statistics.median(b_runs), statistics.median(gaps)
+    return stat(f_runs), stat(b_runs), statistics.median(gaps)
 
 
 _OVERHEAD: dict = {}
+STATISTICS = {"median": statistics.median, "min": min}
 
 
 def measure_action_overhead(rounds: int = 5, m: int = 32, refresh: bool = False) -> float:
