@@ -173,13 +173,17 @@ def predicted_vs_measured(quick: bool) -> list:
     - ``typical``: costs calibrated with medians of repeated runs, against the median of
       the rounds (a step at the load of the moment);
     - ``quiet``: costs calibrated with minima, against the fastest round (the least
-      disturbed step: on a machine shared with others the reproducible one).
+      disturbed step: on a machine shared with others the reproducible one);
+    - ``rel``: the typical prediction relative to the first configuration's (one stage, the
+      calibration's own shape), against the measured ratio of the two in the same round
+      (median over rounds): the load drift between calibration and rounds cancels, what is
+      left is the model's error across depths and schedules (the anchor itself is 0).
     ``noise``: the interquartile range over the median of the configuration's rounds. The
     costs are measured before the rounds, so a change of the machine's load in between shows
     in ``typical``."""
     print(f"\npredicted vs measured on CPU (Pipeline, 1 thread per device; {_load()})")
     print(f"{'model':18s} {'configuration':38s} {'typ pred':>8s} {'meas':>7s} {'err':>5s} "
-          f"{'quiet pred':>10s} {'meas':>7s} {'err':>5s} {'noise':>5s} {'pred mem':>9s} "
+          f"{'quiet pred':>10s} {'meas':>7s} {'err':>5s} {'rel':>5s} {'noise':>5s} {'pred mem':>9s} "
           f"{'meas mem':>9s} {'err':>6s}")
     rows = []
     rounds = 4 if quick else 9
@@ -206,21 +210,28 @@ def predicted_vs_measured(quick: bool) -> list:
             shapes.append(dict(p=p, b=b, m=m, schedule=sched, v=v, recompute=rc))
         cands = {st: [evaluate(t, Network(), **sh) for sh in shapes] for st, t in tables.items()}
         measured = _measure_all(model, x, y, cands["median"], rounds, name)
-        for c, cq, (spans, mem) in zip(cands["median"], cands["min"], measured):
+        anchor_pred, anchor = cands["median"][0].step_time, measured[0][0]
+        for i, (c, cq, (spans, mem)) in enumerate(zip(cands["median"], cands["min"], measured)):
             t, tq = statistics.median(spans), min(spans)
             pm = max(q.metered for q in c.memory)
+            rel = statistics.median(c.step_time / anchor_pred / (s / a)
+                                    for s, a in zip(spans, anchor)) - 1
             rows.append(dict(model=name, label=c.label(), pred=c.step_time, meas=t,
                              err=c.step_time / t - 1, qpred=cq.step_time, qmeas=tq,
-                             qerr=cq.step_time / tq - 1, noise=_spread(spans), pmem=pm,
-                             mmem=mem))
+                             qerr=cq.step_time / tq - 1, rel=None if i == 0 else rel,
+                             noise=_spread(spans), pmem=pm, mmem=mem))
             print(f"{name:18s} {c.label():38s} {c.step_time * 1e3:8.2f} {t * 1e3:7.2f} "
                   f"{100 * rows[-1]['err']:+4.0f}% {cq.step_time * 1e3:10.2f} {tq * 1e3:7.2f} "
-                  f"{100 * rows[-1]['qerr']:+4.0f}% {100 * rows[-1]['noise']:4.0f}% "
+                  f"{100 * rows[-1]['qerr']:+4.0f}% "
+                  f"{'  -  ' if i == 0 else f'{100 * rel:+4.0f}%'} {100 * rows[-1]['noise']:4.0f}% "
                   f"{fmt_bytes(pm):>9s} {fmt_bytes(mem):>9s} {100 * (pm / mem - 1):+5.1f}%")
     ok_t = sum(abs(r["err"]) <= 0.15 for r in rows)
     ok_q = sum(abs(r["qerr"]) <= 0.15 for r in rows)
     ok_m = sum(abs(r["pmem"] / r["mmem"] - 1) <= 0.10 for r in rows)
-    print(f"time within 15 %: {ok_t}/{len(rows)} typical, {ok_q}/{len(rows)} quiet; memory "
+    rels = [r for r in rows if r["rel"] is not None]
+    ok_r = sum(abs(r["rel"]) <= 0.15 for r in rels)
+    print(f"time within 15 %: {ok_t}/{len(rows)} typical, {ok_q}/{len(rows)} quiet, "
+          f"{ok_r}/{len(rels)} relative to the one-stage anchor; memory "
           f"within 10 %: {ok_m}/{len(rows)}; noise median "
           f"{100 * statistics.median(r['noise'] for r in rows):.0f} % (max "
           f"{100 * max(r['noise'] for r in rows):.0f} %): above 15 %, the typical comparison "

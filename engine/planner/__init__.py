@@ -6,7 +6,12 @@ batch_size=256)`` measures the model's per-layer costs on the sample
 schedule simulator and the memory model (:mod:`~pipetrain.planner.search`,
 :mod:`~pipetrain.planner.memory`, :mod:`~pipetrain.planner.schedule_models`), and returns a
 :class:`~pipetrain.planner.result.TrainingPlan`. Give ``costs=CostTable(...)`` instead of a
-model to plan for hardware you do not have. PipeDream-2BW's planner is the special case
+model to plan for hardware you do not have. ``devices`` may be a DeviceMesh
+(:mod:`~pipetrain.planner.devices`); a multi-branch model (any ``nn.Module`` that is not a
+sequence) is planned per operator, with GraphPipe's stage DAG next to the chain
+linearizations (:mod:`~pipetrain.planner.graph`). ``plan.pipeline()`` builds the choice: this
+rank's part under torchrun when w > 1 (:mod:`~pipetrain.planner.build`), an asynchronous
+schedule with the ``optimizer=`` factory. PipeDream-2BW's planner is the special case
 ``schedules=["2bw"], allow_async=True``: with costs affine in b, the fastest fitting
 configuration of each (w, p) is the largest b that fits, with recompute when that allows a
 larger b and wins (tests/planner/test_search.py checks it against the paper's formulas).

@@ -313,22 +313,17 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     threads (restored after); gradients produced are discarded.
 
     ``calibrate``: layers timed one by one miss what the executor adds (dispatch, the
-    sink's loss weighting, staged gradient accumulation, a loaded machine's slowdown); so
-    the whole model also runs as a one-stage :class:`~pipetrain.Pipeline` (1F1B) at each
-    size, and its median per-micro-batch F (and B) is fitted as ``overhead + scale * (sum of
-    the layers' probes)`` at each size: the layers are scaled by ``scale`` and each action of
-    a stage pays ``overhead`` once
-    (:attr:`CostTable.forward_overhead`, ``backward_overhead``) — the split between layers
-    comes from the layer timings, the total from the runtime that will execute them, and the
-    engine's per-action cost (:func:`measure_action_overhead`) is per action, not per layer. The first layer is probed without
+    sink's loss weighting, staged gradient accumulation, a loaded machine's slowdown); so the
+    whole model also runs as Pipelines, interleaved (:mod:`pipetrain.planner.calibration`):
+    one stage at each size (the layers are scaled to its F and B less the engine's
+    per-action overhead, :func:`measure_action_overhead`, which each action of a stage then
+    pays once: :attr:`CostTable.forward_overhead`, ``backward_overhead``), p stages for each
+    p in ``depths`` (:attr:`CostTable.slowdown`, the hand-off latency) and ZB-H1's split
+    backward. ``statistic`` ("median" or "min") summarises their rounds: the median predicts
+    a typical step at the load of the moment; the minimum the least-disturbed step, which on
+    a machine shared with others is the reproducible one. The first layer is probed without
     an input gradient, as the first stage runs it. The machine's cores and other load are
-    recorded for :func:`contention`. ``statistic`` ("median" or "min") summarises the
-    calibration's repeated runs: the median predicts a typical step at the load of the
-    moment; the minimum the least-disturbed step, which on a machine shared with others is
-    the reproducible one. Then, for each
-    p in ``depths``, a p-stage 1F1B Pipeline runs at the middle size, and the ratio of its
-    median makespan to the simulator's for the same shape and these costs is
-    :attr:`CostTable.slowdown` at p (p threads sharing the cores run each action slower).
+    recorded for :func:`contention`.
     """
     from pipetrain.partition import layers_of
     layers = layers_of(model)
@@ -405,6 +400,7 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     if calibrate:
         from pipetrain.distributed import in_process
         with in_process():   # under torchrun each rank probes its own pipelines
+            from pipetrain.planner.calibration import calibrate as _calibrate
             slowdown, split, gap, handoff, overhead = _calibrate(
                 model, sample, loss_fn, sizes, rows, threads, repeats,
                 [q for q in depths if 1 < q <= L], STATISTICS[statistic])
@@ -439,136 +435,6 @@ def _other_load() -> float:
         return max(0.0, os.getloadavg()[0] - 1.0)
     except OSError:
         return 0.0
-
-
-def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], rows: dict,
-               threads: int, repeats: int, depths: Sequence[int], stat: Callable) -> tuple:
-    """Scale ``rows`` (per layer, per size) to one-stage Pipeline runs and measure the
-    slowdown at each depth (see measure_costs)."""
-    from pipetrain.partition import balance_costs
-    inputs, targets = sample
-    params = list(model.parameters())
-    saved = [p.grad for p in params]
-    slowdown = {1: 1.0}
-    gaps, handoff = [], 0.0
-    runtime = {"F": [], "B": []}
-    try:
-        for si, b in enumerate(sizes):
-            f1, b1, gap = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads,
-                                     repeats, stat=stat)
-            gaps.append(gap)
-            runtime["F"].append(f1)
-            runtime["B"].append(b1)
-        # Per action: the engine's overhead, then the layers scaled to the rest (per size).
-        o = measure_action_overhead()
-        overhead = {"F": o, "B": o}
-        for kind in ("F", "B"):
-            for si in range(len(sizes)):
-                total = sum(row[si] for row in rows[kind])
-                scale = max(0.0, runtime[kind][si] - o) / total if total > 0 else 1.0
-                for kinds in ((kind,) if kind == "F" else ("B", "I")):
-                    for row in rows[kinds]:
-                        row[si] *= scale
-        mid = len(sizes) // 2
-        b = sizes[mid]
-        L = len(rows["F"])
-        for q in depths:
-            costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(L)]
-            balance = balance_costs(costs, q)
-            m, span, wake = _run_makespan(model, inputs, targets, loss_fn, b, q, balance, threads,
-                                          repeats, stat)
-            handoff = wake if q == min(depths) else handoff
-            F, B, i = [], [], 0
-            for n in balance:
-                F.append(sum(rows["F"][li][mid] for li in range(i, i + n)) + overhead["F"])
-                B.append(sum(rows["B"][li][mid] for li in range(i, i + n)) + overhead["B"])
-                i += n
-            from pipetrain import schedules
-            sim = schedules.build("1f1b", num_stages=q, num_microbatches=m).simulate(
-                forward=F, backward=B, transfer=wake).makespan
-            slowdown[q] = span / sim if sim > 0 else 1.0
-        # A split backward (zero-bubble schedules) as the runtime runs it: I then W.
-        _, b_full, _ = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats,
-                                  stat=stat)
-        i_w = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats,
-                         stat=stat, schedule="zb-h1")[1]
-        # The split's factor on the layers' compute: I and W each pay the per-action overhead.
-        split = (i_w - 2 * overhead["B"]) / (b_full - overhead["B"]) \
-            if b_full > overhead["B"] else 1.0
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    return slowdown, split, statistics.median(gaps), handoff, overhead
-
-
-def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
-                  stat=statistics.median):
-    """(m, median makespan, median hand-off latency), seconds, of a p-stage 1F1B Pipeline on
-    up to 8 micro-batches of b. A hand-off sample: an F whose input comes from the previous
-    device (or a B whose gradient comes from the next) and whose own device was free before
-    that input was ready: its start minus the input's end."""
-    from pipetrain.pipeline import Pipeline
-    m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
-    x, y = _slice(inputs, m * b), _slice(targets, m * b)
-    pipe = Pipeline(model, p, schedule="1f1b", num_microbatches=m, loss_fn=loss_fn,
-                    balance=balance, num_threads=threads)
-    try:
-        spans, wakes = [], []
-        for r in range(max(3, repeats) + 1):
-            pipe.step(x, y)
-            if r:
-                st = pipe.stats()
-                spans.append(st.makespan_s)
-                wakes.extend(_handoffs(st.records, p))
-    finally:
-        pipe.close()
-    return m, stat(spans), statistics.median(wakes) if wakes else 0.0
-
-
-def _handoffs(records, p):
-    """Hand-off latency samples (seconds) from one run's records (see _run_makespan)."""
-    end = {(r.kind, r.stage, r.microbatch): r.end_ns for d in records for r in d}
-    out = []
-    for d in records:
-        prev_end = None
-        for r in d:
-            if r.start_ns < 0:
-                continue
-            dep = None
-            if r.kind == "F" and r.stage > 0:
-                dep = end.get(("F", r.stage - 1, r.microbatch))
-            elif r.kind == "B" and r.stage < p - 1:
-                dep = end.get(("B", r.stage + 1, r.microbatch))
-            if dep is not None and (prev_end is None or prev_end <= dep) and r.start_ns >= dep:
-                out.append((r.start_ns - dep) * 1e-9)
-            prev_end = r.end_ns
-    return out
-
-
-def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
-               schedule="1f1b", stat=statistics.median):
-    """Median per-micro-batch F and backward (B, or I + W for a split schedule) seconds,
-    summed over stages, of a p-stage Pipeline on micro-batches of b (up to 8 of them), and
-    the median idle time per action of a one-stage run (its gaps: the dispatch overhead)."""
-    from pipetrain.pipeline import Pipeline
-    m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
-    x, y = _slice(inputs, m * b), _slice(targets, m * b)
-    pipe = Pipeline(model, p, schedule=schedule, num_microbatches=m, loss_fn=loss_fn,
-                    balance=balance, num_threads=threads)
-    try:
-        f_runs, b_runs, gaps = [], [], []
-        for r in range(max(2, repeats // 2) + 1):
-            pipe.step(x, y)
-            if r:
-                c = pipe.stats().costs_s
-                f_runs.append(sum(c["F"]))
-                b_runs.append(sum(c["B"]) if "B" in c else sum(c["I"]) + sum(c["W"]))
-                st = pipe.stats()
-                actions = sum(len(d) for d in st.records)
-                gaps.append(max(0.0, st.makespan_s - sum(st.busy_s)) / max(1, actions))
-    finally:
-        pipe.close()
-    return stat(f_runs), stat(b_runs), statistics.median(gaps)
 
 
 _OVERHEAD: dict = {}
