@@ -86,3 +86,24 @@ def test_graphpipe_needs_a_graph_model():
         pipetrain.plan(seq, sample=(torch.randn(4, 4), torch.randn(4, 4)),
                        loss_fn=nn.functional.mse_loss, devices=2, memory_per_device="1GB",
                        batch_size=4, schedules=["graphpipe"])
+
+
+def test_graph_plan_passes_the_optimizer_on():
+    torch.manual_seed(0)
+    model = TwoTower().double()
+    twin = copy.deepcopy(model)
+    xs, y = _data(4)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)   # noqa: E731
+    plan = pipetrain.plan(model, sample=(xs, y), loss_fn=nn.functional.mse_loss, devices=3,
+                          memory_per_device="1GB", batch_size=4, micro_batch_sizes=[2],
+                          op_times=_times(model), schedules=["graphpipe"], optimizer=sgd)
+    pipe = plan.pipeline(num_threads=1)
+    try:
+        list(pipe.train([(xs, y)]))
+    finally:
+        pipe.close()
+    opt = sgd(twin.parameters())
+    nn.functional.mse_loss(twin(*xs), y).backward()
+    opt.step()
+    for q, q_ref in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(q, q_ref, rtol=1e-10, atol=1e-12)
