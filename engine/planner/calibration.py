@@ -51,6 +51,15 @@ def handoffs(records: Sequence[Sequence[Any]], p: int) -> List[float]:
     return out
 
 
+def _ratio(num: Sequence[float], den: Sequence[float], stat: Callable) -> float:
+    """The ratio of two series measured in the same rounds: the median of the per-round
+    ratios (a load change between rounds cancels), or for ``min`` the ratio of the minima
+    (each series' least-disturbed round)."""
+    if stat is min:
+        return min(num) / max(1e-12, min(den))
+    return statistics.median(a / max(1e-12, b) for a, b in zip(num, den))
+
+
 def _backward(costs: Dict[str, List[float]]) -> float:
     return sum(costs["B"]) if "B" in costs else sum(costs["I"]) + sum(costs["W"])
 
@@ -119,8 +128,9 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
     slowdown, handoff = {1: 1.0}, 0.0
     for q in depths:
         sts = rec[("deep", q)]
-        wakes = [w for s in sts for w in handoffs(s.records, q)]
-        wake = statistics.median(wakes) if wakes else 0.0
+        # Each round's median hand-off, summarised over rounds like every other time.
+        per_round = [statistics.median(w) for w in (handoffs(s.records, q) for s in sts) if w]
+        wake = stat(per_round) if per_round else 0.0
         handoff = wake if q == min(depths) else handoff
         balance = balance_costs(probe, q)
         F, B, i = [], [], 0
@@ -130,9 +140,9 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
             i += k
         sim = schedules.build("1f1b", num_stages=q, num_microbatches=m_mid).simulate(
             forward=F, backward=B, transfer=wake).makespan
-        ratio = stat([d.makespan_s / s.makespan_s for d, s in zip(sts, ones)])
+        ratio = _ratio([d.makespan_s for d in sts], [s.makespan_s for s in ones], stat)
         slowdown[q] = ratio * sim_one / sim if sim > 0 else 1.0
     # The split's factor on the layers' compute: I and W each pay the per-action overhead.
-    split = stat([(_backward(z.costs_s) - 2 * o) / max(1e-12, _backward(s.costs_s) - o)
-                  for z, s in zip(rec[("split", b_mid)], ones)])
+    split = _ratio([_backward(z.costs_s) - 2 * o for z in rec[("split", b_mid)]],
+                   [_backward(s.costs_s) - o for s in ones], stat)
     return slowdown, split, statistics.median(gaps), handoff, {"F": o, "B": o}
