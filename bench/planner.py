@@ -186,7 +186,8 @@ def predicted_vs_measured(quick: bool) -> list:
     in ``typical``."""
     print(f"\npredicted vs measured on CPU (Pipeline, 1 thread per device; {_load()})")
     print(f"{'model':18s} {'configuration':38s} {'typ pred':>8s} {'meas':>7s} {'err':>5s} "
-          f"{'quiet pred':>10s} {'meas':>7s} {'err':>5s} {'rel':>5s} {'noise':>5s} {'pred mem':>9s} "
+          f"{'quiet pred':>10s} {'meas':>7s} {'err':>5s} {'rel':>5s} {'noise':>5s} "
+          f"{'pred mem':>9s} "
           f"{'meas mem':>9s} {'err':>6s}")
     rows = []
     rounds = 4 if quick else 9
@@ -288,7 +289,8 @@ def grid(quick: bool) -> dict:
         mark = "".join(f"  <- {'typical' if st == 'median' else 'quiet'} plan"
                        for st, j in chosen.items() if j == i)
         print(f"{labels[i]:40s} {runnable[i].step_time * 1e3:8.2f} "
-              f"{statistics.median(spans[i]) * 1e3:9.2f} {100 * (rel[i] / rel[order[0]] - 1):+9.1f}% "
+              f"{statistics.median(spans[i]) * 1e3:9.2f} "
+              f"{100 * (rel[i] / rel[order[0]] - 1):+9.1f}% "
               f"{quiet[i] * 1e3:7.2f} {100 * _spread(spans[i]):5.0f}%{mark}")
     out = dict(noise=noise, n=len(runnable))
     for st, i in chosen.items():

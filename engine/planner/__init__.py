@@ -30,8 +30,9 @@ from pipetrain.planner.schedule_models import MODELS, ScheduleModel, models_for,
 from pipetrain.planner.search import rank, search
 from pipetrain.planner.graph import graphpipe_candidates, is_graph_model, measure_graph
 
-__all__ = ["plan", "DeviceSpec", "device_spec", "Affine", "CostTable", "Network", "measure_costs", "Memory", "Candidate",
-           "TrainingPlan", "ScheduleModel", "MODELS", "register", "search", "device_memory"]
+__all__ = ["plan", "DeviceSpec", "device_spec", "Affine", "CostTable", "Network",
+           "measure_costs", "Memory", "Candidate", "TrainingPlan", "ScheduleModel", "MODELS",
+           "register", "search", "device_memory"]
 
 
 def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = None, *,
