@@ -86,7 +86,7 @@ __all__ = ["partition", "plan_stages"]
 INF = np.inf
 # Refinement (refine.py) runs on graphs up to this many operators (bounded by its
 # evaluation budget in any case; large graphs keep the DP's answer).
-REFINE_MAX_OPS = 64
+REFINE_MAX_OPS = 200
 
 
 class _Series:

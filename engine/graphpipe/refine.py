@@ -26,8 +26,9 @@ stage graph must stay acyclic):
 4. merge two stages (groups small parallel branches), then split any stage with the freed
    device.
 
-Only for one device per stage (what the runtime runs); the search stops after
-``max_evals`` simulated candidates, so its cost is bounded on large graphs.
+Only for one device per stage (what the runtime runs). Above ``FULL_NEIGHBOURHOOD_OPS``
+operators, moves and swaps involve only operators with an edge to another stage. The search
+stops after a budget of simulated candidates, so its cost is bounded on large graphs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from pipetrain.graphpipe.opgraph import OpGraph
 from pipetrain.graphpipe.stage_graph import StageGraph
 
 __all__ = ["refine", "objective"]
+
+# Up to this many operators the neighbourhood is complete (see _Search.moves).
+FULL_NEIGHBOURHOOD_OPS = 24
 
 
 def objective(sg: StageGraph) -> Tuple[float, float, int]:
@@ -84,8 +88,10 @@ class _Search:
             self.left = 0
             return None
         # Canonical key: relabel stages by first operator so equal partitions hit the cache.
-        remap: Dict[int, int] = {}
-        key = tuple(remap.setdefault(s, len(remap)) for s in labels)
+        # (dict.fromkeys keeps first-occurrence order; map/tuple run in C: this is the
+        # search's inner loop on large graphs.)
+        remap = {s: i for i, s in enumerate(dict.fromkeys(labels))}
+        key = tuple(map(remap.__getitem__, labels))
         if key in self.seen:
             return self.seen[key]
         if len(remap) > self.N or self.left <= 0:
@@ -116,6 +122,8 @@ class _Search:
             # depth-only tie-break early and stall on the plateaus few micro-batches make).
             step = None
             for cand in self.moves(labels):
+                if self.left <= 0:  # budget spent: keep the best move seen so far
+                    break
                 r = self.evaluate(cand)
                 if r is not None and r[0] < (step or cur)[0]:
                     step, nxt = r, cand
@@ -128,9 +136,16 @@ class _Search:
         """Candidate assignments around ``labels`` (see the module docstring)."""
         g = self.g
         nst = max(labels) + 1
-        for v in self.topo:  # 1. move an operator to another stage (neighbours first)
+        # On small graphs every operator and every stage; on larger ones only operators
+        # with an edge to another stage, moved to such a stage (the rest would make the
+        # neighbourhood quadratic in the operators for moves that rarely help).
+        full = len(g) <= FULL_NEIGHBOURHOOD_OPS
+        ops = self.topo if full else [v for v in self.topo if any(
+            labels[u] != labels[v] for u in g.pred[v] + g.succ[v])]
+        for v in ops:  # 1. move an operator to another stage (neighbours first)
             near = {labels[u] for u in g.pred[v] + g.succ[v]} - {labels[v]}
-            for b in sorted(near) + sorted(set(range(nst)) - near - {labels[v]}):
+            far = sorted(set(range(nst)) - near - {labels[v]}) if full else []
+            for b in sorted(near) + far:
                 new = list(labels)
                 new[v] = b
                 yield new
@@ -140,8 +155,8 @@ class _Search:
         if nst < self.N:  # 2. split a stage
             for s in range(nst):
                 yield from self._splits(labels, members[s], nst)
-        for i, v in enumerate(self.topo):  # 3. swap two operators of different stages
-            for u in self.topo[i + 1:]:
+        for i, v in enumerate(ops):  # 3. swap two operators of different stages
+            for u in ops[i + 1:]:
                 if labels[u] != labels[v]:
                     new = list(labels)
                     new[u], new[v] = labels[v], labels[u]
@@ -170,7 +185,7 @@ class _Search:
                 yield new
 
 
-def refine(starts: Sequence[StageGraph], *, max_evals: int = 3000, max_work: float = 4e5,
+def refine(starts: Sequence[StageGraph], *, max_evals: int = 3000, max_work: float = 2e5,
            kicks: int = 20, seed: int = 0) -> StageGraph:
     """The best stage graph found from ``starts`` (all on the same graph, devices and cost
     model, one device per stage): hill-climbing (steepest improvement over the moves in the
