@@ -129,7 +129,6 @@ def run(quick: bool, out: pathlib.Path) -> None:
         for sname, c in (("pipeline", cost), ("data-par + 3 GB limit", dp_mem)):
             if sname != "pipeline" and (p < 64 or quick or n == 200):
                 continue  # 3 GB per device holds these models on 64 devices only
-            print(f"  ... {n} ops onto {p} devices, {sname}", end="\r", flush=True)
             cpu, wall = _time(lambda: partition(g, p, c), 1 if quick else 3)
             dp_cpu, _ = _time(lambda: partition(g, p, c, refine=False), 1 if quick else 3)
             sg = partition(g, p, c)
@@ -137,7 +136,7 @@ def run(quick: bool, out: pathlib.Path) -> None:
             gain = (f"{dp.simulated_time_per_sample / sg.simulated_time_per_sample:>7.3f}x"
                     if c.max_replicas == 1 else f"{'-':>8}")
             print(f"  {n:>5} {p:>7} {sname:<22} {cpu:>7.3f} {wall:>7.3f} {dp_cpu:>8.3f} "
-                  f"{sg.num_stages:>6} {sg.depth:>5} {gain}")
+                  f"{sg.num_stages:>6} {sg.depth:>5} {gain}", flush=True)
     print("  (sim gain: simulated time per sample of the DP's plan / the refined plan's)")
 
     print("\nGraphPipe vs the best chain (same cost model; ms per sample; 'sim': the DAG "
@@ -159,15 +158,17 @@ def run(quick: bool, out: pathlib.Path) -> None:
                 except ValueError as err:
                     print(f"  {gname:<12} {sname:<14} {p:>3} | {err}")
                     continue
-                sim = c.max_replicas == 1
-                gs = gp.simulated_time_per_sample if sim else float("nan")
-                cs = ch.simulated_time_per_sample if sim else float("nan")
+                if c.max_replicas == 1:
+                    gs, cs = gp.simulated_time_per_sample, ch.simulated_time_per_sample
+                    gsim, csim, ratio = f"{gs * 1e3:>8.3f}", f"{cs * 1e3:>8.3f}", f"{cs / gs:>5.2f}x"
+                else:
+                    gsim, csim, ratio = f"{'-':>8}", f"{'-':>8}", f"{'-':>6}"
                 print(f"  {gname:<12} {sname:<14} {p:>3} | {gp.time_per_sample * 1e3:>9.3f} "
-                      f"{gp.step_time_per_sample * 1e3:>8.3f} {gs * 1e3:>8.3f} {gp.depth:>5} | "
+                      f"{gp.step_time_per_sample * 1e3:>8.3f} {gsim} {gp.depth:>5} | "
                       f"{ch.time_per_sample * 1e3:>9.3f} {ch.step_time_per_sample * 1e3:>8.3f} "
-                      f"{cs * 1e3:>8.3f} {ch.depth:>5} | "
+                      f"{csim} {ch.depth:>5} | "
                       f"{ch.step_time_per_sample / gp.step_time_per_sample:>7.2f}x "
-                      f"{cs / gs if sim else float('nan'):>5.2f}x {gp.search}")
+                      f"{ratio} {gp.search}", flush=True)
     sg = partition(branches_graph(), 8, cost)
     sg.plot(out / "graph_partition_4branch.png")
     print(f"\n{sg}")
