@@ -93,9 +93,10 @@ def capture(model: nn.Module, leaf_modules: Iterable[Any] = (),
             frame = _user_frame(fx_err.__traceback__)
             where = (f" at {frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
                      if frame else "")
+            first_line = (str(export_err).strip().splitlines() or [""])[0] \
+                if export_err is not None else ""
             tried = ("" if export_err is None else
-                     f" torch.export failed too: {type(export_err).__name__}: "
-                     f"{str(export_err).strip().splitlines()[0] if str(export_err).strip() else ''}.")
+                     f" torch.export failed too: {type(export_err).__name__}: {first_line}.")
             raise CaptureError(
                 f"cannot trace {type(model).__name__} with torch.fx{where}: "
                 f"{type(fx_err).__name__}: {fx_err}.{tried} Mark the module whose forward "

@@ -46,7 +46,7 @@ def test_refinement_with_a_small_budget_stays_close(monkeypatch, optimum):
     real = refine_mod.refine
     from pipetrain.graphpipe import partitioner
     monkeypatch.setattr(partitioner, "refine_stage_graph",
-                        lambda starts: real(starts, max_evals=200))
+                        lambda starts, max_evals: real(starts, max_evals=200))
     worst = max(r for r, _ in compare(CASES, partition, optimum))
     assert worst <= 1.10
 
