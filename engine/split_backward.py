@@ -15,16 +15,33 @@ split this way; those fall back to one full pass from the outputs restricted to 
 
 :func:`split_plan` plans the split; :func:`capture_hooks` installs the hooks for ``I``;
 :func:`weight_work` turns what ``I`` captured into the restart points ``W`` runs.
+
+**Batched W.** A schedule may run the W of several micro-batches as one action (``"1W3-5"``,
+:mod:`pipetrain.schedules`); :func:`batched_weight` then computes them together. Every
+weight gradient is a sum over micro-batches, and for a Linear (``AddmmBackward0`` /
+``MmBackward0`` with the weight reached through its transpose) also a sum over rows:
+``dW = sum_k G_k^T X_k = G^T X`` with ``G``, ``X`` the output gradients and saved inputs of
+the covered micro-batches stacked by rows. So each Linear gets one GEMM over the
+concatenated rows and one accumulation into its gradient (``addmm_`` into the staged
+gradient: no temporary, no separate add) instead of one GEMM and one add per micro-batch;
+its bias one row sum. Any other frontier node (LayerNorm, a Python ``autograd.Function``,
+weights reused along the chain) is run per micro-batch as before, but all micro-batches'
+restart points for the same parameters go into one autograd call, which sums them in the
+engine and returns one gradient per parameter: one accumulation for the batch there too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["split_plan", "capture_hooks", "weight_work", "is_custom"]
+from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.stage_run import accumulate as _accumulate
+
+__all__ = ["split_plan", "capture_hooks", "weight_work", "is_custom", "batched_weight",
+           "linear_parts"]
 
 
 def _index_of(tensors: List[torch.Tensor], t: torch.Tensor) -> int:
@@ -165,3 +182,128 @@ def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
         if ks:
             work.append(([GradientEdge(node, k) for k in ks], [gs[k] for k in ks], params))
     return work
+
+
+# -- batched W ----------------------------------------------------------------------------
+
+def _leaf_param(fn: Any) -> Any:
+    """The parameter an ``AccumulateGrad`` node accumulates into, else None."""
+    return getattr(fn, "variable", None) if fn is not None and fn.name() == "torch::autograd::AccumulateGrad" else None
+
+
+def linear_parts(outputs: list, grads: list, params: list) -> Optional[tuple]:
+    """``(x, g, weight, bias)`` if the W restart point ``(outputs, grads, params)`` is the
+    weight side of a Linear: ``outputs`` one GradientEdge into an ``AddmmBackward0``
+    (alpha = beta = 1, bias reached directly) or ``MmBackward0`` whose second operand is
+    ``weight.t()`` of a leaf parameter, and ``params`` exactly that weight (and bias).
+    ``x`` (rows, in) is the saved input, ``g`` (rows, out) the captured output gradient, both
+    of the weight's dtype and device; then ``dW = g^T x`` and ``db = g.sum(0)``. Else None:
+    the caller runs the restart point through autograd."""
+    if len(outputs) != 1 or len(grads) != 1 or not isinstance(outputs[0], GradientEdge):
+        return None
+    edge, g = outputs[0], grads[0]
+    node = edge.node
+    if edge.output_nr != 0 or not isinstance(g, torch.Tensor) or g.dim() != 2:
+        return None
+    name = node.name()
+    bias = None
+    try:
+        if name == "AddmmBackward0":
+            if node._saved_alpha != 1 or node._saved_beta != 1:
+                return None
+            bias_fn, _ = node.next_functions[0]
+            t_fn = node.next_functions[2][0]
+            if bias_fn is not None:
+                bias = _leaf_param(bias_fn)
+                if bias is None:
+                    return None
+            x = node._saved_mat1
+        elif name == "MmBackward0":
+            t_fn = node.next_functions[1][0]
+            x = node._saved_self
+        else:
+            return None
+    except RuntimeError:        # a saved tensor already freed: let autograd say so
+        return None
+    if t_fn is None or t_fn.name() != "TBackward0":
+        return None
+    weight = _leaf_param(t_fn.next_functions[0][0])
+    if weight is None or weight.dim() != 2 or x is None or x.dim() != 2:
+        return None
+    expected = [weight] if bias is None else [weight, bias]
+    if len(params) != len(expected) or not all(any(p is q for q in expected) for p in params):
+        return None
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != g.shape[1]):
+        return None
+    if (x.dtype != weight.dtype or g.dtype != weight.dtype or x.device != weight.device
+            or g.device != weight.device or g.shape != (x.shape[0], weight.shape[0])
+            or x.shape[1] != weight.shape[1]):
+        return None
+    return x, g, weight, bias
+
+
+def _add_product(into: Optional[Dict[Any, torch.Tensor]], p: torch.Tensor, g: torch.Tensor,
+                 x: torch.Tensor) -> None:
+    """Accumulate ``g^T x`` into ``p``'s gradient (staged in ``into``, or ``p.grad``) in one
+    GEMM: ``addmm_`` into the gradient when there is one, else a fresh ``mm``."""
+    current = p.grad if into is None else into.get(p)
+    with torch.no_grad():       # gradients are plain values here (as autograd's own are)
+        if current is None or current.is_sparse or current.dtype != p.dtype:
+            _accumulate(into, [p], [torch.mm(g.t(), x)])
+        else:
+            current.addmm_(g.t(), x)
+
+
+def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
+                   into: Optional[Dict[Any, torch.Tensor]]) -> None:
+    """Run the W of several micro-batches as one computation (see the module docstring).
+
+    Args:
+        works: per covered micro-batch, its restart points ``(outputs, grads, params)``
+            (:func:`weight_work`, plus the whole-backward and fallback entries).
+        into: where gradients accumulate: a run's staging dict, or None for ``p.grad``.
+
+    Restart points for the same parameters are grouped across micro-batches (first-seen
+    order). A group of Linears gets one GEMM over the stacked rows; any other group one
+    autograd call over all its restart points. The sum over micro-batches is the same
+    as the unbatched W's, up to floating-point summation order.
+    """
+    groups: Dict[tuple, List[Tuple[list, list, list]]] = {}
+    for work in works:
+        for item in work:
+            groups.setdefault(tuple(id(p) for p in item[2]), []).append(item)
+    acc_params: list = []
+    acc_grads: list = []
+    for items in groups.values():
+        parts = [linear_parts(*item) for item in items]
+        if all(pt is not None for pt in parts):
+            weight, bias = parts[0][2], parts[0][3]
+            if all(pt[2] is weight and pt[3] is bias for pt in parts):
+                g = torch.cat([pt[1] for pt in parts]) if len(parts) > 1 else parts[0][1]
+                x = torch.cat([pt[0] for pt in parts]) if len(parts) > 1 else parts[0][0]
+                _add_product(into, weight, g, x)
+                if bias is not None:
+                    acc_params.append(bias)
+                    acc_grads.append(g.sum(0))
+                continue
+        outputs = [o for item in items for o in item[0]]
+        grads = [gr for item in items for gr in item[1]]
+        params = items[0][2]
+        acc_params += params
+        acc_grads += list(fast_grad(outputs, params, grads, retain_graph=True))
+    if acc_params:
+        # One accumulation for the whole batch; a parameter met twice is summed first.
+        merged: Dict[int, int] = {}
+        ps: list = []
+        gs: list = []
+        for p, g in zip(acc_params, acc_grads):
+            if g is None:
+                continue
+            i = merged.get(id(p))
+            if i is None:
+                merged[id(p)] = len(ps)
+                ps.append(p)
+                gs.append(g)
+            else:
+                gs[i] = gs[i] + g
+        _accumulate(into, ps, gs)

@@ -551,9 +551,28 @@ class Stage:
         saved.w_nbytes = w
         run.add(0, 0, w)
 
-    def backward_weight(self, mb: int) -> None:
-        """``W`` of micro-batch ``mb``: accumulate the parameter gradients."""
+    def backward_weight(self, mb: int, count: int = 1) -> None:
+        """``W`` of micro-batch ``mb``: accumulate the parameter gradients. ``count > 1``: a
+        batched W of micro-batches ``mb .. mb + count - 1`` as one computation
+        (:func:`pipetrain.split_backward.batched_weight`)."""
         run = self._run
+        if count > 1:
+            mbs = range(mb, mb + count)
+            saveds = [self._get(run, k) for k in mbs]
+            try:
+                works = []
+                for saved in saveds:
+                    work = list(saved.w_edges)
+                    if saved.w_full is not None:
+                        work.append((saved.w_full[0], saved.w_full[1], self.params))
+                    if saved.w_fallback is not None:
+                        work.append(saved.w_fallback)
+                    works.append(work)
+                split.batched_weight(works, run.staged)
+            finally:
+                for k in mbs:
+                    self._pop(run, k)
+            return
         saved = self._get(run, mb)
         try:
             work = list(saved.w_edges)
