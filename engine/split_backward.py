@@ -186,9 +186,12 @@ def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
 
 # -- batched W ----------------------------------------------------------------------------
 
+_ACCUMULATE_GRAD = "AccumulateGrad"
+
+
 def _leaf_param(fn: Any) -> Any:
     """The parameter an ``AccumulateGrad`` node accumulates into, else None."""
-    return getattr(fn, "variable", None) if fn is not None and fn.name() == "torch::autograd::AccumulateGrad" else None
+    return fn.variable if fn is not None and type(fn).__name__ == _ACCUMULATE_GRAD else None
 
 
 def linear_parts(outputs: list, grads: list, params: list) -> Optional[tuple]:
@@ -198,21 +201,22 @@ def linear_parts(outputs: list, grads: list, params: list) -> Optional[tuple]:
     ``weight.t()`` of a leaf parameter, and ``params`` exactly that weight (and bias).
     ``x`` (rows, in) is the saved input, ``g`` (rows, out) the captured output gradient, both
     of the weight's dtype and device; then ``dW = g^T x`` and ``db = g.sum(0)``. Else None:
-    the caller runs the restart point through autograd."""
-    if len(outputs) != 1 or len(grads) != 1 or not isinstance(outputs[0], GradientEdge):
+    the caller runs the restart point through autograd. (Runs per Linear per W: each
+    attribute read counts at the fine grain, so ``next_functions`` is built once.)"""
+    if len(outputs) != 1 or len(grads) != 1:
         return None
     edge, g = outputs[0], grads[0]
-    node = edge.node
-    if edge.output_nr != 0 or not isinstance(g, torch.Tensor) or g.dim() != 2:
+    if type(edge) is not GradientEdge or edge.output_nr != 0 or type(g) is not torch.Tensor:
         return None
-    name = node.name()
+    node = edge.node
+    name = type(node).__name__
     bias = None
     try:
         if name == "AddmmBackward0":
             if node._saved_alpha != 1 or node._saved_beta != 1:
                 return None
-            bias_fn, _ = node.next_functions[0]
-            t_fn = node.next_functions[2][0]
+            nf = node.next_functions
+            bias_fn, t_fn = nf[0][0], nf[2][0]
             if bias_fn is not None:
                 bias = _leaf_param(bias_fn)
                 if bias is None:
@@ -225,19 +229,26 @@ def linear_parts(outputs: list, grads: list, params: list) -> Optional[tuple]:
             return None
     except RuntimeError:        # a saved tensor already freed: let autograd say so
         return None
-    if t_fn is None or t_fn.name() != "TBackward0":
+    if t_fn is None or type(t_fn).__name__ != "TBackward0":
         return None
     weight = _leaf_param(t_fn.next_functions[0][0])
-    if weight is None or weight.dim() != 2 or x is None or x.dim() != 2:
+    if weight is None:
         return None
-    expected = [weight] if bias is None else [weight, bias]
-    if len(params) != len(expected) or not all(any(p is q for q in expected) for p in params):
+    n = len(params)
+    if bias is None:
+        if n != 1 or params[0] is not weight:
+            return None
+    elif n != 2 or not ((params[0] is weight and params[1] is bias)
+                        or (params[0] is bias and params[1] is weight)):
         return None
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != g.shape[1]):
+    # Shapes and dtypes: (rows, out) = (rows, in) @ (in, out); anything else is not ours.
+    ws = weight.shape
+    if (x is None or g.dim() != 2 or x.dim() != 2 or len(ws) != 2 or g.shape[0] != x.shape[0]
+            or g.shape[1] != ws[0] or x.shape[1] != ws[1]
+            or x.dtype != weight.dtype or g.dtype != weight.dtype
+            or x.device != weight.device or g.device != weight.device):
         return None
-    if (x.dtype != weight.dtype or g.dtype != weight.dtype or x.device != weight.device
-            or g.device != weight.device or g.shape != (x.shape[0], weight.shape[0])
-            or x.shape[1] != weight.shape[1]):
+    if bias is not None and bias.shape != (ws[0],):
         return None
     return x, g, weight, bias
 
@@ -247,11 +258,10 @@ def _add_product(into: Optional[Dict[Any, torch.Tensor]], p: torch.Tensor, g: to
     """Accumulate ``g^T x`` into ``p``'s gradient (staged in ``into``, or ``p.grad``) in one
     GEMM: ``addmm_`` into the gradient when there is one, else a fresh ``mm``."""
     current = p.grad if into is None else into.get(p)
-    with torch.no_grad():       # gradients are plain values here (as autograd's own are)
-        if current is None or current.is_sparse or current.dtype != p.dtype:
-            _accumulate(into, [p], [torch.mm(g.t(), x)])
-        else:
-            current.addmm_(g.t(), x)
+    if current is None or current.is_sparse or current.dtype != p.dtype:
+        _accumulate(into, [p], [torch.mm(g.t(), x)])
+    else:
+        current.addmm_(g.t(), x)
 
 
 def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
@@ -272,6 +282,11 @@ def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
     for work in works:
         for item in work:
             groups.setdefault(tuple(id(p) for p in item[2]), []).append(item)
+    with torch.no_grad():       # gradients are plain values (as autograd's own are)
+        _batched_weight(groups, into)
+
+
+def _batched_weight(groups: Dict[tuple, list], into: Optional[Dict[Any, torch.Tensor]]) -> None:
     acc_params: list = []
     acc_grads: list = []
     for items in groups.values():
