@@ -24,7 +24,8 @@ weight gradient is a sum over micro-batches, and for a Linear (``AddmmBackward0`
 the covered micro-batches stacked by rows. So each Linear gets one GEMM over the
 concatenated rows and one accumulation into its gradient (``addmm_`` into the staged
 gradient: no temporary, no separate add) instead of one GEMM and one add per micro-batch;
-its bias one row sum. Any other frontier node (LayerNorm, a Python ``autograd.Function``,
+its bias one row sum (a parameter with tensor hooks goes through autograd, where they
+fire: once per W action, with the gradient summed over the micro-batches it covers). Any other frontier node (LayerNorm, a Python ``autograd.Function``,
 weights reused along the chain) is run per micro-batch as before, but all micro-batches'
 restart points for the same parameters go into one autograd call, which sums them in the
 engine and returns one gradient per parameter: one accumulation for the batch there too.
@@ -232,7 +233,9 @@ def linear_parts(outputs: list, grads: list, params: list) -> Optional[tuple]:
     if t_fn is None or type(t_fn).__name__ != "TBackward0":
         return None
     weight = _leaf_param(t_fn.next_functions[0][0])
-    if weight is None:
+    # A parameter with tensor hooks (p.register_hook) must see its gradient pass through
+    # autograd, where the hooks fire: leave it to the restart.
+    if weight is None or weight._backward_hooks or (bias is not None and bias._backward_hooks):
         return None
     n = len(params)
     if bias is None:

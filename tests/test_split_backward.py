@@ -220,3 +220,23 @@ def test_linear_parts_recognises_linears_only():
     out2 = ln(x)
     assert split.linear_parts([torch.autograd.graph.GradientEdge(out2.grad_fn, 0)],
                               [torch.randn(3, 4)], list(ln.parameters())) is None
+
+
+def test_parameter_hooks_fire_once_per_w_action():
+    # A hooked parameter's W goes through autograd, so its hook fires -- once per W action,
+    # with the sum over the micro-batches it covers (one autograd call); the others take
+    # the GEMM.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)).double()
+    fired = []
+    model[2].weight.register_hook(lambda g: fired.append(g.clone()))
+    xs = [torch.randn(2, 4, dtype=torch.float64) for _ in range(3)]
+    gs = [torch.randn(2, 4, dtype=torch.float64) for _ in range(3)]
+    want = _expected(model, xs, gs)
+    fired.clear()
+    stage = _stage_with_pending_w(model, xs, gs)
+    stage.backward_weight(0, count=3)
+    assert len(fired) == 1
+    torch.testing.assert_close(fired[0], want[2], rtol=1e-12, atol=1e-14)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
