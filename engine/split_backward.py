@@ -42,7 +42,32 @@ from pipetrain.autograd_fast import grad as fast_grad
 from pipetrain.stage_run import accumulate as _accumulate
 
 __all__ = ["split_plan", "capture_hooks", "weight_work", "is_custom", "batched_weight",
-           "linear_parts"]
+           "linear_parts", "BATCH", "ACC_BYTES"]
+
+#: Bench lever: False runs W as before batched W -- every restart point through autograd
+#: and one accumulation per restart point and micro-batch (the "before" rows).
+BATCH = True
+
+#: Bench counter: a one-element list to which W adds the bytes its gradient accumulation
+#: moves (an add of a gradient into another reads both and writes one: 3x its bytes; an
+#: in-place GEMM accumulation reads the gradient once more than a fresh GEMM: 1x); None:
+#: not counted (the default: no cost in the step path).
+ACC_BYTES: Optional[list] = None
+
+
+def _count_accumulation(into: Optional[Dict[Any, torch.Tensor]], params: Sequence[Any],
+                        grads: Sequence[Any]) -> None:
+    total, seen = 0, set()
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        current = p.grad if into is None else into.get(p)
+        if current is not None or id(p) in seen:
+            total += 3 * g.nbytes
+        elif g.stride() != p.stride():
+            total += 2 * g.nbytes       # the copy into the parameter's layout
+        seen.add(id(p))
+    ACC_BYTES[0] += total
 
 
 def _index_of(tensors: List[torch.Tensor], t: torch.Tensor) -> int:
@@ -262,8 +287,13 @@ def _add_product(into: Optional[Dict[Any, torch.Tensor]], p: torch.Tensor, g: to
     GEMM: ``addmm_`` into the gradient when there is one, else a fresh ``mm``."""
     current = p.grad if into is None else into.get(p)
     if current is None or current.is_sparse or current.dtype != p.dtype:
-        _accumulate(into, [p], [torch.mm(g.t(), x)])
+        dw = torch.mm(g.t(), x)
+        if ACC_BYTES is not None:
+            _count_accumulation(into, [p], [dw])
+        _accumulate(into, [p], [dw])
     else:
+        if ACC_BYTES is not None:
+            ACC_BYTES[0] += current.nbytes
         current.addmm_(g.t(), x)
 
 
@@ -281,6 +311,14 @@ def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
     autograd call over all its restart points. The sum over micro-batches is the same
     as the unbatched W's, up to floating-point summation order.
     """
+    if not BATCH:
+        for work in works:
+            for outputs, grads, params in work:
+                gs = fast_grad(outputs, params, grads, retain_graph=True)
+                if ACC_BYTES is not None:
+                    _count_accumulation(into, params, gs)
+                _accumulate(into, params, gs)
+        return
     groups: Dict[tuple, List[Tuple[list, list, list]]] = {}
     for work in works:
         for item in work:
@@ -324,4 +362,6 @@ def _batched_weight(groups: Dict[tuple, list], into: Optional[Dict[Any, torch.Te
                 gs.append(g)
             else:
                 gs[i] = gs[i] + g
+        if ACC_BYTES is not None:
+            _count_accumulation(into, ps, gs)
         _accumulate(into, ps, gs)
