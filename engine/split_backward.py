@@ -13,8 +13,8 @@ node's weight side and through the input side (weights reused along the chain) c
 split this way; those fall back to one full pass from the outputs restricted to them.
 ``I + W`` therefore costs about one ``B`` plus the graph walk.
 
-:func:`split_plan` plans the split; :func:`capture_hooks` installs the hooks for ``I``;
-:func:`weight_work` turns what ``I`` captured into the restart points ``W`` runs.
+:func:`split_plan` plans the split; :func:`input_pass` runs ``I`` and captures what flows
+into the frontier nodes; :func:`weight_work` turns that into the restart points ``W`` runs.
 
 **Batched W.** A schedule may run the W of several micro-batches as one action (``"1W3-5"``,
 :mod:`pipetrain.schedules`); :func:`batched_weight` then computes them together. Every
@@ -41,7 +41,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from pipetrain.autograd_fast import grad as fast_grad
 from pipetrain.stage_run import accumulate as _accumulate
 
-__all__ = ["split_plan", "capture_hooks", "weight_work", "is_custom", "batched_weight",
+__all__ = ["split_plan", "capture_hooks", "input_pass", "weight_work", "is_custom", "batched_weight",
            "linear_parts", "BATCH", "ACC_BYTES"]
 
 #: Bench lever: False runs W as before batched W -- every restart point through autograd
@@ -120,9 +120,18 @@ def split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tens
     bit_of = {node: 1 << i for i, node in enumerate(accumulators)}
     # Post-order walk: ri[n] = n leads to a stage input; rp[n] = bits of the parameters n
     # leads to; kids caches next_functions (each access builds a new tuple).
+    # Leaves are known without visiting them: each parameter's AccumulateGrad node (two of
+    # a Linear's five nodes) and each stage input's. Seeding them saves their visits, about
+    # a third of the walk's Python time at the fine grain.
     ri: Dict[Any, bool] = {}
     rp: Dict[Any, int] = {}
     kids: Dict[Any, list] = {}
+    for node, bit in bit_of.items():
+        ri[node], rp[node], kids[node] = False, bit, []
+    for node in input_nodes:
+        if type(node).__name__ == "AccumulateGrad":
+            ri[node], kids[node] = True, []
+            rp.setdefault(node, 0)
     roots = [_node_of(t) for t in tensors]
     stack = [n for n in roots if n is not None]
     while stack:
@@ -170,16 +179,50 @@ def split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tens
     return edges, fallback, {n for n, r in ri.items() if r}
 
 
-def capture_hooks(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple]) -> list:
+def capture_hooks(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
+                  builtin: bool = True) -> list:
     """Hooks saving, during ``I``, the gradient flowing into each frontier node (or, for a
-    Python ``autograd.Function``, what its backward returned). Returns the handles."""
+    Python ``autograd.Function``, what its backward returned). Returns the handles.
+    ``builtin=False``: hooks on Python ``autograd.Function`` nodes only (:func:`input_pass`
+    asks the engine for the others' gradients directly)."""
     handles = []
     for node, _ in edges:
         if is_custom(node):
             handles.append(node.register_hook(_capture_post(captured, node)))
-        elif not isinstance(node, torch.Tensor):
+        elif builtin and not isinstance(node, torch.Tensor):
             handles.append(node.register_prehook(_capture(captured, node)))
     return handles
+
+
+def input_pass(tensors: List[Any], grads: list, leaves: List[torch.Tensor],
+               edges: List[Tuple[Any, list]]) -> Tuple[tuple, Dict[Any, tuple]]:
+    """``I``: the gradients w.r.t. ``leaves`` and, in the same autograd call, what flows into
+    each frontier node of ``edges`` (``{node: gradients of its outputs}``, for
+    :func:`weight_work`). The graph is kept for ``W``.
+
+    A built-in frontier node's incoming gradients are asked of the engine as extra inputs
+    (``GradientEdge(node, k)``), captured in C++ while the pass goes on to the leaves --
+    instead of a Python pre-hook per node, registered, called and removed per micro-batch,
+    which cost about a fifth of ``I`` at the fine grain. A Python ``autograd.Function``
+    keeps its post-hook (what its backward returned is what ``W`` restarts from)."""
+    captured: Dict[Any, tuple] = {}
+    nodes, points, spans = [], [], []
+    for node, _ in edges:
+        if isinstance(node, torch.Tensor) or is_custom(node):
+            continue
+        n = len(node._input_metadata)
+        spans.append((node, len(points), len(points) + n))
+        points += [GradientEdge(node, k) for k in range(n)]
+    handles = capture_hooks(edges, captured, builtin=False)
+    try:
+        res = fast_grad(tensors, list(leaves) + points, grads, retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+    n_leaves = len(leaves)
+    for node, a, b in spans:
+        captured[node] = tuple(res[n_leaves + a:n_leaves + b])
+    return tuple(res[:n_leaves]), captured
 
 
 def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],

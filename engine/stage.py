@@ -524,13 +524,7 @@ class Stage:
             self._accumulators = [get_gradient_edge(p).node for p in self.params]
         edges, fallback, ri_nodes = split.split_plan(tensors, grads, leaves, self.params,
                                                      self._accumulators)
-        captured: Dict[Any, tuple] = {}
-        handles = split.capture_hooks(edges, captured)
-        try:
-            in_grads = fast_grad(tensors, leaves, grads, retain_graph=True)
-        finally:
-            for h in handles:
-                h.remove()
+        in_grads, captured = split.input_pass(tensors, grads, leaves, edges)
         for t, g in zip(leaves, in_grads):
             t.grad = g
         saved.w_edges = split.weight_work(edges, captured, tensors, grads, ri_nodes)
