@@ -9,8 +9,9 @@ ratios (the machine is shared, so only ratios measured side by side mean anythin
 Stage alone (one stage, its m forwards then its backwards; the times are the backwards):
 
 - ``B``: the full backward of each micro-batch;
-- ``I + W, before``: W restarting autograd at every frontier node, one accumulation per
-  node and micro-batch (``split_backward.BATCH = False``: the path before this work);
+- ``I + W, before``: I capturing through Python pre-hooks, W restarting autograd at every
+  frontier node, one accumulation per node and micro-batch (``split_backward.BATCH =
+  False``: the path before this work);
 - ``I + W``: W per micro-batch as now (Linears as direct GEMMs, one accumulation per W);
 - ``I + W(batch m)``: the m W's as one batched W (one GEMM per Linear over m micro-batches).
 
@@ -82,13 +83,21 @@ def _stage_rows(st: Stage, x: torch.Tensor, g: torch.Tensor, m: int):
         return body
 
     def before():
-        split_backward.BATCH = False
-        try:
-            iw(1)()
-        finally:
-            split_backward.BATCH = True
+        for k in range(m):
+            st.backward_input(k, g)
+        for k in range(m):
+            st.backward_weight(k)
 
-    return {"B": timed(b), "I + W, before": timed(before), "I + W": timed(iw(1)),
+    def lever_off(fn):
+        def run():
+            split_backward.BATCH = False
+            try:
+                return fn()
+            finally:
+                split_backward.BATCH = True
+        return run
+
+    return {"B": timed(b), "I + W, before": lever_off(timed(before)), "I + W": timed(iw(1)),
             f"I + W(batch {m})": timed(iw(m))}
 
 

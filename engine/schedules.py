@@ -9,7 +9,10 @@ instead of ``B``; ``U`` is the optimizer update of one stage after one mini-batc
 may name the weight version it runs on: ``"1F3@2"``; without ``@`` it runs on the live
 weights. :meth:`Schedule.lower` adds transfers: ``"1SF3>2"`` (stage 1 sends micro-batch
 3's activation to stage 2), ``"2RF3<1"`` (stage 2 receives it), ``"2SB3>1"`` / ``"1RB3<2"``
-(the gradient going back).
+(the gradient going back). A W may cover a range of micro-batches, ``"1W3-5"`` (a *batched
+W*: stage 1's weight gradients of micro-batches 3..5 as one computation, each Linear one
+GEMM over their stacked rows); each micro-batch's W must appear exactly once, after its I.
+``zb-h1-bw`` / ``zb-h2-bw`` batch the W's each stage defers past its last I.
 
 A plan spans ``num_minibatches`` T mini-batches of ``num_microbatches`` m micro-batches;
 micro-batches are numbered globally, ``k = t * m + j``.

@@ -44,8 +44,9 @@ from pipetrain.stage_run import accumulate as _accumulate
 __all__ = ["split_plan", "capture_hooks", "input_pass", "weight_work", "is_custom", "batched_weight",
            "linear_parts", "BATCH", "ACC_BYTES"]
 
-#: Bench lever: False runs W as before batched W -- every restart point through autograd
-#: and one accumulation per restart point and micro-batch (the "before" rows).
+#: Bench lever: False runs the split as before this work -- I capturing through a Python
+#: pre-hook per frontier node, W restarting autograd at every node with one accumulation per
+#: node and micro-batch (the "before" rows). Same results either way.
 BATCH = True
 
 #: Bench counter: a one-element list to which W adds the bytes its gradient accumulation
@@ -206,6 +207,13 @@ def input_pass(tensors: List[Any], grads: list, leaves: List[torch.Tensor],
     which cost about a fifth of ``I`` at the fine grain. A Python ``autograd.Function``
     keeps its post-hook (what its backward returned is what ``W`` restarts from)."""
     captured: Dict[Any, tuple] = {}
+    if not BATCH:               # the "before" path (bench lever)
+        handles = capture_hooks(edges, captured)
+        try:
+            return tuple(fast_grad(tensors, leaves, grads, retain_graph=True)), captured
+        finally:
+            for h in handles:
+                h.remove()
     nodes, points, spans = [], [], []
     for node, _ in edges:
         if isinstance(node, torch.Tensor) or is_custom(node):

@@ -260,3 +260,17 @@ def test_batched_w_with_pipeline_updates_matches_unsplit_training(schedule):
     pipe.close()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_lever_off_gives_the_same_gradients(monkeypatch):
+    # split_backward.BATCH = False (hooks in I, per-node autograd restarts in W) is the
+    # bench's "before" path: same gradients as the unsplit model.
+    monkeypatch.setattr(split, "BATCH", False)
+    model = mixed()
+    x, y = data(12)
+    loss, grads = reference(model, x, y)
+    pipe = pipetrain.Pipeline(model, num_devices=2, schedule="zb-h1-bw", num_microbatches=4,
+                              loss_fn=mse)
+    pipe.step(x, y)
+    pipe.close()
+    assert_grads(model, grads, rtol=1e-10, atol=1e-12)
