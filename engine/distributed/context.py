@@ -17,7 +17,6 @@ unsplit model would have on the combined batch (replicas are averaged, as with D
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import time
 from typing import Any, Callable, List, Optional, Sequence
@@ -28,7 +27,7 @@ from torch import nn
 
 from pipetrain import loss_scaling
 from pipetrain.distributed import grads as grads_mod
-from pipetrain.distributed.mesh import Mesh, local_device
+from pipetrain.distributed.mesh import Mesh, P2PGroups, local_device
 from pipetrain.distributed.runner import RankRunner
 from pipetrain.distributed.wire import Board, PeerFailed, wait_all
 from pipetrain.plan import Plan
@@ -149,10 +148,11 @@ class Distributed:
                     dist.broadcast(tie.param.data, src=mesh.rank_of(tie.devices[0]),
                                    group=tie.groups[mesh.dp_rank])
         self.plan = Plan(pipe.schedule.lower())
-        # Point-to-point traffic in a group of its own whose timeout is the pipeline's: a
+        # Point-to-point traffic in groups of its own whose timeout is the pipeline's: a
         # blocking receive is bounded by it (gloo raises), a dead peer fails it at once.
-        self.group = dist.new_group(backend=dist.get_backend(),
-                                    timeout=datetime.timedelta(seconds=min(timeout, 1e7)))
+        # Control (headers) on gloo, packed tensors on the device's backend (mesh.P2PGroups).
+        self.group = P2PGroups(mesh, [(e.id, dev_of[e.src], dev_of[e.dst]) for e in graph.edges],
+                               timeout)
         store = dist.distributed_c10d._get_default_store()
         self.board = Board(store, f"pipetrain/{number}")
         self.runner: Optional[RankRunner] = None

@@ -12,13 +12,14 @@ Pipeline device ``d`` holds the stages ``k`` with ``k % p == d`` (interleaved: s
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Mesh", "wanted", "local_device"]
+__all__ = ["Mesh", "P2PGroups", "wanted", "local_device"]
 
 
 def wanted(data_parallel: Optional[int]) -> bool:
@@ -83,3 +84,50 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh(rank={self.rank}, dp={self.dp_rank}/{self.w}, pp={self.pp_rank}/{self.p})"
+
+
+class P2PGroups:
+    """The process groups point-to-point messages travel in (:class:`~.wire.Stream`).
+
+    - ``ctrl``: gloo, CPU tensors: headers (sequence numbers, flags, sizes), descriptions,
+      errors. Read on the host without touching the device.
+    - ``data(edge)``: the packed tensors, on the default group's backend (NCCL on GPU: the
+      compute stream waits for a transfer, never the host; gloo on CPU).
+
+    Under gloo both are gloo groups (the same code path, so the split is tested on CPU), and
+    one data group serves every edge: gloo matches messages by tag. NCCL ignores tags and
+    matches a pair's operations in the order they are issued, while a rank posts the
+    receives of different edges in an order of its own (each as its predecessor on that edge
+    arrives), so there ``per_edge`` gives every edge (and replica) a data group of its own.
+    Every group's timeout is the pipeline's, which bounds each blocking wait.
+
+    Args:
+        mesh: the :class:`Mesh`.
+        edges: ``(edge id, producer device, consumer device)`` of edges between pipeline
+            devices (same-device edges need none).
+        timeout: seconds.
+        per_edge: a data group per edge; default: when the backend is NCCL.
+    """
+
+    def __init__(self, mesh: Mesh, edges: Sequence[Tuple[int, int, int]], timeout: float,
+                 per_edge: Optional[bool] = None) -> None:
+        td = datetime.timedelta(seconds=min(timeout, 1e7))
+        backend = dist.get_backend()
+        self.ctrl = dist.new_group(backend="gloo", timeout=td)
+        self.shared = dist.new_group(backend=backend, timeout=td)
+        self.per_edge = backend == "nccl" if per_edge is None else per_edge
+        self._edge: Dict[int, Any] = {}
+        if self.per_edge:
+            # Every rank creates every group, in the same order (new_group is collective).
+            for e, a, b in edges:
+                if a == b:
+                    continue
+                for r in range(mesh.w):
+                    ranks = sorted({mesh.rank_of(a, r), mesh.rank_of(b, r)})
+                    g = dist.new_group(ranks, backend=backend, timeout=td)
+                    if r == mesh.dp_rank:
+                        self._edge[e] = g
+
+    def data(self, edge: int) -> Any:
+        """The group carrying ``edge``'s packed tensors."""
+        return self._edge.get(edge, self.shared)
