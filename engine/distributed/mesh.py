@@ -94,27 +94,38 @@ class P2PGroups:
     - ``data(edge)``: the packed tensors, on the default group's backend (NCCL on GPU: the
       compute stream waits for a transfer, never the host; gloo on CPU).
 
-    Under gloo both are gloo groups (the same code path, so the split is tested on CPU), and
-    one data group serves every edge: gloo matches messages by tag. NCCL ignores tags and
-    matches a pair's operations in the order they are issued, while a rank posts the
-    receives of different edges in an order of its own (each as its predecessor on that edge
-    arrives), so there ``per_edge`` gives every edge (and replica) a data group of its own.
-    Every group's timeout is the pipeline's, which bounds each blocking wait.
+    The code path is the same on every backend: a header and a packed buffer per message,
+    each on its plane, told apart by tag. Under gloo the two planes are by default one gloo
+    group (``separate=False``): a second gloo group made 2-process steps 29-45 % slower on
+    the loaded 2-core CI machine (more gloo threads waking per message), against 7-9 % for
+    the header message alone (see the report of the wire change); ``separate=True`` builds the
+    NCCL layout with two gloo groups, which the tests run. One data group serves every edge
+    under gloo, which matches messages by tag. NCCL ignores tags and matches a pair's
+    operations in the order they are issued, while a rank posts the receives of different
+    edges in an order of its own (each as its predecessor on that edge arrives), so there
+    ``per_edge`` gives every edge (and replica) a data group of its own. Every group's
+    timeout is the pipeline's, which bounds each blocking wait.
 
     Args:
         mesh: the :class:`Mesh`.
         edges: ``(edge id, producer device, consumer device)`` of edges between pipeline
             devices (same-device edges need none).
         timeout: seconds.
+        separate: the data plane in groups other than the control group; default: unless
+            the backend is gloo (required when it is not).
         per_edge: a data group per edge; default: when the backend is NCCL.
     """
 
     def __init__(self, mesh: Mesh, edges: Sequence[Tuple[int, int, int]], timeout: float,
-                 per_edge: Optional[bool] = None) -> None:
+                 separate: Optional[bool] = None, per_edge: Optional[bool] = None) -> None:
         td = datetime.timedelta(seconds=min(timeout, 1e7))
         backend = dist.get_backend()
+        self.separate = backend != "gloo" if separate is None else bool(separate)
+        if not self.separate and backend != "gloo":
+            raise ValueError(f"the {backend} backend needs its data plane apart from the gloo "
+                             "control group (separate=True)")
         self.ctrl = dist.new_group(backend="gloo", timeout=td)
-        self.shared = dist.new_group(backend=backend, timeout=td)
+        self.shared = dist.new_group(backend=backend, timeout=td) if self.separate else self.ctrl
         self.per_edge = backend == "nccl" if per_edge is None else per_edge
         self._edge: Dict[int, Any] = {}
         if self.per_edge:

@@ -35,7 +35,7 @@ def _same(a, b):
     return a == b
 
 
-def exchange(per_edge: bool) -> dict:
+def exchange(separate: bool, per_edge: bool) -> dict:
     """Rank 0 sends the values of :func:`_values` then an error on edge 3; rank 1 receives."""
     import time
 
@@ -44,7 +44,7 @@ def exchange(per_edge: bool) -> dict:
     from pipetrain.mailbox import VALUE
 
     mesh = Mesh(2)
-    groups = P2PGroups(mesh, [(3, 0, 1)], timeout=20, per_edge=per_edge)
+    groups = P2PGroups(mesh, [(3, 0, 1)], timeout=20, separate=separate, per_edge=per_edge)
     seen = []
     real = wire.dist
 
@@ -66,7 +66,8 @@ def exchange(per_edge: bool) -> dict:
     wire.dist = rec
     values = _values()
     stream = wire.Stream(3, VALUE, 1 - mesh.rank, torch.device("cpu"), "0->1", groups)
-    out = {"split": groups.ctrl is not groups.data(3), "per_edge": groups.data(3) is not groups.shared}
+    out = {"split": groups.ctrl is not groups.data(3), "per_edge": groups.data(3) is not groups.shared,
+           "data_is_ctrl": groups.data(3) is groups.ctrl}
     try:
         if mesh.rank == 0:
             stream.begin_run()
@@ -103,13 +104,18 @@ def pool():
     pl.close()
 
 
-@pytest.mark.parametrize("per_edge", [False, True])
-def test_control_and_data_planes(pool, per_edge):
-    sender, receiver = pool.run("tests.distributed.test_wire", "exchange", 2, per_edge=per_edge)
+@pytest.mark.parametrize("separate,per_edge", [(True, False), (True, True), (False, False)])
+def test_control_and_data_planes(pool, separate, per_edge):
+    sender, receiver = pool.run("tests.distributed.test_wire", "exchange", 2, separate=separate,
+                                per_edge=per_edge)
     for r in (sender, receiver):
-        assert r["split"] and r["per_edge"] == per_edge
-        # Headers and descriptions only on the control group, packed tensors only on data.
-        assert r["planes"] == sorted({("data", "data"), ("resized", "data"),
-                                      ("header", "ctrl"), ("meta", "ctrl")}), r
+        assert r["split"] == (separate or per_edge) and r["per_edge"] == per_edge
+        if separate:
+            # Headers and descriptions only on the control group, packed tensors only on data.
+            assert r["planes"] == sorted({("data", "data"), ("resized", "data"),
+                                          ("header", "ctrl"), ("meta", "ctrl")}), r
+        else:     # gloo's default: one group, the planes told apart by tag
+            assert r["data_is_ctrl"] and r["planes"] == sorted(
+                {(part, "ctrl") for part in PARTS}), r
     assert receiver["equal"] == [True] * len(_values()), receiver
     assert receiver["error"] is not None and "boom" in receiver["error"], receiver
