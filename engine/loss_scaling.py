@@ -175,15 +175,17 @@ def _distinct(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
-def begin_step(pipe: Any) -> None:
-    """Before a step: the sink stages scale the loss they backpropagate by the current scale."""
+def begin_step(pipe: Any) -> Any:
+    """Before a step: the sink stages scale the loss they backpropagate by the current scale.
+    Returns the one-process run's ``before_commit`` (:func:`gate`; None without a scaler)."""
     scaler = pipe.scaler
     pipe.found_inf = False
     if scaler is None:
-        return
+        return None
     for st in pipe.stages:
         if st is not None and st.is_last:
             st.loss_scale = scaler.scale
+    return gate(pipe)
 
 
 def end_step(pipe: Any, found_inf: bool) -> None:

@@ -101,8 +101,7 @@ class Pipeline(GlobalOps, Reporting):
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
             schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
             either (torch.optim or pipetrain.optim: prediction reads their state).
-        loss_scale: ``"dynamic"``, a fixed number, a LossScaler or None: mixed precision with
-            the step skipped on all stages / ranks on inf/NaN (:mod:`pipetrain.loss_scaling`).
+        loss_scale: ``"dynamic"``, a fixed number or a LossScaler (:mod:`pipetrain.loss_scaling`).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -136,8 +135,7 @@ class Pipeline(GlobalOps, Reporting):
         p = args.resolve_num_devices(num_devices, num_stages)
         self.checkpoint, self.timeout, self.transfer = checkpoint, timeout, transfer
         self._stats: Optional[StepStats] = None
-        self._lock = threading.Lock()
-        self.found_inf, self.dist = False, None
+        self._lock, self.found_inf, self.dist = threading.Lock(), False, None
         self.scaler = args.resolve_loss_scale(loss_scale, schedule, self._graph_model is not None)
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
         if self._graph_model is not None:     # one process (no data_parallel) for now
@@ -243,8 +241,7 @@ class Pipeline(GlobalOps, Reporting):
                 if self.dist is not None:
                     return self.dist.step(self, inputs, targets)
                 self._loss.begin(targets)
-                loss_scaling.begin_step(self)
-                outcome = self._execute(self.plan, [(inputs, targets)], loss_scaling.gate(self))
+                outcome = self._execute(self.plan, [(inputs, targets)], loss_scaling.begin_step(self))
                 loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
                 self._stats = self._measure(outcome)
             return loss
