@@ -3,12 +3,13 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
     python -m tests.distributed.restart OUT PHASE P DP
 
-PHASE ``full``: steps 0 .. STEPS-1 uninterrupted. ``crash``: the same, with a checkpoint
-(pipetrain.save_checkpoint) after step SAVE-1; during step SAVE + 1 rank 0 kills itself with
-SIGKILL in a forward (the test then SIGKILLs the others, as torchrun tears a job down).
-``resume``: new processes build the model with other weights and a fresh optimizer, load the
-checkpoint and run steps SAVE .. STEPS-1. Each step's loss is appended to
-``OUT/<phase>_<rank>.txt`` as ``float.hex`` (exact) as soon as it is known.
+PHASE ``crash``: first the reference, steps 0 .. STEPS-1 uninterrupted (``full``); then a
+new model and optimizer from the same seed run the same steps with a checkpoint
+(pipetrain.save_checkpoint) after step SAVE-1, and during step SAVE + 1 rank 0 kills itself
+with SIGKILL in a forward (the test then SIGKILLs the others, as torchrun tears a job down).
+PHASE ``resume``: new processes build the model with other weights and a fresh optimizer
+with other hyper-parameters, load the checkpoint and run steps SAVE .. STEPS-1. Each step's
+loss is appended to ``OUT/<run>_<rank>.txt`` as ``float.hex`` (exact) as soon as it is known.
 """
 
 import os
@@ -21,13 +22,20 @@ import torch.distributed as dist
 import pipetrain
 from tests.distributed import scenarios as sc
 
-SAVE, STEPS = 2, 5
+SAVE, STEPS = 2, 4
 
 
 def main() -> None:
     out, phase, p, dp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    if phase == "crash":
+        run(out, "full", p, dp)
+    run(out, phase, p, dp)
+    dist.destroy_process_group()
+
+
+def run(out: str, phase: str, p: int, dp: int) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0 if phase != "resume" else 77)
     net = sc.model(5, False)
@@ -65,7 +73,6 @@ def main() -> None:
         log.flush()
     log.close()
     pipe.close()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
