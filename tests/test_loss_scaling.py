@@ -175,3 +175,22 @@ def test_refused_with_async_schedules_and_graph_models():
                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     with pytest.raises(ValueError, match="loss_scale"):
         pipetrain.Pipeline(mlp(4), num_devices=2, loss_fn=mse, loss_scale="big")
+
+
+def test_token_level_loss_with_scaling_equals_unscaled():
+    """(loss_sum, count) losses divide by the token count at the commit; the scale is undone
+    in the same commit path and no bit changes (fp64, power-of-two scale)."""
+    def masked(out, target):
+        return (((out - target["y"]) ** 2).sum(-1) * target["mask"]).sum(), target["mask"].sum()
+
+    net = mlp(4)
+    ref = copy.deepcopy(net)
+    a = pipetrain.Pipeline(net, num_devices=2, num_microbatches=3, loss_fn=masked, loss_scale="dynamic")
+    b = pipetrain.Pipeline(ref, num_devices=2, num_microbatches=3, loss_fn=masked)
+    x, y = batch(7)
+    target = {"y": y, "mask": (torch.arange(7) % 3 != 0).double()}
+    assert torch.equal(a.step(x, target), b.step(x, target))
+    for pa, pb in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    a.close()
+    b.close()
