@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import json
 import multiprocessing as mp
-import os
 import pathlib
 import socket
 import statistics
