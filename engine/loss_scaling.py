@@ -127,12 +127,14 @@ def resolve(loss_scale: Union[None, str, float, LossScaler]) -> Optional[LossSca
                      f"or a pipetrain.LossScaler; got {loss_scale!r}")
 
 
-def check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float) -> bool:
+def check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float, sync: bool = True) -> Any:
     """Multiply ``grads`` by ``inv_scale`` in place and say whether any was inf / NaN.
 
     One fused pass per device (``torch._amp_foreach_non_finite_check_and_unscale_``, the
     kernel GradScaler uses; it takes any float dtype mixed) and one read of the flag. A
-    tensor given twice is divided once."""
+    tensor given twice is divided once. ``sync=False``: no read; returns the flag as a
+    float32 tensor (> 0: found) on the first gradient's device, or None without gradients,
+    so that a CUDA caller can put it into a collective without a host synchronization."""
     by_device: Dict[torch.device, List[torch.Tensor]] = {}
     for g in _distinct(g for g in grads if g is not None):
         if g is not None and not g.is_sparse:
@@ -140,7 +142,7 @@ def check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float) -> bool:
         elif g is not None:      # sparse: rare, done one by one
             v = g.coalesce()._values()
             if not bool(torch.isfinite(v).all()):
-                return True
+                return True if sync else torch.ones((), dtype=torch.float32)
             g.mul_(inv_scale)
     flags = []
     for dev, ts in by_device.items():
@@ -150,8 +152,9 @@ def check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(ts, found, inv)
         flags.append(found)
     if not flags:
-        return False
-    return bool(torch.stack([f.cpu() for f in flags]).sum() > 0)
+        return False if sync else None
+    total = flags[0][0] if len(flags) == 1 else torch.stack([f[0].to(flags[0].device) for f in flags]).sum()
+    return bool(total > 0) if sync else total
 
 
 def _leaves(values: Iterable[Any]) -> List[torch.Tensor]:

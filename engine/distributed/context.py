@@ -249,14 +249,15 @@ class Distributed:
         # After the reductions, so a sum that overflowed is caught too; one fused pass that
         # also divides by the loss scale (pipetrain.loss_scaling).
         inv = 1.0 / pipe.scaler.scale if pipe.scaler is not None else 1.0
-        nonfinite = loss_scaling.check_and_unscale(loss_scaling.local_grads(stages), inv)
+        flag = loss_scaling.check_and_unscale(loss_scaling.local_grads(stages), inv, sync=False)
         vec = torch.zeros(4, dtype=torch.float64)
         if sink:
             vec[0] = float(run.losses_per_minibatch()[0])
             vec[1] = loss_fn.total_count
             vec[2] = 1.0 if loss_fn.token_level else 0.0
-        vec[3] = 1.0 if nonfinite else 0.0
         vec = vec.to(self.device)
+        if flag is not None:    # on the device: read on the host only after the all-reduce
+            vec[3:4].copy_(flag.reshape(1))
         self._wait([dist.all_reduce(vec, async_op=True)], "the end-of-step all-reduce")
         vec = vec.cpu()
         token = bool(vec[2] > 0)
