@@ -44,7 +44,9 @@ class GlobalOps:
         """``optimizer.step()`` (default: each local stage's ``optimizer=``) unless a step
         since the last call found an inf/NaN gradient on any stage or rank (then nothing was
         committed and every rank skips alike); returns whether it stepped. Call it where
-        you would call ``opt.step()`` (:mod:`pipetrain.loss_scaling`)."""
+        you would call ``opt.step()`` (:mod:`pipetrain.loss_scaling`). Gradients are checked
+        with ``loss_scale=`` and, across processes, always; in one process without a scaler
+        nothing is checked and it always steps."""
         from pipetrain import loss_scaling
         return loss_scaling.optimizer_step(self, optimizer)
 
