@@ -69,13 +69,16 @@ class LossScaler:
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
                  dynamic: bool = True) -> None:
-        for name, v, ok in (("init_scale", init_scale, init_scale > 0),
-                            ("growth_factor", growth_factor, growth_factor > 1),
-                            ("backoff_factor", backoff_factor, 0 < backoff_factor < 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok:
-                raise ValueError(f"LossScaler: {name} must be a finite number "
-                                 f"({'> 0' if name == 'init_scale' else '> 1' if name == 'growth_factor' else 'in (0, 1)'}); got {v!r}")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name, v, ok, allowed in (("init_scale", init_scale, lambda x: x > 0, "> 0"),
+                                     ("growth_factor", growth_factor, lambda x: x > 1, "> 1"),
+                                     ("backoff_factor", backoff_factor, lambda x: 0 < x < 1, "in (0, 1)")):
+            if not number(v) or not ok(v):
+                raise ValueError(f"LossScaler: {name} must be a finite number {allowed}; got {v!r}")
+        if not isinstance(growth_interval, int) or isinstance(growth_interval, bool) \
+                or growth_interval < 1:
             raise ValueError(f"LossScaler: growth_interval must be an int >= 1; got {growth_interval!r}")
         self.scale = float(init_scale)
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)

@@ -94,25 +94,27 @@ class P2PGroups:
     - ``data(edge)``: the packed tensors, on the default group's backend (NCCL on GPU: the
       compute stream waits for a transfer, never the host; gloo on CPU).
 
-    The code path is the same on every backend: a header and a packed buffer per message,
-    each on its plane, told apart by tag. Under gloo the two planes are by default one gloo
-    group (``separate=False``): a second gloo group made 2-process steps 29-45 % slower on
-    the loaded 2-core CI machine (more gloo threads waking per message), against 7-9 % for
-    the header message alone (see the report of the wire change); ``separate=True`` builds the
-    NCCL layout with two gloo groups, which the tests run. One data group serves every edge
-    under gloo, which matches messages by tag. NCCL ignores tags and matches a pair's
-    operations in the order they are issued, while a rank posts the receives of different
-    edges in an order of its own (each as its predecessor on that edge arrives), so there
-    ``per_edge`` gives every edge (and replica) a data group of its own. Every group's
-    timeout is the pipeline's, which bounds each blocking wait.
+    The code path and the layout are the same on every backend: a header and a packed
+    buffer per message, each on its plane (under gloo two gloo groups, so every
+    multi-process test runs the split). Measured side by side on the shared 2-core machine
+    (2 processes, 1F1B, m = 8, medians of interleaved rounds): against the old in-band form
+    (one message carrying its header) a step took 1.09-1.10x with the planes in one gloo group
+    and 1.08-1.12x in two, where two identical pipelines differed by 0.92-0.94x (noise); one
+    run under heavier load measured two groups at 1.29-1.45x and one at 1.07-1.09x, so
+    ``separate=False`` (one gloo group for both planes, told apart by tag) stays available.
+    One data group serves every edge under gloo, which matches messages by tag. NCCL ignores
+    tags and matches a pair's operations in the order they are issued, while a rank posts
+    the receives of different edges in an order of its own (each as its predecessor on that
+    edge arrives), so there ``per_edge`` gives every edge (and replica) a data group of its
+    own. Every group's timeout is the pipeline's, which bounds each blocking wait.
 
     Args:
         mesh: the :class:`Mesh`.
         edges: ``(edge id, producer device, consumer device)`` of edges between pipeline
             devices (same-device edges need none).
         timeout: seconds.
-        separate: the data plane in groups other than the control group; default: unless
-            the backend is gloo (required when it is not).
+        separate: the data plane in groups other than the control group (default; required
+            unless the backend is gloo).
         per_edge: a data group per edge; default: when the backend is NCCL.
     """
 
@@ -120,7 +122,7 @@ class P2PGroups:
                  separate: Optional[bool] = None, per_edge: Optional[bool] = None) -> None:
         td = datetime.timedelta(seconds=min(timeout, 1e7))
         backend = dist.get_backend()
-        self.separate = backend != "gloo" if separate is None else bool(separate)
+        self.separate = True if separate is None else bool(separate)
         if not self.separate and backend != "gloo":
             raise ValueError(f"the {backend} backend needs its data plane apart from the gloo "
                              "control group (separate=True)")
