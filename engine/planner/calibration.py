@@ -143,6 +143,10 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
         ratio = _ratio([d.makespan_s for d in sts], [s.makespan_s for s in ones], stat)
         slowdown[q] = ratio * sim_one / sim if sim > 0 else 1.0
     # The split's factor on the layers' compute: I and W each pay the per-action overhead.
-    split = _ratio([_backward(z.costs_s) - 2 * o for z in rec[("split", b_mid)]],
-                   [_backward(s.costs_s) - o for s in ones], stat)
+    iw = [_backward(z.costs_s) for z in rec[("split", b_mid)]]
+    full = [_backward(s.costs_s) for s in ones]
+    if min(iw) > 2 * o and min(full) > o:
+        split = _ratio([v - 2 * o for v in iw], [v - o for v in full], stat)
+    else:   # the model's compute is below the engine's overhead (tiny layers): raw ratio
+        split = _ratio(iw, full, stat)
     return slowdown, split, statistics.median(gaps), handoff, {"F": o, "B": o}
