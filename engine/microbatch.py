@@ -40,6 +40,8 @@ def flatten(obj: Any) -> Tuple[List[Any], Spec]:
         ``(leaves, spec)`` with ``unflatten(leaves, spec)`` equal to ``obj`` (same containers,
         same leaf objects). Dict keys keep their insertion order.
     """
+    if type(obj) is torch.Tensor:        # the common case, on the per-action path
+        return [obj], _LEAF
     leaves: List[Any] = []
     return leaves, _flatten_into(obj, leaves)
 
@@ -58,6 +60,8 @@ def _flatten_into(obj: Any, leaves: List[Any]) -> Spec:
 
 def unflatten(leaves: Sequence[Any], spec: Spec) -> Any:
     """Rebuild the nesting described by ``spec`` from ``leaves`` (inverse of :func:`flatten`)."""
+    if spec is _LEAF and len(leaves) == 1:   # a lone leaf (flatten's own spec object)
+        return leaves[0]
     it = iter(leaves)
     out = _unflatten_from(it, spec)
     rest = sum(1 for _ in it)

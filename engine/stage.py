@@ -39,12 +39,14 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 from pipetrain import checkpoint as ckpt
 from pipetrain import split_backward as split
 from pipetrain.autograd_fast import grad as fast_grad
-from pipetrain.microbatch import flatten, tree_sum, unflatten
+from pipetrain.microbatch import _LEAF, flatten, tree_sum, unflatten
 from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
 from pipetrain.stage_run import accumulate as _accumulate, tensor_bytes as _tensor_bytes
 from pipetrain.versions import WeightVersions
 
 __all__ = ["Stage", "Meter"]
+
+_Tensor = torch.Tensor
 
 
 #: Set True to measure every forward's saved tensors in runs too (the bench's "before" row).
@@ -117,6 +119,10 @@ class Stage:
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             self.params = params
             self._accumulators = None
+        # How many of the parameters autograd_fast may take as plain without looking (all,
+        # unless one is a tensor subclass): passed as its ``plain_tail``.
+        plain = all(type(p) is torch.Tensor or type(p) is nn.Parameter for p in self.params)
+        self._plain_params = len(self.params) if plain else 0
 
     def _training(self) -> bool:
         return any(m.training for layer in self.layers for m in layer.modules())
@@ -165,6 +171,7 @@ class Stage:
     def staged_grads(self) -> Optional[Dict[nn.Parameter, torch.Tensor]]:
         """This run's staged gradients, by parameter (None outside a run): a multi-process
         pipeline reduces them across ranks before they are committed."""
+        self._run.forget_dense()       # the caller may replace entries
         return self._run.staged
 
     def commit_grads(self) -> None:
@@ -179,6 +186,7 @@ class Stage:
                     g.mul_(scale)
             _accumulate(None, list(run.staged), list(run.staged.values()))
             run.staged.clear()
+            run.forget_dense()
 
     def end_run(self, commit: bool) -> None:
         """End the run: commit its staged gradients (``commit``) or drop them and everything
@@ -269,7 +277,7 @@ class Stage:
             raise TypeError("loss_fn returned a tensor that does not require grad, so no "
                             "gradient can flow back (did it call .item(), .detach() or "
                             "torch.no_grad()?); return the loss as a differentiable tensor")
-        return loss.reshape(())
+        return loss if loss.dim() == 0 else loss.reshape(())
 
     def _needs_grad(self, saved: _Saved) -> bool:
         return bool(self.params) or any(isinstance(t, torch.Tensor) and t.requires_grad
@@ -303,7 +311,7 @@ class Stage:
         leaves, spec = flatten(inputs)
         x_leaves = [self._boundary(t) for t in leaves]
         saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight)
-        if target is not None:
+        if target is not None and not (type(target) is _Tensor and not target.requires_grad):
             # A target that requires grad (distillation from a live teacher) gets its
             # gradient, as in the unsplit model: it becomes a leaf of this stage's graph too.
             t_leaves, saved.target_spec = flatten(target)
@@ -313,37 +321,11 @@ class Stage:
                                        for t in t_leaves]
                 saved.target = unflatten(saved.target_leaves, saved.target_spec)
         random = run.uses_rng if run.uses_rng is not None else self.uses_rng
-        with ckpt.maybe_lock(random):
-            if self.checkpoint:
-                # Only a stage with random ops saves (and later restores) the generator: a
-                # restore changes the global generator, which other threads may be drawing from.
-                saved.rng = ckpt.save_rng_state(self.device) if random else None
-                with torch.no_grad():
-                    out = self._forward_checked(saved)
-                nbytes = _tensor_bytes(x_leaves)
-            else:
-                key = _signature(x_leaves, saved.target) if run.saved_bytes is not None else None
-                nbytes = run.saved_bytes.get(key) if key is not None else None
-                if nbytes is not None and not self.versions.rebinds:
-                    # Measured before in this run: no hooks. (Weight versions that move the
-                    # live buffer between passes need the hook path: tensors saved through
-                    # hooks are read as bound at the backward, with no version-counter check
-                    # against the update that ran on the parameter in between.)
-                    with torch.enable_grad():
-                        out = self._forward_checked(saved)
-                else:
-                    # The first forward works on copies of the inputs (see _forward_checked),
-                    # which it would count too: its measurement is not kept.
-                    if self._clone_inputs is None:
-                        key = None
-                    packed: List[torch.Tensor] = []
-                    with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
-                        out = self._forward_checked(saved)
-                    exclude = {p.data_ptr() for p in self.params}
-                    nbytes = _tensor_bytes(x_leaves + packed, exclude)
-                    if key is not None:
-                        run.saved_bytes[key] = nbytes
-                saved.outputs = flatten(self._scaled(out, saved))[0]
+        if random:
+            with ckpt.maybe_lock(True):
+                out, nbytes = self._forward_stash(run, saved, x_leaves, random)
+        else:
+            out, nbytes = self._forward_stash(run, saved, x_leaves, random)
         run.stash[mb] = saved
         saved.nbytes = nbytes
         run.add(nbytes, 1)
@@ -352,7 +334,47 @@ class Stage:
             if self.check_finite and not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"loss is {loss.item()} (check_finite=True)")
             return loss
+        if type(out) is _Tensor:
+            return out.detach()
         return _detach_tree(out)
+
+    def _forward_stash(self, run: _Run, saved: _Saved, x_leaves: List[Any],
+                       random: bool) -> Tuple[Any, int]:
+        """The forward proper: (its output, the bytes it keeps for the backward)."""
+        if self.checkpoint:
+            # Only a stage with random ops saves (and later restores) the generator: a
+            # restore changes the global generator, which other threads may be drawing from.
+            saved.rng = ckpt.save_rng_state(self.device) if random else None
+            with torch.no_grad():
+                out = self._forward_checked(saved)
+            nbytes = _tensor_bytes(x_leaves)
+        else:
+            key = _signature(x_leaves, saved.target) if run.saved_bytes is not None else None
+            nbytes = run.saved_bytes.get(key) if key is not None else None
+            if nbytes is not None and not self.versions.rebinds:
+                # Measured before in this run: no hooks. (Weight versions that move the
+                # live buffer between passes need the hook path: tensors saved through
+                # hooks are read as bound at the backward, with no version-counter check
+                # against the update that ran on the parameter in between.)
+                if torch.is_grad_enabled():      # the executor's threads: it is
+                    out = self._forward_checked(saved)
+                else:
+                    with torch.enable_grad():
+                        out = self._forward_checked(saved)
+            else:
+                # The first forward works on copies of the inputs (see _forward_checked),
+                # which it would count too: its measurement is not kept.
+                if self._clone_inputs is None:
+                    key = None
+                packed: List[torch.Tensor] = []
+                with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
+                    out = self._forward_checked(saved)
+                exclude = {p.data_ptr() for p in self.params}
+                nbytes = _tensor_bytes(x_leaves + packed, exclude)
+                if key is not None:
+                    run.saved_bytes[key] = nbytes
+            saved.outputs = flatten(self._scaled(out, saved))[0]
+        return out, nbytes
 
     def _forward_checked(self, saved: _Saved) -> Any:
         """The forward, guarding the boundary inputs against in-place modification.
@@ -453,8 +475,10 @@ class Stage:
 
     @staticmethod
     def _grad_leaves(saved: _Saved) -> List[torch.Tensor]:
-        return [t for t in saved.inputs + saved.target_leaves
-                if isinstance(t, torch.Tensor) and t.requires_grad]
+        out = [t for t in saved.inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        if saved.target_leaves:
+            out += [t for t in saved.target_leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        return out
 
     def take_target_grad(self, mb: int) -> Any:
         """Sink: the gradient w.r.t. micro-batch ``mb``'s target (nested like it), if the
@@ -468,9 +492,14 @@ class Stage:
                 [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
                  for t in saved.target_leaves], saved.target_spec)
 
-    def _input_grads(self, saved: _Saved) -> Any:
-        if not self.input_grad and not self._grad_leaves(saved):
+    def _input_grads(self, saved: _Saved, leaves: Optional[List[Any]] = None) -> Any:
+        """The gradients w.r.t. the boundary inputs, nested like them (``leaves``: the
+        stage's :meth:`_grad_leaves` for this micro-batch, if the caller has them)."""
+        if not self.input_grad and not (self._grad_leaves(saved) if leaves is None else leaves):
             return None
+        if saved.spec is _LEAF:
+            t = saved.inputs[0]
+            return t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
         return unflatten([t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
                           for t in saved.inputs], saved.spec)
 
@@ -487,16 +516,22 @@ class Stage:
         run = self._run
         saved = self._get(run, mb)
         try:
-            tensors, grads = self._pairs(self._materialize(saved), grad_outputs)
+            outputs = saved.outputs if saved.outputs is not None else self._materialize(saved)
+            tensors, grads = self._pairs(outputs, grad_outputs)
             leaves = self._grad_leaves(saved)
-            wrt = leaves + self.params
-            if tensors and wrt:
-                gs = fast_grad(tensors, wrt, grads)
-                for t, g in zip(leaves, gs):
-                    t.grad = g
-                _accumulate(run.staged, self.params, gs[len(leaves):])
-            self._keep_target_grad(run, mb, saved)
-            return self._input_grads(saved)
+            params = self.params
+            if tensors and (leaves or params):
+                if leaves:
+                    gs = fast_grad(tensors, leaves + params, grads, plain_tail=self._plain_params)
+                    for t, g in zip(leaves, gs):
+                        t.grad = g
+                    gs = gs[len(leaves):]
+                else:
+                    gs = fast_grad(tensors, params, grads, plain_tail=self._plain_params)
+                run.accumulate(params, gs, cache=True)
+            if saved.target_leaves:
+                self._keep_target_grad(run, mb, saved)
+            return self._input_grads(saved, leaves)
         finally:
             self._pop(run, mb)
 
@@ -563,7 +598,7 @@ class Stage:
                 work.append(saved.w_fallback)
             for outputs, grads, params in work:
                 gs = fast_grad(outputs, params, grads, retain_graph=True)
-                _accumulate(run.staged, params, gs)
+                run.accumulate(params, gs, cache=params is self.params)
         finally:
             self._pop(run, mb)
 
@@ -572,12 +607,14 @@ def _signature(leaves: Sequence[Any], target: Any) -> Any:
     """What decides the bytes a forward saves, for the per-run cache: shape, dtype, device
     and requires-grad of each input leaf and of the target (plain values by identity of
     type); grad and autocast state are fixed for a run's actions."""
-    def sig(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return (tuple(t.shape), t.dtype, t.device, t.requires_grad)
-        return type(t)
-    tl = flatten(target)[0] if target is not None else ()
-    return tuple(sig(t) for t in leaves) + (None,) + tuple(sig(t) for t in tl)
+    tl = (target,) if type(target) is _Tensor else flatten(target)[0] if target is not None else ()
+    return (*map(_leaf_signature, leaves), None, *map(_leaf_signature, tl))
+
+
+def _leaf_signature(t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.dtype, t.device, t.requires_grad)
+    return type(t)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
