@@ -98,13 +98,15 @@ class Timeline:
         out = []
         for d in range(self.num_devices):
             row = []
-            for i, (label, s, e) in enumerate(zip(self.labels[d], self.start_ns[d], self.end_ns[d])):
+            # tolist(): Python ints at once, not one numpy scalar (and int()) per action.
+            starts, ends = self.start_ns[d].tolist(), self.end_ns[d].tolist()
+            for i, (label, s, e) in enumerate(zip(self.labels[d], starts, ends)):
                 if actions is not None:
                     a = actions[d][i]
                     kind, stage, mb = a.kind, a.stage, a.microbatch
                 else:
                     kind, stage, mb = _parse(label)
-                row.append(ActionRecord(d, label, kind, stage, mb, int(s), int(e)))
+                row.append(ActionRecord(d, label, kind, stage, mb, s, e))
             out.append(row)
         return out
 
