@@ -33,6 +33,7 @@ from pipetrain.mailbox import GRAD, VALUE, Mailbox
 from pipetrain.microbatch import flatten, scatter
 from pipetrain.stage_run import Meter
 from pipetrain.transport import to_device
+from pipetrain.versions import LIVE, WeightVersions
 
 __all__ = ["Run", "split_minibatches", "action_table"]
 
@@ -135,17 +136,28 @@ class Run:
                 stage.update()
             return          # transfers of a lowered schedule: values move with F and B here
         versions = stage.versions
+        if version == LIVE and type(versions) is WeightVersions:
+            # Binding the live weights is a no-op, and so is the release after it (every
+            # action releases what it bound): skip both calls and the try.
+            if self.autocast and kind != "W":
+                self._compute_autocast(kind, stage, k)
+            else:
+                self._compute(kind, stage, k)
+            return
         versions.bind(version, a)
         try:
             if self.autocast and kind != "W":   # F, and B / I which may recompute F
-                with contextlib.ExitStack() as stack:
-                    for device_type, dtype in self.autocast:
-                        stack.enter_context(torch.autocast(device_type, dtype=dtype))
-                    self._compute(kind, stage, k)
+                self._compute_autocast(kind, stage, k)
             else:
                 self._compute(kind, stage, k)
         finally:
             versions.release()
+
+    def _compute_autocast(self, kind: str, stage: Any, k: int) -> None:
+        with contextlib.ExitStack() as stack:
+            for device_type, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            self._compute(kind, stage, k)
 
     def _compute(self, kind: str, stage: Any, k: int) -> None:
         s = stage.index

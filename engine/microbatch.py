@@ -135,6 +135,9 @@ def scatter(obj: Any, m: int) -> Tuple[List[Any], List[int]]:
         ``(micro_batches, sizes)``: ``m`` objects with ``obj``'s nesting whose tensors are views
         of ``obj``'s (no copy), and their dim-0 sizes (``sum(sizes) == batch_size(obj)``).
     """
+    if type(obj) is torch.Tensor and obj.dim() > 0:     # the common case: no tree walk
+        sizes = split_sizes(obj.shape[0], m)
+        return list(torch.split(obj, sizes, dim=0)), sizes
     sizes = split_sizes(batch_size(obj), m)
     leaves, spec = flatten(obj)
     pieces = [torch.split(x, sizes, dim=0) if _splittable(x) else None for x in leaves]

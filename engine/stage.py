@@ -270,6 +270,8 @@ class Stage:
         if self.loss_fn is None:
             return x
         loss = self.loss_fn(x, saved.target)
+        if type(loss) is _Tensor and loss.requires_grad and loss.dim() == 0:
+            return loss             # the usual case: every check below passes
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor; got {type(loss).__name__}"
                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
@@ -400,14 +402,19 @@ class Stage:
             if self._clone_inputs is None:
                 self._clone_inputs = False
             return out
-        before = [t._version for t in saved.inputs if isinstance(t, torch.Tensor)]
+        inputs = saved.inputs
+        lone = len(inputs) == 1 and type(inputs[0]) is _Tensor   # the usual case: no lists
+        before = inputs[0]._version if lone else \
+            [t._version for t in inputs if isinstance(t, torch.Tensor)]
         try:
             out = self._call(saved)
         except RuntimeError as err:
             if "in-place" in str(err) and "leaf" in str(err):
                 raise RuntimeError(self._inplace_message()) from err
             raise
-        if [t._version for t in saved.inputs if isinstance(t, torch.Tensor)] != before:
+        after = inputs[0]._version if lone else \
+            [t._version for t in inputs if isinstance(t, torch.Tensor)]
+        if after != before:
             raise RuntimeError(self._inplace_message())
         return out
 
@@ -423,6 +430,8 @@ class Stage:
         if not isinstance(t, torch.Tensor):
             return t
         wants = t.requires_grad
+        if not wants and not self.input_grad:
+            return t        # a source's data: already a leaf without grad, no alias needed
         t = t.detach()
         if (self.input_grad or wants) and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
