@@ -11,7 +11,9 @@ measured interleaved (every row once per round), medians of per-round ratios:
 - ``B`` vs ``I + W`` on the stage alone, per micro-batch (the split's own cost).
 
 Engine overhead per action = (pipeline step - plain loop) / actions. Targets: p = 1 within
-1.05x of the plain loop, <= 20 us per action, I + W within 1.05x of B.
+1.05x of the plain loop, <= 20 us per action, I + W within 1.05x of B. Each row is timed by
+the wall clock and by the process's CPU time (every thread's; the executor's threads block
+without spinning at p = 1): on a host loaded by other jobs the CPU columns are the steadier.
 """
 
 from __future__ import annotations
@@ -112,16 +114,18 @@ def run(quick: bool, out: pathlib.Path) -> None:
         return d
 
     times = {k: [] for k in rows}
+    cpu = {k: [] for k in rows}
     bw = {(name, on): [] for name in ("B", "I+W") for on in (True, False)}
     try:
         for r in range(rounds + 2):
             for name, (fn, on, _) in rows.items():
                 with _levers(True if on is None else on):
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     fn()
-                    d = time.perf_counter() - t
+                    d, dc = time.perf_counter() - t, time.process_time() - c
                 if r >= 2:
                     times[name].append(d)
+                    cpu[name].append(dc)
             for on in (True, False):
                 with _levers(on):
                     b, iw = whole(), split()
@@ -132,17 +136,21 @@ def run(quick: bool, out: pathlib.Path) -> None:
         for pipe in pipes:
             pipe.close()
         torch.set_num_threads(old_threads)
-    base = times["plain loop"]
     print(f"8 x (Linear(16,16)+GELU), m = {m} one-row micro-batches, 1 torch thread, "
           f"{rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")
-    print(f"{'row':34s} {'step ms':>9s} {'/ plain':>8s} {'us/action over plain':>21s}")
-    for name, (_, _, actions) in rows.items():
-        med = statistics.median(times[name])
-        ratio = statistics.median([a / b for a, b in zip(times[name], base)])
+    print(f"{'row':34s} {'step ms':>9s} {'/ plain':>8s} {'us/action':>10s} | "
+          f"{'CPU ms':>7s} {'/ plain':>8s} {'us/action':>10s}  (us/action: over the plain loop)")
+
+    def cols(series, name, actions):
+        base = series["plain loop"]
+        med = statistics.median(series[name])
+        ratio = statistics.median([a / b for a, b in zip(series[name], base)])
         over = "" if not actions else \
-            f"{statistics.median([(a - b) / actions * 1e6 for a, b in zip(times[name], base)]):21.1f}"
-        print(f"{name:34s} {med * 1e3:9.2f} {ratio:8.3f} {over}")
+            f"{statistics.median([(a - b) / actions * 1e6 for a, b in zip(series[name], base)]):.1f}"
+        return f"{med * 1e3:9.2f} {ratio:8.3f} {over:>10s}"
+    for name, (_, _, actions) in rows.items():
+        print(f"{name:34s} {cols(times, name, actions)} | {cols(cpu, name, actions)[2:]}")
     for on in (True, False):
         ratio = statistics.median([a / b for a, b in zip(bw[("I+W", on)], bw[("B", on)])])
         print(f"stage alone, {'now   ' if on else 'before'}: B {statistics.median(bw[('B', on)]) / m * 1e6:7.1f} us, "
