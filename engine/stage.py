@@ -375,7 +375,7 @@ class Stage:
                 nbytes = _tensor_bytes(x_leaves + packed, exclude)
                 if key is not None:
                     run.saved_bytes[key] = nbytes
-            saved.outputs = flatten(self._scaled(out, saved))[0]
+            saved.outputs = flatten(out)[0]
         return out, nbytes
 
     def _forward_checked(self, saved: _Saved) -> Any:
@@ -444,11 +444,6 @@ class Stage:
             return t
         return pack
 
-    @staticmethod
-    def _scaled(out: Any, saved: _Saved) -> Any:
-        # The sink backpropagates loss * weight, so that summed over micro-batches the
-        # gradients are those of the size-weighted mean loss (the unsplit model's).
-        return out * saved.weight if isinstance(out, torch.Tensor) and out.dim() == 0 and saved.weight != 1.0 else out
 
     def _materialize(self, saved: _Saved) -> List[Any]:
         """The output leaves with their graph, recomputing the forward if re-materialized."""
@@ -466,14 +461,24 @@ class Stage:
             out = self._call(saved)
         for b, value in buffers:
             b.data.copy_(value)
-        saved.outputs = flatten(self._scaled(out, saved))[0]
+        saved.outputs = flatten(out)[0]
         saved.recomputed = packed
         return saved.outputs
 
-    def _pairs(self, outputs: List[Any], grad_outputs: Any) -> Tuple[list, list]:
-        """(tensors, grads) to backpropagate: outputs that require grad and received one."""
+    def _pairs(self, outputs: List[Any], grad_outputs: Any, weight: float = 1.0) -> Tuple[list, list]:
+        """(tensors, grads) to backpropagate: outputs that require grad and received one.
+
+        A sink backpropagates its loss with gradient ``weight`` (micro-batch size / batch
+        size), so that summed over micro-batches the gradients are those of the size-weighted
+        mean loss (the unsplit model's). The weight is the loss's incoming gradient rather
+        than a ``loss * weight`` node in the forward: the same values (the multiply's backward
+        would hand ``ones * weight`` to the loss's backward), one op and one node fewer."""
         if self.loss_fn is not None:
-            return ([outputs[0]], [None]) if outputs[0].requires_grad else ([], [])
+            loss = outputs[0]
+            if not loss.requires_grad:
+                return [], []
+            return [loss], [None if weight == 1.0 else
+                            torch.full((), weight, dtype=loss.dtype, device=loss.device)]
         grads = flatten(grad_outputs)[0] if grad_outputs is not None else [None] * len(outputs)
         if len(grads) != len(outputs):
             raise RuntimeError(f"stage {self.index}: {len(grads)} output gradients for "
@@ -526,7 +531,7 @@ class Stage:
         saved = self._get(run, mb)
         try:
             outputs = saved.outputs if saved.outputs is not None else self._materialize(saved)
-            tensors, grads = self._pairs(outputs, grad_outputs)
+            tensors, grads = self._pairs(outputs, grad_outputs, saved.weight)
             leaves = self._grad_leaves(saved)
             params = self.params
             if tensors and (leaves or params):
@@ -550,7 +555,7 @@ class Stage:
         run = self._run
         saved = self._get(run, mb)
         outputs = self._materialize(saved)
-        tensors, grads = self._pairs(outputs, grad_outputs)
+        tensors, grads = self._pairs(outputs, grad_outputs, saved.weight)
         leaves = self._grad_leaves(saved)
         if not tensors or not self.params:
             if tensors and leaves:
