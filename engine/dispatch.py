@@ -40,6 +40,13 @@ __all__ = ["Run", "split_minibatches", "action_table"]
 _Tensor = torch.Tensor
 _COMPUTE = frozenset(("F", "B", "I", "W"))
 
+#: Let a device borrow the intra-op threads of devices that have nothing to run (CPU runs
+#: with ``num_threads`` set): before each action its issuing thread takes
+#: ``num_threads * num_devices // (devices inside an action now)`` threads, so in warm-up,
+#: cool-down and waits the busy stage computes on the idle stage's cores too. Off by
+#: default: measured in ``bench/peers.py``'s thread rows on a loaded 2-core host only.
+BORROW_THREADS = False
+
 
 def action_table(plan: Any) -> List[List[Tuple[str, int, int, int, Any]]]:
     """Per device, per action of ``plan``: ``(kind, stage, micro-batch, version, action)``.
@@ -111,6 +118,15 @@ class Run:
         self.meters = [Meter() for _ in range(plan.num_devices)]
         self.num_threads = num_threads
         self._threads_set = [False] * plan.num_devices
+        # Thread borrowing (BORROW_THREADS): who is inside an action, and each issuing
+        # thread's current intra-op thread count (0: not set in this run).
+        self.borrow = bool(BORROW_THREADS and num_threads and plan.num_devices > 1)
+        self._inside = [False] * plan.num_devices
+        self._threads_now = [0] * plan.num_devices
+        self.threads_used: List[List[int]] = [[] for _ in range(plan.num_devices)] \
+            if self.borrow else []
+        if self.borrow:
+            self.dispatch = self._dispatch_borrowing     # what the executor is handed
         # Autocast is thread-local: the caller's carries over to the issuing threads.
         self.autocast = [(dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda")
                          if torch.is_autocast_enabled(dt)]
@@ -152,6 +168,26 @@ class Run:
                 self._compute(kind, stage, k)
         finally:
             versions.release()
+
+    def _dispatch_borrowing(self, device: int, index: int) -> None:
+        """:meth:`dispatch` with the intra-op threads of idle devices lent to this one.
+
+        ``_inside`` is read and written under the GIL (each issuing thread holds it in
+        dispatch), so the count is exact at the moment the action starts; a device that
+        starts later in this action's lifetime oversubscribes the cores until one of them
+        ends (at most ``num_threads`` extra threads, for one action)."""
+        inside = self._inside
+        inside[device] = True
+        try:
+            n = max(1, self.num_threads * len(inside) // sum(inside))
+            if n != self._threads_now[device]:
+                torch.set_num_threads(n)        # intra-op threads are per issuing thread
+                self._threads_now[device] = n
+            self.threads_used[device].append(n)
+            self._threads_set[device] = True    # the plain dispatch must not reset it
+            Run.dispatch(self, device, index)
+        finally:
+            inside[device] = False
 
     def _compute_autocast(self, kind: str, stage: Any, k: int) -> None:
         with contextlib.ExitStack() as stack:

@@ -78,3 +78,49 @@ def test_step_loss_is_the_size_weighted_mean_of_micro_batch_losses():
         torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
     finally:
         pipe.close()
+
+
+class _ThreadProbe(nn.Module):
+    """Identity that records torch's intra-op thread count on the thread running it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(torch.get_num_threads())
+        return x
+
+
+def test_borrowed_threads_follow_who_is_busy_and_keep_gradients(monkeypatch):
+    """BORROW_THREADS: an action takes num_threads * p // (devices inside an action) intra-op
+    threads. The first forward of stage 0 runs while device 1 can only wait for it, so it
+    has both devices' threads; the counts stay within [num_threads, num_threads * p]; and the
+    gradients are the unsplit model's (fp64)."""
+    monkeypatch.setattr(dispatch, "BORROW_THREADS", True)
+    layers, ref = _layers(), _layers()
+    probe = _ThreadProbe()
+    pipe = pipetrain.Pipeline([probe] + layers, 2, schedule="1f1b", num_microbatches=4,
+                              loss_fn=nn.functional.mse_loss, num_threads=1, balance=[3, 2])
+    params = [p for layer in layers for p in layer.parameters()]
+    try:
+        x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+        loss = pipe.step(x, y)
+        want_loss, want = _unsplit_grads(ref, x, y)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0)
+        for p, g in zip(params, want):
+            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+        assert probe.seen[0] == 2
+        assert set(probe.seen) <= {1, 2}
+    finally:
+        pipe.close()
+    # without the switch: every action keeps num_threads
+    monkeypatch.setattr(dispatch, "BORROW_THREADS", False)
+    probe.seen.clear()
+    pipe = pipetrain.Pipeline([probe] + _layers(), 2, schedule="1f1b", num_microbatches=4,
+                              loss_fn=nn.functional.mse_loss, num_threads=1, balance=[3, 2])
+    try:
+        pipe.step(torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
+        assert set(probe.seen) == {1}
+    finally:
+        pipe.close()
