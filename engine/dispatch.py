@@ -137,7 +137,7 @@ class Run:
         self._in = [[(e, transports[e], dev[graph.edge(e).src], dev[s])
                      for e in graph.stage(s).inputs] for s in range(graph.num_stages)]
         self.devices = devices
-        self._table = action_table(plan)
+        self.table = action_table(plan)      # per device: (kind, stage, mb, version, action)
 
     # -- the executor's callback ----------------------------------------------------------
     def dispatch(self, device: int, index: int) -> None:
@@ -145,7 +145,7 @@ class Run:
         if self.num_threads and not self._threads_set[device]:
             torch.set_num_threads(self.num_threads)   # intra-op threads are per thread
             self._threads_set[device] = True
-        kind, s, k, version, a = self._table[device][index]
+        kind, s, k, version, a = self.table[device][index]
         stage = self.stages[s]
         if kind not in _COMPUTE:
             if kind == "U":

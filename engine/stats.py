@@ -148,7 +148,10 @@ def measure_run(outcome: Any, plan: Any, num_stages: int) -> StepStats:
     """:class:`StepStats` of a one-mini-batch run (a :class:`~pipetrain.runner.RunOutcome` of
     ``plan``): the executor's timeline and waits, the run's memory meters."""
     timeline, run = outcome.timeline, outcome.run
-    return measure(timeline.records(plan.actions), schedule=plan.schedule.name,
+    # The run's action table (dispatch.action_table: plain tuples) spares reading three
+    # fields of every C++ action again; any other run kind gives the IR actions.
+    return measure(timeline.records(getattr(run, "table", None) or plan.actions),
+                   schedule=plan.schedule.name,
                    num_stages=num_stages, num_microbatches=plan.num_microbatches,
                    samples=sum(map(sum, run.sizes)), wall_s=outcome.wall_s,
                    peak_stash_bytes=[mt.peak_bytes for mt in run.meters],

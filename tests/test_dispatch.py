@@ -124,3 +124,18 @@ def test_borrowed_threads_follow_who_is_busy_and_keep_gradients(monkeypatch):
         assert set(probe.seen) == {1}
     finally:
         pipe.close()
+
+
+def test_step_records_from_the_action_table_match_the_ir():
+    """stats read each action's kind / stage / micro-batch from the run's table (tuples):
+    the records must be those of the IR actions, and timeline.records takes both forms."""
+    pipe = pipetrain.Pipeline(_layers(), 2, schedule="zb-h1", num_microbatches=4,
+                              loss_fn=nn.functional.mse_loss)
+    try:
+        pipe.step(torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
+        got = [[(r.kind, r.stage, r.microbatch) for r in row] for row in pipe.stats().records]
+        want = [[(str(a.kind), a.stage, a.microbatch) for a in row] for row in pipe.plan.actions]
+        assert got == want
+        assert all(r.end_ns >= r.start_ns >= 0 for row in pipe.stats().records for r in row)
+    finally:
+        pipe.close()
