@@ -130,7 +130,7 @@ class StageRun:
         accumulate(staged, params, grads)
         if cache:
             dst = [staged.get(p) for p in params]
-            if all(g is not None and not g.is_sparse for g in dst):
+            if dst and all(g is not None and not g.is_sparse for g in dst):
                 self._dense = (params, dst)
 
     def forget_dense(self) -> None:

@@ -67,3 +67,21 @@ def test_dense_fast_path_takes_the_general_way_for_a_missing_gradient():
     want = [a + b for a, b in zip(_grads(1, params), _grads(2, params))]
     torch.testing.assert_close(run.staged[params[0]], want[0] + g3[0], rtol=0, atol=1e-15)
     torch.testing.assert_close(run.staged[params[1]], want[1], rtol=0, atol=0)
+
+
+def test_a_stage_without_parameters_accumulates_nothing():
+    """A stage of parameter-free layers (its backward still runs, for the input gradient)
+    passes an empty list every time: no fast path to take, and no error."""
+    run = StageRun(Meter(), staged=True)
+    for _ in range(3):
+        run.accumulate([], (), cache=True)
+    assert run.staged == {} and run._dense is None
+    st = Stage(0, [nn.GELU()])
+    st.begin_run(Meter())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for k in range(3):
+        st.forward(k, x)
+        g = st.backward(k, torch.ones(2, 3, dtype=torch.float64))
+        want = torch.autograd.functional.vjp(nn.functional.gelu, x, torch.ones_like(x))[1]
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=0)
+    st.end_run(commit=True)
