@@ -44,7 +44,10 @@ _COMPUTE = frozenset(("F", "B", "I", "W"))
 #: with ``num_threads`` set): before each action its issuing thread takes
 #: ``num_threads * num_devices // (devices inside an action now)`` threads, so in warm-up,
 #: cool-down and waits the busy stage computes on the idle stage's cores too. Off by
-#: default: measured in ``bench/peers.py``'s thread rows on a loaded 2-core host only.
+#: default: on the shared 2-core host it made steps 1.08-1.6x slower in 5 of 6 rows
+#: (``bench/step_overhead.py``'s thread rows) -- no core is idle there to lend, and a
+#: device that starts while another holds its threads oversubscribes the cores for an
+#: action. Kept for measuring on hosts with idle cores.
 BORROW_THREADS = False
 
 

@@ -41,7 +41,7 @@ from pipetrain import split_backward as split
 from pipetrain.autograd_fast import grad as fast_grad
 from pipetrain.microbatch import _LEAF, flatten, tree_sum, unflatten
 from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
-from pipetrain.stage_run import accumulate as _accumulate, tensor_bytes as _tensor_bytes
+from pipetrain.stage_run import accumulate as _accumulate, saved_bytes_key, tensor_bytes as _tensor_bytes
 from pipetrain.versions import WeightVersions
 
 __all__ = ["Stage", "Meter"]
@@ -351,7 +351,7 @@ class Stage:
                 out = self._forward_checked(saved)
             nbytes = _tensor_bytes(x_leaves)
         else:
-            key = _signature(x_leaves, saved.target) if run.saved_bytes is not None else None
+            key = saved_bytes_key(x_leaves, saved.target) if run.saved_bytes is not None else None
             nbytes = run.saved_bytes.get(key) if key is not None else None
             if nbytes is not None and not self.versions.rebinds:
                 # Measured before in this run: no hooks. (Weight versions that move the
@@ -615,20 +615,6 @@ class Stage:
                 run.accumulate(params, gs, cache=params is self.params)
         finally:
             self._pop(run, mb)
-
-
-def _signature(leaves: Sequence[Any], target: Any) -> Any:
-    """What decides the bytes a forward saves, for the per-run cache: shape, dtype, device
-    and requires-grad of each input leaf and of the target (plain values by identity of
-    type); grad and autocast state are fixed for a run's actions."""
-    tl = (target,) if type(target) is _Tensor else flatten(target)[0] if target is not None else ()
-    return (*map(_leaf_signature, leaves), None, *map(_leaf_signature, tl))
-
-
-def _leaf_signature(t: Any) -> Any:
-    if isinstance(t, torch.Tensor):
-        return (t.shape, t.dtype, t.device, t.requires_grad)
-    return type(t)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

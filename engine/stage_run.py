@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from pipetrain import checkpoint as ckpt
-from pipetrain.microbatch import Spec
+from pipetrain.microbatch import Spec, flatten
 
-__all__ = ["Meter", "Saved", "StageRun", "tensor_bytes", "accumulate"]
+__all__ = ["Meter", "Saved", "StageRun", "tensor_bytes", "accumulate", "saved_bytes_key"]
 
 
 class Meter:
@@ -187,3 +187,17 @@ def accumulate(into: Optional[Dict[nn.Parameter, torch.Tensor]], params: Sequenc
         # One fused call instead of one add_ per parameter: at the fine grain (16 small
         # parameters per stage) the per-call Python cost exceeded the additions.
         torch._foreach_add_(dst, src)
+
+
+def saved_bytes_key(leaves: Sequence[Any], target: Any) -> Any:
+    """What decides the bytes a forward saves, for the per-run cache: shape, dtype, device
+    and requires-grad of each input leaf and of the target (plain values by identity of
+    type); grad and autocast state are fixed for a run's actions."""
+    tl = (target,) if type(target) is torch.Tensor else flatten(target)[0] if target is not None else ()
+    return (*map(_leaf_key, leaves), None, *map(_leaf_key, tl))
+
+
+def _leaf_key(t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.dtype, t.device, t.requires_grad)
+    return type(t)
