@@ -47,8 +47,9 @@ def _plain(outputs: Sequence[Any], inputs: Sequence[Any], grads: Sequence[Any],
                 return False
         elif not isinstance(o, GradientEdge):
             return False
+    # GradientEdge inputs: the split backward's capture points
     for t in inputs[:len(inputs) - checked] if checked else inputs:
-        if type(t) is not _Tensor and type(t) is not _Parameter:
+        if type(t) is not _Tensor and type(t) is not _Parameter and type(t) is not GradientEdge:
             return False
     for g in grads:
         if g is not None and type(g) is not _Tensor:

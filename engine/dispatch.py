@@ -12,7 +12,8 @@ traffic along the stage graph's edges::
               gi = stage.backward(k, g) / backward_input(k, g)
               post stage.split_input_grads(gi)[i] on input edge i
                   (a source keeps gi for the user's input)
-    W  s k    stage.backward_weight(k)
+    W  s k    stage.backward_weight(k)            (a batched W s k..k+n-1:
+                                                   stage.backward_weight(k, n))
     U  s t    stage.update()                         (optimizer step; weights -> next version)
 
 Every F / B / I / W runs with its weight version bound (``stage.versions``). Transfer actions
@@ -51,8 +52,9 @@ _COMPUTE = frozenset(("F", "B", "I", "W"))
 BORROW_THREADS = False
 
 
-def action_table(plan: Any) -> List[List[Tuple[str, int, int, int, Any]]]:
-    """Per device, per action of ``plan``: ``(kind, stage, micro-batch, version, action)``.
+def action_table(plan: Any) -> List[List[Tuple[str, int, int, int, Any, int]]]:
+    """Per device, per action of ``plan``: ``(kind, stage, micro-batch, version, action,
+    count)`` (``count``: micro-batches a batched W covers, else 1).
 
     Read once per plan and kept on it (the plan's actions never change): each field of a
     C++ action costs a pybind11 call (~0.2 us) and a new ``str`` for ``kind``, five per
@@ -60,7 +62,8 @@ def action_table(plan: Any) -> List[List[Tuple[str, int, int, int, Any]]]:
     """
     table = getattr(plan, "_dispatch_table", None)
     if table is None or table[0] is not plan.actions:
-        rows = [[(str(a.kind), a.stage, a.microbatch, a.version, a) for a in row]
+        rows = [[(str(a.kind), a.stage, a.microbatch, a.version, a, getattr(a, "count", 1))
+                 for a in row]
                 for row in plan.actions]
         table = (plan.actions, rows)
         plan._dispatch_table = table
@@ -140,7 +143,7 @@ class Run:
         self._in = [[(e, transports[e], dev[graph.edge(e).src], dev[s])
                      for e in graph.stage(s).inputs] for s in range(graph.num_stages)]
         self.devices = devices
-        self.table = action_table(plan)      # per device: (kind, stage, mb, version, action)
+        self.table = action_table(plan)      # per device: (kind, stage, mb, version, action, count)
 
     # -- the executor's callback ----------------------------------------------------------
     def dispatch(self, device: int, index: int) -> None:
@@ -148,7 +151,7 @@ class Run:
         if self.num_threads and not self._threads_set[device]:
             torch.set_num_threads(self.num_threads)   # intra-op threads are per thread
             self._threads_set[device] = True
-        kind, s, k, version, a = self.table[device][index]
+        kind, s, k, version, a, count = self.table[device][index]
         stage = self.stages[s]
         if kind not in _COMPUTE:
             if kind == "U":
@@ -160,6 +163,8 @@ class Run:
             # action releases what it bound): skip both calls and the try.
             if self.autocast and kind != "W":
                 self._compute_autocast(kind, stage, k)
+            elif count > 1:                     # a batched W: several micro-batches at once
+                stage.backward_weight(k, count)
             else:
                 self._compute(kind, stage, k)
             return
@@ -167,6 +172,8 @@ class Run:
         try:
             if self.autocast and kind != "W":   # F, and B / I which may recompute F
                 self._compute_autocast(kind, stage, k)
+            elif count > 1:                     # a batched W: several micro-batches at once
+                stage.backward_weight(k, count)
             else:
                 self._compute(kind, stage, k)
         finally:

@@ -62,7 +62,8 @@ class Pipeline(GlobalOps, Reporting):
         balance: layers per stage (``num_stages`` entries), e.g. ``[3, 3, 2, 2]``; default:
             equal parameter count (:func:`pipetrain.partition.balance_by_size`).
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``, ``"zb-h2"``,
-            or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain;
+            ``"zb-h1-bw"``, ``"zb-h2-bw"`` (the W's after each stage's last I as one batched
+            W), or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain;
             asynchronous (``train()`` only): ``"pipedream"``, ``"2bw"``, ``"spectrain"``,
             ``"xpipe"``, ``"2bw-predict"`` (:mod:`pipetrain.async_schedules`).
         num_microbatches: ``m``, micro-batches per mini-batch (default 1).
