@@ -31,7 +31,7 @@ from pipetrain import errors
 from pipetrain import async_schedules
 from pipetrain import checkpoint as ckpt
 from pipetrain import distributed
-from pipetrain import losses, partition
+from pipetrain import loss_scaling, losses, partition
 from pipetrain import transport
 from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
@@ -102,6 +102,7 @@ class Pipeline(GlobalOps, Reporting):
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
             schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
             either (torch.optim or pipetrain.optim: prediction reads their state).
+        loss_scale: ``"dynamic"``, a fixed number or a LossScaler (:mod:`pipetrain.loss_scaling`).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -118,7 +119,7 @@ class Pipeline(GlobalOps, Reporting):
                  data_parallel: Optional[int] = None, init_fn: Any = None,
                  leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
                  example_inputs: Any = None, op_times: Optional[dict] = None,
-                 optimizer: Optional[Callable[[Any], Any]] = None) -> None:
+                 optimizer: Optional[Callable[[Any], Any]] = None, loss_scale: Any = None) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
         # A model that is not a sequence of layers is an operator graph (GraphPipe path):
@@ -135,8 +136,8 @@ class Pipeline(GlobalOps, Reporting):
         p = args.resolve_num_devices(num_devices, num_stages)
         self.checkpoint, self.timeout, self.transfer = checkpoint, timeout, transfer
         self._stats: Optional[StepStats] = None
-        self._lock = threading.Lock()
-        self.found_inf, self.dist = False, None
+        self._lock, self.found_inf, self.dist = threading.Lock(), False, None
+        self.scaler = args.resolve_loss_scale(loss_scale, schedule, self._graph_model is not None)
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
         if self._graph_model is not None:     # one process (no data_parallel) for now
             if async_schedules.is_async(schedule):
@@ -241,7 +242,7 @@ class Pipeline(GlobalOps, Reporting):
                 if self.dist is not None:
                     return self.dist.step(self, inputs, targets)
                 self._loss.begin(targets)
-                outcome = self._execute(self.plan, [(inputs, targets)])
+                outcome = self._execute(self.plan, [(inputs, targets)], loss_scaling.begin_step(self))
                 loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
                 self._stats = self._measure(outcome)
             return loss
@@ -260,14 +261,14 @@ class Pipeline(GlobalOps, Reporting):
         from pipetrain.training import train
         return train(self, batches, minibatches_per_run)
 
-    def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]]) -> Any:
+    def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]], gate: Any = None) -> Any:
         """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError."""
         from pipetrain.executor import ExecutorError
         from pipetrain.nvtx import range as nvtx_range
 
         with nvtx_range(f"pipetrain/run {self.schedule.name}"):
             try:
-                return self.runner.execute(plan, self.stages, batches)
+                return self.runner.execute(plan, self.stages, batches, gate)
             except ExecutorError as err:
                 raise errors.from_executor(plan, err) from (err.__cause__ or err)
 

@@ -101,6 +101,8 @@ class Stage:
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
         self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
+        # Sink: the loss fed to backward is multiplied by this (pipetrain.loss_scaling).
+        self.loss_scale = 1.0
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -312,7 +314,7 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice")
         leaves, spec = flatten(inputs)
         x_leaves = [self._boundary(t) for t in leaves]
-        saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight)
+        saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight * self.loss_scale)
         if target is not None and not (type(target) is _Tensor and not target.requires_grad):
             # A target that requires grad (distillation from a live teacher) gets its
             # gradient, as in the unsplit model: it becomes a leaf of this stage's graph too.
