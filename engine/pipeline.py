@@ -40,7 +40,7 @@ from pipetrain.stage_builder import build_stages
 from pipetrain.errors import PipelineError
 from pipetrain.global_ops import GlobalOps
 from pipetrain.reporting import Reporting
-from pipetrain.stats import StepStats, measure_run
+from pipetrain.stats import StepStats, measure_later
 
 __all__ = ["Pipeline", "PipelineError"]
 
@@ -244,7 +244,7 @@ class Pipeline(GlobalOps, Reporting):
                 self._loss.begin(targets)
                 outcome = self._execute(self.plan, [(inputs, targets)], loss_scaling.begin_step(self))
                 loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
-                self._stats = self._measure(outcome)
+                self._stats = measure_later(outcome, self.plan, self.num_stages)
             return loss
         finally:
             self._lock.release()
@@ -273,9 +273,6 @@ class Pipeline(GlobalOps, Reporting):
                 raise errors.from_executor(plan, err) from (err.__cause__ or err)
 
     # -- measurements ---------------------------------------------------------------------
-    def _measure(self, outcome: Any) -> StepStats:
-        return measure_run(outcome, self.plan, self.num_stages)
-
     @property
     def stage_graph(self) -> Any:
         """A graph model's stages: operators, edges and devices (printable); None for a
