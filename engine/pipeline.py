@@ -26,13 +26,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from pipetrain import arguments as args
-from pipetrain import errors
-from pipetrain import async_schedules
-from pipetrain import checkpoint as ckpt
-from pipetrain import distributed
-from pipetrain import losses, partition
-from pipetrain import transport
+from pipetrain import arguments as args, checkpoint as ckpt
+from pipetrain import async_schedules, distributed, errors, losses, partition, transport
 from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
@@ -101,6 +96,10 @@ class Pipeline(GlobalOps, Reporting):
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
             schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
             either (torch.optim or pipetrain.optim: prediction reads their state).
+        compile: ``True`` or a dict of ``torch.compile`` arguments: each stage's layers are
+            compiled, lazily at first use (:mod:`pipetrain.compiled_stage`).
+        cuda_graphs: on CUDA, capture each stage's F/B/I/W per micro-batch as CUDA graphs
+            and replay them (static shapes; :mod:`pipetrain.cuda_graphs`).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -117,9 +116,11 @@ class Pipeline(GlobalOps, Reporting):
                  data_parallel: Optional[int] = None, init_fn: Any = None,
                  leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
                  example_inputs: Any = None, op_times: Optional[dict] = None,
-                 optimizer: Optional[Callable[[Any], Any]] = None) -> None:
+                 optimizer: Optional[Callable[[Any], Any]] = None, compile: Any = False,
+                 cuda_graphs: bool = False) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
+        accel = args.check_acceleration(compile, cuda_graphs, checkpoint, schedule, model)
         # A model that is not a sequence of layers is an operator graph (GraphPipe path):
         # built from a sample micro-batch, at the first step unless example_inputs is given.
         self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
@@ -178,8 +179,10 @@ class Pipeline(GlobalOps, Reporting):
         self.stages = build_stages(
             graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint,
             rng_lock=rng_lock, check_finite=check_finite, grad_scale=self._loss.grad_scale,
-            is_local=self.dist.is_local if self.dist is not None else (lambda k: True))
+            is_local=self.dist.is_local if self.dist is not None else (lambda k: True),
+            stage_cls=accel.stage_cls)
         self._start_runner(num_threads)
+        accel.apply(self)
         from pipetrain.training import make_optimizers
         make_optimizers(self, optimizer)
 

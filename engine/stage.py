@@ -99,6 +99,7 @@ class Stage:
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
         self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
+        self.compiled: Optional[Callable[[Any], Any]] = None      # see compiled_stage
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -257,8 +258,11 @@ class Stage:
 
     # -- forward -------------------------------------------------------------------------
     def _run_layers(self, x: Any, saved: _Saved) -> Any:
-        for layer in self.layers:
-            x = layer(x)
+        if self.compiled is not None:          # Pipeline(compile=...): pipetrain.compiled_stage
+            x = self.compiled(x)
+        else:
+            for layer in self.layers:
+                x = layer(x)
         if self.loss_fn is None:
             return x
         loss = self.loss_fn(x, saved.target)
