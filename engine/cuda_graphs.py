@@ -39,166 +39,28 @@ again and the old graphs dropped; that step runs in Python mode. A model whose s
 on data, or that synchronizes with the host (``nonzero()``, ``.item()``) cannot be captured:
 the capture error names the stage, the micro-batch and the action.
 
-The capture bookkeeping sits behind :class:`GraphBackend`: :class:`CudaGraphBackend` uses
-``torch.cuda.CUDAGraph`` (warm-up on a side stream, one shared memory pool per pipeline
-device, ``capture_error_mode="relaxed"`` and one capture at a time in the process, so other
-stage threads may keep computing meanwhile); :class:`FakeGraphBackend` runs on CPU — capture
-records the callables, replay calls them — and is what the tests use. Not supported:
+The capture bookkeeping sits behind a :class:`~pipetrain.graph_backends.GraphBackend`
+(:mod:`pipetrain.graph_backends`: CUDA graphs, and a CPU fake the tests use). Not supported:
 re-materialization (activations stay in the graphs anyway), asynchronous schedules (weight
 versions move parameters), several processes, targets that require grad.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from pipetrain import split_backward as split
 from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.errors import PipelineError
+from pipetrain.graph_backends import (CaptureError, CudaGraphBackend, FakeGraphBackend, Graph,
+                                      GraphBackend, check_backend)
 from pipetrain.microbatch import flatten, unflatten
 from pipetrain.stage import Stage
 
 __all__ = ["GraphBackend", "FakeGraphBackend", "CudaGraphBackend", "GraphedStage", "Slot",
            "check_backend", "attach", "PipelineGraphs", "CaptureError"]
-
-
-class CaptureError(RuntimeError):
-    """An action cannot be captured (or replayed) as a static graph."""
-
-
-class Graph:
-    """One captured action: the backend's object and the result of the captured body."""
-
-    __slots__ = ("native", "body", "epilogue", "result", "out_sig")
-
-    def __init__(self, native: Any, body: Callable[[], Any], epilogue: Callable[[Any], None],
-                 result: Any) -> None:
-        self.native, self.body, self.epilogue, self.result = native, body, epilogue, result
-        self.out_sig = _result_sig(result)
-
-
-class GraphBackend:
-    """How actions are captured and replayed.
-
-    ``capture(body, prepare, epilogue, device, pool)`` records ``r = body(); prepare(r);
-    epilogue(r)`` — ``body`` computes (autograd included), ``prepare`` allocates the static
-    buffers (once, inside the capture), ``epilogue`` copies results into them and accumulates
-    — and returns a :class:`Graph`. Values are defined only after a :meth:`replay`, which
-    returns a fresh body result when the backend re-runs Python (the fake) or None (CUDA: the
-    captured result's tensors were rewritten in place).
-    """
-
-    name = "base"
-    #: Whether :meth:`handle` gives the C++ executor something to launch.
-    native = False
-
-    def pool(self, device: torch.device) -> Any:
-        return None
-
-    def capture(self, body: Callable[[], Any], prepare: Callable[[Any], None],
-                epilogue: Callable[[Any], None], device: torch.device, pool: Any) -> Graph:
-        raise NotImplementedError
-
-    def replay(self, graph: Graph) -> Any:
-        raise NotImplementedError
-
-    def handle(self, graph: Graph) -> int:
-        return 0
-
-    def check_devices(self, devices: Sequence[torch.device]) -> None:
-        """Raise ValueError when this backend cannot serve these pipeline devices."""
-
-
-class FakeGraphBackend(GraphBackend):
-    """CPU stand-in with CUDA graphs' bookkeeping: "capture" records the callables (running
-    the body once for the static shapes); "replay" calls body and epilogue again.
-    ``captures`` / ``replays`` count per action kind."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.captures: Dict[str, int] = {}
-        self.replays: Dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def capture(self, body, prepare, epilogue, device, pool):
-        result = body()
-        prepare(result)
-        kind = getattr(body, "kind", "?")
-        with self._lock:
-            self.captures[kind] = self.captures.get(kind, 0) + 1
-        return Graph(None, body, epilogue, result)
-
-    def replay(self, graph):
-        result = graph.body()
-        if _result_sig(result) != graph.out_sig:
-            raise CaptureError(f"output shapes changed between replays with the same input "
-                               f"shapes ({graph.out_sig} then {_result_sig(result)}): "
-                               "data-dependent shapes cannot be captured as a static graph")
-        graph.epilogue(result)
-        kind = getattr(graph.body, "kind", "?")
-        with self._lock:
-            self.replays[kind] = self.replays.get(kind, 0) + 1
-        return result
-
-
-class CudaGraphBackend(GraphBackend):
-    """``torch.cuda.CUDAGraph``: warm-up on a side stream, capture into one memory pool per
-    device, replay on the current stream; handles are ``cudaGraphExec_t`` values."""
-
-    name = "cuda"
-    native = True
-    _capture_lock = threading.Lock()      # one capture at a time in the process
-
-    def __init__(self) -> None:
-        self._pools: Dict[int, Any] = {}
-
-    def check_devices(self, devices):
-        if not torch.cuda.is_available() or any(d.type != "cuda" for d in devices):
-            raise ValueError("cuda_graphs=True needs CUDA devices (devices=['cuda:0', ...]); "
-                             f"got {[str(d) for d in devices]}")
-
-    def pool(self, device):
-        with self._capture_lock:
-            if device.index not in self._pools:
-                self._pools[device.index] = torch.cuda.graph_pool_handle()
-            return self._pools[device.index]
-
-    def capture(self, body, prepare, epilogue, device, pool):
-        with self._capture_lock, torch.cuda.device(device):
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                body()          # warm-up: lazy initialization (cuBLAS handles, workspaces)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="relaxed"):
-                result = body()
-                prepare(result)
-                epilogue(result)
-            return Graph(graph, body, epilogue, result)
-
-    def replay(self, graph):
-        graph.native.replay()
-        return None
-
-    def handle(self, graph):
-        return int(graph.native.raw_cuda_graph_exec())
-
-
-def check_backend(value: Any) -> Optional[GraphBackend]:
-    """``cuda_graphs=``: False / None (off), True (CUDA), or a :class:`GraphBackend`."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return CudaGraphBackend()
-    if isinstance(value, GraphBackend):
-        return value
-    raise ValueError(f"cuda_graphs must be True or False (or a pipetrain.cuda_graphs."
-                     f"GraphBackend, e.g. FakeGraphBackend() for tests); got {value!r}")
 
 
 # -- signatures ---------------------------------------------------------------------------
@@ -214,11 +76,6 @@ def _leaf_sig(t: Any) -> Any:
 
 def _sig(leaves: Sequence[Any]) -> tuple:
     return tuple(_leaf_sig(t) for t in leaves)
-
-
-def _result_sig(result: Any) -> Any:
-    leaves = flatten(result)[0] if not isinstance(result, torch.Tensor) else [result]
-    return tuple((tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _autocast_state() -> tuple:
@@ -666,4 +523,11 @@ class NativeRun:
         for row in self.rows:
             for st, slot, kind in row:
                 if kind == "F" and st.loss_fn is not None:
-                    run.losses[slot.mb] = st._forward_result(slot).to("cpu")
+                    try:
+                        run.losses[slot.mb] = st._forward_result(slot).to("cpu")
+                    except FloatingPointError as err:     # check_finite, read after the run
+                        label = f"{st.index}F{slot.mb}"
+                        raise PipelineError(
+                            f"stage {st.index}, micro-batch {slot.mb}, action F ({label}, a "
+                            f"captured graph) raised FloatingPointError: {err}", stage=st.index,
+                            microbatch=slot.mb, action="F", label=label) from err
