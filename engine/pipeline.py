@@ -28,11 +28,11 @@ from torch import nn
 
 from pipetrain import arguments as args, checkpoint as ckpt
 from pipetrain import async_schedules, distributed, errors, losses, partition, transport
+from pipetrain.errors import PipelineError
 from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage_builder import build_stages
-from pipetrain.errors import PipelineError
 from pipetrain.global_ops import GlobalOps
 from pipetrain.reporting import Reporting
 from pipetrain.stats import StepStats, measure_run
@@ -96,10 +96,9 @@ class Pipeline(GlobalOps, Reporting):
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
             schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
             either (torch.optim or pipetrain.optim: prediction reads their state).
-        compile: ``True`` or a dict of ``torch.compile`` arguments: each stage's layers are
-            compiled, lazily at first use (:mod:`pipetrain.compiled_stage`).
-        cuda_graphs: on CUDA, capture each stage's F/B/I/W per micro-batch as CUDA graphs
-            and replay them (static shapes; :mod:`pipetrain.cuda_graphs`).
+        compile, cuda_graphs: ``torch.compile`` each stage's layers lazily (``True`` or its
+            kwargs; :mod:`pipetrain.compiled_stage`); on CUDA, capture F/B/I/W per micro-batch
+            as CUDA graphs and replay them (static shapes; :mod:`pipetrain.cuda_graphs`).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -180,10 +179,9 @@ class Pipeline(GlobalOps, Reporting):
             self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
             timeout=timeout) or None
         self.stages = build_stages(
-            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint,
-            rng_lock=rng_lock, check_finite=check_finite, grad_scale=self._loss.grad_scale,
-            is_local=self.dist.is_local if self.dist is not None else (lambda k: True),
-            stage_cls=accel.stage_cls)
+            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint, rng_lock=rng_lock,
+            check_finite=check_finite, grad_scale=self._loss.grad_scale, stage_cls=accel.stage_cls,
+            is_local=self.dist.is_local if self.dist is not None else (lambda k: True))
         self._start_runner(num_threads)
         accel.apply(self)
         from pipetrain.training import make_optimizers
