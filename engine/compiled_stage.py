@@ -19,7 +19,8 @@ How it combines:
   :mod:`pipetrain.split_backward` treats as an ``autograd.Function`` — ``I`` runs that node
   once (it produces the input and the weight gradients together) and ``W`` only accumulates
   the weight gradients it captured. Gradients are exact, but the I/W split no longer moves
-  work from I into W: ``I`` costs about a ``B``, ``W`` almost nothing.
+  work from I into W: ``I`` costs about a ``B``, ``W`` almost nothing. (AOT autograd's
+  donated buffers are turned off for the stages' compiles: ``I`` retains the graph.)
 - Re-materialization: the forward without grad and the recomputation with grad are two
   compiled graphs (grad mode is a guard); the recomputation replays the RNG state as eager
   does (exact with ``backend="aot_eager"``; inductor draws random numbers its own way, so
@@ -28,6 +29,7 @@ How it combines:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -65,6 +67,13 @@ def check_compile(value: Any) -> Optional[Dict[str, Any]]:
     return dict(value)
 
 
+def _no_donated_buffers() -> Any:
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is None or not hasattr(config, "donated_buffer"):   # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return config.patch(donated_buffer=False)
+
+
 def _layer_loop(layers: Sequence[Any], x: Any) -> Any:
     for layer in layers:
         x = layer(x)
@@ -99,7 +108,11 @@ class CompiledLayers:
         self._fn = torch.compile(_fresh_loop(index), **self.options)
 
     def __call__(self, x: Any) -> Any:
-        return self._fn(self.layers, x)
+        # AOT autograd "donates" saved buffers to the compiled backward, which then refuses
+        # retain_graph=True — and the I of a split backward (and W's restarts) must retain
+        # the graph. Compilation happens inside this call (lazily), so the patch covers it.
+        with _no_donated_buffers():
+            return self._fn(self.layers, x)
 
     def __repr__(self) -> str:
         return f"CompiledLayers(stage={self.index}, layers={len(self.layers)}, options={self.options})"

@@ -40,7 +40,11 @@ on data, or that synchronizes with the host (``nonzero()``, ``.item()``) cannot 
 the capture error names the stage, the micro-batch and the action.
 
 The capture bookkeeping sits behind a :class:`~pipetrain.graph_backends.GraphBackend`
-(:mod:`pipetrain.graph_backends`: CUDA graphs, and a CPU fake the tests use). Not supported:
+(:mod:`pipetrain.graph_backends`: CUDA graphs with one memory pool per stage, and a CPU fake
+the tests use). On CUDA a forward recaptured for a new signature drops all the stage's
+graphs first (their shared pool is only safe when graphs replay in capture order); a
+backward recaptured for a new output-gradient signature alone is not guarded so (rare: the
+forward's outputs kept their shapes). Not supported:
 re-materialization (activations stay in the graphs anyway), asynchronous schedules (weight
 versions move parameters), several processes, targets that require grad.
 """
@@ -241,6 +245,9 @@ class GraphedStage(Stage):
         return x
 
     def _capture_forward(self, mb, leaves, spec, t_leaves, t_spec, weight, sig) -> Slot:
+        if mb in self.slots and self.graph_backend.clear_on_recapture:
+            self.slots.clear()                    # see GraphBackend.clear_on_recapture
+            self._pool = self.graph_backend.pool(self.device)
         slot = self.slots[mb] = Slot(mb, sig)     # a new signature: the old graphs go
         slot.x = [self._static_input(t) for t in leaves]
         slot.linked_in = all(getattr(t, "_pipetrain_static", False) and t.device == self.device
@@ -423,17 +430,15 @@ class GraphedStage(Stage):
 
 # -- the pipeline's view: attach, native runs -------------------------------------------------
 def attach(stages: Sequence[Any], devices: Sequence[torch.device], backend: GraphBackend) -> "PipelineGraphs":
-    """Give each local :class:`GraphedStage` its backend and its device's shared pool."""
+    """Give each local :class:`GraphedStage` its backend and its memory pool (one per stage,
+    shared by all its graphs)."""
     backend.check_devices([s.device for s in stages if s is not None])
-    pools: Dict[Any, Any] = {}
     for st in stages:
         if st is None:
             continue
         if not isinstance(st, GraphedStage):
             raise TypeError(f"stage {st.index} is not a GraphedStage (built without cuda_graphs)")
-        if st.device not in pools:
-            pools[st.device] = backend.pool(st.device)
-        st._setup_graphs(backend, pools[st.device])
+        st._setup_graphs(backend, backend.pool(st.device))
     return PipelineGraphs(stages, backend)
 
 

@@ -2,8 +2,8 @@
 
 :class:`CudaGraphBackend` captures with ``torch.cuda.CUDAGraph``: a warm-up of the body on a
 side stream (lazy initialization: cuBLAS handles, workspaces), then the capture into one
-memory pool per device (the graphs of one device replay one after another on its stream, so
-they may share their temporaries), with ``capture_error_mode="relaxed"`` and one capture at
+memory pool per stage (its graphs replay one after another, in the order they were captured,
+so they may share their temporaries), with ``capture_error_mode="relaxed"`` and one capture at
 a time in the process, so other stage threads may keep computing eagerly meanwhile. Its
 handles are ``cudaGraphExec_t`` values the C++ executor launches.
 
@@ -60,6 +60,8 @@ class GraphBackend:
     name = "base"
     #: Whether :meth:`handle` gives the C++ executor something to launch.
     native = False
+    #: Whether a stage drops all its graphs (and its pool) when one forward is recaptured.
+    clear_on_recapture = False
 
     def pool(self, device: torch.device) -> Any:
         return None
@@ -119,8 +121,13 @@ class CudaGraphBackend(GraphBackend):
     native = True
     _capture_lock = threading.Lock()      # one capture at a time in the process
 
+    #: A recaptured slot's graphs would allocate in the temporaries of graphs captured
+    #: earlier and replayed in another order, which then overwrite them: a stage whose
+    #: forward signature changes drops all its graphs and starts a new pool.
+    clear_on_recapture = True
+
     def __init__(self) -> None:
-        self._pools: Dict[int, Any] = {}
+        self._streams: Dict[int, Any] = {}
 
     def check_devices(self, devices):
         if not torch.cuda.is_available() or any(d.type != "cuda" for d in devices):
@@ -128,10 +135,7 @@ class CudaGraphBackend(GraphBackend):
                              f"got {[str(d) for d in devices]}")
 
     def pool(self, device):
-        with self._capture_lock:
-            if device.index not in self._pools:
-                self._pools[device.index] = torch.cuda.graph_pool_handle()
-            return self._pools[device.index]
+        return torch.cuda.graph_pool_handle()
 
     def capture(self, body, prepare, epilogue, device, pool):
         with self._capture_lock, torch.cuda.device(device):
@@ -142,7 +146,10 @@ class CudaGraphBackend(GraphBackend):
                 body()          # warm-up: lazy initialization (cuBLAS handles, workspaces)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="relaxed"):
+            # A capture stream per device (torch's default one is made on whichever device
+            # was current when first used).
+            stream = self._streams.setdefault(device.index, torch.cuda.Stream(device))
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="relaxed"):
                 result = body()
                 prepare(result)
                 epilogue(result)

@@ -80,14 +80,15 @@ def test_dropout_recomputation_replays_the_same_masks():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_inductor_float32():
-    """Inductor (C++ kernels on CPU; needs gcc) against the unsplit model in float32."""
+def test_inductor_float32_split_backward():
+    """Inductor (C++ kernels on CPU; needs gcc) against the unsplit model in float32, with
+    the I/W split (its I retains the compiled backward's graph)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
     x, y = torch.randn(8, 16), torch.randn(8, 16)
     ref_loss, ref = reference(model, x, y)
-    pipe = Pipeline(model, num_devices=2, balance=[2, 1], num_microbatches=2, loss_fn=mse,
-                    compile=True)
+    pipe = Pipeline(model, num_devices=2, balance=[2, 1], schedule="zb-h1", num_microbatches=2,
+                    loss_fn=mse, compile=True)
     loss = pipe.step(x, y)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
     assert_grads(model, ref, rtol=1e-4, atol=1e-6)

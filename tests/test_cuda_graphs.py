@@ -213,3 +213,29 @@ def test_cuda_graphs_on_gpu(schedule):
         assert_grads(model, ref, rtol=1e-5, atol=1e-6)
     assert pipe.graphs.native_runs == 2
     pipe.close()
+
+
+def test_backend_that_clears_on_recapture_gets_a_new_pool_per_stage():
+    """CUDA's policy (GraphBackend.clear_on_recapture), with the fake: a stage whose forward
+    signature changes drops all its slots and takes a fresh memory pool."""
+    class Clearing(FakeGraphBackend):
+        clear_on_recapture = True
+        pools = 0
+
+        def pool(self, device):
+            Clearing.pools += 1
+            return Clearing.pools
+
+    model = mlp(4)
+    backend = Clearing()
+    pipe = Pipeline(model, num_devices=2, num_microbatches=2, loss_fn=mse, cuda_graphs=backend)
+    assert Clearing.pools == 2                      # one per stage
+    for n in (8, 12):
+        x, y = batch(n)
+        ref_loss, ref = reference(model, x, y)
+        model.zero_grad()
+        torch.testing.assert_close(pipe.step(x, y), ref_loss, rtol=1e-10, atol=0)
+        assert_grads(model, ref)
+    assert Clearing.pools == 4 and [st._pool for st in pipe.stages] == [3, 4]
+    assert backend.captures["F"] == 2 * 4
+    pipe.close()
