@@ -160,10 +160,12 @@ def print_table(rep: Dict[str, object]) -> None:
 
 
 def run(quick: bool, out: pathlib.Path, log=print) -> List[Dict[str, object]]:
+    if quick:
+        log("compiled: skipped in --quick mode (inductor compiles take 15-60 s per stage here); "
+            "python -m bench --only compiled runs it")
+        return []
     t0 = time.monotonic()
     wls = workloads(quick)
-    if quick:      # CI: inductor compiles take ~10-30 s per stage graph here; one workload
-        wls = [w for w in wls if w.name == "fine"]
     log(f"{torch.get_num_threads()} torch threads by default, {pm.cores()} cores, load average "
         f"{_load()}; {'quick' if quick else 'full'} mode; compile={COMPILE or 'torch.compile defaults (inductor)'}")
     reps = []
