@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import types
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -67,11 +68,43 @@ def check_compile(value: Any) -> Optional[Dict[str, Any]]:
     return dict(value)
 
 
+_donated_lock = threading.Lock()
+_donated_users = 0
+_donated_saved: Any = None
+
+
+@contextlib.contextmanager
 def _no_donated_buffers() -> Any:
-    config = getattr(getattr(torch, "_functorch", None), "config", None)
-    if config is None or not hasattr(config, "donated_buffer"):   # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return config.patch(donated_buffer=False)
+    """``torch._functorch.config.donated_buffer = False`` while any stage thread is inside a
+    compiled call. The config is a process global: ``config.patch`` per thread would restore
+    it when the first of two overlapping calls ends, while the other is still compiling."""
+    global _donated_users, _donated_saved
+    try:
+        import torch._functorch.config as config    # not imported until the first compile
+    except ImportError:                              # pragma: no cover - older torch
+        config = None
+    # The AOT autograd cache too: an entry loaded from it donates buffers whatever the
+    # setting (seen on torch 2.13: a 1F1B pipeline compiled first, a ZB one of the same
+    # layers then failed in I).
+    names = [n for n in ("donated_buffer", "enable_autograd_cache") if config is not None
+             and hasattr(config, n)]
+    if not names:                                    # pragma: no cover - older torch
+        yield
+        return
+    with _donated_lock:
+        if _donated_users == 0:
+            _donated_saved = {n: getattr(config, n) for n in names}
+            for n in names:
+                setattr(config, n, False)
+        _donated_users += 1
+    try:
+        yield
+    finally:
+        with _donated_lock:
+            _donated_users -= 1
+            if _donated_users == 0:
+                for n, v in _donated_saved.items():
+                    setattr(config, n, v)
 
 
 def _layer_loop(layers: Sequence[Any], x: Any) -> Any:
