@@ -17,10 +17,11 @@ How it combines:
 
 - Zero-bubble schedules (I / W): the compiled backward is one autograd node, which
   :mod:`pipetrain.split_backward` treats as an ``autograd.Function`` — ``I`` runs that node
-  once (it produces the input and the weight gradients together) and ``W`` only accumulates
-  the weight gradients it captured. Gradients are exact, but the I/W split no longer moves
-  work from I into W: ``I`` costs about a ``B``, ``W`` almost nothing. (AOT autograd's
-  donated buffers are turned off for the stages' compiles: ``I`` retains the graph.)
+  once (it produces the input and the weight gradients together). So a compiled stage's
+  ``I`` runs the whole backward without retaining the graph (:func:`backward_input`: AOT
+  autograd's backwards that donate saved buffers refuse ``retain_graph=True``) and stages
+  the weight gradients; its ``W`` has nothing left to do. Gradients are exact, but ``I``
+  costs a ``B`` and ``W`` nothing: zero-bubble schedules lose their point on compiled stages.
 - Re-materialization: the forward without grad and the recomputation with grad are two
   compiled graphs (grad mode is a guard); the recomputation replays the RNG state as eager
   does (exact with ``backend="aot_eager"``; inductor draws random numbers its own way, so
@@ -29,9 +30,7 @@ How it combines:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import threading
 import types
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -68,45 +67,6 @@ def check_compile(value: Any) -> Optional[Dict[str, Any]]:
     return dict(value)
 
 
-_donated_lock = threading.Lock()
-_donated_users = 0
-_donated_saved: Any = None
-
-
-@contextlib.contextmanager
-def _no_donated_buffers() -> Any:
-    """``torch._functorch.config.donated_buffer = False`` while any stage thread is inside a
-    compiled call. The config is a process global: ``config.patch`` per thread would restore
-    it when the first of two overlapping calls ends, while the other is still compiling."""
-    global _donated_users, _donated_saved
-    try:
-        import torch._functorch.config as config    # not imported until the first compile
-    except ImportError:                              # pragma: no cover - older torch
-        config = None
-    # The AOT autograd cache too: an entry loaded from it donates buffers whatever the
-    # setting (seen on torch 2.13: a 1F1B pipeline compiled first, a ZB one of the same
-    # layers then failed in I).
-    names = [n for n in ("donated_buffer", "enable_autograd_cache") if config is not None
-             and hasattr(config, n)]
-    if not names:                                    # pragma: no cover - older torch
-        yield
-        return
-    with _donated_lock:
-        if _donated_users == 0:
-            _donated_saved = {n: getattr(config, n) for n in names}
-            for n in names:
-                setattr(config, n, False)
-        _donated_users += 1
-    try:
-        yield
-    finally:
-        with _donated_lock:
-            _donated_users -= 1
-            if _donated_users == 0:
-                for n, v in _donated_saved.items():
-                    setattr(config, n, v)
-
-
 def _layer_loop(layers: Sequence[Any], x: Any) -> Any:
     for layer in layers:
         x = layer(x)
@@ -141,11 +101,7 @@ class CompiledLayers:
         self._fn = torch.compile(_fresh_loop(index), **self.options)
 
     def __call__(self, x: Any) -> Any:
-        # AOT autograd "donates" saved buffers to the compiled backward, which then refuses
-        # retain_graph=True — and the I of a split backward (and W's restarts) must retain
-        # the graph. Compilation happens inside this call (lazily), so the patch covers it.
-        with _no_donated_buffers():
-            return self._fn(self.layers, x)
+        return self._fn(self.layers, x)
 
     def __repr__(self) -> str:
         return f"CompiledLayers(stage={self.index}, layers={len(self.layers)}, options={self.options})"
@@ -157,3 +113,23 @@ def compile_stages(stages: Sequence[Any], options: Optional[Dict[str, Any]]) -> 
     for stage in stages:
         if stage is not None:
             stage.compiled = None if options is None else CompiledLayers(stage.index, stage.layers, options)
+
+
+def backward_input(stage: Any, run: Any, saved: Any, mb: int, tensors: list, grads: list,
+                   leaves: list) -> Any:
+    """``I`` of a compiled stage: the whole backward at once (no ``retain_graph``), the
+    weight gradients staged now and ``W`` left with nothing to do.
+
+    The compiled backward is one autograd node that computes every gradient whenever it runs,
+    so splitting it saves nothing — and AOT autograd's compiled backwards that "donate" saved
+    buffers refuse ``retain_graph=True``, which a split I (and W's restarts) need.
+    """
+    from pipetrain.autograd_fast import grad as fast_grad
+    from pipetrain.stage_run import accumulate
+
+    gs = fast_grad(tensors, leaves + stage.params, grads)
+    for t, g in zip(leaves, gs):
+        t.grad = g
+    accumulate(run.staged, stage.params, gs[len(leaves):])
+    stage._after_input(run, saved, mb)
+    return stage._input_grads(saved)

@@ -39,6 +39,7 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 from pipetrain import checkpoint as ckpt
 from pipetrain import split_backward as split
 from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.compiled_stage import backward_input as compiled_backward_input
 from pipetrain.microbatch import flatten, tree_sum, unflatten
 from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
 from pipetrain.stage_run import accumulate as _accumulate, tensor_bytes as _tensor_bytes
@@ -518,6 +519,8 @@ class Stage:
                     t.grad = g
             self._after_input(run, saved, mb)
             return self._input_grads(saved)
+        if self.compiled is not None:    # one compiled node computes all: no split (compiled_stage)
+            return compiled_backward_input(self, run, saved, mb, tensors, grads, leaves)
         if not leaves:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
             self._after_input(run, saved, mb)

@@ -84,9 +84,8 @@ def test_dropout_recomputation_replays_the_same_masks():
 def test_inductor_float32_then_split_backward():
     """Inductor (C++ kernels on CPU; needs gcc) against the unsplit model in float32: a 1F1B
     pipeline, then a ZB one of the same layers. The second finds the first's compiled
-    graphs in the AOT autograd cache, whose entries donate saved buffers to the backward —
-    which then refuses the ``retain_graph=True`` that I and W need (unless the stages
-    compile without that cache and without donated buffers, as they do)."""
+    graphs in torch's caches, with saved buffers donated to the backward — which then
+    refuses ``retain_graph=True``, so a compiled stage's I must not retain the graph."""
     x, y = torch.randn(16, 16), torch.randn(16, 16)
     for schedule in ("1f1b", "zb-h1"):
         torch.manual_seed(0)
@@ -116,16 +115,3 @@ def test_compile_arguments_pass_through():
     assert check_compile(True) == {}
     assert check_compile(dict(backend="aot_eager", dynamic=False)) == dict(backend="aot_eager",
                                                                            dynamic=False)
-
-
-def test_donated_buffers_off_while_any_stage_is_inside_a_compiled_call():
-    """Split backward retains the compiled backward's graph, which AOT autograd refuses for
-    a graph with donated buffers; the config is a process global shared by stage threads."""
-    import torch._functorch.config as config
-    from pipetrain.compiled_stage import _no_donated_buffers
-    before = (config.donated_buffer, config.enable_autograd_cache)
-    with _no_donated_buffers():
-        with _no_donated_buffers():
-            assert (config.donated_buffer, config.enable_autograd_cache) == (False, False)
-        assert config.donated_buffer is False      # the other caller is still inside
-    assert (config.donated_buffer, config.enable_autograd_cache) == before
