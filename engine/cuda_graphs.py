@@ -107,12 +107,13 @@ def _tagged(kind: str, fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 class _Target:
-    """What ``Stage._run_layers`` reads from a stash entry (the sink's target)."""
+    """What ``Stage._run_layers`` reads from a stash entry (the sink's target; the inputs
+    when it checks that a loss which does not require grad needed none)."""
 
-    __slots__ = ("target",)
+    __slots__ = ("target", "inputs")
 
-    def __init__(self, target: Any) -> None:
-        self.target = target
+    def __init__(self, target: Any, inputs: List[Any]) -> None:
+        self.target, self.inputs = target, inputs
 
 
 class Slot:
@@ -260,7 +261,7 @@ class GraphedStage(Stage):
         def body() -> Any:
             with torch.enable_grad():
                 target = unflatten(slot.target, slot.tspec) if sink else None
-                out = self._run_layers(unflatten(slot.x, slot.spec), _Target(target))
+                out = self._run_layers(unflatten(slot.x, slot.spec), _Target(target, slot.x))
                 if sink:
                     return [out, out * weight if weight != 1.0 else out]
                 return flatten(out)
