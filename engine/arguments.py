@@ -207,7 +207,9 @@ def check_acceleration(compile: Any, cuda_graphs: Any, checkpoint: str, schedule
             raise ValueError(f"cuda_graphs=True needs fixed parameter addresses; the "
                              f"asynchronous schedule {schedule!r} rebinds weight versions: use "
                              "a synchronous schedule")
-        if options is not None and "reduce-overhead" in str(options.get("mode", "")):
-            raise ValueError("compile mode 'reduce-overhead' captures CUDA graphs itself; with "
-                             "cuda_graphs=True use another mode (e.g. the default)")
+        if options is not None:
+            raise ValueError("compile= and cuda_graphs=True together are not supported: a "
+                             "captured backward retains its autograd graph for the replays, "
+                             "which compiled backwards that donate saved buffers refuse "
+                             "(and mode='reduce-overhead' captures CUDA graphs itself)")
     return Acceleration(options, backend)

@@ -155,6 +155,7 @@ def test_data_dependent_shapes_are_an_error_naming_stage_and_action():
 @pytest.mark.parametrize("kw, match", [
     (dict(checkpoint="always"), "re-materialization"),
     (dict(schedule="2bw"), "asynchronous schedule"),
+    (dict(compile=True), "compile= and cuda_graphs=True together"),
 ])
 def test_combinations_that_cannot_work(kw, match):
     kw.setdefault("schedule", "1f1b")
