@@ -162,6 +162,23 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_loss_scale(loss_scale: Any, schedule: Any, graph_model: bool) -> Any:
+    """``loss_scale=`` (:mod:`pipetrain.loss_scaling`): None, ``"dynamic"``, a fixed number or
+    a LossScaler. Refused with asynchronous schedules (a run commits and updates many
+    mini-batches before its end, so one step cannot be skipped on every stage) and graph
+    models (not wired yet). Raises ValueError."""
+    from pipetrain import async_schedules, loss_scaling
+    scaler = loss_scaling.resolve(loss_scale)
+    if scaler is not None and async_schedules.is_async(schedule):
+        raise ValueError(f"loss_scale is not supported with the asynchronous schedule {schedule!r}: "
+                         "its runs update weights inside the pipeline, so a step with an inf/NaN "
+                         "gradient cannot be skipped on every stage; use a synchronous schedule")
+    if scaler is not None and graph_model:
+        raise ValueError("loss_scale needs a sequence of layers (a graph model has no loss "
+                         "scaling yet)")
+    return scaler
+
+
 class Acceleration:
     """``compile=`` and ``cuda_graphs=`` as checked: applied to the stages once they exist."""
 

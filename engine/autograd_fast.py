@@ -46,8 +46,8 @@ def _plain(outputs: Sequence[Any], inputs: Sequence[Any], grads: Sequence[Any]) 
                 return False
         elif not isinstance(o, GradientEdge):
             return False
-    for t in inputs:
-        if type(t) is not _Tensor and type(t) is not _Parameter:
+    for t in inputs:     # GradientEdge inputs: the split backward's capture points
+        if type(t) is not _Tensor and type(t) is not _Parameter and type(t) is not GradientEdge:
             return False
     for g in grads:
         if g is not None and type(g) is not _Tensor:

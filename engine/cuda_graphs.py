@@ -159,6 +159,14 @@ class GraphedStage(Stage):
             self._acc = {p: torch.zeros_like(p) for p in self.params}
             self._params_key = key
 
+    def staged_grads(self) -> Optional[Dict[Any, torch.Tensor]]:
+        """This run's gradients: the graphs' accumulators (loss scaling checks and unscales
+        them in place before the commit)."""
+        staged = super().staged_grads()
+        if self.graph_backend is None:
+            return staged
+        return {**(staged or {}), **self._acc}
+
     def commit_grads(self) -> None:
         super().commit_grads()
         scale = self.grad_scale() if self.grad_scale is not None else 1.0
@@ -214,6 +222,7 @@ class GraphedStage(Stage):
     def forward(self, mb: int, inputs: Any, target: Any = None, weight: float = 1.0) -> Any:
         if not torch.is_grad_enabled() or self.graph_backend is None:
             return super().forward(mb, inputs, target, weight)
+        weight = weight * self.loss_scale      # a new scale (dynamic loss scaling) recaptures
         leaves, spec = flatten(inputs)
         t_leaves, t_spec = flatten(target) if target is not None else ([], None)
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in t_leaves):
@@ -383,13 +392,8 @@ class GraphedStage(Stage):
                     return ([], [(tensors, grads, self.params)])
                 edges, fallback, ri = split.split_plan(tensors, grads, leaves, self.params,
                                                        self._accumulators)
-                captured: Dict[Any, tuple] = {}
-                handles = split.capture_hooks(edges, captured)
-                try:
-                    gi = list(fast_grad(tensors, leaves, grads, retain_graph=True))
-                finally:
-                    for h in handles:
-                        h.remove()
+                gi, captured = split.input_pass(tensors, grads, leaves, edges)
+                gi = list(gi)
                 work = split.weight_work(edges, captured, tensors, grads, ri)
                 if fallback:
                     work.append((tensors, grads, fallback))
@@ -487,8 +491,8 @@ class PipelineGraphs:
                             return None        # user tensors wanting .grad: Python mode
                         if not st.inputs and _sig(x) != slot.sig[0]:
                             return None
-                        if st.loss_fn is not None and (slot.sig[1] != _sig(y)
-                                                       or slot.sig[2] != run.weights[k]):
+                        if st.loss_fn is not None and (slot.sig[1] != _sig(y) or slot.sig[2]
+                                                       != run.weights[k] * st.loss_scale):
                             return None
                         feeds.append((slot, x, y))
                 elif kind in ("B", "I") and st.outputs and not slot.linked_go:

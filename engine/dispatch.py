@@ -12,7 +12,8 @@ traffic along the stage graph's edges::
               gi = stage.backward(k, g) / backward_input(k, g)
               post stage.split_input_grads(gi)[i] on input edge i
                   (a source keeps gi for the user's input)
-    W  s k    stage.backward_weight(k)
+    W  s k    stage.backward_weight(k)            (a batched W s k..k+n-1:
+                                                   stage.backward_weight(k, n))
     U  s t    stage.update()                         (optimizer step; weights -> next version)
 
 Every F / B / I / W runs with its weight version bound (``stage.versions``). Transfer actions
@@ -124,6 +125,8 @@ class Run:
                     for device_type, dtype in self.autocast:
                         stack.enter_context(torch.autocast(device_type, dtype=dtype))
                     self._compute(kind, stage, a.microbatch)
+            elif kind == "W" and a.count > 1:    # a batched W: several micro-batches at once
+                stage.backward_weight(a.microbatch, a.count)
             else:
                 self._compute(kind, stage, a.microbatch)
         finally:

@@ -101,6 +101,8 @@ class Stage:
         self.optimizer: Any = None
         self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
         self.compiled: Optional[Callable[[Any], Any]] = None      # see compiled_stage
+        # Sink: the loss fed to backward is multiplied by this (pipetrain.loss_scaling).
+        self.loss_scale = 1.0
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -307,7 +309,7 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice")
         leaves, spec = flatten(inputs)
         x_leaves = [self._boundary(t) for t in leaves]
-        saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight)
+        saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight * self.loss_scale)
         if target is not None:
             # A target that requires grad (distillation from a live teacher) gets its
             # gradient, as in the unsplit model: it becomes a leaf of this stage's graph too.
@@ -531,13 +533,7 @@ class Stage:
             self._accumulators = [get_gradient_edge(p).node for p in self.params]
         edges, fallback, ri_nodes = split.split_plan(tensors, grads, leaves, self.params,
                                                      self._accumulators)
-        captured: Dict[Any, tuple] = {}
-        handles = split.capture_hooks(edges, captured)
-        try:
-            in_grads = fast_grad(tensors, leaves, grads, retain_graph=True)
-        finally:
-            for h in handles:
-                h.remove()
+        in_grads, captured = split.input_pass(tensors, grads, leaves, edges)
         for t, g in zip(leaves, in_grads):
             t.grad = g
         saved.w_edges = split.weight_work(edges, captured, tensors, grads, ri_nodes)
@@ -558,21 +554,31 @@ class Stage:
         saved.w_nbytes = w
         run.add(0, 0, w)
 
-    def backward_weight(self, mb: int) -> None:
-        """``W`` of micro-batch ``mb``: accumulate the parameter gradients."""
+    def backward_weight(self, mb: int, count: int = 1) -> None:
+        """``W`` of micro-batch ``mb``: accumulate the parameter gradients. ``count > 1``: a
+        batched W of micro-batches ``mb .. mb + count - 1`` as one computation
+        (:func:`pipetrain.split_backward.batched_weight`)."""
+        # One micro-batch or several, W is the same computation (batched_weight): each
+        # Linear's gradient as one GEMM accumulated in place, other layers restarted through
+        # autograd, one accumulation call -- instead of one autograd call and one
+        # accumulation per frontier node, the per-call toll that made I + W cost ~1.9x B at
+        # the fine grain.
         run = self._run
-        saved = self._get(run, mb)
+        mbs = range(mb, mb + count)
+        saveds = [self._get(run, k) for k in mbs]
         try:
-            work = list(saved.w_edges)
-            if saved.w_full is not None:
-                work.append((saved.w_full[0], saved.w_full[1], self.params))
-            if saved.w_fallback is not None:
-                work.append(saved.w_fallback)
-            for outputs, grads, params in work:
-                gs = fast_grad(outputs, params, grads, retain_graph=True)
-                _accumulate(run.staged, params, gs)
+            works = []
+            for saved in saveds:
+                work = list(saved.w_edges)
+                if saved.w_full is not None:
+                    work.append((saved.w_full[0], saved.w_full[1], self.params))
+                if saved.w_fallback is not None:
+                    work.append(saved.w_fallback)
+                works.append(work)
+            split.batched_weight(works, run.staged)
         finally:
-            self._pop(run, mb)
+            for k in mbs:
+                self._pop(run, k)
 
 
 def _signature(leaves: Sequence[Any], target: Any) -> Any:

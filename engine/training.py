@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 import torch
 
-from pipetrain import async_schedules, prediction
+from pipetrain import async_schedules, prediction, schedules
 from pipetrain.plan import Plan
 from pipetrain.versions import PlannedVersions
 
@@ -37,7 +37,7 @@ def make_optimizers(pipe: Any, factory: Optional[Callable]) -> None:
     if async_schedules.is_async(schedule) and getattr(pipe, "dist", None) is not None:
         raise ValueError(f"{schedule} runs in one process for now (its plan spans many "
                          "mini-batches on local stages); across processes use a synchronous "
-                         "schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2)")
+                         "schedule (" + ", ".join(schedules.NAMES) + ")")
     if factory is None:
         if async_schedules.is_async(schedule):
             raise ValueError(f"schedule {schedule!r} updates weights inside the pipeline: pass "
@@ -106,8 +106,8 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
             st.optimizer.zero_grad()
         for inputs, targets in batches:
             loss = pipe.step(inputs, targets)
+            pipe.optimizer_step()     # skipped on every stage if the step found inf / NaN
             for st in pipe.stages:
-                st.optimizer.step()
                 st.optimizer.zero_grad()
             yield loss
         return

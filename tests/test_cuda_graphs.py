@@ -111,6 +111,20 @@ def test_freezing_recaptures():
     pipe.close()
 
 
+@pytest.mark.parametrize("loss_scale", [1024.0, "dynamic"])
+def test_loss_scaling(loss_scale):
+    """The sink's loss times the scale is captured (a new scale recaptures); the scaler
+    checks and unscales the graphs' accumulators before they are committed."""
+    model, pipe, fake = make("zb-h1", m=2, loss_scale=loss_scale)
+    x, y = batch(8)
+    ref_loss, ref = reference(model, x, y)
+    for _ in range(3):
+        model.zero_grad()
+        torch.testing.assert_close(pipe.step(x, y), ref_loss, rtol=1e-10, atol=0)
+        assert_grads(model, ref)
+    pipe.close()
+
+
 def test_failed_step_commits_nothing_and_next_step_is_exact():
     model, pipe, fake = make("1f1b", m=2, check_finite=True)
     x, y = batch(8)
