@@ -39,6 +39,7 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 from pipetrain import checkpoint as ckpt
 from pipetrain import split_backward as split
 from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.compiled_stage import backward_input as compiled_backward_input
 from pipetrain.microbatch import _LEAF, flatten, tree_sum, unflatten
 from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
 from pipetrain.stage_run import accumulate as _accumulate, saved_bytes_key, tensor_bytes as _tensor_bytes
@@ -101,6 +102,7 @@ class Stage:
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
         self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
+        self.compiled: Optional[Callable[[Any], Any]] = None      # see compiled_stage
         # Sink: the loss fed to backward is multiplied by this (pipetrain.loss_scaling).
         self.loss_scale = 1.0
 
@@ -267,8 +269,11 @@ class Stage:
 
     # -- forward -------------------------------------------------------------------------
     def _run_layers(self, x: Any, saved: _Saved) -> Any:
-        for layer in self.layers:
-            x = layer(x)
+        if self.compiled is not None:          # Pipeline(compile=...): pipetrain.compiled_stage
+            x = self.compiled(x)
+        else:
+            for layer in self.layers:
+                x = layer(x)
         if self.loss_fn is None:
             return x
         loss = self.loss_fn(x, saved.target)
@@ -565,6 +570,8 @@ class Stage:
                     t.grad = g
             self._after_input(run, saved, mb)
             return self._input_grads(saved)
+        if self.compiled is not None:    # one compiled node computes all: no split (compiled_stage)
+            return compiled_backward_input(self, run, saved, mb, tensors, grads, leaves)
         if not leaves:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
             self._after_input(run, saved, mb)
