@@ -26,21 +26,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from pipetrain import arguments as args
-from pipetrain import errors
-from pipetrain import async_schedules
-from pipetrain import checkpoint as ckpt
-from pipetrain import distributed
-from pipetrain import loss_scaling, losses, partition
-from pipetrain import transport
+from pipetrain import arguments as args, checkpoint as ckpt
+from pipetrain import async_schedules, distributed, errors, loss_scaling, losses, partition, transport
+from pipetrain.errors import PipelineError
 from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage_builder import build_stages
-from pipetrain.errors import PipelineError
 from pipetrain.global_ops import GlobalOps
 from pipetrain.reporting import Reporting
-from pipetrain.stats import StepStats, measure_run
+from pipetrain.stats import StepStats, measure_later
 
 __all__ = ["Pipeline", "PipelineError"]
 
@@ -103,6 +98,8 @@ class Pipeline(GlobalOps, Reporting):
             schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
             either (torch.optim or pipetrain.optim: prediction reads their state).
         loss_scale: ``"dynamic"``, a fixed number or a LossScaler (:mod:`pipetrain.loss_scaling`).
+        compile, cuda_graphs: ``torch.compile`` each stage (:mod:`pipetrain.compiled_stage`);
+            capture F/B/I/W per micro-batch as CUDA graphs (:mod:`pipetrain.cuda_graphs`).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -119,9 +116,11 @@ class Pipeline(GlobalOps, Reporting):
                  data_parallel: Optional[int] = None, init_fn: Any = None,
                  leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
                  example_inputs: Any = None, op_times: Optional[dict] = None,
-                 optimizer: Optional[Callable[[Any], Any]] = None, loss_scale: Any = None) -> None:
+                 optimizer: Optional[Callable[[Any], Any]] = None, loss_scale: Any = None,
+                 compile: Any = False, cuda_graphs: bool = False) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
+        accel = args.check_acceleration(compile, cuda_graphs, checkpoint, schedule, model)
         # A model that is not a sequence of layers is an operator graph (GraphPipe path):
         # built from a sample micro-batch, at the first step unless example_inputs is given.
         self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
@@ -181,10 +180,11 @@ class Pipeline(GlobalOps, Reporting):
             self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
             timeout=timeout) or None
         self.stages = build_stages(
-            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint,
-            rng_lock=rng_lock, check_finite=check_finite, grad_scale=self._loss.grad_scale,
+            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint, rng_lock=rng_lock,
+            check_finite=check_finite, grad_scale=self._loss.grad_scale, stage_cls=accel.stage_cls,
             is_local=self.dist.is_local if self.dist is not None else (lambda k: True))
         self._start_runner(num_threads)
+        accel.apply(self)
         from pipetrain.training import make_optimizers
         make_optimizers(self, optimizer)
 
@@ -244,7 +244,7 @@ class Pipeline(GlobalOps, Reporting):
                 self._loss.begin(targets)
                 outcome = self._execute(self.plan, [(inputs, targets)], loss_scaling.begin_step(self))
                 loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
-                self._stats = self._measure(outcome)
+                self._stats = measure_later(outcome, self.plan, self.num_stages)
             return loss
         finally:
             self._lock.release()
@@ -273,9 +273,6 @@ class Pipeline(GlobalOps, Reporting):
                 raise errors.from_executor(plan, err) from (err.__cause__ or err)
 
     # -- measurements ---------------------------------------------------------------------
-    def _measure(self, outcome: Any) -> StepStats:
-        return measure_run(outcome, self.plan, self.num_stages)
-
     @property
     def stage_graph(self) -> Any:
         """A graph model's stages: operators, edges and devices (printable); None for a

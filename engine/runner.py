@@ -78,6 +78,7 @@ class Runner:
         self.executor: Any = None
         self.transports: dict = {}
         self.meters: List[Any] = []      # the last run's per-device memory meters
+        self.graphs: Any = None          # cuda_graphs.PipelineGraphs (cuda_graphs=True)
         self._new_executor()
 
     def _new_executor(self) -> None:
@@ -127,8 +128,14 @@ class Runner:
             torch.set_num_threads(self.num_threads)
         ok = False
         try:
-            timeline = self.executor.run(plan.compiled(self.executor), run.dispatch,
-                                         timeout=self.timeout)
+            # cuda_graphs: a run whose every action is a linked captured graph goes native.
+            native = self.graphs.native(plan, run) if self.graphs is not None else None
+            timeline = self.executor.run(plan.compiled(self.executor),
+                                         run.dispatch if native is None else native.dispatch,
+                                         timeout=self.timeout,
+                                         graphs=None if native is None else native.handles)
+            if native is not None:
+                native.finish(run)
             ok = before_commit is None or bool(before_commit(run, stages))
         except ExecutorError as err:
             if err.kind != "closed":     # closed: nothing to run any more
