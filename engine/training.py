@@ -35,9 +35,8 @@ def make_optimizers(pipe: Any, factory: Optional[Callable]) -> None:
     schedule = pipe.schedule_name
     stages = [st for st in pipe.stages if st is not None]
     if async_schedules.is_async(schedule) and getattr(pipe, "dist", None) is not None:
-        raise ValueError(f"{schedule} runs in one process for now (its plan spans many "
-                         "mini-batches on local stages); across processes use a synchronous "
-                         "schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2)")
+        from pipetrain.distributed.training import check
+        check(pipe)         # what an asynchronous schedule cannot do across processes
     if factory is None:
         if async_schedules.is_async(schedule):
             raise ValueError(f"schedule {schedule!r} updates weights inside the pipeline: pass "
@@ -92,6 +91,10 @@ def _chunks(batches: Iterable, size: Optional[int]) -> Iterator[list]:
 
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
+    if getattr(pipe, "dist", None) is not None:     # across processes: every rank runs its row
+        from pipetrain.distributed import training as dist_training
+        yield from dist_training.train(pipe, batches, minibatches_per_run)
+        return
     name = pipe.schedule_name
     if any(st.optimizer is None for st in pipe.stages):
         raise ValueError("train() needs the optimizer inside the pipeline: "
