@@ -86,8 +86,15 @@ def check(name: str, p: int, m: int, num_chunks: int = 1) -> None:
     if name not in ASYNC:
         raise ValueError(f"unknown asynchronous schedule {name!r}; one of {', '.join(ASYNC)}")
     if num_chunks != 1:
-        raise ValueError(f"{name} runs one stage per device (num_chunks=1): interleaved "
-                         "placement has no asynchronous form here")
+        # Interleaving exists to shrink the fill/drain bubble of a flushed pipeline; without
+        # a flush the steady-state bubble already tends to 0 (simulated: see
+        # test_simulated_steady_state_bubble_tends_to_zero), so v chunks per device would only
+        # multiply the transfers and the in-flight versions per device by v.
+        raise ValueError(f"{name} runs one stage per device (num_chunks=1, got {num_chunks}): "
+                         "interleaving shortens the fill/drain bubble of a flushed pipeline, "
+                         "and an asynchronous pipeline has no flush (its bubble tends to 0), so "
+                         "it would only add transfers and weight versions; use num_chunks=1, or "
+                         "interleaved-1f1b for a synchronous pipeline")
     if name in ("2bw", "2bw-predict") and m < p:
         raise ValueError(f"{name} needs num_microbatches >= num_devices (gradients coalesced "
                          f"over at least p micro-batches so two versions suffice); got m={m} < p={p}")

@@ -138,9 +138,12 @@ class Pipeline(GlobalOps, Reporting):
         self.found_inf, self.dist = False, None
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
         if self._graph_model is not None:     # one process (no data_parallel) for now
-            if async_schedules.is_async(schedule) or optimizer is not None:
-                raise ValueError("a graph model runs the synchronous schedules with step(); "
-                                 "optimizer= and asynchronous schedules need a sequence of layers")
+            if async_schedules.is_async(schedule):
+                raise ValueError("a graph model runs the synchronous schedules (graphpipe or a "
+                                 "chain schedule); asynchronous schedules need a sequence of layers")
+            if optimizer is not None and not callable(optimizer):
+                raise ValueError("optimizer must be a factory: optimizer(params) -> optimizer")
+            self.stages, self._optimizer_factory = [], optimizer   # stages: at the first step
             if data_parallel not in (None, 1):
                 raise ValueError("a graph model runs in one process: data_parallel is not supported")
             self._loss = losses.LossFn(loss_fn)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Iterable, Sequence, Union
 
 from pipetrain import _C
@@ -140,6 +141,10 @@ class SimulationResult:
             counted from the start of F to the end of B (or of I, for a split backward: W
             needs only the stage's inputs and output gradient, far smaller). One unit is
             one stage's activations for one micro-batch.
+        peak_versions: per device, the most weight versions its stages hold at once (the
+            live one included) over the simulated timeline: 1 per stage without ``U``
+            actions; for a plan with versions see :mod:`pipetrain.version_memory`. Computed
+            on first access.
     """
 
     makespan: float
@@ -148,6 +153,12 @@ class SimulationResult:
     idle: list
     peak_inflight: list
     _raw: object = dataclasses.field(repr=False, compare=False, default=None)
+    _schedule: object = dataclasses.field(repr=False, compare=False, default=None)
+
+    @functools.cached_property
+    def peak_versions(self) -> list:
+        from pipetrain.version_memory import peak_versions_held
+        return peak_versions_held(self._schedule, self.starts, self.ends)
 
     def starts(self, device: int) -> list:
         """Start time of each action of ``device``, in issue order."""
@@ -344,7 +355,7 @@ class Schedule:
                                   None if weight is None else per_stage(weight, "weight"),
                                   per_stage(update, "update"), latency)
         return SimulationResult(raw.makespan, raw.bubble_ratio, list(raw.busy), list(raw.idle),
-                                list(raw.peak_inflight), raw)
+                                list(raw.peak_inflight), raw, self)
 
     def peak_inflight(self) -> list[int]:
         """Per device, peak in-flight activations from the order alone (see SimulationResult)."""

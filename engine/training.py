@@ -59,7 +59,8 @@ class AsyncStats:
     ``samples_per_s`` of the whole run, ``steady_samples_per_s`` (T >= 3: the samples of
     mini-batches 1..T-2 over the time stage 0 takes to finish their backwards, from the end of
     B(m-1) to the end of B((T-1)m-1): whole 1F1B periods, no fill or drain), ``peak_versions`` /
-    ``peak_predicted`` / ``peak_version_bytes`` per device.
+    ``peak_predicted`` / ``peak_version_bytes`` / ``peak_buffers`` (live + kept + predicted
+    weight buffers at once, what the simulator's ``peak_versions`` predicts) per device.
     """
 
     def __init__(self, base: Any, **extra: Any) -> None:
@@ -96,7 +97,8 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
         yield from dist_training.train(pipe, batches, minibatches_per_run)
         return
     name = pipe.schedule_name
-    if any(st.optimizer is None for st in pipe.stages):
+    unbuilt = not pipe.stages and getattr(pipe, "_optimizer_factory", None) is not None
+    if any(st.optimizer is None for st in pipe.stages) or not (pipe.stages or unbuilt):
         raise ValueError("train() needs the optimizer inside the pipeline: "
                          "Pipeline(..., optimizer=lambda params: torch.optim.SGD(params, lr=0.1))")
     if minibatches_per_run is not None and (not isinstance(minibatches_per_run, int)
@@ -176,5 +178,6 @@ def _measure(pipe: Any, plan: Plan, outcome: Any, versions: List[PlannedVersions
     return AsyncStats(base, minibatches=T, steady_samples_per_s=steady,
                       peak_versions=[v.peak_versions for v in versions],
                       peak_predicted=[v.peak_predicted for v in versions],
-                      peak_version_bytes=[v.peak_bytes for v in versions])
+                      peak_version_bytes=[v.peak_bytes for v in versions],
+                      peak_buffers=[v.peak_buffers for v in versions])
 

@@ -166,6 +166,8 @@ class PlannedVersions(WeightVersions):
         peak_versions: most weight versions held at once (live included).
         peak_predicted: most predicted buffers held at once.
         peak_bytes: most bytes of kept + predicted buffers (the live weights excluded).
+        peak_buffers: most weight buffers held at once, live + kept + predicted: what the
+            simulator reports as ``peak_versions`` (:mod:`pipetrain.version_memory`).
     """
 
     rebinds = True
@@ -181,7 +183,7 @@ class PlannedVersions(WeightVersions):
             if schedule in async_schedules.PREDICTING else None
         self._pool: List[List[torch.Tensor]] = []      # free predicted buffers
         self._wpool: List[List[torch.Tensor]] = []     # free version buffers
-        self.peak_versions = self.peak_predicted = self.peak_bytes = 0
+        self.peak_versions = self.peak_predicted = self.peak_bytes = self.peak_buffers = 0
         self._pass: Optional[tuple] = None
         self.reset()
 
@@ -212,6 +214,7 @@ class PlannedVersions(WeightVersions):
         # Measured right before the update: the live buffer becomes W(n+1), so count it apart.
         self.peak_versions = max(self.peak_versions, len(self._kept) + 1)
         self.peak_predicted = max(self.peak_predicted, len(self._pred))
+        self.peak_buffers = max(self.peak_buffers, len(self._kept) + len(self._pred) + 1)
         per = sum(t.numel() * t.element_size() for t in self._live)
         self.peak_bytes = max(self.peak_bytes, per * (len(self._kept) + len(self._pred)))
 

@@ -63,6 +63,9 @@ class GraphModel:
         pipe.balance = [sum(1 for s in b.stage_of.values() if s == k) for k in range(graph.num_stages)]
         pipe._start_runner(o["num_threads"])
         self.built = b
+        if getattr(pipe, "_optimizer_factory", None) is not None:    # train(): one per stage
+            from pipetrain.training import make_optimizers
+            make_optimizers(pipe, pipe._optimizer_factory)
 
     def summary(self) -> str:
         """Stages (operators, device) and edges (the values each carries)."""
