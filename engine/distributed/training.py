@@ -233,4 +233,5 @@ def _stats(pipe: Any, plan: Plan, run: Any, versions: List[PlannedVersions]) -> 
     return AsyncStats(base, minibatches=T, steady_samples_per_s=steady,
                       peak_versions=[v.peak_versions for v in versions],
                       peak_predicted=[v.peak_predicted for v in versions],
-                      peak_version_bytes=[v.peak_bytes for v in versions])
+                      peak_version_bytes=[v.peak_bytes for v in versions],
+                      peak_buffers=[v.peak_buffers for v in versions])

@@ -87,7 +87,7 @@ def async_cases(cases: list, T: int = 4) -> list:
             if not per_run else 0.0
         out.append({"case": case, "loss": max(abs(a - b) for a, b in zip(losses, r_losses)),
                     "weights": err_w, "stages": list(pipe.dist.local), "dp_rank": pipe.dp_rank,
-                    "peak_versions": pipe.stats().peak_versions})
+                    "peak_buffers": pipe.stats().peak_buffers, "T": T, "p": p})
         pipe.close()
     return out
 
