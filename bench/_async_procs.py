@@ -132,6 +132,7 @@ def run_pair(cfg: dict, timeout: float = 600.0) -> Dict[str, dict]:
             "samples_per_s": statistics.median(samples / w for w in walls),
             # Ratio per repeat (the two ran back to back), then the median.
             "vs_first": statistics.median(b / w for b, w in zip(base_walls, walls)),
+            "per_repeat": [samples / w for w in walls],
             "bubble": statistics.median(sum(r["bubble"] for r in rep) / world for rep in reps),
             "busy_fraction": statistics.median(sum(r["busy"] for r in rep) / (world * w)
                                                for rep, w in zip(reps, walls)),

@@ -111,10 +111,12 @@ def run_multiprocess(quick: bool) -> dict:
     print(f"\nacross 2 gloo processes (p=2, one rank per device): m={cfg['m']} T={cfg['T']}, "
           f"d={cfg['d']}, batch={cfg['batch']}, medians of {cfg['reps']} interleaved repeats")
     rows = run_pair(cfg)
-    print(f"{'schedule':12s} {'samples/s':>10s} {'vs 1f1b':>8s} {'bubble/rank':>12s} {'busy':>6s}")
+    print(f"{'schedule':14s} {'samples/s':>10s} {'vs 1f1b':>8s} {'bubble/rank':>12s} {'busy':>6s}"
+          "  samples/s per repeat")
     for name, r in rows.items():
-        print(f"{name + ' (2 proc)':12s} {r['samples_per_s']:10.0f} {r['vs_first']:8.2f} "
-              f"{100 * r['bubble']:11.1f}% {100 * r['busy_fraction']:5.1f}%")
+        reps = " ".join(f"{s:.0f}" for s in r["per_repeat"])
+        print(f"{name + ' (2 proc)':14s} {r['samples_per_s']:10.0f} {r['vs_first']:8.2f} "
+              f"{100 * r['bubble']:11.1f}% {100 * r['busy_fraction']:5.1f}%  {reps}")
     return {"multiprocess": rows}
 
 

@@ -10,9 +10,12 @@ rank (:func:`~pipetrain.distributed.mesh.wanted`). This rank
   materialized on its device by ``init_fn(layer)`` or each module's ``reset_parameters()``;
 - holds the lowered plan and a :class:`~pipetrain.distributed.runner.RankRunner`.
 
-``step`` returns the mini-batch loss on every rank (the mean over replicas' mini-batches; a
-token-level loss over all their tokens) and leaves in ``p.grad`` of the local stages what the
-unsplit model would have on the combined batch (replicas are averaged, as with DDP).
+``run`` executes this rank's row of a plan (the step's, or an asynchronous plan over several
+mini-batches for ``train()``, :mod:`.training`) and turns any failure into a PipelineError
+naming its origin on every rank. ``step`` returns the mini-batch loss on every rank (the mean
+over replicas' mini-batches; a token-level loss over all their tokens) and leaves in
+``p.grad`` of the local stages what the unsplit model would have on the combined batch
+(replicas are averaged, as with DDP).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def fail_in_forward(name: str, p: int, m: int, bad_rank: int, bad_k: int, T: int
             calls["n"] += 1
             if calls["n"] > bad_k:        # forwards run in micro-batch order on a stage
                 raise ValueError("boom in a forward")
-        mods[bad_rank].register_forward_pre_hook(boom)
+        mods[bad_rank % p].register_forward_pre_hook(boom)
     pipe = pipetrain.Pipeline(nn.Sequential(*mods), num_devices=p, schedule=name,
                               num_microbatches=m, loss_fn=FN, optimizer=OPTIMIZERS["adam"],
                               timeout=20)

@@ -94,12 +94,15 @@ def test_sync_schedules_train_equals_unsplit(pool):
             assert r["n"] == 3 and r["loss"] <= TOL and r["weights"] <= TOL, (schedule, r)
 
 
-@pytest.mark.parametrize("name,p,bad_rank,bad_k", [("xpipe", 3, 1, 3), ("2bw", 2, 1, 4)])
-def test_forward_failure_reaches_every_rank_naming_origin(pool, name, p, bad_rank, bad_k):
+# Not with data_parallel = 2: every rank raises the right error within ~7 s there too, but the
+# replica that did not fail is left with a started all-reduce that never completes, and
+# gloo's destroy_process_group then waits for it (a known gap, see the report).
+@pytest.mark.parametrize("name,p,world,bad_rank,bad_k", [("xpipe", 3, 3, 1, 3), ("2bw", 2, 2, 1, 4)])
+def test_forward_failure_reaches_every_rank_naming_origin(pool, name, p, world, bad_rank, bad_k):
     m = 2
-    res = pool.run(S, "fail_in_forward", p, timeout=90, name=name, p=p, m=m, bad_rank=bad_rank,
-                   bad_k=bad_k)
-    origin = (f"rank {bad_rank}: stage {bad_rank}, micro-batch {bad_k} of mini-batch "
+    res = pool.run(S, "fail_in_forward", world, timeout=90, name=name, p=p, m=m,
+                   bad_rank=bad_rank, bad_k=bad_k)
+    origin = (f"rank {bad_rank}: stage {bad_rank % p}, micro-batch {bad_k} of mini-batch "
               f"{bad_k // m}, action F")
     for rank, r in enumerate(res):
         assert r["error"] is not None and origin in r["error"] and "boom" in r["error"], r
@@ -107,7 +110,7 @@ def test_forward_failure_reaches_every_rank_naming_origin(pool, name, p, bad_ran
         assert r["again"] is not None and "earlier step failed" in r["again"], r
     bad = res[bad_rank]
     assert (bad["stage"], bad["microbatch"], bad["minibatch"], bad["action"]) == \
-        (bad_rank, bad_k, bad_k // m, "F")
+        (bad_rank % p, bad_k, bad_k // m, "F")
     assert "holds version" in bad["error"]
 
 
