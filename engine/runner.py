@@ -78,6 +78,7 @@ class Runner:
         self.executor: Any = None
         self.transports: dict = {}
         self.meters: List[Any] = []      # the last run's per-device memory meters
+        self.graphs: Any = None          # cuda_graphs.PipelineGraphs (cuda_graphs=True)
         self._new_executor()
 
     def _new_executor(self) -> None:
@@ -96,8 +97,11 @@ class Runner:
                                                    self.devices, self.executor,
                                                    timeout=min(self.timeout, 1e9))
 
-    def execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]]) -> RunOutcome:
-        """Run ``plan`` over ``batches``; see the module docstring.
+    def execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
+                before_commit: Any = None) -> RunOutcome:
+        """Run ``plan`` over ``batches``; see the module docstring. ``before_commit(run,
+        stages) -> bool``, after a successful run: whether to commit its gradients (False: the
+        run is dropped as a failed one, e.g. a non-finite gradient under loss scaling).
 
         Raises:
             ValueError: the batches cannot be split into the plan's micro-batches.
@@ -108,9 +112,10 @@ class Runner:
         # Interpreter exit (pipetrain.executor._close_all) waits until no thread is in here:
         # a daemon thread killed by finalization inside a torch op aborts the process.
         with active():
-            return self._execute(plan, stages, batches)
+            return self._execute(plan, stages, batches, before_commit)
 
-    def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]]) -> RunOutcome:
+    def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
+                 before_commit: Any = None) -> RunOutcome:
         from pipetrain.executor import ExecutorError
 
         t0 = time.perf_counter()
@@ -123,9 +128,15 @@ class Runner:
             torch.set_num_threads(self.num_threads)
         ok = False
         try:
-            timeline = self.executor.run(plan.compiled(self.executor), run.dispatch,
-                                         timeout=self.timeout)
-            ok = True
+            # cuda_graphs: a run whose every action is a linked captured graph goes native.
+            native = self.graphs.native(plan, run) if self.graphs is not None else None
+            timeline = self.executor.run(plan.compiled(self.executor),
+                                         run.dispatch if native is None else native.dispatch,
+                                         timeout=self.timeout,
+                                         graphs=None if native is None else native.handles)
+            if native is not None:
+                native.finish(run)
+            ok = before_commit is None or bool(before_commit(run, stages))
         except ExecutorError as err:
             if err.kind != "closed":     # closed: nothing to run any more
                 self._recover(plan)
@@ -137,7 +148,8 @@ class Runner:
                 st.end_run(commit=ok)
             if not ok:
                 run.mailbox.clear()
-        run.backward_into_user_tensors()
+        if ok:
+            run.backward_into_user_tensors()
         return RunOutcome(run, timeline, time.perf_counter() - t0)
 
     def _recover(self, plan: Any) -> None:

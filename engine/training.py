@@ -109,8 +109,8 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
             st.optimizer.zero_grad()
         for inputs, targets in batches:
             loss = pipe.step(inputs, targets)
+            pipe.optimizer_step()     # skipped on every stage if the step found inf / NaN
             for st in pipe.stages:
-                st.optimizer.step()
                 st.optimizer.zero_grad()
             yield loss
         return

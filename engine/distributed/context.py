@@ -20,7 +20,6 @@ over replicas' mini-batches; a token-level loss over all their tokens) and leave
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -29,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipetrain import loss_scaling
 from pipetrain.distributed import grads as grads_mod
-from pipetrain.distributed.mesh import Mesh, local_device
+from pipetrain.distributed.mesh import Mesh, P2PGroups, local_device
 from pipetrain.distributed.runner import RankRunner
 from pipetrain.distributed.wire import Board, PeerFailed, wait_all
 from pipetrain.plan import Plan
@@ -151,10 +151,11 @@ class Distributed:
                     dist.broadcast(tie.param.data, src=mesh.rank_of(tie.devices[0]),
                                    group=tie.groups[mesh.dp_rank])
         self.plan = Plan(pipe.schedule.lower())
-        # Point-to-point traffic in a group of its own whose timeout is the pipeline's: a
+        # Point-to-point traffic in groups of its own whose timeout is the pipeline's: a
         # blocking receive is bounded by it (gloo raises), a dead peer fails it at once.
-        self.group = dist.new_group(backend=dist.get_backend(),
-                                    timeout=datetime.timedelta(seconds=min(timeout, 1e7)))
+        # Control (headers) on gloo, packed tensors on the device's backend (mesh.P2PGroups).
+        self.group = P2PGroups(mesh, [(e.id, dev_of[e.src], dev_of[e.dst]) for e in graph.edges],
+                               timeout)
         store = dist.distributed_c10d._get_default_store()
         self.board = Board(store, f"pipetrain/{number}")
         self.runner: Optional[RankRunner] = None
@@ -250,6 +251,7 @@ class Distributed:
 
     def step(self, pipe: Any, inputs: Any, targets: Any) -> torch.Tensor:
         pipe._loss.begin(targets if self.is_sink else None)
+        loss_scaling.begin_step(pipe)
         run, timeline, wall = self.run(pipe, [self.rank_batch(pipe, inputs, targets)])
         try:
             self._record(pipe, run, timeline, wall)
@@ -272,18 +274,27 @@ class Distributed:
         self.last_timeline = timeline
 
     def _finish(self, pipe: Any, run: Any, sink: bool) -> torch.Tensor:
-        """After our row ran: agree on loss / count / finiteness, reduce and commit gradients."""
+        """After our row ran: reduce the gradients (replicas, tied copies), check and unscale
+        them, agree on loss / count / finiteness in one all-reduce over every rank (the
+        pipeline and data-parallel groups at once), commit or drop them everywhere alike."""
         mesh, loss_fn = self.mesh, pipe._loss
         stages = [pipe.stages[k] for k in self.local]
-        nonfinite = any(not bool(torch.isfinite(g).all())
-                        for st in stages for g in (st.staged_grads() or {}).values())
+        for red in run.reducers.values():
+            red.finish(self._wait)
+        if self.ties:
+            grads_mod.sum_tied(self.ties, pipe.stages, mesh.dp_rank, self._wait)
+        # After the reductions, so a sum that overflowed is caught too; one fused pass that
+        # also divides by the loss scale (pipetrain.loss_scaling).
+        inv = 1.0 / pipe.scaler.scale if pipe.scaler is not None else 1.0
+        flag = loss_scaling.check_and_unscale(loss_scaling.local_grads(stages), inv, sync=False)
         vec = torch.zeros(4, dtype=torch.float64)
         if sink:
             vec[0] = float(run.losses_per_minibatch()[0])
             vec[1] = loss_fn.total_count
             vec[2] = 1.0 if loss_fn.token_level else 0.0
-        vec[3] = 1.0 if nonfinite else 0.0
         vec = vec.to(self.device)
+        if flag is not None:    # on the device: read on the host only after the all-reduce
+            vec[3:4].copy_(flag.reshape(1))
         self._wait([dist.all_reduce(vec, async_op=True)], "the end-of-step all-reduce")
         vec = vec.cpu()
         token = bool(vec[2] > 0)
@@ -291,11 +302,7 @@ class Distributed:
             loss, loss_fn.scale = vec[0] / vec[1], 1.0 / float(vec[1])
         else:
             loss, loss_fn.scale = vec[0] / mesh.w, 1.0 / mesh.w
-        pipe.found_inf = bool(vec[3] > 0)
-        for red in run.reducers.values():
-            red.finish(self._wait)
-        if self.ties:
-            grads_mod.sum_tied(self.ties, pipe.stages, mesh.dp_rank, self._wait)
+        loss_scaling.end_step(pipe, bool(vec[3] > 0))   # the same flag and scale on every rank
         for st in stages:
             # A non-finite gradient on any rank skips the step everywhere: nothing committed.
             st.end_run(commit=not pipe.found_inf)
