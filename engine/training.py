@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 import torch
 
-from pipetrain import async_schedules, prediction, schedules
+from pipetrain import async_schedules, prediction
 from pipetrain.plan import Plan
 from pipetrain.versions import PlannedVersions
 
@@ -35,9 +35,8 @@ def make_optimizers(pipe: Any, factory: Optional[Callable]) -> None:
     schedule = pipe.schedule_name
     stages = [st for st in pipe.stages if st is not None]
     if async_schedules.is_async(schedule) and getattr(pipe, "dist", None) is not None:
-        raise ValueError(f"{schedule} runs in one process for now (its plan spans many "
-                         "mini-batches on local stages); across processes use a synchronous "
-                         "schedule (" + ", ".join(schedules.NAMES) + ")")
+        from pipetrain.distributed.training import check
+        check(pipe)         # what an asynchronous schedule cannot do across processes
     if factory is None:
         if async_schedules.is_async(schedule):
             raise ValueError(f"schedule {schedule!r} updates weights inside the pipeline: pass "
@@ -93,6 +92,10 @@ def _chunks(batches: Iterable, size: Optional[int]) -> Iterator[list]:
 
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
+    if getattr(pipe, "dist", None) is not None:     # across processes: every rank runs its row
+        from pipetrain.distributed import training as dist_training
+        yield from dist_training.train(pipe, batches, minibatches_per_run)
+        return
     name = pipe.schedule_name
     unbuilt = not pipe.stages and getattr(pipe, "_optimizer_factory", None) is not None
     if any(st.optimizer is None for st in pipe.stages) or not (pipe.stages or unbuilt):

@@ -6,7 +6,9 @@ control plane, packed tensors on the data plane; bounded waits, the failure boar
 :mod:`.runner` (this rank's row of the lowered plan on the executor), :mod:`.grads`
 (data-parallel all-reduce, tied weights, global norm), :mod:`.context` (what a rank holds
 and how its step ends: reductions, the inf/NaN check and loss unscaling of
-:mod:`pipetrain.loss_scaling`, one all-reduce that every rank decides on). Sharded save /
+:mod:`pipetrain.loss_scaling`, one all-reduce that every rank decides on), :mod:`.training`
+(``train()``: the asynchronous schedules' plans over many mini-batches, and the synchronous
+step-then-update loop). Sharded save /
 load with torch.distributed.checkpoint is :mod:`pipetrain.checkpointing`.
 """
 
