@@ -263,5 +263,7 @@ def check_nvtx(ranges: List[Tuple[str, str]], stages: int, microbatches: int,
             "ranges": dict(ours), "other_domains": sorted({d for d, _ in ranges} - {"pipetrain"})}
 
 
+from bench._gpu_graphs_part import cuda_graphs_step  # noqa: E402  (its own module)
+
 CHILDREN = {"probe": probe, "triton_kernels": triton_kernels, "transfer_2gpu": transfer_2gpu,
-            "nsys_target": nsys_target}
+            "nsys_target": nsys_target, "cuda_graphs": cuda_graphs_step}

@@ -17,6 +17,13 @@ weight versions / bytes held per device. It writes one timeline picture per sche
 (``async_<schedule>.png``). On a 2-core CPU machine p = 4 threads share 2 cores, so absolute
 numbers are contended; the comparison between schedules on the same machine is the point
 (each schedule's best of two interleaved runs in the full mode).
+
+A second table runs across processes (:mod:`bench._async_procs`): 1F1B and xpipe trained with
+``train()`` on p = 2 gloo processes (one rank per pipeline device), interleaved repeats, medians;
+samples/s from the slower rank's wall clock, the bubble per rank (its idle between its first and
+last compute action, per executor run; mean over the two ranks) and the busy fraction (compute
+seconds of both ranks over 2 x the wall of the whole ``train()`` call: flushes, optimizer steps
+outside the run and messaging count as idle).
 """
 
 from __future__ import annotations
@@ -94,7 +101,25 @@ def run(quick: bool, out: pathlib.Path) -> list:
         print(f"{r['schedule']:12s} {r['samples_per_s']:10.0f} {r['samples_per_s'] / base:8.2f} "
               f"{r['steady_samples_per_s']:9.0f} {100 * r['bubble']:6.1f}% "
               f"{100 * r['sim_bubble']:5.1f}%  {r['peak_versions']} / {mib}")
+    rows.append(run_multiprocess(quick))
     return rows
+
+
+def run_multiprocess(quick: bool) -> dict:
+    """The 2-process table (see the module docstring)."""
+    from bench._async_procs import run_pair
+    cfg = {"schedules": ["1f1b", "xpipe"], "reps": 1 if quick else 3, "m": 4,
+           "T": 6 if quick else 16, "d": 64 if quick else 256, "batch": 32 if quick else 128}
+    print(f"\nacross 2 gloo processes (p=2, one rank per device): m={cfg['m']} T={cfg['T']}, "
+          f"d={cfg['d']}, batch={cfg['batch']}, medians of {cfg['reps']} interleaved repeats")
+    rows = run_pair(cfg)
+    print(f"{'schedule':14s} {'samples/s':>10s} {'vs 1f1b':>8s} {'bubble/rank':>12s} {'busy':>6s}"
+          "  samples/s per repeat")
+    for name, r in rows.items():
+        reps = " ".join(f"{s:.0f}" for s in r["per_repeat"])
+        print(f"{name + ' (2 proc)':14s} {r['samples_per_s']:10.0f} {r['vs_first']:8.2f} "
+              f"{100 * r['bubble']:11.1f}% {100 * r['busy_fraction']:5.1f}%  {reps}")
+    return {"multiprocess": rows}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ On a machine with CUDA devices it runs, each part with its own timeout and the w
    the vendor's datasheet figure, see ``_peer_gpu_parts.DATASHEET_GBS``).
 4. ``transfer_2gpu``: activation copies between two GPUs through the executor's copy stream
    (peer or pinned staging, whichever the hardware gives; skipped with < 2 GPUs).
-5. ``nsys_nvtx``: ``nsys profile --capture-range=cudaProfilerApi`` of a pipeline with
+5. ``cuda_graphs``: ``Pipeline(cuda_graphs=True)`` on cuda:0 (``bench/_gpu_graphs_part.py``):
+   gradients vs the eager pipeline, runs launched natively by the executor, step time of
+   eager vs captured on a fine-grained and a wide workload.
+6. ``nsys_nvtx``: ``nsys profile --capture-range=cudaProfilerApi`` of a pipeline with
    ``profile_steps=(1, 3)``; the sqlite export must hold every action's NVTX range
    (``s1/F3``, domain ``pipetrain``) exactly twice.
 
@@ -216,11 +219,16 @@ def part_nsys(ctx: Ctx, timeout: float) -> Dict[str, Any]:
                          e["kinds"], e["steps"])
 
 
+def part_cuda_graphs(ctx: Ctx, timeout: float) -> Dict[str, Any]:
+    return run_child(ctx, "cuda_graphs", timeout)
+
+
 PARTS = [
     Part("cuda_tests", "pytest tests -k 'cuda or gpu or nvtx': every CUDA-only test, none skipped for want of CUDA", 150, part_cuda_tests),
     Part("triton_kernels", "Triton kernels compiled for the GPU vs pipetrain.kernels.reference on CUDA tensors", 90, part_triton),
     Part("optim_bandwidth", "python -m bench --quick --only optim_kernels: GPU rows, GB/s vs the device's peak", 150, part_optim),
     Part("transfer_2gpu", "cuda:0 <-> cuda:1 copies through the executor's copy stream (peer / pinned staging)", 60, part_transfer),
+    Part("cuda_graphs", "Pipeline(cuda_graphs=True) on cuda:0: gradients vs eager, native runs, eager/graphs step time (fine grain, wide)", 90, part_cuda_graphs),
     Part("nsys_nvtx", "nsys capture of profile_steps=(1, 3); every NVTX range s<k>/<kind><mb> in domain pipetrain x2", 120, part_nsys),
 ]
 

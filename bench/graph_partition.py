@@ -1,9 +1,11 @@
 """Bench section ``graph_partition``: GraphPipe's partitioner on synthetic operator graphs.
 
-1. Search time of :func:`pipetrain.graphpipe.partition` for 100 / 1000 operators onto 8 / 64
-   devices (a random multi-branch SP graph; median of repeats; CPU seconds of this process
-   and wall seconds -- on a shared machine the wall time includes waiting for a core), for
-   pure pipelines and with data-parallel stages + a memory limit.
+1. Search time of :func:`pipetrain.graphpipe.partition` for 100 / 200 / 1000 operators onto
+   8 / 64 devices (a random multi-branch SP graph; median of repeats; CPU seconds of this
+   process and wall seconds -- on a shared machine the wall time includes waiting for a
+   core), for pure pipelines and with data-parallel stages + a memory limit; beside it the
+   SP dynamic programme alone (``refine=False``) and how much the refinement (refine.py, one
+   device per stage, up to 200 operators) gains in simulated time per sample.
 2. Multi-branch models -- 4 branches x 8 layers (the paper's multi-modal transformer shape)
    and a DLRM-like graph (7 dense towers x 4 layers + 7 embedding lookups, interaction, top
    MLP) -- GraphPipe's predicted time per sample and depth against the best *chain*: the
@@ -25,6 +27,7 @@ import statistics
 import time
 
 from pipetrain.graphpipe import CostModel, OpGraph, partition
+from pipetrain.graphpipe.partitioner import REFINE_MAX_OPS
 
 MB = 1 << 20
 
@@ -116,22 +119,31 @@ def run(quick: bool, out: pathlib.Path) -> None:
     cost = CostModel(microbatch_size=8, num_microbatches=32, max_replicas=1)
     dp_mem = CostModel(microbatch_size=8, num_microbatches=32, memory_limit=3e9,
                        allreduce_bandwidth=10e9)
-    print("search time (random multi-branch SP graphs):")
+    print("search time (random multi-branch SP graphs; 'dp cpu s': the SP dynamic programme "
+          "alone, refine=False; the refinement runs for one device per stage up to "
+          f"{REFINE_MAX_OPS} operators):")
     print(f"  {'ops':>5} {'devices':>7} {'setting':<22} {'cpu s':>7} {'wall s':>7} "
-          f"{'stages':>6} {'depth':>5}")
-    for n, p in [(100, 8), (100, 64), (1000, 8), (1000, 64)]:
+          f"{'dp cpu s':>8} {'stages':>6} {'depth':>5} {'sim gain':>8}")
+    for n, p in [(100, 8), (100, 64), (200, 64), (1000, 8), (1000, 64)]:
         g = random_sp_graph(n, seed=n)
         for sname, c in (("pipeline", cost), ("data-par + 3 GB limit", dp_mem)):
-            if sname != "pipeline" and (p < 64 or quick):
+            if sname != "pipeline" and (p < 64 or quick or n == 200):
                 continue  # 3 GB per device holds these models on 64 devices only
             cpu, wall = _time(lambda: partition(g, p, c), 1 if quick else 3)
+            dp_cpu, _ = _time(lambda: partition(g, p, c, refine=False), 1 if quick else 3)
             sg = partition(g, p, c)
-            print(f"  {n:>5} {p:>7} {sname:<22} {cpu:>7.3f} {wall:>7.3f} "
-                  f"{sg.num_stages:>6} {sg.depth:>5}")
+            dp = partition(g, p, c, refine=False)
+            gain = (f"{dp.simulated_time_per_sample / sg.simulated_time_per_sample:>7.3f}x"
+                    if c.max_replicas == 1 else f"{'-':>8}")
+            print(f"  {n:>5} {p:>7} {sname:<22} {cpu:>7.3f} {wall:>7.3f} {dp_cpu:>8.3f} "
+                  f"{sg.num_stages:>6} {sg.depth:>5} {gain}", flush=True)
+    print("  (sim gain: simulated time per sample of the DP's plan / the refined plan's)")
 
-    print("\nGraphPipe vs the best chain (same cost model; ms per sample):")
+    print("\nGraphPipe vs the best chain (same cost model; ms per sample; 'sim': the DAG "
+          "1F1B / 1F1B schedule in the simulator, pipeline setting only):")
     print(f"  {'graph':<12} {'setting':<14} {'dev':>3} | {'graphpipe':>9} {'+fill':>8} "
-          f"{'depth':>5} | {'chain':>9} {'+fill':>8} {'depth':>5} | {'speed-up':>8} found by")
+          f"{'sim':>8} {'depth':>5} | {'chain':>9} {'+fill':>8} {'sim':>8} {'depth':>5} | "
+          f"{'speed-up':>8} {'sim':>6} found by")
     settings = [("pipeline", cost),
                 ("mem 1.5 GiB", CostModel(microbatch_size=8, num_microbatches=32,
                                           memory_limit=1.5 * 1024 * MB,  # 1.5 GiB
@@ -146,11 +158,18 @@ def run(quick: bool, out: pathlib.Path) -> None:
                 except ValueError as err:
                     print(f"  {gname:<12} {sname:<14} {p:>3} | {err}")
                     continue
+                if c.max_replicas == 1:
+                    gs, cs = gp.simulated_time_per_sample, ch.simulated_time_per_sample
+                    gsim, csim = f"{gs * 1e3:>8.3f}", f"{cs * 1e3:>8.3f}"
+                    ratio = f"{cs / gs:>5.2f}x"
+                else:
+                    gsim, csim, ratio = f"{'-':>8}", f"{'-':>8}", f"{'-':>6}"
                 print(f"  {gname:<12} {sname:<14} {p:>3} | {gp.time_per_sample * 1e3:>9.3f} "
-                      f"{gp.step_time_per_sample * 1e3:>8.3f} {gp.depth:>5} | "
+                      f"{gp.step_time_per_sample * 1e3:>8.3f} {gsim} {gp.depth:>5} | "
                       f"{ch.time_per_sample * 1e3:>9.3f} {ch.step_time_per_sample * 1e3:>8.3f} "
-                      f"{ch.depth:>5} | "
-                      f"{ch.step_time_per_sample / gp.step_time_per_sample:>7.2f}x {gp.search}")
+                      f"{csim} {ch.depth:>5} | "
+                      f"{ch.step_time_per_sample / gp.step_time_per_sample:>7.2f}x "
+                      f"{ratio} {gp.search}", flush=True)
     sg = partition(branches_graph(), 8, cost)
     sg.plot(out / "graph_partition_4branch.png")
     print(f"\n{sg}")

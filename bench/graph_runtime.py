@@ -6,7 +6,8 @@ a dense bottom MLP and 8 embedding towers (embedding lookup + MLP) concatenated 
 MLP. Each runs through ``Pipeline`` with ``schedule="graphpipe"`` (partitioner on measured
 per-operator costs, DAG 1F1B) and with the chain schedules ``1f1b`` and ``gpipe`` (the model
 linearized into p contiguous stages balancing the same measured costs), on the same p
-devices. Per row:
+devices; ``graphpipe-dp`` is GraphPipe with the SP dynamic programme's plan alone (no
+refinement against the simulated schedule: the partitioner before refine.py). Per row:
 
 * ``sim op``: samples/s the simulator predicts from the per-operator costs measured on the
   sample (each stage's F / B = the sum of its operators'), before running;
@@ -33,6 +34,7 @@ from torch import nn
 
 import pipetrain
 from pipetrain.graphpipe.build import measure
+from pipetrain.graphpipe import partitioner
 from pipetrain.graphpipe.capture import capture
 
 
@@ -104,10 +106,18 @@ def _data(name: str, batch: int, quick: bool):
 
 
 def _row(name, model, schedule, p, m, xs, y, steps, out, times):
+    dp_only = schedule == "graphpipe-dp"
+    schedule = "graphpipe" if dp_only else schedule
     pipe = pipetrain.Pipeline(model, num_devices=p, schedule=schedule, num_microbatches=m,
                               loss_fn=_mse, timeout=600.0, op_times=times)
     try:
-        pipe.step(xs, y)            # the first step captures, measures and partitions
+        saved = partitioner.REFINE_MAX_OPS
+        if dp_only:  # the SP dynamic programme's plan alone (GraphPipe before refine.py)
+            partitioner.REFINE_MAX_OPS = 0
+        try:
+            pipe.step(xs, y)        # the first step captures, measures and partitions
+        finally:
+            partitioner.REFINE_MAX_OPS = saved
         walls = []
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
@@ -131,11 +141,12 @@ def _row(name, model, schedule, p, m, xs, y, steps, out, times):
         for k in reversed(graph.topological_order()):
             longest[k] = 1 + max((longest[graph.edge(e).dst] for e in graph.stage(k).outputs),
                                  default=0)
-        tag = "graphpipe" if schedule == "graphpipe" else schedule
-        pipe.plot_timeline(out / f"graph_{name}_{tag}.png")
-        if schedule == "graphpipe":
+        tag = "graphpipe-dp" if dp_only else schedule
+        if not dp_only:
+            pipe.plot_timeline(out / f"graph_{name}_{tag}.png")
+        if schedule == "graphpipe" and not dp_only:
             pipe.plot_stage_graph(out / f"graph_{name}_stages.png")
-        return {"schedule": schedule, "stages": graph.num_stages, "depth": max(longest),
+        return {"schedule": tag, "stages": graph.num_stages, "depth": max(longest),
                 "sim_op": batch / sim_op.makespan, "sim_step": batch / sim_step.makespan,
                 "meas": batch / statistics.median(walls), "peak": list(sim_op.peak_inflight),
                 "part_s": built.partition_s, "graph": str(pipe.stage_graph)}
@@ -159,8 +170,11 @@ def run(quick: bool, out: pathlib.Path) -> None:
         # and is simulated on the same numbers.
         sample = tuple(x[:batch // m] for x in xs)
         times = measure(capture(model), sample, repeats=5)[0]
-        rows = [_row(name, model, s, p, m, xs, y, steps, out, times)
-                for s in ("graphpipe", "1f1b", "gpipe")]
+        rows = []
+        for s in ("graphpipe", "1f1b", "gpipe", "graphpipe-dp"):
+            print(f"  {name}: {s} ...", flush=True)
+            rows.append(_row(name, model, s, p, m, xs, y, steps, out, times))
+        chains = rows[1:3]
         print(f"\n{name}: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params")
         print(rows[0]["graph"])
         print(f"{'schedule':>10} {'stages':>6} {'depth':>5} {'sim op':>9} {'sim step':>9} "
@@ -168,9 +182,9 @@ def run(quick: bool, out: pathlib.Path) -> None:
         for r in rows:
             print(f"{r['schedule']:>10} {r['stages']:>6} {r['depth']:>5} {r['sim_op']:>9.1f} "
                   f"{r['sim_step']:>9.1f} {r['meas']:>8.1f} {r['part_s']:>7.3f}  {r['peak']}")
-        best = max(rows[1:], key=lambda r: r["sim_op"])
-        g = rows[0]
-        print(f"graphpipe / best chain ({best['schedule']}): simulated (op costs) "
-              f"{g['sim_op'] / best['sim_op']:.2f}x, simulated (step costs) "
-              f"{g['sim_step'] / max(r['sim_step'] for r in rows[1:]):.2f}x, measured "
-              f"{g['meas'] / max(r['meas'] for r in rows[1:]):.2f}x")
+        best = max(chains, key=lambda r: r["sim_op"])
+        for g in (rows[0], rows[3]):
+            print(f"{g['schedule']} / best chain ({best['schedule']}): simulated (op costs) "
+                  f"{g['sim_op'] / best['sim_op']:.2f}x, simulated (step costs) "
+                  f"{g['sim_step'] / max(r['sim_step'] for r in chains):.2f}x, measured "
+                  f"{g['meas'] / max(r['meas'] for r in chains):.2f}x")

@@ -48,9 +48,11 @@ from typing import Dict, List, Optional
 import torch
 
 from bench import _peer_models as pm
+from pipetrain import schedules
 from bench._peer_models import Workload
 
-PIPETRAIN_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
+# Every schedule build() knows (batched-W variants included), so a new one gets its row.
+PIPETRAIN_SCHEDULES = list(schedules.NAMES)
 
 
 def workloads(quick: bool) -> List[Workload]:

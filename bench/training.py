@@ -18,9 +18,11 @@ import time
 import torch
 from torch import nn
 
+from pipetrain import schedules
 from pipetrain.pipeline import Pipeline
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
+# Every schedule build() knows (batched-W variants zb-h1-bw / zb-h2-bw included).
+SCHEDULES = list(schedules.NAMES)
 
 
 class Block(nn.Module):

@@ -17,8 +17,9 @@ from pipetrain import flat_buffer, optim, schedules  # noqa: E402
 from pipetrain.pipeline import Pipeline, PipelineError  # noqa: E402
 from pipetrain.schedules import ScheduleError  # noqa: E402
 from pipetrain.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from pipetrain.loss_scaling import LossScaler  # noqa: E402
 
 from pipetrain.planner import plan  # noqa: E402
 
-__all__ = ["Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "load_checkpoint",
+__all__ = ["LossScaler", "Pipeline", "PipelineError", "ScheduleError", "flat_buffer", "load_checkpoint",
            "optim", "plan", "save_checkpoint", "schedules", "__version__"]

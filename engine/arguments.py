@@ -17,7 +17,7 @@ import torch
 from pipetrain import schedules
 
 __all__ = ["resolve_num_devices", "build_schedule", "resolve_devices", "check_profile_steps",
-           "check_num_threads", "check_flag", "cores"]
+           "check_num_threads", "check_flag", "cores", "check_acceleration", "Acceleration"]
 
 
 def _is_int(v: Any) -> bool:
@@ -160,3 +160,73 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def resolve_loss_scale(loss_scale: Any, schedule: Any, graph_model: bool) -> Any:
+    """``loss_scale=`` (:mod:`pipetrain.loss_scaling`): None, ``"dynamic"``, a fixed number or
+    a LossScaler. Refused with asynchronous schedules (a run commits and updates many
+    mini-batches before its end, so one step cannot be skipped on every stage) and graph
+    models (not wired yet). Raises ValueError."""
+    from pipetrain import async_schedules, loss_scaling
+    scaler = loss_scaling.resolve(loss_scale)
+    if scaler is not None and async_schedules.is_async(schedule):
+        raise ValueError(f"loss_scale is not supported with the asynchronous schedule {schedule!r}: "
+                         "its runs update weights inside the pipeline, so a step with an inf/NaN "
+                         "gradient cannot be skipped on every stage; use a synchronous schedule")
+    if scaler is not None and graph_model:
+        raise ValueError("loss_scale needs a sequence of layers (a graph model has no loss "
+                         "scaling yet)")
+    return scaler
+
+
+class Acceleration:
+    """``compile=`` and ``cuda_graphs=`` as checked: applied to the stages once they exist."""
+
+    def __init__(self, compile_options: Optional[dict], graph_backend: Any) -> None:
+        from pipetrain.cuda_graphs import GraphedStage
+        from pipetrain.stage import Stage
+        self.compile_options, self.graph_backend = compile_options, graph_backend
+        self.stage_cls = Stage if graph_backend is None else GraphedStage
+
+    def apply(self, pipe: Any) -> None:
+        """Compile the stages' layers, attach the graph backend (stages and runner)."""
+        from pipetrain import compiled_stage, cuda_graphs
+        compiled_stage.compile_stages(pipe.stages, self.compile_options)
+        pipe.graphs = None
+        if self.graph_backend is not None:
+            if pipe.dist is not None:
+                raise ValueError("cuda_graphs=True runs in one process; across processes use "
+                                 "cuda_graphs=False")
+            pipe.graphs = pipe.runner.graphs = cuda_graphs.attach(pipe.stages, pipe.devices,
+                                                                  self.graph_backend)
+
+
+def check_acceleration(compile: Any, cuda_graphs: Any, checkpoint: str, schedule: Any,
+                       model: Any) -> Acceleration:
+    """Check ``compile=`` (False, True or ``torch.compile`` kwargs) and ``cuda_graphs=``
+    (False, True, or a :class:`pipetrain.cuda_graphs.GraphBackend` such as the CPU fake the
+    tests use) against the rest of the configuration."""
+    from pipetrain import async_schedules, compiled_stage, cuda_graphs as graphs
+    options = compiled_stage.check_compile(compile)
+    backend = graphs.check_backend(cuda_graphs)
+    if options is None and backend is None:
+        return Acceleration(None, None)
+    which = "compile" if backend is None else "cuda_graphs"
+    if not isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList, list, tuple)):
+        raise ValueError(f"{which}= applies to a sequence of layers; a graph model (GraphPipe) "
+                         "runs uncompiled and uncaptured")
+    if backend is not None:
+        if checkpoint != "never":
+            raise ValueError(f"cuda_graphs=True keeps every micro-batch's activations in its "
+                             f"graphs' static memory, so re-materialization cannot save memory "
+                             f"there: use checkpoint='never' (got checkpoint={checkpoint!r})")
+        if async_schedules.is_async(schedule):
+            raise ValueError(f"cuda_graphs=True needs fixed parameter addresses; the "
+                             f"asynchronous schedule {schedule!r} rebinds weight versions: use "
+                             "a synchronous schedule")
+        if options is not None:
+            raise ValueError("compile= and cuda_graphs=True together are not supported: a "
+                             "captured backward retains its autograd graph for the replays, "
+                             "which compiled backwards that donate saved buffers refuse "
+                             "(and mode='reduce-overhead' captures CUDA graphs itself)")
+    return Acceleration(options, backend)

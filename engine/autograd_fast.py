@@ -39,15 +39,17 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 
 
-def _plain(outputs: Sequence[Any], inputs: Sequence[Any], grads: Sequence[Any]) -> bool:
+def _plain(outputs: Sequence[Any], inputs: Sequence[Any], grads: Sequence[Any],
+           checked: int = 0) -> bool:
     for o in outputs:
         if type(o) is _Tensor:
-            if o.device.type != "cpu":
+            if not o.is_cpu:
                 return False
         elif not isinstance(o, GradientEdge):
             return False
-    for t in inputs:
-        if type(t) is not _Tensor and type(t) is not _Parameter:
+    # GradientEdge inputs: the split backward's capture points
+    for t in inputs[:len(inputs) - checked] if checked else inputs:
+        if type(t) is not _Tensor and type(t) is not _Parameter and type(t) is not GradientEdge:
             return False
     for g in grads:
         if g is not None and type(g) is not _Tensor:
@@ -56,16 +58,18 @@ def _plain(outputs: Sequence[Any], inputs: Sequence[Any], grads: Sequence[Any]) 
 
 
 def grad(outputs: Sequence[Any], inputs: Sequence[torch.Tensor], grad_outputs: Sequence[Any],
-         retain_graph: bool = False) -> Tuple[Optional[torch.Tensor], ...]:
+         retain_graph: bool = False, plain_tail: int = 0) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients of ``outputs`` w.r.t. ``inputs`` weighted by ``grad_outputs`` — exactly
     ``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
     allow_unused=True)`` (None for an input the outputs do not reach).
 
     A None gradient stands for ones (a scalar loss); otherwise each gradient must have its
     output's shape — not checked on the fast path, as the engine produces them itself.
+    ``plain_tail``: how many of the last ``inputs`` the caller knows to be plain tensors or
+    parameters (a stage checks its parameters once, not at every call).
     """
     outputs, inputs, grad_outputs = tuple(outputs), tuple(inputs), list(grad_outputs)
-    if not ENABLED or _run_backward is None or not _plain(outputs, inputs, grad_outputs):
+    if not ENABLED or _run_backward is None or not _plain(outputs, inputs, grad_outputs, plain_tail):
         return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
                                    allow_unused=True)
     for i, g in enumerate(grad_outputs):

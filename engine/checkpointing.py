@@ -7,17 +7,29 @@ model is split::
 
     model/<layer index>.<name in the layer>        e.g. model/3.lin.weight
     optim/<first name of the parameter>/<state>    e.g. optim/3.lin.weight/exp_avg
+    optim_group/<first name of the parameter>      its param_group's hyper-parameters
+    loss_scaler/scale, loss_scaler/growth_tracker  (Pipeline(loss_scale=...))
 
 Each rank writes the tensors of its own stages (replicas hold equal copies; the checkpoint
 planner writes one), so a checkpoint saved with p stages loads into a pipeline with any
 other p or number of replicas, or into the plain model (``load_checkpoint(model, path)``).
 Optimizer state is keyed by parameter, so it loads into a new optimizer over the new
-split's parameters; hyper-parameters (learning rate ...) are the new optimizer's own.
+split's parameters. So are the hyper-parameters: a param_group (lr, betas, weight_decay, eps,
+momentum ..., and what an LR scheduler adds: initial_lr ...) is per stage, and a new split
+groups parameters differently, so each parameter carries the hyper-parameters of the group
+it was in (every key but ``params``, pickled into a uint8 tensor; equal copies cost bytes,
+not a format); on load every group of the new optimizer takes the values its parameters
+carry, as ``torch.optim.Optimizer.load_state_dict`` does for a whole optimizer. Parameters of
+one new group that carry different values (say a decay and a no-decay group merged) are a
+ValueError naming both. The optimizer is ``optimizer=`` (one or a list) or, by default, the
+stages' own (``Pipeline(..., optimizer=factory)``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple
+
+import pickle
 
 import torch
 from torch import nn
@@ -50,8 +62,25 @@ def _named(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[int, str]]:
     return tensors, first
 
 
-def _optimizer(obj: Any, optimizer: Any) -> Any:
-    return optimizer if optimizer is not None else getattr(obj, "optimizer", None)
+def _optimizers(obj: Any, optimizer: Any) -> list:
+    """``optimizer`` (one or a list), else a pipeline's stage optimizers, else none."""
+    if optimizer is not None:
+        return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    stages = getattr(obj, "stages", None) or []
+    return [st.optimizer for st in stages if st is not None and getattr(st, "optimizer", None) is not None]
+
+
+def _pack(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
+                            dtype=torch.uint8)
+
+
+def _unpack(t: torch.Tensor) -> Any:
+    return pickle.loads(t.cpu().numpy().tobytes())
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def state_dict(obj: Any, optimizer: Any = None) -> Dict[str, torch.Tensor]:
@@ -59,8 +88,7 @@ def state_dict(obj: Any, optimizer: Any = None) -> Dict[str, torch.Tensor]:
     ``optim/...`` state of ``optimizer`` (or ``obj.optimizer``) for their parameters."""
     tensors, first = _named(obj)
     out = {f"model/{k}": t.detach() for k, t in tensors.items()}
-    opt = _optimizer(obj, optimizer)
-    if opt is not None:
+    for opt in _optimizers(obj, optimizer):
         for p, st in opt.state.items():
             name = first.get(id(p))
             if name is None:
@@ -68,6 +96,15 @@ def state_dict(obj: Any, optimizer: Any = None) -> Dict[str, torch.Tensor]:
             for key, value in st.items():
                 out[f"optim/{name}/{key}"] = value if isinstance(value, torch.Tensor) \
                     else torch.tensor(value)
+        for group in opt.param_groups:
+            packed = _pack(_hyper(group))
+            for p in group["params"]:
+                if id(p) in first:
+                    out[f"optim_group/{first[id(p)]}"] = packed
+    scaler = getattr(obj, "scaler", None)
+    if scaler is not None:
+        out["loss_scaler/scale"] = torch.tensor(scaler.scale, dtype=torch.float64)
+        out["loss_scaler/growth_tracker"] = torch.tensor(scaler.growth_tracker, dtype=torch.int64)
     return out
 
 
@@ -85,9 +122,15 @@ def load_state_dict(obj: Any, state: Dict[str, torch.Tensor], optimizer: Any = N
                 continue
             if src is not t.detach():
                 t.detach().copy_(src)
-    opt = _optimizer(obj, optimizer)
-    if opt is None:
-        return
+    scaler = getattr(obj, "scaler", None)
+    if scaler is not None and "loss_scaler/scale" in state:
+        scaler.load_state_dict({"scale": float(state["loss_scaler/scale"]),
+                                "growth_tracker": int(state["loss_scaler/growth_tracker"])})
+    for opt in _optimizers(obj, optimizer):
+        _load_optimizer(opt, first, state)
+
+
+def _load_optimizer(opt: Any, first: Dict[int, str], state: Dict[str, Any]) -> None:
     by_name = {}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -100,6 +143,23 @@ def load_state_dict(obj: Any, state: Dict[str, torch.Tensor], optimizer: Any = N
         p = by_name.get(name)
         if p is not None:
             opt.state[p][what] = value.clone() if what == "step" else value.to(p.device, copy=True)
+    for i, group in enumerate(opt.param_groups):
+        chosen, source = None, None
+        for p in group["params"]:
+            name = first.get(id(p))
+            raw = state.get(f"optim_group/{name}") if name is not None else None
+            if raw is None:
+                continue
+            hyper = _unpack(raw) if isinstance(raw, torch.Tensor) else raw
+            if chosen is None:
+                chosen, source = hyper, name
+            elif hyper != chosen:
+                diff = sorted(k for k in set(hyper) | set(chosen) if hyper.get(k) != chosen.get(k))
+                raise ValueError(f"param_group {i} of the optimizer holds {source} and {name}, "
+                                 f"which were in groups with different {diff} when saved; "
+                                 "group them as they were (or load without the optimizer)")
+        if chosen is not None:
+            group.update(chosen)
 
 
 def save_checkpoint(obj: Any, path: Any, optimizer: Any = None) -> None:
@@ -115,15 +175,20 @@ def load_checkpoint(obj: Any, path: Any, optimizer: Any = None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    target = {k: t.detach().clone() for k, t in state_dict(obj).items()}   # model part
-    opt = _optimizer(obj, optimizer)
-    if opt is not None:
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # The model part (and the loss scaler's, when both sides have one).
+    target = {k: t.detach().clone() for k, t in state_dict(obj, []).items()
+              if k.startswith("model/") or k in meta}
+    opts = _optimizers(obj, optimizer)
+    if opts:
         _, first = _named(obj)
-        names = {first[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in first}
-        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        names = {first[id(p)] for opt in opts for g in opt.param_groups for p in g["params"]
+                 if id(p) in first}
         for key, md in meta.items():
-            if key.startswith("optim/") and isinstance(md, TensorStorageMetadata) \
-                    and key[len("optim/"):].rsplit("/", 1)[0] in names:
+            if not isinstance(md, TensorStorageMetadata):
+                continue
+            if (key.startswith("optim/") and key[len("optim/"):].rsplit("/", 1)[0] in names) \
+                    or (key.startswith("optim_group/") and key[len("optim_group/"):] in names):
                 target[key] = torch.empty(md.size, dtype=md.properties.dtype)
     dcp.load(target, checkpoint_id=str(path))
-    load_state_dict(obj, target, optimizer)
+    load_state_dict(obj, target, opts)

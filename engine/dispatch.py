@@ -12,7 +12,8 @@ traffic along the stage graph's edges::
               gi = stage.backward(k, g) / backward_input(k, g)
               post stage.split_input_grads(gi)[i] on input edge i
                   (a source keeps gi for the user's input)
-    W  s k    stage.backward_weight(k)
+    W  s k    stage.backward_weight(k)            (a batched W s k..k+n-1:
+                                                   stage.backward_weight(k, n))
     U  s t    stage.update()                         (optimizer step; weights -> next version)
 
 Every F / B / I / W runs with its weight version bound (``stage.versions``). Transfer actions
@@ -33,8 +34,40 @@ from pipetrain.mailbox import GRAD, VALUE, Mailbox
 from pipetrain.microbatch import flatten, scatter
 from pipetrain.stage_run import Meter
 from pipetrain.transport import to_device
+from pipetrain.versions import LIVE, WeightVersions
 
-__all__ = ["Run", "Feed", "Carry", "split_minibatches"]
+__all__ = ["Run", "Feed", "Carry", "split_minibatches", "action_table"]
+
+_Tensor = torch.Tensor
+_COMPUTE = frozenset(("F", "B", "I", "W"))
+
+#: Let a device borrow the intra-op threads of devices that have nothing to run (CPU runs
+#: with ``num_threads`` set): before each action its issuing thread takes
+#: ``num_threads * num_devices // (devices inside an action now)`` threads, so in warm-up,
+#: cool-down and waits the busy stage computes on the idle stage's cores too. Off by
+#: default: on the shared 2-core host it made steps 1.08-1.6x slower in 5 of 6 rows
+#: (``bench/step_overhead.py``'s thread rows) -- no core is idle there to lend, and a
+#: device that starts while another holds its threads oversubscribes the cores for an
+#: action. Kept for measuring on hosts with idle cores.
+BORROW_THREADS = False
+
+
+def action_table(plan: Any) -> List[List[Tuple[str, int, int, int, Any, int]]]:
+    """Per device, per action of ``plan``: ``(kind, stage, micro-batch, version, action,
+    count)`` (``count``: micro-batches a batched W covers, else 1).
+
+    Read once per plan and kept on it (the plan's actions never change): each field of a
+    C++ action costs a pybind11 call (~0.2 us) and a new ``str`` for ``kind``, five per
+    action per run otherwise. Shapes do not enter: the table holds only what the IR says.
+    """
+    table = getattr(plan, "_dispatch_table", None)
+    if table is None or table[0] is not plan.actions:
+        rows = [[(str(a.kind), a.stage, a.microbatch, a.version, a, getattr(a, "count", 1))
+                 for a in row]
+                for row in plan.actions]
+        table = (plan.actions, rows)
+        plan._dispatch_table = table
+    return table[1]
 
 
 def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list, list, list, list]:
@@ -159,6 +192,15 @@ class Run:
         self.target_grads: Dict[int, Any] = {}
         self.num_threads = num_threads
         self._threads_set = [False] * plan.num_devices
+        # Thread borrowing (BORROW_THREADS): who is inside an action, and each issuing
+        # thread's current intra-op thread count (0: not set in this run).
+        self.borrow = bool(BORROW_THREADS and num_threads and plan.num_devices > 1)
+        self._inside = [False] * plan.num_devices
+        self._threads_now = [0] * plan.num_devices
+        self.threads_used: List[List[int]] = [[] for _ in range(plan.num_devices)] \
+            if self.borrow else []
+        if self.borrow:
+            self.dispatch = self._dispatch_borrowing     # what the executor is handed
         # Autocast is thread-local: the caller's carries over to the issuing threads.
         self.autocast = [(dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda")
                          if torch.is_autocast_enabled(dt)]
@@ -169,6 +211,7 @@ class Run:
         self._in = [[(e, transports[e], dev[graph.edge(e).src], dev[s])
                      for e in graph.stage(s).inputs] for s in range(graph.num_stages)]
         self.devices = devices
+        self.table = action_table(plan)      # per device: (kind, stage, mb, version, action, count)
 
     # -- the executor's callback ----------------------------------------------------------
     def dispatch(self, device: int, index: int) -> None:
@@ -176,26 +219,59 @@ class Run:
         if self.num_threads and not self._threads_set[device]:
             torch.set_num_threads(self.num_threads)   # intra-op threads are per thread
             self._threads_set[device] = True
-        a = self.plan.actions[device][index]
-        kind = a.kind
-        stage = self.stages[a.stage]
-        if kind == "U":
-            stage.update()
-            return
-        if kind not in ("F", "B", "I", "W"):
+        kind, s, k, version, a, count = self.table[device][index]
+        stage = self.stages[s]
+        if kind not in _COMPUTE:
+            if kind == "U":
+                stage.update()
             return          # transfers of a lowered schedule: values move with F and B here
         versions = stage.versions
-        versions.bind(a.version, a)
+        if version == LIVE and type(versions) is WeightVersions:
+            # Binding the live weights is a no-op, and so is the release after it (every
+            # action releases what it bound): skip both calls and the try.
+            if self.autocast and kind != "W":
+                self._compute_autocast(kind, stage, k)
+            elif count > 1:                     # a batched W: several micro-batches at once
+                stage.backward_weight(k, count)
+            else:
+                self._compute(kind, stage, k)
+            return
+        versions.bind(version, a)
         try:
             if self.autocast and kind != "W":   # F, and B / I which may recompute F
-                with contextlib.ExitStack() as stack:
-                    for device_type, dtype in self.autocast:
-                        stack.enter_context(torch.autocast(device_type, dtype=dtype))
-                    self._compute(kind, stage, a.microbatch)
+                self._compute_autocast(kind, stage, k)
+            elif count > 1:                     # a batched W: several micro-batches at once
+                stage.backward_weight(k, count)
             else:
-                self._compute(kind, stage, a.microbatch)
+                self._compute(kind, stage, k)
         finally:
             versions.release()
+
+    def _dispatch_borrowing(self, device: int, index: int) -> None:
+        """:meth:`dispatch` with the intra-op threads of idle devices lent to this one.
+
+        ``_inside`` is read and written under the GIL (each issuing thread holds it in
+        dispatch), so the count is exact at the moment the action starts; a device that
+        starts later in this action's lifetime oversubscribes the cores until one of them
+        ends (at most ``num_threads`` extra threads, for one action)."""
+        inside = self._inside
+        inside[device] = True
+        try:
+            n = max(1, self.num_threads * len(inside) // sum(inside))
+            if n != self._threads_now[device]:
+                torch.set_num_threads(n)        # intra-op threads are per issuing thread
+                self._threads_now[device] = n
+            self.threads_used[device].append(n)
+            self._threads_set[device] = True    # the plain dispatch must not reset it
+            Run.dispatch(self, device, index)
+        finally:
+            inside[device] = False
+
+    def _compute_autocast(self, kind: str, stage: Any, k: int) -> None:
+        with contextlib.ExitStack() as stack:
+            for device_type, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            self._compute(kind, stage, k)
 
     def _compute(self, kind: str, stage: Any, k: int) -> None:
         s = stage.index
@@ -205,11 +281,10 @@ class Run:
             if inputs:
                 x = stage.join_inputs([tr.receive(box.take(VALUE, e, k)) for e, tr, _, _ in inputs])
             else:
-                x = to_device(self.x[k], stage.device)
-            if stage.is_last:
-                loss = stage.forward(k, x, to_device(self.y[k], stage.device),
-                                     weight=self.weights[k])
-                self.losses[k] = loss.to("cpu")
+                x = _on(self.x[k], stage.device)
+            if stage.loss_fn is not None:      # a sink
+                loss = stage.forward(k, x, _on(self.y[k], stage.device), weight=self.weights[k])
+                self.losses[k] = loss if loss.is_cpu else loss.to("cpu")
                 return
             out = stage.forward(k, x)
             for (e, tr, a, b), part in zip(self._out[s], stage.split_outputs(out)):
@@ -227,7 +302,7 @@ class Run:
                     box.put(GRAD, e, k, tr.send(part, b, a))
             elif gi is not None:
                 self.input_grads[k] = gi
-            if stage.is_last:
+            if stage.loss_fn is not None:
                 tg = stage.take_target_grad(k)
                 if tg is not None:
                     self.target_grads[k] = tg
@@ -239,7 +314,13 @@ class Run:
         out = []
         for t in getattr(self.plan, "minibatches", range(self.plan.num_minibatches)):
             ks = range(t * m, (t + 1) * m)
-            out.append(sum(self.losses[k] * self.weights[k] for k in ks))
+            ls, ws = [self.losses[k] for k in ks], [self.weights[k] for k in ks]
+            if all(type(x) is _Tensor and x.dtype == ls[0].dtype for x in ls):
+                # Three ops instead of 2m (a multiply and an add per micro-batch: ~2 us of
+                # every action at the fine grain); the sum is a reduction, not left to right.
+                out.append((torch.stack(ls) * torch.tensor(ws, dtype=ls[0].dtype)).sum())
+            else:
+                out.append(sum(x * w for x, w in zip(ls, ws)))
         return out
 
     def samples(self) -> int:
@@ -274,3 +355,11 @@ class Run:
                     grads.append(g)
         if tensors:
             torch.autograd.backward(tensors, grads)
+
+
+def _on(obj: Any, device: torch.device) -> Any:
+    """``obj`` on ``device``: :func:`~pipetrain.transport.to_device`, skipping its tree walk
+    for a lone tensor already there (the user's micro-batch, on every F of a source)."""
+    if type(obj) is _Tensor and obj.device == device:
+        return obj
+    return to_device(obj, device)

@@ -317,7 +317,7 @@ class Executor:
         return CompiledPlan(self.num_devices, plan)
 
     def run(self, plan: PlanList | CompiledPlan, run_action: Callable[[int, int], None],
-            timeout: float = 60.0) -> Timeline:
+            timeout: float = 60.0, graphs: Sequence[Sequence[int]] | None = None) -> Timeline:
         """Run every action of ``plan`` once, respecting its dependencies.
 
         Args:
@@ -327,6 +327,9 @@ class Executor:
             timeout: seconds without any action completing before the run is cancelled;
                 ``math.inf``: never (Ctrl-C, :meth:`cancel` and :meth:`close` still stop
                 it). Values too large to represent clamp to ~146 years.
+            graphs: per device, one captured-graph handle per action (0: call
+                ``run_action``); the issuing thread launches those without the GIL
+                (:mod:`pipetrain.cuda_graphs`; CUDA graph execs, or ``_C.runtime.HostGraphs``).
         Returns:
             the run's :class:`Timeline`.
         Raises:
@@ -357,7 +360,7 @@ class Executor:
             if self._profile and step == self._profile[0]:
                 self._backend.profiler_start()
             try:
-                result = self._core.run(core_plan, run_action, timeout)
+                result = self._core.run(core_plan, run_action, timeout, graphs)
             finally:
                 if self._profile and step == self._profile[1] - 1:
                     self._backend.profiler_stop()

@@ -35,6 +35,21 @@ class GlobalOps:
         unique = list({id(p): p for p in self.parameters()}.values())
         return torch.nn.utils.clip_grad_norm_(unique, max_norm, norm_type)
 
+    @property
+    def loss_scale(self) -> float:
+        """The loss scale the next step uses (1.0 without ``loss_scale=``)."""
+        return self.scaler.scale if getattr(self, "scaler", None) is not None else 1.0
+
+    def optimizer_step(self, optimizer: Any = None) -> bool:
+        """``optimizer.step()`` (default: each local stage's ``optimizer=``) unless a step
+        since the last call found an inf/NaN gradient on any stage or rank (then nothing was
+        committed and every rank skips alike); returns whether it stepped. Call it where
+        you would call ``opt.step()`` (:mod:`pipetrain.loss_scaling`). Gradients are checked
+        with ``loss_scale=`` and, across processes, always; in one process without a scaler
+        nothing is checked and it always steps."""
+        from pipetrain import loss_scaling
+        return loss_scaling.optimizer_step(self, optimizer)
+
     def state_dict(self, optimizer: Any = None) -> dict:
         """This process's stages' tensors (and ``optimizer``'s state for them), keyed as in
         the unsplit model (:mod:`pipetrain.checkpointing`)."""

@@ -40,6 +40,8 @@ def flatten(obj: Any) -> Tuple[List[Any], Spec]:
         ``(leaves, spec)`` with ``unflatten(leaves, spec)`` equal to ``obj`` (same containers,
         same leaf objects). Dict keys keep their insertion order.
     """
+    if type(obj) is torch.Tensor:        # the common case, on the per-action path
+        return [obj], _LEAF
     leaves: List[Any] = []
     return leaves, _flatten_into(obj, leaves)
 
@@ -58,6 +60,8 @@ def _flatten_into(obj: Any, leaves: List[Any]) -> Spec:
 
 def unflatten(leaves: Sequence[Any], spec: Spec) -> Any:
     """Rebuild the nesting described by ``spec`` from ``leaves`` (inverse of :func:`flatten`)."""
+    if spec is _LEAF and len(leaves) == 1:   # a lone leaf (flatten's own spec object)
+        return leaves[0]
     it = iter(leaves)
     out = _unflatten_from(it, spec)
     rest = sum(1 for _ in it)
@@ -131,6 +135,9 @@ def scatter(obj: Any, m: int) -> Tuple[List[Any], List[int]]:
         ``(micro_batches, sizes)``: ``m`` objects with ``obj``'s nesting whose tensors are views
         of ``obj``'s (no copy), and their dim-0 sizes (``sum(sizes) == batch_size(obj)``).
     """
+    if type(obj) is torch.Tensor and obj.dim() > 0:     # the common case: no tree walk
+        sizes = split_sizes(obj.shape[0], m)
+        return list(torch.split(obj, sizes, dim=0)), sizes
     sizes = split_sizes(batch_size(obj), m)
     leaves, spec = flatten(obj)
     pieces = [torch.split(x, sizes, dim=0) if _splittable(x) else None for x in leaves]

@@ -26,21 +26,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from pipetrain import arguments as args
-from pipetrain import errors
-from pipetrain import async_schedules
-from pipetrain import checkpoint as ckpt
-from pipetrain import distributed
-from pipetrain import losses, partition
-from pipetrain import transport
+from pipetrain import arguments as args, checkpoint as ckpt
+from pipetrain import async_schedules, distributed, errors, loss_scaling, losses, partition, transport
+from pipetrain.errors import PipelineError
 from pipetrain.graphpipe import pipeline_model as graph_build
 from pipetrain.plan import Plan
 from pipetrain.runner import Runner, check_timeout
 from pipetrain.stage_builder import build_stages
-from pipetrain.errors import PipelineError
 from pipetrain.global_ops import GlobalOps
 from pipetrain.reporting import Reporting
-from pipetrain.stats import StepStats, measure_run
+from pipetrain.stats import StepStats, measure_later
 
 __all__ = ["Pipeline", "PipelineError"]
 
@@ -62,7 +57,8 @@ class Pipeline(GlobalOps, Reporting):
         balance: layers per stage (``num_stages`` entries), e.g. ``[3, 3, 2, 2]``; default:
             equal parameter count (:func:`pipetrain.partition.balance_by_size`).
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``, ``"zb-h2"``,
-            or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain;
+            ``"zb-h1-bw"``, ``"zb-h2-bw"`` (the W's after each stage's last I as one batched
+            W), or a built :class:`~pipetrain.schedules.Schedule` whose stages form a chain;
             asynchronous (``train()`` only): ``"pipedream"``, ``"2bw"``, ``"spectrain"``,
             ``"xpipe"``, ``"2bw-predict"`` (:mod:`pipetrain.async_schedules`).
         num_microbatches: ``m``, micro-batches per mini-batch (default 1).
@@ -101,6 +97,9 @@ class Pipeline(GlobalOps, Reporting):
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
             schedules; spectrain needs SGD with momentum, xpipe Adam / AdamW, 2bw-predict
             either (torch.optim or pipetrain.optim: prediction reads their state).
+        loss_scale: ``"dynamic"``, a fixed number or a LossScaler (:mod:`pipetrain.loss_scaling`).
+        compile, cuda_graphs: ``torch.compile`` each stage (:mod:`pipetrain.compiled_stage`);
+            capture F/B/I/W per micro-batch as CUDA graphs (:mod:`pipetrain.cuda_graphs`).
 
     Raises:
         ValueError: an argument that is not allowed, saying what is.
@@ -117,9 +116,11 @@ class Pipeline(GlobalOps, Reporting):
                  data_parallel: Optional[int] = None, init_fn: Any = None,
                  leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
                  example_inputs: Any = None, op_times: Optional[dict] = None,
-                 optimizer: Optional[Callable[[Any], Any]] = None) -> None:
+                 optimizer: Optional[Callable[[Any], Any]] = None, loss_scale: Any = None,
+                 compile: Any = False, cuda_graphs: bool = False) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
+        accel = args.check_acceleration(compile, cuda_graphs, checkpoint, schedule, model)
         # A model that is not a sequence of layers is an operator graph (GraphPipe path):
         # built from a sample micro-batch, at the first step unless example_inputs is given.
         self._graph_model = None if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)) \
@@ -134,8 +135,8 @@ class Pipeline(GlobalOps, Reporting):
         p = args.resolve_num_devices(num_devices, num_stages)
         self.checkpoint, self.timeout, self.transfer = checkpoint, timeout, transfer
         self._stats: Optional[StepStats] = None
-        self._lock = threading.Lock()
-        self.found_inf, self.dist = False, None
+        self._lock, self.found_inf, self.dist = threading.Lock(), False, None
+        self.scaler = args.resolve_loss_scale(loss_scale, schedule, self._graph_model is not None)
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "name", "")
         if self._graph_model is not None:     # one process (no data_parallel) for now
             if async_schedules.is_async(schedule):
@@ -179,10 +180,11 @@ class Pipeline(GlobalOps, Reporting):
             self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
             timeout=timeout) or None
         self.stages = build_stages(
-            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint,
-            rng_lock=rng_lock, check_finite=check_finite, grad_scale=self._loss.grad_scale,
+            graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint, rng_lock=rng_lock,
+            check_finite=check_finite, grad_scale=self._loss.grad_scale, stage_cls=accel.stage_cls,
             is_local=self.dist.is_local if self.dist is not None else (lambda k: True))
         self._start_runner(num_threads)
+        accel.apply(self)
         from pipetrain.training import make_optimizers
         make_optimizers(self, optimizer)
 
@@ -240,9 +242,9 @@ class Pipeline(GlobalOps, Reporting):
                 if self.dist is not None:
                     return self.dist.step(self, inputs, targets)
                 self._loss.begin(targets)
-                outcome = self._execute(self.plan, [(inputs, targets)])
+                outcome = self._execute(self.plan, [(inputs, targets)], loss_scaling.begin_step(self))
                 loss = self._loss.finish(outcome.run.losses_per_minibatch()[0])
-                self._stats = self._measure(outcome)
+                self._stats = measure_later(outcome, self.plan, self.num_stages)
             return loss
         finally:
             self._lock.release()
@@ -263,24 +265,21 @@ class Pipeline(GlobalOps, Reporting):
         from pipetrain.training import train
         return train(self, batches, minibatches_per_run)
 
-    def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]], carry: Any = None) -> Any:
+    def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]], gate: Any = None,
+                 carry: Any = None) -> Any:
         """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError.
-        ``carry``: a window of a streamed asynchronous run (:meth:`Runner.execute`)."""
+        ``gate``: the runner's ``before_commit``; ``carry``: a window of a streamed
+        asynchronous run (:meth:`Runner.execute`)."""
         from pipetrain.executor import ExecutorError
         from pipetrain.nvtx import range as nvtx_range
 
         with nvtx_range(f"pipetrain/run {self.schedule.name}"):
             try:
-                if carry is not None:
-                    return self.runner.execute(plan, self.stages, batches, carry=carry)
-                return self.runner.execute(plan, self.stages, batches)
+                return self.runner.execute(plan, self.stages, batches, gate, carry=carry)
             except ExecutorError as err:
                 raise errors.from_executor(plan, err) from (err.__cause__ or err)
 
     # -- measurements ---------------------------------------------------------------------
-    def _measure(self, outcome: Any) -> StepStats:
-        return measure_run(outcome, self.plan, self.num_stages)
-
     @property
     def stage_graph(self) -> Any:
         """A graph model's stages: operators, edges and devices (printable); None for a

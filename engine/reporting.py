@@ -18,6 +18,8 @@ class Reporting:
         idle, measured bubble ratio, samples/s, per-stage action costs, peak stash)."""
         if self._stats is None:
             raise RuntimeError("no step has run yet: call step() first")
+        if callable(self._stats):          # measured lazily (stats.measure_later)
+            self._stats = self._stats()
         return self._stats
 
     def simulate(self, stats: Optional[StepStats] = None) -> Any:

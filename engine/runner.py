@@ -12,9 +12,7 @@ runs one :class:`~pipetrain.plan.Plan` over its mini-batches::
              replaced, and can only touch the abandoned run's own state when it returns.
 
 A plan with ``U`` actions commits each stage's gradients at its update instead, so after a
-failure mid-plan a stage holds the weights of the updates that ran (``Stage.versions``;
-``train()`` then rolls the stages back to one version). A window of a streamed asynchronous
-run (``execute(..., carry=)``) keeps the in-flight state for the next window on success.
+failure mid-plan a stage holds the weights of the updates that ran (``Stage.versions``).
 """
 
 from __future__ import annotations
@@ -80,6 +78,7 @@ class Runner:
         self.executor: Any = None
         self.transports: dict = {}
         self.meters: List[Any] = []      # the last run's per-device memory meters
+        self.graphs: Any = None          # cuda_graphs.PipelineGraphs (cuda_graphs=True)
         self._new_executor()
 
     def _new_executor(self) -> None:
@@ -99,8 +98,10 @@ class Runner:
                                                    timeout=min(self.timeout, 1e9))
 
     def execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
-                carry: Optional[Any] = None) -> RunOutcome:
-        """Run ``plan`` over ``batches``; see the module docstring.
+                before_commit: Any = None, carry: Optional[Any] = None) -> RunOutcome:
+        """Run ``plan`` over ``batches``; see the module docstring. ``before_commit(run,
+        stages) -> bool``, after a successful run: whether to commit its gradients (False: the
+        run is dropped as a failed one, e.g. a non-finite gradient under loss scaling).
 
         ``carry`` (a :class:`~pipetrain.dispatch.Carry`): ``plan`` is one window of a streamed
         asynchronous run (:class:`~pipetrain.async_windows.WindowPlan`); its data comes from
@@ -117,10 +118,10 @@ class Runner:
         # Interpreter exit (pipetrain.executor._close_all) waits until no thread is in here:
         # a daemon thread killed by finalization inside a torch op aborts the process.
         with active():
-            return self._execute(plan, stages, batches, carry)
+            return self._execute(plan, stages, batches, before_commit, carry)
 
     def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
-                 carry: Optional[Any] = None) -> RunOutcome:
+                 before_commit: Any = None, carry: Optional[Any] = None) -> RunOutcome:
         from pipetrain.executor import ExecutorError
 
         t0 = time.perf_counter()
@@ -134,9 +135,15 @@ class Runner:
             torch.set_num_threads(self.num_threads)
         ok = False
         try:
-            timeline = self.executor.run(plan.compiled(self.executor), run.dispatch,
-                                         timeout=self.timeout)
-            ok = True
+            # cuda_graphs: a run whose every action is a linked captured graph goes native.
+            native = self.graphs.native(plan, run) if self.graphs is not None else None
+            timeline = self.executor.run(plan.compiled(self.executor),
+                                         run.dispatch if native is None else native.dispatch,
+                                         timeout=self.timeout,
+                                         graphs=None if native is None else native.handles)
+            if native is not None:
+                native.finish(run)
+            ok = before_commit is None or bool(before_commit(run, stages))
         except ExecutorError as err:
             if err.kind != "closed":     # closed: nothing to run any more
                 self._recover(plan)
@@ -150,7 +157,8 @@ class Runner:
                 run.mailbox.clear()
             elif carry is not None:
                 carry.runs += 1
-        run.backward_into_user_tensors()
+        if ok:
+            run.backward_into_user_tensors()
         return RunOutcome(run, timeline, time.perf_counter() - t0)
 
     def _recover(self, plan: Any) -> None:

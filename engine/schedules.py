@@ -9,7 +9,10 @@ instead of ``B``; ``U`` is the optimizer update of one stage after one mini-batc
 may name the weight version it runs on: ``"1F3@2"``; without ``@`` it runs on the live
 weights. :meth:`Schedule.lower` adds transfers: ``"1SF3>2"`` (stage 1 sends micro-batch
 3's activation to stage 2), ``"2RF3<1"`` (stage 2 receives it), ``"2SB3>1"`` / ``"1RB3<2"``
-(the gradient going back).
+(the gradient going back). A W may cover a range of micro-batches, ``"1W3-5"`` (a *batched
+W*: stage 1's weight gradients of micro-batches 3..5 as one computation, each Linear one
+GEMM over their stacked rows); each micro-batch's W must appear exactly once, after its I.
+``zb-h1-bw`` / ``zb-h2-bw`` batch the W's each stage defers past its last I.
 
 A plan spans ``num_minibatches`` T mini-batches of ``num_microbatches`` m micro-batches;
 micro-batches are numbered globally, ``k = t * m + j``.
@@ -90,6 +93,10 @@ class Action:
     ``chunk``, ``device`` and the mini-batch say where the action sits (filled in by
     :meth:`Schedule.actions`); they do not take part in ``==`` or ``hash``, so
     ``Action.parse("1F3")`` equals the schedule's. ``str()`` is the C++ label (``"1F3@2"``).
+
+    ``count`` is the number of micro-batches covered: 1, except for a *batched W*
+    (``"1W3-5"``: stage 1's weight gradients of micro-batches 3, 4, 5 as one computation),
+    which covers ``microbatch .. microbatch + count - 1`` (:attr:`microbatches`).
     """
 
     stage: int
@@ -97,6 +104,7 @@ class Action:
     microbatch: int
     peer: int = -1
     version: int = -1
+    count: int = 1
     chunk: int = dataclasses.field(default=0, compare=False)
     device: int = dataclasses.field(default=0, compare=False)
     num_microbatches: int = dataclasses.field(default=0, compare=False, repr=False)
@@ -113,6 +121,11 @@ class Action:
             return self.microbatch
         return self.microbatch // self.num_microbatches if self.num_microbatches > 0 else -1
 
+    @property
+    def microbatches(self) -> range:
+        """The micro-batches the action covers (one, or a batched W's range)."""
+        return range(self.microbatch, self.microbatch + self.count)
+
     def __str__(self) -> str:
         # Cached outside the fields, so dataclasses.replace() never carries a stale label.
         text = self.__dict__.get("_text")
@@ -124,9 +137,10 @@ class Action:
     @classmethod
     def parse(cls, text: str) -> "Action":
         """``"1F3"`` -> Action(stage=1, kind=Kind.F, microbatch=3); also ``"1F3@2"``,
-        ``"1U0"``, ``"1SF3>2"``. Raises ValueError naming what is wrong (C++ parser)."""
-        kind, stage, mb, peer, version, _ = _core.parse_action(text)
-        return cls(stage, _KINDS[kind], mb, peer, version)
+        ``"1U0"``, ``"1SF3>2"``, ``"1W3-5"`` (a batched W). Raises ValueError naming what is
+        wrong (C++ parser)."""
+        kind, stage, mb, peer, version, _, count = _core.parse_action(text)
+        return cls(stage, _KINDS[kind], mb, peer, version, count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,10 +305,10 @@ class Schedule:
         m, kinds, new, out = self.num_microbatches, _KINDS, Action.__new__, []
         # Fields set directly (the core has checked them; a frozen dataclass's __init__ costs
         # several times more), the C++ label cached for str().
-        for kind, stage, mb, peer, version, label in self._core.actions(device):
+        for kind, stage, mb, peer, version, label, count in self._core.actions(device):
             a = new(Action)
             a.__dict__.update(stage=stage, kind=kinds[kind], microbatch=mb, peer=peer,
-                              version=version, chunk=chunk[stage], device=device,
+                              version=version, count=count, chunk=chunk[stage], device=device,
                               num_microbatches=m, _text=label)
             out.append(a)
         return out
@@ -318,7 +332,7 @@ class Schedule:
 
     def simulate(self, forward: Cost = 1.0, backward: Cost = 2.0, weight: Cost | None = None,
                  transfer: float = 0.0, *, update: Cost = 0.0, transfer_bytes: float = 0.0,
-                 bandwidth: float | None = None) -> SimulationResult:
+                 bandwidth: float | None = None, weight_fixed: Cost = 0.0) -> SimulationResult:
         """Discrete-event simulation with per-stage costs (scalars or lists of num_stages).
 
         Args:
@@ -330,6 +344,10 @@ class Schedule:
             transfer: latency of every cross-device dependency (activation or gradient).
             update: cost of U (the optimizer update) on each stage.
             transfer_bytes, bandwidth: add ``transfer_bytes / bandwidth`` to that latency.
+            weight_fixed: the fixed part ``a`` of a batched W: one covering ``n``
+                micro-batches costs ``a + (W - a) * n`` (``W`` the cost of one W), so 0 (the
+                default) prices it as ``n`` separate W's and ``a = W`` as one. Fit it from
+                measured W's of several sizes; ``0 <= a <= W``.
         Each action starts when its device is free and its dependencies have ended (plus
         the transfer time if on another device). Raises :class:`ScheduleError` if the
         schedule is invalid, ``ValueError`` for bad costs.
@@ -353,7 +371,8 @@ class Schedule:
             latency += float(transfer_bytes) / float(bandwidth)
         raw = self._core.simulate(per_stage(forward, "forward"), per_stage(backward, "backward"),
                                   None if weight is None else per_stage(weight, "weight"),
-                                  per_stage(update, "update"), latency)
+                                  per_stage(update, "update"), latency,
+                                  per_stage(weight_fixed, "weight_fixed"))
         return SimulationResult(raw.makespan, raw.bubble_ratio, list(raw.busy), list(raw.idle),
                                 list(raw.peak_inflight), raw, self)
 
@@ -377,7 +396,8 @@ def build(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1
 
     Args:
         name: one of :data:`NAMES`: ``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``,
-            ``zb-h2``.
+            ``zb-h2``, and ``zb-h1-bw`` / ``zb-h2-bw`` (the same with the W's deferred past
+            each stage's last I run as one batched W, ``"3W4-7"``).
         num_stages: devices p (>= 1); interleaved has ``num_stages * num_chunks`` stages,
             stage k on device k % p.
         num_microbatches: m >= 1 per mini-batch (interleaved: a multiple of num_stages).
@@ -426,7 +446,7 @@ def validate(schedule: Schedule) -> Schedule:
 
 def _excerpt(schedule: Schedule, device: int, index: int, width: int = 12) -> str:
     """Device ``device``'s row around position ``index``, the offender in brackets."""
-    labels = [raw[-1] for raw in schedule._core.actions(device)]
+    labels = [raw[5] for raw in schedule._core.actions(device)]
     lo = max(0, index - width // 2) if index >= 0 else 0
     hi = min(len(labels), lo + width)
     cells = [f"[{labels[i]}]" if i == index else labels[i] for i in range(lo, hi)]

@@ -13,18 +13,62 @@ node's weight side and through the input side (weights reused along the chain) c
 split this way; those fall back to one full pass from the outputs restricted to them.
 ``I + W`` therefore costs about one ``B`` plus the graph walk.
 
-:func:`split_plan` plans the split; :func:`capture_hooks` installs the hooks for ``I``;
-:func:`weight_work` turns what ``I`` captured into the restart points ``W`` runs.
+:func:`split_plan` plans the split; :func:`input_pass` runs ``I`` and captures what flows
+into the frontier nodes; :func:`weight_work` turns that into the restart points ``W`` runs.
+
+**Batched W.** A schedule may run the W of several micro-batches as one action (``"1W3-5"``,
+:mod:`pipetrain.schedules`); :func:`batched_weight` then computes them together. Every
+weight gradient is a sum over micro-batches, and for a Linear (``AddmmBackward0`` /
+``MmBackward0`` with the weight reached through its transpose) also a sum over rows:
+``dW = sum_k G_k^T X_k = G^T X`` with ``G``, ``X`` the output gradients and saved inputs of
+the covered micro-batches stacked by rows. So each Linear gets one GEMM over the
+concatenated rows and one accumulation into its gradient (``addmm_`` into the staged
+gradient: no temporary, no separate add) instead of one GEMM and one add per micro-batch;
+its bias one row sum (a parameter with tensor hooks goes through autograd, where they
+fire: once per W action, with the gradient summed over the micro-batches it covers). Any other frontier node (LayerNorm, a Python ``autograd.Function``,
+weights reused along the chain) is run per micro-batch as before, but all micro-batches'
+restart points for the same parameters go into one autograd call, which sums them in the
+engine and returns one gradient per parameter: one accumulation for the batch there too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["split_plan", "capture_hooks", "weight_work", "is_custom"]
+from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.stage_run import accumulate as _accumulate
+
+__all__ = ["split_plan", "capture_hooks", "input_pass", "weight_work", "is_custom", "batched_weight",
+           "linear_parts", "BATCH", "ACC_BYTES"]
+
+#: Bench lever: False runs the split as before this work -- I capturing through a Python
+#: pre-hook per frontier node, W restarting autograd at every node with one accumulation per
+#: node and micro-batch (the "before" rows). Same results either way.
+BATCH = True
+
+#: Bench counter: a one-element list to which W adds the bytes its gradient accumulation
+#: moves (an add of a gradient into another reads both and writes one: 3x its bytes; an
+#: in-place GEMM accumulation reads the gradient once more than a fresh GEMM: 1x); None:
+#: not counted (the default: no cost in the step path).
+ACC_BYTES: Optional[list] = None
+
+
+def _count_accumulation(into: Optional[Dict[Any, torch.Tensor]], params: Sequence[Any],
+                        grads: Sequence[Any]) -> None:
+    total, seen = 0, set()
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        current = p.grad if into is None else into.get(p)
+        if current is not None or id(p) in seen:
+            total += 3 * g.nbytes
+        elif g.stride() != p.stride():
+            total += 2 * g.nbytes       # the copy into the parameter's layout
+        seen.add(id(p))
+    ACC_BYTES[0] += total
 
 
 def _index_of(tensors: List[torch.Tensor], t: torch.Tensor) -> int:
@@ -77,9 +121,18 @@ def split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tens
     bit_of = {node: 1 << i for i, node in enumerate(accumulators)}
     # Post-order walk: ri[n] = n leads to a stage input; rp[n] = bits of the parameters n
     # leads to; kids caches next_functions (each access builds a new tuple).
+    # Leaves are known without visiting them: each parameter's AccumulateGrad node (two of
+    # a Linear's five nodes) and each stage input's. Seeding them saves their visits, about
+    # a third of the walk's Python time at the fine grain.
     ri: Dict[Any, bool] = {}
     rp: Dict[Any, int] = {}
     kids: Dict[Any, list] = {}
+    for node, bit in bit_of.items():
+        ri[node], rp[node], kids[node] = False, bit, []
+    for node in input_nodes:
+        if type(node).__name__ == "AccumulateGrad":
+            ri[node], kids[node] = True, []
+            rp.setdefault(node, 0)
     roots = [_node_of(t) for t in tensors]
     stack = [n for n in roots if n is not None]
     while stack:
@@ -127,16 +180,57 @@ def split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tens
     return edges, fallback, {n for n, r in ri.items() if r}
 
 
-def capture_hooks(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple]) -> list:
+def capture_hooks(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
+                  builtin: bool = True) -> list:
     """Hooks saving, during ``I``, the gradient flowing into each frontier node (or, for a
-    Python ``autograd.Function``, what its backward returned). Returns the handles."""
+    Python ``autograd.Function``, what its backward returned). Returns the handles.
+    ``builtin=False``: hooks on Python ``autograd.Function`` nodes only (:func:`input_pass`
+    asks the engine for the others' gradients directly)."""
     handles = []
     for node, _ in edges:
         if is_custom(node):
             handles.append(node.register_hook(_capture_post(captured, node)))
-        elif not isinstance(node, torch.Tensor):
+        elif builtin and not isinstance(node, torch.Tensor):
             handles.append(node.register_prehook(_capture(captured, node)))
     return handles
+
+
+def input_pass(tensors: List[Any], grads: list, leaves: List[torch.Tensor],
+               edges: List[Tuple[Any, list]]) -> Tuple[tuple, Dict[Any, tuple]]:
+    """``I``: the gradients w.r.t. ``leaves`` and, in the same autograd call, what flows into
+    each frontier node of ``edges`` (``{node: gradients of its outputs}``, for
+    :func:`weight_work`). The graph is kept for ``W``.
+
+    A built-in frontier node's incoming gradients are asked of the engine as extra inputs
+    (``GradientEdge(node, k)``), captured in C++ while the pass goes on to the leaves --
+    instead of a Python pre-hook per node, registered, called and removed per micro-batch,
+    which cost about a fifth of ``I`` at the fine grain. A Python ``autograd.Function``
+    keeps its post-hook (what its backward returned is what ``W`` restarts from)."""
+    captured: Dict[Any, tuple] = {}
+    if not BATCH:               # the "before" path (bench lever)
+        handles = capture_hooks(edges, captured)
+        try:
+            return tuple(fast_grad(tensors, leaves, grads, retain_graph=True)), captured
+        finally:
+            for h in handles:
+                h.remove()
+    nodes, points, spans = [], [], []
+    for node, _ in edges:
+        if isinstance(node, torch.Tensor) or is_custom(node):
+            continue
+        n = len(node._input_metadata)
+        spans.append((node, len(points), len(points) + n))
+        points += [GradientEdge(node, k) for k in range(n)]
+    handles = capture_hooks(edges, captured, builtin=False)
+    try:
+        res = fast_grad(tensors, list(leaves) + points, grads, retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+    n_leaves = len(leaves)
+    for node, a, b in spans:
+        captured[node] = tuple(res[n_leaves + a:n_leaves + b])
+    return tuple(res[:n_leaves]), captured
 
 
 def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
@@ -165,3 +259,160 @@ def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
         if ks:
             work.append(([GradientEdge(node, k) for k in ks], [gs[k] for k in ks], params))
     return work
+
+
+# -- batched W ----------------------------------------------------------------------------
+
+_ACCUMULATE_GRAD = "AccumulateGrad"
+
+
+def _leaf_param(fn: Any) -> Any:
+    """The parameter an ``AccumulateGrad`` node accumulates into, else None."""
+    return fn.variable if fn is not None and type(fn).__name__ == _ACCUMULATE_GRAD else None
+
+
+def linear_parts(outputs: list, grads: list, params: list) -> Optional[tuple]:
+    """``(x, g, weight, bias)`` if the W restart point ``(outputs, grads, params)`` is the
+    weight side of a Linear: ``outputs`` one GradientEdge into an ``AddmmBackward0``
+    (alpha = beta = 1, bias reached directly) or ``MmBackward0`` whose second operand is
+    ``weight.t()`` of a leaf parameter, and ``params`` exactly that weight (and bias).
+    ``x`` (rows, in) is the saved input, ``g`` (rows, out) the captured output gradient, both
+    of the weight's dtype and device; then ``dW = g^T x`` and ``db = g.sum(0)``. Else None:
+    the caller runs the restart point through autograd. (Runs per Linear per W: each
+    attribute read counts at the fine grain, so ``next_functions`` is built once.)"""
+    if len(outputs) != 1 or len(grads) != 1:
+        return None
+    edge, g = outputs[0], grads[0]
+    if type(edge) is not GradientEdge or edge.output_nr != 0 or type(g) is not torch.Tensor:
+        return None
+    node = edge.node
+    name = type(node).__name__
+    bias = None
+    try:
+        if name == "AddmmBackward0":
+            if node._saved_alpha != 1 or node._saved_beta != 1:
+                return None
+            nf = node.next_functions
+            bias_fn, t_fn = nf[0][0], nf[2][0]
+            if bias_fn is not None:
+                bias = _leaf_param(bias_fn)
+                if bias is None:
+                    return None
+            x = node._saved_mat1
+        elif name == "MmBackward0":
+            t_fn = node.next_functions[1][0]
+            x = node._saved_self
+        else:
+            return None
+    except RuntimeError:        # a saved tensor already freed: let autograd say so
+        return None
+    if t_fn is None or type(t_fn).__name__ != "TBackward0":
+        return None
+    weight = _leaf_param(t_fn.next_functions[0][0])
+    # A parameter with tensor hooks (p.register_hook) must see its gradient pass through
+    # autograd, where the hooks fire: leave it to the restart.
+    if weight is None or weight._backward_hooks or (bias is not None and bias._backward_hooks):
+        return None
+    n = len(params)
+    if bias is None:
+        if n != 1 or params[0] is not weight:
+            return None
+    elif n != 2 or not ((params[0] is weight and params[1] is bias)
+                        or (params[0] is bias and params[1] is weight)):
+        return None
+    # Shapes and dtypes: (rows, out) = (rows, in) @ (in, out); anything else is not ours.
+    ws = weight.shape
+    if (x is None or g.dim() != 2 or x.dim() != 2 or len(ws) != 2 or g.shape[0] != x.shape[0]
+            or g.shape[1] != ws[0] or x.shape[1] != ws[1]
+            or x.dtype != weight.dtype or g.dtype != weight.dtype
+            or x.device != weight.device or g.device != weight.device):
+        return None
+    if bias is not None and bias.shape != (ws[0],):
+        return None
+    return x, g, weight, bias
+
+
+def _add_product(into: Optional[Dict[Any, torch.Tensor]], p: torch.Tensor, g: torch.Tensor,
+                 x: torch.Tensor) -> None:
+    """Accumulate ``g^T x`` into ``p``'s gradient (staged in ``into``, or ``p.grad``) in one
+    GEMM: ``addmm_`` into the gradient when there is one, else a fresh ``mm``."""
+    current = p.grad if into is None else into.get(p)
+    if current is None or current.is_sparse or current.dtype != p.dtype:
+        dw = torch.mm(g.t(), x)
+        if ACC_BYTES is not None:
+            _count_accumulation(into, [p], [dw])
+        _accumulate(into, [p], [dw])
+    else:
+        if ACC_BYTES is not None:
+            ACC_BYTES[0] += current.nbytes
+        current.addmm_(g.t(), x)
+
+
+def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
+                   into: Optional[Dict[Any, torch.Tensor]]) -> None:
+    """Run the W of several micro-batches as one computation (see the module docstring).
+
+    Args:
+        works: per covered micro-batch, its restart points ``(outputs, grads, params)``
+            (:func:`weight_work`, plus the whole-backward and fallback entries).
+        into: where gradients accumulate: a run's staging dict, or None for ``p.grad``.
+
+    Restart points for the same parameters are grouped across micro-batches (first-seen
+    order). A group of Linears gets one GEMM over the stacked rows; any other group one
+    autograd call over all its restart points. The sum over micro-batches is the same
+    as the unbatched W's, up to floating-point summation order.
+    """
+    if not BATCH:
+        for work in works:
+            for outputs, grads, params in work:
+                gs = fast_grad(outputs, params, grads, retain_graph=True)
+                if ACC_BYTES is not None:
+                    _count_accumulation(into, params, gs)
+                _accumulate(into, params, gs)
+        return
+    groups: Dict[tuple, List[Tuple[list, list, list]]] = {}
+    for work in works:
+        for item in work:
+            groups.setdefault(tuple(id(p) for p in item[2]), []).append(item)
+    with torch.no_grad():       # gradients are plain values (as autograd's own are)
+        _batched_weight(groups, into)
+
+
+def _batched_weight(groups: Dict[tuple, list], into: Optional[Dict[Any, torch.Tensor]]) -> None:
+    acc_params: list = []
+    acc_grads: list = []
+    for items in groups.values():
+        parts = [linear_parts(*item) for item in items]
+        if all(pt is not None for pt in parts):
+            weight, bias = parts[0][2], parts[0][3]
+            if all(pt[2] is weight and pt[3] is bias for pt in parts):
+                g = torch.cat([pt[1] for pt in parts]) if len(parts) > 1 else parts[0][1]
+                x = torch.cat([pt[0] for pt in parts]) if len(parts) > 1 else parts[0][0]
+                _add_product(into, weight, g, x)
+                if bias is not None:
+                    acc_params.append(bias)
+                    acc_grads.append(g.sum(0))
+                continue
+        outputs = [o for item in items for o in item[0]]
+        grads = [gr for item in items for gr in item[1]]
+        params = items[0][2]
+        acc_params += params
+        acc_grads += list(fast_grad(outputs, params, grads, retain_graph=True))
+    if acc_params:
+        # One accumulation for the whole batch; a parameter met twice is summed first.
+        merged: Dict[int, int] = {}
+        ps: list = []
+        gs: list = []
+        for p, g in zip(acc_params, acc_grads):
+            if g is None:
+                continue
+            i = merged.get(id(p))
+            if i is None:
+                merged[id(p)] = len(ps)
+                ps.append(p)
+                gs.append(g)
+            else:
+                gs[i] = gs[i] + g
+        if ACC_BYTES is not None:
+            _count_accumulation(into, ps, gs)
+        _accumulate(into, ps, gs)

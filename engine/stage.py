@@ -39,12 +39,15 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 from pipetrain import checkpoint as ckpt
 from pipetrain import split_backward as split
 from pipetrain.autograd_fast import grad as fast_grad
-from pipetrain.microbatch import flatten, tree_sum, unflatten
+from pipetrain.compiled_stage import backward_input as compiled_backward_input
+from pipetrain.microbatch import _LEAF, flatten, tree_sum, unflatten
 from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
-from pipetrain.stage_run import accumulate as _accumulate, tensor_bytes as _tensor_bytes
+from pipetrain.stage_run import accumulate as _accumulate, saved_bytes_key, tensor_bytes as _tensor_bytes
 from pipetrain.versions import WeightVersions
 
 __all__ = ["Stage", "Meter"]
+
+_Tensor = torch.Tensor
 
 
 #: Set True to measure every forward's saved tensors in runs too (the bench's "before" row).
@@ -99,6 +102,9 @@ class Stage:
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
         self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
+        self.compiled: Optional[Callable[[Any], Any]] = None      # see compiled_stage
+        # Sink: the loss fed to backward is multiplied by this (pipetrain.loss_scaling).
+        self.loss_scale = 1.0
 
     # -- bookkeeping ---------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -117,6 +123,10 @@ class Stage:
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             self.params = params
             self._accumulators = None
+        # How many of the parameters autograd_fast may take as plain without looking (all,
+        # unless one is a tensor subclass): passed as its ``plain_tail``.
+        plain = all(type(p) is torch.Tensor or type(p) is nn.Parameter for p in self.params)
+        self._plain_params = len(self.params) if plain else 0
 
     def _training(self) -> bool:
         return any(m.training for layer in self.layers for m in layer.modules())
@@ -171,6 +181,7 @@ class Stage:
     def staged_grads(self) -> Optional[Dict[nn.Parameter, torch.Tensor]]:
         """This run's staged gradients, by parameter (None outside a run): a multi-process
         pipeline reduces them across ranks before they are committed."""
+        self._run.forget_dense()       # the caller may replace entries
         return self._run.staged
 
     def commit_grads(self) -> None:
@@ -185,6 +196,7 @@ class Stage:
                     g.mul_(scale)
             _accumulate(None, list(run.staged), list(run.staged.values()))
             run.staged.clear()
+            run.forget_dense()
 
     def end_run(self, commit: bool, keep: bool = False) -> None:
         """End the run: commit its staged gradients (``commit``) or drop them and everything
@@ -265,11 +277,16 @@ class Stage:
 
     # -- forward -------------------------------------------------------------------------
     def _run_layers(self, x: Any, saved: _Saved) -> Any:
-        for layer in self.layers:
-            x = layer(x)
+        if self.compiled is not None:          # Pipeline(compile=...): pipetrain.compiled_stage
+            x = self.compiled(x)
+        else:
+            for layer in self.layers:
+                x = layer(x)
         if self.loss_fn is None:
             return x
         loss = self.loss_fn(x, saved.target)
+        if type(loss) is _Tensor and loss.requires_grad and loss.dim() == 0:
+            return loss             # the usual case: every check below passes
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor; got {type(loss).__name__}"
                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
@@ -277,7 +294,7 @@ class Stage:
             raise TypeError("loss_fn returned a tensor that does not require grad, so no "
                             "gradient can flow back (did it call .item(), .detach() or "
                             "torch.no_grad()?); return the loss as a differentiable tensor")
-        return loss.reshape(())
+        return loss if loss.dim() == 0 else loss.reshape(())
 
     def _needs_grad(self, saved: _Saved) -> bool:
         return bool(self.params) or any(isinstance(t, torch.Tensor) and t.requires_grad
@@ -310,8 +327,8 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice")
         leaves, spec = flatten(inputs)
         x_leaves = [self._boundary(t) for t in leaves]
-        saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight)
-        if target is not None:
+        saved = _Saved(inputs=x_leaves, spec=spec, target=target, weight=weight * self.loss_scale)
+        if target is not None and not (type(target) is _Tensor and not target.requires_grad):
             # A target that requires grad (distillation from a live teacher) gets its
             # gradient, as in the unsplit model: it becomes a leaf of this stage's graph too.
             t_leaves, saved.target_spec = flatten(target)
@@ -321,37 +338,11 @@ class Stage:
                                        for t in t_leaves]
                 saved.target = unflatten(saved.target_leaves, saved.target_spec)
         random = run.uses_rng if run.uses_rng is not None else self.uses_rng
-        with ckpt.maybe_lock(random):
-            if self.checkpoint:
-                # Only a stage with random ops saves (and later restores) the generator: a
-                # restore changes the global generator, which other threads may be drawing from.
-                saved.rng = ckpt.save_rng_state(self.device) if random else None
-                with torch.no_grad():
-                    out = self._forward_checked(saved)
-                nbytes = _tensor_bytes(x_leaves)
-            else:
-                key = _signature(x_leaves, saved.target) if run.saved_bytes is not None else None
-                nbytes = run.saved_bytes.get(key) if key is not None else None
-                if nbytes is not None and not self.versions.rebinds:
-                    # Measured before in this run: no hooks. (Weight versions that move the
-                    # live buffer between passes need the hook path: tensors saved through
-                    # hooks are read as bound at the backward, with no version-counter check
-                    # against the update that ran on the parameter in between.)
-                    with torch.enable_grad():
-                        out = self._forward_checked(saved)
-                else:
-                    # The first forward works on copies of the inputs (see _forward_checked),
-                    # which it would count too: its measurement is not kept.
-                    if self._clone_inputs is None:
-                        key = None
-                    packed: List[torch.Tensor] = []
-                    with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
-                        out = self._forward_checked(saved)
-                    exclude = {p.data_ptr() for p in self.params}
-                    nbytes = _tensor_bytes(x_leaves + packed, exclude)
-                    if key is not None:
-                        run.saved_bytes[key] = nbytes
-                saved.outputs = flatten(self._scaled(out, saved))[0]
+        if random:
+            with ckpt.maybe_lock(True):
+                out, nbytes = self._forward_stash(run, saved, x_leaves, random)
+        else:
+            out, nbytes = self._forward_stash(run, saved, x_leaves, random)
         run.stash[mb] = saved
         saved.nbytes = nbytes
         run.add(nbytes, 1)
@@ -360,7 +351,47 @@ class Stage:
             if self.check_finite and not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"loss is {loss.item()} (check_finite=True)")
             return loss
+        if type(out) is _Tensor:
+            return out.detach()
         return _detach_tree(out)
+
+    def _forward_stash(self, run: _Run, saved: _Saved, x_leaves: List[Any],
+                       random: bool) -> Tuple[Any, int]:
+        """The forward proper: (its output, the bytes it keeps for the backward)."""
+        if self.checkpoint:
+            # Only a stage with random ops saves (and later restores) the generator: a
+            # restore changes the global generator, which other threads may be drawing from.
+            saved.rng = ckpt.save_rng_state(self.device) if random else None
+            with torch.no_grad():
+                out = self._forward_checked(saved)
+            nbytes = _tensor_bytes(x_leaves)
+        else:
+            key = saved_bytes_key(x_leaves, saved.target) if run.saved_bytes is not None else None
+            nbytes = run.saved_bytes.get(key) if key is not None else None
+            if nbytes is not None and not self.versions.rebinds:
+                # Measured before in this run: no hooks. (Weight versions that move the
+                # live buffer between passes need the hook path: tensors saved through
+                # hooks are read as bound at the backward, with no version-counter check
+                # against the update that ran on the parameter in between.)
+                if torch.is_grad_enabled():      # the executor's threads: it is
+                    out = self._forward_checked(saved)
+                else:
+                    with torch.enable_grad():
+                        out = self._forward_checked(saved)
+            else:
+                # The first forward works on copies of the inputs (see _forward_checked),
+                # which it would count too: its measurement is not kept.
+                if self._clone_inputs is None:
+                    key = None
+                packed: List[torch.Tensor] = []
+                with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
+                    out = self._forward_checked(saved)
+                exclude = {p.data_ptr() for p in self.params}
+                nbytes = _tensor_bytes(x_leaves + packed, exclude)
+                if key is not None:
+                    run.saved_bytes[key] = nbytes
+            saved.outputs = flatten(out)[0]
+        return out, nbytes
 
     def _forward_checked(self, saved: _Saved) -> Any:
         """The forward, guarding the boundary inputs against in-place modification.
@@ -386,14 +417,19 @@ class Stage:
             if self._clone_inputs is None:
                 self._clone_inputs = False
             return out
-        before = [t._version for t in saved.inputs if isinstance(t, torch.Tensor)]
+        inputs = saved.inputs
+        lone = len(inputs) == 1 and type(inputs[0]) is _Tensor   # the usual case: no lists
+        before = inputs[0]._version if lone else \
+            [t._version for t in inputs if isinstance(t, torch.Tensor)]
         try:
             out = self._call(saved)
         except RuntimeError as err:
             if "in-place" in str(err) and "leaf" in str(err):
                 raise RuntimeError(self._inplace_message()) from err
             raise
-        if [t._version for t in saved.inputs if isinstance(t, torch.Tensor)] != before:
+        after = inputs[0]._version if lone else \
+            [t._version for t in inputs if isinstance(t, torch.Tensor)]
+        if after != before:
             raise RuntimeError(self._inplace_message())
         return out
 
@@ -409,6 +445,8 @@ class Stage:
         if not isinstance(t, torch.Tensor):
             return t
         wants = t.requires_grad
+        if not wants and not self.input_grad:
+            return t        # a source's data: already a leaf without grad, no alias needed
         t = t.detach()
         if (self.input_grad or wants) and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
@@ -421,11 +459,6 @@ class Stage:
             return t
         return pack
 
-    @staticmethod
-    def _scaled(out: Any, saved: _Saved) -> Any:
-        # The sink backpropagates loss * weight, so that summed over micro-batches the
-        # gradients are those of the size-weighted mean loss (the unsplit model's).
-        return out * saved.weight if isinstance(out, torch.Tensor) and out.dim() == 0 and saved.weight != 1.0 else out
 
     def _materialize(self, saved: _Saved) -> List[Any]:
         """The output leaves with their graph, recomputing the forward if re-materialized."""
@@ -443,14 +476,24 @@ class Stage:
             out = self._call(saved)
         for b, value in buffers:
             b.data.copy_(value)
-        saved.outputs = flatten(self._scaled(out, saved))[0]
+        saved.outputs = flatten(out)[0]
         saved.recomputed = packed
         return saved.outputs
 
-    def _pairs(self, outputs: List[Any], grad_outputs: Any) -> Tuple[list, list]:
-        """(tensors, grads) to backpropagate: outputs that require grad and received one."""
+    def _pairs(self, outputs: List[Any], grad_outputs: Any, weight: float = 1.0) -> Tuple[list, list]:
+        """(tensors, grads) to backpropagate: outputs that require grad and received one.
+
+        A sink backpropagates its loss with gradient ``weight`` (micro-batch size / batch
+        size), so that summed over micro-batches the gradients are those of the size-weighted
+        mean loss (the unsplit model's). The weight is the loss's incoming gradient rather
+        than a ``loss * weight`` node in the forward: the same values (the multiply's backward
+        would hand ``ones * weight`` to the loss's backward), one op and one node fewer."""
         if self.loss_fn is not None:
-            return ([outputs[0]], [None]) if outputs[0].requires_grad else ([], [])
+            loss = outputs[0]
+            if not loss.requires_grad:
+                return [], []
+            return [loss], [None if weight == 1.0 else
+                            torch.full((), weight, dtype=loss.dtype, device=loss.device)]
         grads = flatten(grad_outputs)[0] if grad_outputs is not None else [None] * len(outputs)
         if len(grads) != len(outputs):
             raise RuntimeError(f"stage {self.index}: {len(grads)} output gradients for "
@@ -461,8 +504,10 @@ class Stage:
 
     @staticmethod
     def _grad_leaves(saved: _Saved) -> List[torch.Tensor]:
-        return [t for t in saved.inputs + saved.target_leaves
-                if isinstance(t, torch.Tensor) and t.requires_grad]
+        out = [t for t in saved.inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        if saved.target_leaves:
+            out += [t for t in saved.target_leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        return out
 
     def take_target_grad(self, mb: int) -> Any:
         """Sink: the gradient w.r.t. micro-batch ``mb``'s target (nested like it), if the
@@ -476,9 +521,14 @@ class Stage:
                 [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
                  for t in saved.target_leaves], saved.target_spec)
 
-    def _input_grads(self, saved: _Saved) -> Any:
-        if not self.input_grad and not self._grad_leaves(saved):
+    def _input_grads(self, saved: _Saved, leaves: Optional[List[Any]] = None) -> Any:
+        """The gradients w.r.t. the boundary inputs, nested like them (``leaves``: the
+        stage's :meth:`_grad_leaves` for this micro-batch, if the caller has them)."""
+        if not self.input_grad and not (self._grad_leaves(saved) if leaves is None else leaves):
             return None
+        if saved.spec is _LEAF:
+            t = saved.inputs[0]
+            return t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
         return unflatten([t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
                           for t in saved.inputs], saved.spec)
 
@@ -495,16 +545,22 @@ class Stage:
         run = self._run
         saved = self._get(run, mb)
         try:
-            tensors, grads = self._pairs(self._materialize(saved), grad_outputs)
+            outputs = saved.outputs if saved.outputs is not None else self._materialize(saved)
+            tensors, grads = self._pairs(outputs, grad_outputs, saved.weight)
             leaves = self._grad_leaves(saved)
-            wrt = leaves + self.params
-            if tensors and wrt:
-                gs = fast_grad(tensors, wrt, grads)
-                for t, g in zip(leaves, gs):
-                    t.grad = g
-                _accumulate(run.staged, self.params, gs[len(leaves):])
-            self._keep_target_grad(run, mb, saved)
-            return self._input_grads(saved)
+            params = self.params
+            if tensors and (leaves or params):
+                if leaves:
+                    gs = fast_grad(tensors, leaves + params, grads, plain_tail=self._plain_params)
+                    for t, g in zip(leaves, gs):
+                        t.grad = g
+                    gs = gs[len(leaves):]
+                else:
+                    gs = fast_grad(tensors, params, grads, plain_tail=self._plain_params)
+                run.accumulate(params, gs, cache=True)
+            if saved.target_leaves:
+                self._keep_target_grad(run, mb, saved)
+            return self._input_grads(saved, leaves)
         finally:
             self._pop(run, mb)
 
@@ -514,7 +570,7 @@ class Stage:
         run = self._run
         saved = self._get(run, mb)
         outputs = self._materialize(saved)
-        tensors, grads = self._pairs(outputs, grad_outputs)
+        tensors, grads = self._pairs(outputs, grad_outputs, saved.weight)
         leaves = self._grad_leaves(saved)
         if not tensors or not self.params:
             if tensors and leaves:
@@ -522,6 +578,8 @@ class Stage:
                     t.grad = g
             self._after_input(run, saved, mb)
             return self._input_grads(saved)
+        if self.compiled is not None:    # one compiled node computes all: no split (compiled_stage)
+            return compiled_backward_input(self, run, saved, mb, tensors, grads, leaves)
         if not leaves:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
             self._after_input(run, saved, mb)
@@ -532,13 +590,7 @@ class Stage:
             self._accumulators = [get_gradient_edge(p).node for p in self.params]
         edges, fallback, ri_nodes = split.split_plan(tensors, grads, leaves, self.params,
                                                      self._accumulators)
-        captured: Dict[Any, tuple] = {}
-        handles = split.capture_hooks(edges, captured)
-        try:
-            in_grads = fast_grad(tensors, leaves, grads, retain_graph=True)
-        finally:
-            for h in handles:
-                h.remove()
+        in_grads, captured = split.input_pass(tensors, grads, leaves, edges)
         for t, g in zip(leaves, in_grads):
             t.grad = g
         saved.w_edges = split.weight_work(edges, captured, tensors, grads, ri_nodes)
@@ -559,33 +611,31 @@ class Stage:
         saved.w_nbytes = w
         run.add(0, 0, w)
 
-    def backward_weight(self, mb: int) -> None:
-        """``W`` of micro-batch ``mb``: accumulate the parameter gradients."""
+    def backward_weight(self, mb: int, count: int = 1) -> None:
+        """``W`` of micro-batch ``mb``: accumulate the parameter gradients. ``count > 1``: a
+        batched W of micro-batches ``mb .. mb + count - 1`` as one computation
+        (:func:`pipetrain.split_backward.batched_weight`)."""
+        # One micro-batch or several, W is the same computation (batched_weight): each
+        # Linear's gradient as one GEMM accumulated in place, other layers restarted through
+        # autograd, one accumulation call -- instead of one autograd call and one
+        # accumulation per frontier node, the per-call toll that made I + W cost ~1.9x B at
+        # the fine grain.
         run = self._run
-        saved = self._get(run, mb)
+        mbs = range(mb, mb + count)
+        saveds = [self._get(run, k) for k in mbs]
         try:
-            work = list(saved.w_edges)
-            if saved.w_full is not None:
-                work.append((saved.w_full[0], saved.w_full[1], self.params))
-            if saved.w_fallback is not None:
-                work.append(saved.w_fallback)
-            for outputs, grads, params in work:
-                gs = fast_grad(outputs, params, grads, retain_graph=True)
-                _accumulate(run.staged, params, gs)
+            works = []
+            for saved in saveds:
+                work = list(saved.w_edges)
+                if saved.w_full is not None:
+                    work.append((saved.w_full[0], saved.w_full[1], self.params))
+                if saved.w_fallback is not None:
+                    work.append(saved.w_fallback)
+                works.append(work)
+            split.batched_weight(works, run.staged)
         finally:
-            self._pop(run, mb)
-
-
-def _signature(leaves: Sequence[Any], target: Any) -> Any:
-    """What decides the bytes a forward saves, for the per-run cache: shape, dtype, device
-    and requires-grad of each input leaf and of the target (plain values by identity of
-    type); grad and autocast state are fixed for a run's actions."""
-    def sig(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return (tuple(t.shape), t.dtype, t.device, t.requires_grad)
-        return type(t)
-    tl = flatten(target)[0] if target is not None else ()
-    return tuple(sig(t) for t in leaves) + (None,) + tuple(sig(t) for t in tl)
+            for k in mbs:
+                self._pop(run, k)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

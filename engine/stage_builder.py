@@ -22,9 +22,11 @@ __all__ = ["build_stages"]
 def build_stages(graph: Any, parts: Sequence[Sequence[nn.Module]], devices: Sequence[torch.device],
                  *, loss_fn: Any, checkpoint: str, rng_lock: Optional[bool], check_finite: bool,
                  grad_scale: Optional[Callable[[], float]] = None,
-                 is_local: Callable[[int], bool] = lambda k: True) -> List[Optional[Stage]]:
+                 is_local: Callable[[int], bool] = lambda k: True,
+                 stage_cls: type = Stage) -> List[Optional[Stage]]:
     """The stages (indexed by stage id; None for another rank's) of ``parts``, in the
-    graph's topological order."""
+    graph's topological order; ``stage_cls`` is a :class:`Stage` subclass (e.g.
+    :class:`pipetrain.cuda_graphs.GraphedStage`)."""
     order = graph.topological_order()
     stages: List[Optional[Stage]] = [None] * len(order)
     for part, k in zip(parts, order):
@@ -36,7 +38,7 @@ def build_stages(graph: Any, parts: Sequence[Sequence[nn.Module]], devices: Sequ
             if any(t.device != device for t in list(layer.parameters()) + list(layer.buffers())):
                 layer.to(device)
         recompute = checkpoint == "always" or (checkpoint == "except_last" and bool(info.outputs))
-        stages[k] = Stage(k, part, device, inputs=info.inputs, outputs=info.outputs,
+        stages[k] = stage_cls(k, part, device, inputs=info.inputs, outputs=info.outputs,
                           checkpoint=recompute, loss_fn=None if info.outputs else loss_fn,
                           input_grad=bool(info.inputs), rng_lock=rng_lock,
                           check_finite=check_finite)

@@ -16,9 +16,9 @@ Times from the executor are nanoseconds on a steady clock, relative to the run's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Any, Dict, List, NamedTuple, Optional, Sequence
 
-__all__ = ["ActionRecord", "StepStats", "bubble_ratio", "measure", "measure_run", "per_stage_costs",
+__all__ = ["ActionRecord", "StepStats", "bubble_ratio", "measure", "measure_run", "measure_later", "per_stage_costs",
            "simulate_measured"]
 
 
@@ -71,7 +71,8 @@ class StepStats:
         busy_s / idle_s: per device.
         bubble_ratio: ``sum(idle) / (p * makespan)``.
         samples_per_s: ``samples / wall_s``.
-        costs_s: per kind ("F", "B", "I", "W"), per stage: the mean action duration.
+        costs_s: per kind ("F", "B", "I", "W"), per stage: the mean action duration (with
+            batched W's, "W" per micro-batch and "W_fixed" the fixed part, fitted).
         peak_stash_bytes / peak_inflight: per stage, the most bytes / micro-batches kept
             between forward and backward during the step.
         records: every action, per device in issue order.
@@ -108,15 +109,54 @@ class StepStats:
         return "\n".join(lines)
 
 
+def _covered(r: ActionRecord) -> int:
+    """Micro-batches an action covers: ``n`` for a batched W labelled ``"3W4-7"``, else 1."""
+    if r.kind != "W" or "-" not in r.label:
+        return 1
+    last = r.label.split("-", 1)[1].split("@", 1)[0]
+    return int(last) - r.microbatch + 1
+
+
+def _fit_batched_w(points: List[tuple]) -> tuple:
+    """``(w, a)`` for W durations ``d = a + (w - a) * n`` over ``(n, d)`` points: least
+    squares when two or more sizes ran, clamped to ``0 <= a <= w``; with one size, ``a = 0``
+    and ``w`` the mean per micro-batch."""
+    ns = {n for n, _ in points}
+    if len(ns) < 2:
+        return sum(d / n for n, d in points) / len(points), 0.0
+    k = len(points)
+    mn = sum(n for n, _ in points) / k
+    md = sum(d for _, d in points) / k
+    slope = (sum((n - mn) * (d - md) for n, d in points)
+             / sum((n - mn) ** 2 for n, _ in points))
+    a = md - slope * mn
+    w = a + slope
+    a = min(max(a, 0.0), max(w, 0.0))
+    return max(w, 0.0), a
+
+
 def per_stage_costs(records: Sequence[Sequence[ActionRecord]], num_stages: int) -> Dict[str, List[float]]:
-    """Mean duration per action kind and stage (0.0 where a kind never ran on a stage)."""
+    """Mean duration per action kind and stage (0.0 where a kind never ran on a stage).
+
+    With batched W's (``"3W4-7"``), ``"W"`` is the fitted cost of one micro-batch's W and
+    ``"W_fixed"`` the fixed part ``a`` of a batched W's ``a + (W - a) * n`` (the simulator's
+    ``weight_fixed``)."""
     sums: Dict[str, List[float]] = {}
     counts: Dict[str, List[int]] = {}
+    w_points: Dict[int, List[tuple]] = {}
     for per_device in records:
         for r in per_device:
             sums.setdefault(r.kind, [0.0] * num_stages)[r.stage] += r.duration_s
             counts.setdefault(r.kind, [0] * num_stages)[r.stage] += 1
-    return {k: [s / c if c else 0.0 for s, c in zip(sums[k], counts[k])] for k in sums}
+            if r.kind == "W":
+                w_points.setdefault(r.stage, []).append((_covered(r), r.duration_s))
+    out = {k: [s / c if c else 0.0 for s, c in zip(sums[k], counts[k])] for k in sums}
+    if any(n > 1 for pts in w_points.values() for n, _ in pts):
+        fixed = [0.0] * num_stages
+        for st, pts in w_points.items():
+            out["W"][st], fixed[st] = _fit_batched_w(pts)
+        out["W_fixed"] = fixed
+    return out
 
 
 def measure(records: Sequence[Sequence[ActionRecord]], *, schedule: str, num_stages: int,
@@ -147,12 +187,26 @@ def measure(records: Sequence[Sequence[ActionRecord]], *, schedule: str, num_sta
 def measure_run(outcome: Any, plan: Any, num_stages: int) -> StepStats:
     """:class:`StepStats` of a one-mini-batch run (a :class:`~pipetrain.runner.RunOutcome` of
     ``plan``): the executor's timeline and waits, the run's memory meters."""
+    return measure_later(outcome, plan, num_stages)()
+
+
+def measure_later(outcome: Any, plan: Any, num_stages: int) -> Callable[[], StepStats]:
+    """:func:`measure_run`, deferred: keeps the timeline, the action table and the run's few
+    numbers (not the run: its inputs and outputs are freed), and builds the StepStats when
+    called. Building them costs ~1.5 µs per action, so a step pays it only when someone asks
+    for ``stats()``."""
     timeline, run = outcome.timeline, outcome.run
-    return measure(timeline.records(plan.actions), schedule=plan.schedule.name,
-                   num_stages=num_stages, num_microbatches=plan.num_microbatches,
-                   samples=sum(map(sum, run.sizes)), wall_s=outcome.wall_s,
-                   peak_stash_bytes=[mt.peak_bytes for mt in run.meters],
-                   peak_inflight=[mt.peak_count for mt in run.meters], waits=timeline.waits)
+    table = getattr(run, "table", None) or plan.actions
+    samples, wall_s = sum(map(sum, run.sizes)), outcome.wall_s
+    peak_bytes = [mt.peak_bytes for mt in run.meters]
+    peak_count = [mt.peak_count for mt in run.meters]
+
+    def build() -> StepStats:
+        return measure(timeline.records(table), schedule=plan.schedule.name,
+                       num_stages=num_stages, num_microbatches=plan.num_microbatches,
+                       samples=samples, wall_s=wall_s, peak_stash_bytes=peak_bytes,
+                       peak_inflight=peak_count, waits=timeline.waits)
+    return build
 
 
 def simulate_measured(schedule: Any, costs: Dict[str, List[float]]) -> Any:
@@ -163,5 +217,5 @@ def simulate_measured(schedule: Any, costs: Dict[str, List[float]]) -> Any:
     if "W" in costs:
         i_cost, w_cost = costs.get("I", zeros), costs["W"]
         return schedule.simulate(forward=forward, backward=[a + b for a, b in zip(i_cost, w_cost)],
-                                 weight=w_cost)
+                                 weight=w_cost, weight_fixed=costs.get("W_fixed", 0.0))
     return schedule.simulate(forward=forward, backward=costs.get("B", zeros))

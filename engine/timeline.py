@@ -91,20 +91,26 @@ class Timeline:
         action in issue order (one that never ran has start/end -1).
 
         ``actions``: per device, the plan's IR actions (objects with ``kind``, ``stage``,
-        ``microbatch``, e.g. ``Schedule.actions(d)``); without them each label is parsed
+        ``microbatch``, e.g. ``Schedule.actions(d)``, or the tuples ``(kind, stage,
+        microbatch, ...)`` of :func:`pipetrain.dispatch.action_table`); without them each label is parsed
         (``"1F3"``: stage 1, kind F, micro-batch 3), and one that does not parse gets stage
         and micro-batch -1 and kind "action".
         """
         out = []
         for d in range(self.num_devices):
             row = []
-            for i, (label, s, e) in enumerate(zip(self.labels[d], self.start_ns[d], self.end_ns[d])):
+            # tolist(): Python ints at once, not one numpy scalar (and int()) per action.
+            starts, ends = self.start_ns[d].tolist(), self.end_ns[d].tolist()
+            for i, (label, s, e) in enumerate(zip(self.labels[d], starts, ends)):
                 if actions is not None:
                     a = actions[d][i]
-                    kind, stage, mb = a.kind, a.stage, a.microbatch
+                    if type(a) is tuple:        # a row of dispatch.action_table
+                        kind, stage, mb = a[0], a[1], a[2]
+                    else:
+                        kind, stage, mb = a.kind, a.stage, a.microbatch
                 else:
                     kind, stage, mb = _parse(label)
-                row.append(ActionRecord(d, label, kind, stage, mb, int(s), int(e)))
+                row.append(ActionRecord(d, label, kind, stage, mb, s, e))
             out.append(row)
         return out
 

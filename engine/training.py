@@ -45,9 +45,8 @@ def make_optimizers(pipe: Any, factory: Optional[Callable]) -> None:
     schedule = pipe.schedule_name
     stages = [st for st in pipe.stages if st is not None]
     if async_schedules.is_async(schedule) and getattr(pipe, "dist", None) is not None:
-        raise ValueError(f"{schedule} runs in one process for now (its plan spans many "
-                         "mini-batches on local stages); across processes use a synchronous "
-                         "schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2)")
+        from pipetrain.distributed.training import check
+        check(pipe)         # what an asynchronous schedule cannot do across processes
     if factory is None:
         if async_schedules.is_async(schedule):
             raise ValueError(f"schedule {schedule!r} updates weights inside the pipeline: pass "
@@ -102,6 +101,9 @@ RECORDS_KEPT = 50_000
 
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
+    if getattr(pipe, "dist", None) is not None:     # across processes: every rank runs its row
+        from pipetrain.distributed import training as dist_training
+        return dist_training.train(pipe, batches, minibatches_per_run)
     name = pipe.schedule_name
     unbuilt = not pipe.stages and getattr(pipe, "_optimizer_factory", None) is not None
     if any(st.optimizer is None for st in pipe.stages) or not (pipe.stages or unbuilt):
@@ -135,7 +137,9 @@ def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
             if id(st) not in logs:
                 logs[id(st)] = UpdateLog(st.parameters(), st.optimizer, 0)
         order = [logs[id(st)] for st in stages]
-        for i, (st, log) in enumerate(zip(stages, order)):
+        skip = getattr(pipe, "_inf_since_update", False)     # loss scaling found inf / NaN:
+        pipe._inf_since_update = False                        # every stage skips its update
+        for i, (st, log) in enumerate(zip(stages if not skip else [], order)):
             log.save(t)
             try:
                 st.optimizer.step()

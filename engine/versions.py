@@ -193,10 +193,12 @@ class PlannedVersions(WeightVersions):
         if log_depth is not None:
             from pipetrain.rollback import UpdateLog
             self.log = UpdateLog(self._params, optimizer, log_depth, weights=self._live_buffers)
+        # A whole plan given up front (one run, e.g. across processes): its passes are
+        # registered again at every reset(), i.e. at the start of each run of that plan.
+        self._plan_uses = None if actions is None else [
+            (a.version, async_schedules.prediction_distance(schedule, a))
+            for a in actions if a.kind in ("F", "B", "I", "W")]
         self.reset()
-        if actions is not None:
-            self.register((a.version, async_schedules.prediction_distance(schedule, a))
-                          for a in actions if a.kind in ("F", "B", "I", "W"))
 
     def reset(self) -> None:
         super().reset()
@@ -208,6 +210,8 @@ class PlannedVersions(WeightVersions):
         self._pass: Optional[tuple] = None
         if self.log is not None:
             self.log.clear()
+        if getattr(self, "_plan_uses", None):
+            self.register(self._plan_uses)
 
     def register(self, uses) -> None:
         """Count passes still to run: ``(version, distance)`` each. A streamed run registers,

@@ -72,3 +72,19 @@ def test_measure_keeps_the_waits():
                    wall_s=1.0).waits == []
     # makespan 20 ns; busy 10 and 8 -> (10 + 12) / 40
     assert st.bubble_ratio == pytest.approx(22 / 40)
+
+
+def test_batched_w_costs_are_fitted_per_microbatch_and_fixed_part():
+    # Stage 0: W's of 1 micro-batch take 3 ms, a W of 4 takes 6 ms: d = a + b n with
+    # b = 1 ms, a = 2 ms, so one W is 3 ms and the fixed part 2 ms (closed form).
+    from pipetrain.stats import ActionRecord, per_stage_costs
+
+    ms = 1_000_000
+    recs = [[ActionRecord(0, "0W0", "W", 0, 0, 0, 3 * ms),
+             ActionRecord(0, "0W1", "W", 0, 1, 3 * ms, 6 * ms),
+             ActionRecord(0, "0W2-5", "W", 0, 2, 6 * ms, 12 * ms)]]
+    c = per_stage_costs(recs, 1)
+    assert c["W"][0] == pytest.approx(3e-3)
+    assert c["W_fixed"][0] == pytest.approx(2e-3)
+    # Without batched W's there is no fixed part and W is the plain mean.
+    assert "W_fixed" not in per_stage_costs([recs[0][:2]], 1)

@@ -213,6 +213,14 @@ class CudaBackend final : public runtime::Backend {
     check(cudaLaunchHostFunc(as_stream(stream), fn, arg), "cudaLaunchHostFunc");
   }
 
+  // A graph captured by torch.cuda.CUDAGraph (engine/cuda_graphs.py): the handle is its
+  // cudaGraphExec_t (CUDAGraph.raw_cuda_graph_exec()). No host language involved.
+  bool launches_graphs() const noexcept override { return true; }
+  void launch_graph(Handle graph, Handle stream) override {
+    check(cudaGraphLaunch(reinterpret_cast<cudaGraphExec_t>(graph), as_stream(stream)),
+          "cudaGraphLaunch");
+  }
+
   bool synchronize(Handle stream, double timeout_s) override {
     // Poll rather than cudaStreamSynchronize, which could not be bounded.
     auto start = std::chrono::steady_clock::now();

@@ -69,6 +69,12 @@ class Backend {
   // Block until everything enqueued on `stream` has run, at most timeout_s seconds;
   // returns false on timeout.
   virtual bool synchronize(Handle stream, double timeout_s) = 0;
+  // Captured graphs (engine/cuda_graphs.py, runtime/graph_launch.h): whether launch_graph
+  // runs one, and enqueue `graph` on `stream` (CUDA: cudaGraphLaunch of a cudaGraphExec_t;
+  // CPU: a HostGraph run inline). The executor launches an action's graph instead of
+  // calling into the host language for it.
+  virtual bool launches_graphs() const noexcept { return false; }
+  virtual void launch_graph(Handle graph, Handle stream);
   // Profiler annotations (CUDA: NVTX ranges in the "pipetrain" domain, cudaProfilerStart/Stop).
   virtual void range_push(const char* name) { (void)name; }
   virtual void range_pop() {}

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <memory>
@@ -218,6 +219,24 @@ struct RunResult {
 // Seconds a close() waits for actions still running before it gives up on them.
 constexpr double kDefaultCloseGraceS = 5.0;
 
+// The flat graph table of `plan` from per-device rows of handles (graph_launch.h).
+std::shared_ptr<const runtime::GraphTable> graph_table(const runtime::Plan& plan,
+                                                       const std::vector<std::vector<Handle>>& rows) {
+  if (static_cast<int>(rows.size()) != plan.num_devices()) {
+    throw std::invalid_argument("graphs: one row per device expected");
+  }
+  auto table = std::make_shared<runtime::GraphTable>(plan.size(), 0);
+  for (int d = 0; d < plan.num_devices(); ++d) {
+    if (static_cast<int>(rows[d].size()) != plan.count(d)) {
+      throw std::invalid_argument("graphs: device " + std::to_string(d) + " has " +
+                                  std::to_string(plan.count(d)) + " actions, " +
+                                  std::to_string(rows[d].size()) + " handles given");
+    }
+    std::copy(rows[d].begin(), rows[d].end(), table->begin() + plan.offset[d]);
+  }
+  return table;
+}
+
 class PyExecutor {
  public:
   PyExecutor(int num_devices, PyBackend backend, std::vector<Handle> streams,
@@ -250,7 +269,7 @@ class PyExecutor {
     return core->cancel({RunKind::kCancelled, -1, -1, -1, -1, reason}, grace_s);
   }
 
-  RunResult run(py::object plan_or_list, py::object fn, double timeout_s) {
+  RunResult run(py::object plan_or_list, py::object fn, double timeout_s, py::object graphs) {
     // A copy: close() from another thread clears core_ while this run still uses the core.
     std::shared_ptr<runtime::Executor> core = core_;
     if (!core) throw std::runtime_error("executor is closed");
@@ -261,6 +280,9 @@ class PyExecutor {
     } else {
       plan = build_plan(core->num_devices(), plan_or_list);
     }
+    // Captured graphs (runtime/graph_launch.h): per device, one handle per action (0: none).
+    std::shared_ptr<const runtime::GraphTable> table;
+    if (!graphs.is_none()) table = graph_table(*plan, graphs.cast<std::vector<std::vector<Handle>>>());
     auto action = std::make_shared<PyAction>();
     action->fn = std::move(fn);
     action->errors.resize(core->num_devices());
@@ -271,7 +293,7 @@ class PyExecutor {
     runtime::RunError err;
     {
       py::gil_scoped_release nogil;
-      err = core->run(plan, &call_action, std::move(ctx), timeout_s);
+      err = core->run(plan, &call_action, std::move(ctx), timeout_s, std::move(table));
     }
     RunResult result;
     result.kind = err.kind;
@@ -448,7 +470,8 @@ void bind_runtime(py::module_& m) {
       .def(py::init<int, PyBackend, std::vector<Handle>, std::vector<int>, int, int, bool>(),
            py::arg("num_devices"), py::arg("backend"), py::arg("streams"),
            py::arg("device_ids"), py::arg("spin"), py::arg("yields"), py::arg("ranges"))
-      .def("run", &PyExecutor::run, py::arg("plan"), py::arg("run_action"), py::arg("timeout"))
+      .def("run", &PyExecutor::run, py::arg("plan"), py::arg("run_action"), py::arg("timeout"),
+           py::arg("graphs") = py::none())
       .def("timeline", &PyExecutor::timeline)
       .def("close", &PyExecutor::close, py::arg("grace") = kDefaultCloseGraceS)
       .def("cancel", &PyExecutor::cancel, py::arg("reason"), py::arg("grace"))
@@ -457,6 +480,7 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("poisoned", &PyExecutor::poisoned)
       .def_property_readonly("closed", &PyExecutor::closed);
 
+  bind_graphs(m);
   m.def("range_name", &runtime::range_name, py::arg("label"), "NVTX range name: '1F3' -> 's1/F3'");
 }
 

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "runtime/backend.h"
+#include "runtime/graph_launch.h"
 
 namespace pipetrain::runtime {
 namespace {
@@ -127,6 +128,10 @@ class CpuBackend final : public Backend {
  public:
   const char* name() const noexcept override { return "cpu"; }
   bool synchronous() const noexcept override { return true; }
+  // A HostGraph (runtime/graph_launch.h) runs inline: work issued by a thread is done when
+  // the call returns, as everything on this backend.
+  bool launches_graphs() const noexcept override { return true; }
+  void launch_graph(Handle graph, Handle) override { run_host_graph(graph); }
   int device_count() const override { return 1 << 20; }  // host threads: as many as asked
   void bind_thread(int) override {}
   Handle default_stream(int) override { return 0; }

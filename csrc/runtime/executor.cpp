@@ -192,6 +192,7 @@ void Executor::run_device(int d) {
   const Handle stream = streams_[d];
   const bool async = !backend_.synchronous();
   const ActionFn fn = fn_;
+  const GraphTable* const graphs = graphs_.get();
   void* const ctx = ctx_.get();
   bool entered = false;
   int g = begin;
@@ -226,7 +227,14 @@ void Executor::run_device(int d) {
         if (async) backend_.stream_wait(stream, state_[plan.dev[dep]].events[plan.idx[dep]]);
       }
       if (cancel_.load(std::memory_order_relaxed)) break;
-      if (!entered) {
+      // --- captured graphs (graph_launch.h): launched here, outside the host context ---
+      const Handle graph = graphs != nullptr ? (*graphs)[g] : 0;
+      if (graph != 0 && entered) {
+        host_->leave(d);
+        entered = false;
+      }
+      // --- end captured graphs ---
+      if (!entered && graph == 0) {
         const std::int64_t t0 = now_ns();
         host_->enter(d);
         entered = true;
@@ -237,7 +245,12 @@ void Executor::run_device(int d) {
       }
       if (options_.ranges) backend_.range_push(plan.range_names[g].c_str());
       start_[g] = now_ns() - base_ns_;
-      const bool ok = fn(ctx, d, g - begin);
+      bool ok = true;
+      if (graph != 0) {
+        backend_.launch_graph(graph, stream);
+      } else {
+        ok = fn(ctx, d, g - begin);
+      }
       const std::int64_t t_end = now_ns();
       end_[g] = t_end - base_ns_;
       if (options_.ranges) backend_.range_pop();
@@ -279,10 +292,18 @@ std::string Executor::describe_stall() const {
 }
 
 RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::shared_ptr<void> ctx,
-                       double timeout_s) {
+                       double timeout_s, std::shared_ptr<const GraphTable> graphs) {
   if (plan->num_devices() != num_devices_) {
     throw std::invalid_argument("executor has " + std::to_string(num_devices_) +
                                 " devices, the plan has " + std::to_string(plan->num_devices()));
+  }
+  if (graphs != nullptr && static_cast<int>(graphs->size()) != plan->size()) {
+    throw std::invalid_argument("graph table has " + std::to_string(graphs->size()) +
+                                " entries, the plan " + std::to_string(plan->size()) + " actions");
+  }
+  if (graphs != nullptr && !backend_.launches_graphs()) {
+    throw std::invalid_argument(std::string("the ") + backend_.name() +
+                                " backend cannot launch captured graphs");
   }
   // !(x > 0) also rejects nan, which every comparison below would treat as "never".
   if (!(timeout_s > 0)) throw std::invalid_argument("timeout must be positive (inf: no timeout)");
@@ -346,6 +367,7 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   plan_ = std::move(plan);
   fn_ = fn;
   ctx_ = std::move(ctx);
+  graphs_ = std::move(graphs);
   ++epoch_;
   if (epoch_ == 0) {  // wrapped: clear the flags so no stale flag matches
     for (std::size_t i = 0; i < done_capacity_; ++i) done_[i].store(0);
@@ -431,6 +453,7 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   // threads) until the next run. A poisoned run (above) keeps it: a stuck thread may use it.
   fn_ = nullptr;
   ctx_.reset();
+  graphs_.reset();
   cancel_.store(false);  // the run is over: waits outside runs must not see it cancelled
   std::lock_guard<std::mutex> lock(error_mutex_);
   return error_;

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/graph_launch.h"
 #include "runtime/plan.h"
 
 namespace pipetrain::runtime {
@@ -92,8 +93,10 @@ class Executor : public std::enable_shared_from_this<Executor> {
   // Runs the plan; call from one thread at a time (a concurrent call throws logic_error).
   // `timeout_s` > 0 (nan and non-positive throw invalid_argument); inf, or anything beyond
   // kNoTimeoutNs, means no timeout. Results stay readable until the next run.
+  // `graphs` (optional, one entry per plan action): actions with a nonzero handle are
+  // launched as captured graphs instead of calling `fn` (graph_launch.h).
   RunError run(std::shared_ptr<const Plan> plan, ActionFn fn, std::shared_ptr<void> ctx,
-               double timeout_s);
+               double timeout_s, std::shared_ptr<const GraphTable> graphs = nullptr);
   // Cancels the run in progress, if any, with `reason` (its kind is what run() returns,
   // unless the run already failed) and waits at most `grace_s` more for threads inside
   // actions. Callable from any thread; returns whether a run was in progress.
@@ -154,6 +157,7 @@ class Executor : public std::enable_shared_from_this<Executor> {
   std::shared_ptr<const Plan> plan_;
   ActionFn fn_ = nullptr;
   std::shared_ptr<void> ctx_;
+  std::shared_ptr<const GraphTable> graphs_;  // captured graphs of this run, or null
   std::uint32_t epoch_ = 0;
   std::int64_t base_ns_ = 0;
   std::int64_t wall_ns_ = 0;

@@ -14,7 +14,7 @@ constexpr const char* kNames[kNumKinds] = {"F", "B", "I", "W", "U", "SF", "RF", 
 
 const char* const kForms =
     "expected <stage><kind><index> like '1F3' (kinds F, B, I, W; '@<version>' after them, "
-    "'1F3@2'), '1U0' (update after mini-batch 0) or '1SF3>2' / '2RF3<1' (transfers)";
+    "'1F3@2'; a W may cover micro-batches 3..5 as '1W3-5'), '1U0' (update after mini-batch 0) or '1SF3>2' / '2RF3<1' (transfers)";
 
 [[noreturn]] void bad(std::string_view text, const std::string& why) {
   throw std::invalid_argument("cannot parse action '" + std::string(text) + "'; " + why);
@@ -56,6 +56,10 @@ std::string to_string(const Action& a) {
   std::string s = std::to_string(a.stage);
   s += kind_name(a.kind);
   s += std::to_string(a.microbatch);
+  if (a.count != 1) {
+    s += '-';
+    s += std::to_string(a.last_microbatch());
+  }
   if (is_transfer(a.kind)) {
     s += is_send(a.kind) ? '>' : '<';
     s += std::to_string(a.peer);
@@ -79,6 +83,17 @@ Action parse_action(std::string_view text) {
   if (!kind_from_name(text.substr(k0, pos - k0), &a.kind)) bad(text, kForms);
   const char* index_field = is_update(a.kind) ? "mini-batch" : "micro-batch";
   if (!read_number(text, &pos, index_field, &a.microbatch)) bad(text, kForms);
+  if (pos < text.size() && text[pos] == '-') {
+    ++pos;
+    std::int32_t last = 0;
+    if (!read_number(text, &pos, "last micro-batch", &last)) bad(text, kForms);
+    if (a.kind != Kind::W)
+      bad(text, "a micro-batch range '<first>-<last>' is allowed only on W (a batched W)");
+    if (last < a.microbatch)
+      bad(text, "the range ends (" + std::to_string(last) + ") before it starts (" +
+                    std::to_string(a.microbatch) + ")");
+    a.count = last - a.microbatch + 1;
+  }
   if (pos == text.size()) {
     if (is_transfer(a.kind))
       bad(text, std::string("transfer needs '") + (is_send(a.kind) ? '>' : '<') + "<peer stage>'");

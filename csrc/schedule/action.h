@@ -14,6 +14,12 @@
 //   "2SB3>1"  stage 2 sends micro-batch 3's input gradient back to stage 1
 //   "1RB3<2"  stage 1 receives it from stage 2
 // Transfers and U carry no version.
+// A W may cover a contiguous range of micro-batches (a *batched* W): "1W3-5" is stage 1's
+// weight-gradient backward of micro-batches 3, 4 and 5 run as one computation (for a
+// Linear, one GEMM over the concatenated saved inputs and output gradients); "1W3-5@2" on
+// version 2. `count` is the number of micro-batches covered (1 for every other action);
+// "1W3-3" is "1W3". The range is contiguous because the generators only batch runs of
+// consecutive W's (the cool-down) and a range keeps Action a fixed-size value.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -65,11 +71,15 @@ struct Action {
   std::int32_t microbatch = 0;  // 0-based, global over mini-batches; U: the mini-batch index
   std::int32_t peer = -1;       // transfers only: the stage on the other end
   std::int32_t version = kLiveWeights;  // passes only: the weight version, or live weights
+  std::int32_t count = 1;  // W only: micro-batches microbatch .. microbatch + count - 1
   Kind kind = Kind::F;
+
+  // The last micro-batch covered (== microbatch unless a batched W).
+  std::int64_t last_microbatch() const { return static_cast<std::int64_t>(microbatch) + count - 1; }
 
   bool operator==(const Action& o) const {
     return stage == o.stage && microbatch == o.microbatch && peer == o.peer &&
-           version == o.version && kind == o.kind;
+           version == o.version && count == o.count && kind == o.kind;
   }
 };
 
@@ -92,12 +102,13 @@ inline Action update_action(int stage, int t) {
   return a;
 }
 
-// "1F3", "1F3@2", "1U0", or "1SF3>2" / "2RF3<1" for transfers.
+// "1F3", "1F3@2", "1W3-5", "1U0", or "1SF3>2" / "2RF3<1" for transfers.
 std::string to_string(const Action& a);
 
 // Parses the text form (surrounding blanks allowed). Throws std::invalid_argument naming
 // what is wrong: an unknown form, a peer on a non-transfer, a version on a non-pass, or a
-// number >= 2**31 (naming the field).
+// number >= 2**31 (naming the field), a range on anything but W or a range whose end is
+// below its start.
 Action parse_action(std::string_view text);
 
 }  // namespace pipetrain::schedule

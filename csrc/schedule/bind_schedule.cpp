@@ -4,7 +4,8 @@
 // topological order) is computed once and cached, since dependencies(device) is asked for
 // device by device and simulate() reuses it. No per-action Python objects are created
 // unless actions(device) is asked for. Actions cross as tuples
-// (kind index, stage, micro-batch, peer, version, label), kinds indexed as kind_names().
+// (kind index, stage, micro-batch, peer, version, label, count), kinds indexed as
+// kind_names(); count > 1 only for a batched W.
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -29,10 +30,11 @@ namespace {
 
 using namespace pipetrain::schedule;
 
-using RawAction = std::tuple<int, int, int, int, int, std::string>;
+using RawAction = std::tuple<int, int, int, int, int, std::string, int>;
 
 RawAction raw(const Action& a) {
-  return {static_cast<int>(a.kind), a.stage, a.microbatch, a.peer, a.version, to_string(a)};
+  return {static_cast<int>(a.kind), a.stage, a.microbatch, a.peer, a.version, to_string(a),
+          a.count};
 }
 
 class PySchedule {
@@ -84,8 +86,9 @@ class PySchedule {
 
   SimResult simulate(std::vector<double> f, std::vector<double> b,
                      std::optional<std::vector<double>> w, std::vector<double> u,
-                     double transfer) const {
+                     double transfer, std::vector<double> w_fixed) const {
     Costs c;
+    c.weight_fixed = std::move(w_fixed);
     c.forward = std::move(f);
     c.backward = std::move(b);
     c.weight_given = w.has_value();
@@ -125,6 +128,11 @@ Action action_arg(py::handle h) {
   a.microbatch = int32_arg(h.attr("microbatch"), is_update(a.kind) ? "mini-batch" : "microbatch");
   a.peer = is_transfer(a.kind) ? int32_arg(h.attr("peer"), "peer") : -1;
   a.version = int32_arg(h.attr("version"), "version");
+  // A batched W covers `count` micro-batches (Action objects without the field: one).
+  a.count = py::hasattr(h, "count") ? int32_arg(h.attr("count"), "count") : 1;
+  if (a.count < 1 || (a.count != 1 && a.kind != Kind::W))
+    throw py::value_error("count (micro-batches covered) is >= 1, and above 1 only for a W; got " +
+                          std::to_string(a.count) + " on " + kind);
   if (is_transfer(a.kind) && a.peer < 0)
     throw py::value_error("transfer action needs a peer stage");
   return a;
@@ -171,7 +179,8 @@ void bind_schedule(py::module_& m) {
       .def("dependencies", &PySchedule::dependencies, py::arg("device"))
       .def("violation", &PySchedule::violation)
       .def("simulate", &PySchedule::simulate, py::arg("forward"), py::arg("backward"),
-           py::arg("weight"), py::arg("update"), py::arg("transfer"))
+           py::arg("weight"), py::arg("update"), py::arg("transfer"),
+           py::arg("weight_fixed") = std::vector<double>())
       .def("peak_inflight", [](const PySchedule& p) { return peak_inflight(p.get()); })
       .def("text", [](const PySchedule& p) { return to_text(p.get()); })
       .def("lower", [](const PySchedule& p) { return PySchedule(lower(p.get())); });

@@ -32,10 +32,15 @@ Schedule make_custom(CustomSpec spec) {
     for (const Action& a : row) {
       if (!takes_version(a.kind) && a.version != kLiveWeights)
         fail("action " + to_string(a) + ": only F, B, I and W take a weight version");
+      if (a.count < 1 || (a.count != 1 && a.kind != Kind::W))
+        fail("action " + to_string(a) + ": only a W covers several micro-batches (count " +
+             std::to_string(a.count) + ")");
+      if (a.last_microbatch() > kMax)
+        fail("action " + to_string(a) + ": micro-batches must be < 2**31");
       max_stage = std::max<std::int64_t>({max_stage, a.stage, a.peer});
       if (is_pass(a.kind)) ++passes;
       if (is_update(a.kind)) max_t = std::max<std::int64_t>(max_t, a.microbatch);
-      else max_mb = std::max<std::int64_t>(max_mb, a.microbatch);
+      else max_mb = std::max<std::int64_t>(max_mb, a.last_microbatch());
     }
   }
 

@@ -113,9 +113,12 @@ Violation resolve(const Schedule& s, DepGraph* out) {
       if (is_update(a.kind)) {
         if (a.microbatch < 0 || a.microbatch >= T)
           return make(Rule::kUpdateRange, d, i, a, "mini-batches are " + range(T));
-      } else if (a.microbatch < 0 || a.microbatch >= n) {
+      } else if (a.microbatch < 0 || a.last_microbatch() >= n) {
         return make(Rule::kMicrobatchRange, d, i, a, "micro-batches are " + range(n));
       }
+      if (a.count < 1 || (a.count != 1 && a.kind != Kind::W))
+        return make(Rule::kMicrobatchRange, d, i, a,
+                    "only a W covers several micro-batches (a batched W, '1W3-5')");
       if (!takes_version(a.kind) && a.version != kLiveWeights)
         return make(Rule::kVersionRange, d, i, a, "only F, B, I and W name a weight version");
       if (takes_version(a.kind)) {
@@ -137,6 +140,21 @@ Violation resolve(const Schedule& s, DepGraph* out) {
                     "stage " + std::to_string(a.stage) + " lives on device " +
                         std::to_string(G.device_of(a.stage)));
       int* slot;
+      if (a.count > 1) {
+        // A batched W takes the W slot of every micro-batch it covers: a micro-batch whose
+        // W appears in two actions (batched or not) is a duplicate, named by both.
+        for (int mb = a.microbatch; mb <= a.last_microbatch(); ++mb) {
+          int& w = t.pass.at(kW, t.pk(a.stage, mb));
+          if (w >= 0)
+            return make(Rule::kDuplicate, d, i, a,
+                        "the W of micro-batch " + std::to_string(mb) + " already appears in " +
+                            to_string(action_at(s, g, w)) + " at position " +
+                            std::to_string(g.index_of(w)) + " of device " +
+                            std::to_string(g.device[w]));
+          w = gid;
+        }
+        continue;
+      }
       if (is_pass(a.kind)) {
         slot = &t.pass.at(pass_slot(a.kind), t.pk(a.stage, a.microbatch));
       } else if (is_update(a.kind)) {
@@ -154,8 +172,13 @@ Violation resolve(const Schedule& s, DepGraph* out) {
       }
       if (*slot >= 0) {
         int first = *slot;
+        const Action& other = action_at(s, g, first);
         return make(Rule::kDuplicate, d, i, a,
-                    "it already appears at position " + std::to_string(first - g.offset[d]));
+                    other.count > 1 ? "its micro-batch is already covered by " +
+                                          to_string(other) + " at position " +
+                                          std::to_string(g.index_of(first))
+                                    : "it already appears at position " +
+                                          std::to_string(first - g.offset[d]));
       }
       *slot = gid;
     }
@@ -282,12 +305,21 @@ Violation resolve(const Schedule& s, DepGraph* out) {
               add(input_grad(t.pk(q, mb)), Rule::kBackwardAfterSuccessor);
           }
           break;
-        case Kind::W: add(P.get(kI, k), Rule::kWeightAfterInputGrad); break;
-        case Kind::U:
-          for (int j = mb * m; j < (mb + 1) * m; ++j)
-            add(weight_grad(t.pk(st, j)), Rule::kUpdateAfterGradient);
+        case Kind::W:
+          // A batched W waits for the I of every micro-batch it covers.
+          for (int j = mb; j <= a.last_microbatch(); ++j)
+            add(P.get(kI, t.pk(st, j)), Rule::kWeightAfterInputGrad);
+          break;
+        case Kind::U: {
+          int last = -1;  // a batched W covering several micro-batches is waited for once
+          for (int j = mb * m; j < (mb + 1) * m; ++j) {
+            const int x = weight_grad(t.pk(st, j));
+            if (x != last) add(x, Rule::kUpdateAfterGradient);
+            last = x;
+          }
           if (mb > 0) add(t.update.get(0, t.uk(st, mb - 1)), Rule::kUpdateOrder);
           break;
+        }
         case Kind::SF: add(P.get(kF, k), Rule::kSendAfterCompute); break;
         case Kind::SB: add(input_grad(k), Rule::kSendAfterCompute); break;
         case Kind::RF:

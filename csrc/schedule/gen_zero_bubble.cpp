@@ -2,6 +2,7 @@
 #include "schedule/generators.h"
 
 #include <algorithm>
+#include <string>
 
 namespace pipetrain::schedule {
 
@@ -38,9 +39,22 @@ namespace pipetrain::schedule {
 //   d1:  .  1F0 1F1 1F2 1F3 1F4 1I0 1F5 1I1 1F6 1I2 1W0 1F7 1I3 1W1 1I4 1W2 1I5 1W3 1I6 1W4 1I7 1W5 1W6 1W7
 //   d2:  .   .  2F0 2F1 2F2 2I0 2F3 2I1 2F4 2I2 2F5 2I3 2F6 2I4 2W0 2F7 2I5 2W1 2I6 2W2 2I7 2W3 2W4 2W5 2W6 2W7
 //   d3:  .   .   .  3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3F4 3I4 3F5 3I5 3F6 3I6 3W0 3F7 3I7 3W1 3W2 3W3 3W4 3W5 3W6 3W7
-Schedule zero_bubble(int p, int m, bool h2) {
+//
+// Batched W ("zb-h1-bw", "zb-h2-bw"): the same order, except that the W's a stage defers
+// past its last I -- the cool-down's W's, lag + 1 of them on stage s -- run as one batched W
+// ("3W4-7", action.h), one computation and one gradient accumulation instead of lag + 1.
+// Nothing waits for those W's but the end of the step (or the update), so batching them
+// moves no other action; the simulator prices the batch a + b * n (simulator.h).
+//
+// ZB-H1-BW, p = 4, m = 8 (unit-cost slots: a batched W is one slot):
+//
+//   d0: 0F0 0F1 0F2 0F3  .   .   .  0I0 0W0 0F4 0I1 0W1 0F5 0I2 0W2 0F6 0I3 0W3 0F7 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7
+//   d1:  .  1F0 1F1 1F2  .   .  1I0 1F3 1I1 1W0 1F4 1I2 1W1 1F5 1I3 1W2 1F6 1I4 1W3 1F7 1I5 1W4 1I6 1W5 1I7 1W6-7
+//   d2:  .   .  2F0 2F1  .  2I0 2F2 2I1 2F3 2I2 2W0 2F4 2I3 2W1 2F5 2I4 2W2 2F6 2I5 2W3 2F7 2I6 2W4 2I7 2W5-7
+//   d3:  .   .   .  3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3W0 3F4 3I4 3W1 3F5 3I5 3W2 3F6 3I6 3W3 3F7 3I7 3W4-7
+Schedule zero_bubble(int p, int m, bool h2, bool batch_w) {
   Schedule s;
-  s.name = h2 ? "zb-h2" : "zb-h1";
+  s.name = std::string(h2 ? "zb-h2" : "zb-h1") + (batch_w ? "-bw" : "");
   s.graph = StageGraph::chain(p);
   s.num_microbatches = m;
   s.per_device.resize(p);
@@ -54,10 +68,17 @@ Schedule zero_bubble(int p, int m, bool h2) {
     for (; f < warmup; ++f) push(f, Kind::F);
     for (int j = 0; j < m; ++j) {
       push(j, Kind::I);
+      if (batch_w && j == m - 1) break;  // every W still pending goes into the batch below
       for (; w <= j - lag; ++w) push(w, Kind::W);
       if (f < m) push(f++, Kind::F);
     }
-    for (; w < m; ++w) push(w, Kind::W);
+    if (batch_w && w < m) {
+      Action a = pass_action(st, w, Kind::W);
+      a.count = m - w;  // one batched W for the cool-down (count 1 is a plain W)
+      row.push_back(a);
+    } else {
+      for (; w < m; ++w) push(w, Kind::W);
+    }
   }
   return s;
 }

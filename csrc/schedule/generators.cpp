@@ -23,14 +23,16 @@ Schedule build_one(const std::string& name, int num_stages, int num_microbatches
                                 " needs num_chunks=1, got " + std::to_string(num_chunks));
   if (name == "gpipe") return gpipe(num_stages, num_microbatches);
   if (name == "1f1b") return one_f_one_b(num_stages, num_microbatches);
-  return zero_bubble(num_stages, num_microbatches, name == "zb-h2");
+  const bool batch_w = name == "zb-h1-bw" || name == "zb-h2-bw";
+  return zero_bubble(num_stages, num_microbatches, name == "zb-h2" || name == "zb-h2-bw",
+                     batch_w);
 }
 
 }  // namespace
 
 const std::vector<std::string>& schedule_names() {
   static const std::vector<std::string> names = {"gpipe", "1f1b", "interleaved-1f1b", "zb-h1",
-                                                  "zb-h2"};
+                                                  "zb-h2", "zb-h1-bw", "zb-h2-bw"};
   return names;
 }
 

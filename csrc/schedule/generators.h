@@ -27,6 +27,6 @@ Schedule over_minibatches(const Schedule& one, int num_minibatches, bool updates
 Schedule gpipe(int p, int m);
 Schedule one_f_one_b(int p, int m);
 Schedule interleaved_1f1b(int p, int m, int v);
-Schedule zero_bubble(int p, int m, bool h2);
+Schedule zero_bubble(int p, int m, bool h2, bool batch_w = false);
 
 }  // namespace pipetrain::schedule

@@ -41,7 +41,7 @@ PlayOut play_out(const Schedule& s, const Validated& v, const Durations& dur, do
       const int x = g.dep[j];
       t = std::max(t, end[x] + (g.device[x] != d ? transfer : 0.0));
     }
-    const double du = dur.of(a.kind, a.stage);
+    const double du = dur.of(a);
     end[gid] = free_at[d] = t + du;
     r.busy[d] += du;
     r.start[d][i] = t;
@@ -70,6 +70,7 @@ SimResult simulate(const Schedule& s, const Validated& v, const Costs& c) {
                                     " exceeds its backward cost (backward is the full B = I + W)");
   }
   if (!c.update.empty()) check(c.update, "update");
+  if (!c.weight_fixed.empty()) check(c.weight_fixed, "weight_fixed");
   if (!(c.transfer >= 0.0)) throw std::invalid_argument("transfer cost must be >= 0");
 
   Durations dur(S, 0.0);  // transfers take no device time
@@ -80,7 +81,13 @@ SimResult simulate(const Schedule& s, const Validated& v, const Costs& c) {
     dur.of(Kind::I, st) = c.backward[st] - w;
     dur.of(Kind::W, st) = w;
     dur.of(Kind::U, st) = c.update.empty() ? 0.0 : c.update[st];
+    if (!c.weight_fixed.empty() && c.weight_fixed[st] > w)
+      throw std::invalid_argument("weight_fixed of stage " + std::to_string(st) + " (" +
+                                  std::to_string(c.weight_fixed[st]) +
+                                  ") exceeds the cost of its W (" + std::to_string(w) +
+                                  "): a batched W of n costs weight_fixed + (W - weight_fixed) n");
   }
+  dur.weight_fixed = c.weight_fixed;
   PlayOut p = play_out(s, v, dur, c.transfer);
   SimResult r;
   r.makespan = p.makespan;

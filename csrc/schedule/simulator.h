@@ -2,7 +2,11 @@
 //
 // Costs are per stage. F costs forward[s]; B costs backward[s] (the full backward); for a
 // split backward, W costs weight[s] and I costs backward[s] - weight[s], so the same
-// arguments describe 1F1B and zero-bubble schedules; U costs update[s]. Transfers take no
+// arguments describe 1F1B and zero-bubble schedules; U costs update[s]. A batched W of n
+// micro-batches ("1W3-5", action.h) costs a + b * n with a = weight_fixed[s] (what one W
+// computation costs whatever its size: launches, the graph restart, one accumulation into
+// the gradient) and b = weight[s] - a, so n = 1 is the plain W; weight_fixed = 0 (the
+// default) makes it n plain W's, weight_fixed = weight one W whatever n. Transfers take no
 // device time: a dependency on an action of another device becomes available
 // transfer_latency + transfer_bytes / bandwidth after that action ends (in a lowered
 // schedule this is the send -> receive edge; unlowered, the compute -> compute edge).
@@ -27,6 +31,8 @@ struct Costs {
   std::vector<double> forward, backward, weight;  // size num_stages each
   bool weight_given = false;  // false: a split backward costs backward / 2 for each of I, W
   std::vector<double> update;  // size num_stages; empty: updates cost nothing
+  // Size num_stages, each 0 <= a <= W's cost; empty: 0 (a batched W of n costs n W's).
+  std::vector<double> weight_fixed;
   double transfer = 0.0;       // seconds per cross-device dependency (latency + bytes / bw)
 };
 
@@ -38,6 +44,15 @@ struct Durations {
       : num_stages(stages), at(static_cast<size_t>(kNumKinds) * stages, fill) {}
   double& of(Kind k, int stage) { return at[static_cast<size_t>(k) * num_stages + stage]; }
   double of(Kind k, int stage) const { return at[static_cast<size_t>(k) * num_stages + stage]; }
+  // Batched W: the fixed part a of a + b * n per stage (empty: 0).
+  std::vector<double> weight_fixed;
+  // Duration of action a: of(kind, stage), or a + (W - a) * n for a W covering n micro-batches.
+  double of(const Action& a) const {
+    const double d = of(a.kind, a.stage);
+    if (a.count == 1) return d;
+    const double fixed = weight_fixed.empty() ? 0.0 : weight_fixed[a.stage];
+    return fixed + (d - fixed) * a.count;
+  }
 };
 
 // Start and end of every action (per device, per action), and when each device goes idle.

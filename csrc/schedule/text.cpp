@@ -133,7 +133,9 @@ std::string to_text(const Schedule& s) {
   }
   Validated v;
   if (validate(s, &v).ok()) {  // unit slots: every action one slot long, no latency
-    const PlayOut p = play_out(s, v, Durations(s.num_stages(), 1.0), 0.0);
+    Durations unit(s.num_stages(), 1.0);
+    unit.weight_fixed.assign(s.num_stages(), 1.0);  // a batched W is one slot too
+    const PlayOut p = play_out(s, v, unit, 0.0);
     for (int d = 0; d < D; ++d)
       for (size_t i = 0; i < slot[d].size(); ++i) slot[d][i] = static_cast<long>(p.start[d][i]);
   }

@@ -10,24 +10,27 @@ rank (:func:`~pipetrain.distributed.mesh.wanted`). This rank
   materialized on its device by ``init_fn(layer)`` or each module's ``reset_parameters()``;
 - holds the lowered plan and a :class:`~pipetrain.distributed.runner.RankRunner`.
 
-``step`` returns the mini-batch loss on every rank (the mean over replicas' mini-batches; a
-token-level loss over all their tokens) and leaves in ``p.grad`` of the local stages what the
-unsplit model would have on the combined batch (replicas are averaged, as with DDP).
+``run`` executes this rank's row of a plan (the step's, or an asynchronous plan over several
+mini-batches for ``train()``, :mod:`.training`) and turns any failure into a PipelineError
+naming its origin on every rank. ``step`` returns the mini-batch loss on every rank (the mean
+over replicas' mini-batches; a token-level loss over all their tokens) and leaves in
+``p.grad`` of the local stages what the unsplit model would have on the combined batch
+(replicas are averaged, as with DDP).
 """
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipetrain import loss_scaling
 from pipetrain.distributed import grads as grads_mod
-from pipetrain.distributed.mesh import Mesh, local_device
+from pipetrain.distributed.mesh import Mesh, P2PGroups, local_device
 from pipetrain.distributed.runner import RankRunner
 from pipetrain.distributed.wire import Board, PeerFailed, wait_all
 from pipetrain.plan import Plan
@@ -148,10 +151,11 @@ class Distributed:
                     dist.broadcast(tie.param.data, src=mesh.rank_of(tie.devices[0]),
                                    group=tie.groups[mesh.dp_rank])
         self.plan = Plan(pipe.schedule.lower())
-        # Point-to-point traffic in a group of its own whose timeout is the pipeline's: a
+        # Point-to-point traffic in groups of its own whose timeout is the pipeline's: a
         # blocking receive is bounded by it (gloo raises), a dead peer fails it at once.
-        self.group = dist.new_group(backend=dist.get_backend(),
-                                    timeout=datetime.timedelta(seconds=min(timeout, 1e7)))
+        # Control (headers) on gloo, packed tensors on the device's backend (mesh.P2PGroups).
+        self.group = P2PGroups(mesh, [(e.id, dev_of[e.src], dev_of[e.dst]) for e in graph.edges],
+                               timeout)
         store = dist.distributed_c10d._get_default_store()
         self.board = Board(store, f"pipetrain/{number}")
         self.runner: Optional[RankRunner] = None
@@ -173,59 +177,94 @@ class Distributed:
                  me=self.mesh.rank, what=what)
 
     # -- the step --------------------------------------------------------------------------
-    def step(self, pipe: Any, inputs: Any, targets: Any) -> torch.Tensor:
+    @property
+    def is_source(self) -> bool:
+        """Whether this rank holds a stage that reads the user's inputs."""
+        return any(not self.plan.graph.stage(k).inputs for k in self.local)
+
+    @property
+    def is_sink(self) -> bool:
+        """Whether this rank holds the stage that computes the loss."""
+        return any(not self.plan.graph.stage(k).outputs for k in self.local)
+
+    def rank_batch(self, pipe: Any, inputs: Any, targets: Any) -> Tuple[Any, Any]:
+        """The ``(inputs, targets)`` this rank's run splits: the first stage's rank uses
+        ``inputs``, the last stage's ``targets``; the other half (and both, on a middle rank)
+        is a stand-in of the right micro-batch count whose split is never read."""
+        x = inputs if self.is_source else None
+        y = targets if self.is_sink else None
+        if x is None and y is None:
+            x = y = torch.zeros(pipe.num_microbatches)
+        return (y if x is None else x), (x if y is None else y)
+
+    def run(self, pipe: Any, batches: Sequence[Tuple[Any, Any]], plan: Any = None) -> Tuple[Any, Any, float]:
+        """Run this rank's row of ``plan`` (default: the step's) over ``batches`` (from
+        :meth:`rank_batch`); returns (run, timeline, wall seconds).
+
+        Raises:
+            PipelineError: on every rank when an action failed on any of them, naming the
+                origin: ``rank 1: stage 1, micro-batch 5 of mini-batch 2, action F (1F5@1)
+                raised ValueError: ...`` (an update: ``update after mini-batch 2``); or when
+                a rank died or stopped answering. The pipeline then refuses further runs.
+        """
         from pipetrain.executor import ExecutorError
         from pipetrain.pipeline import PipelineError
 
-        graph, mesh = self.plan.graph, self.mesh
-        source = any(not graph.stage(k).inputs for k in self.local)
-        sink = any(not graph.stage(k).outputs for k in self.local)
-        x = inputs if source else None
-        y = targets if sink else None
-        pipe._loss.begin(y)
-        if x is None and y is None:    # a middle rank: the split of a stand-in is never used
-            x = y = torch.zeros(pipe.num_microbatches)
-        x, y = (y if x is None else x), (x if y is None else y)
+        plan = self.plan if plan is None else plan
+        mesh = self.mesh
         try:
-            run, timeline, wall = self.runner.execute(pipe.stages, [(x, y)])
+            return self.runner.execute(pipe.stages, batches, plan=plan)
         except ExecutorError as err:
             cause = err.__cause__
             if isinstance(cause, PeerFailed):
                 self.runner.fail(str(cause))
                 raise PipelineError(str(cause)) from cause
             index = err.index if err.index is not None and err.index >= 0 else None
-            a = self.plan.actions[mesh.pp_rank][index] if index is not None else None
+            a = plan.actions[mesh.pp_rank][index] if index is not None else None
             if a is None:
                 msg = f"rank {mesh.rank}: pipeline run failed: {err}"
                 self.runner.fail(msg)
                 raise PipelineError(msg) from err
-            msg = (f"rank {mesh.rank}: stage {a.stage}, micro-batch {a.microbatch}, action "
-                   f"{a.kind} ({a}) raised {type(cause).__name__}: {cause}")
+            mb, t = (None, a.microbatch) if a.kind == "U" else (a.microbatch, plan.minibatch_of(a.microbatch))
+            where = f"update after mini-batch {t}" if mb is None else f"micro-batch {mb}" + (
+                f" of mini-batch {t}" if plan.num_minibatches > 1 else "")
+            msg = (f"rank {mesh.rank}: stage {a.stage}, {where}, action {a.kind} ({a}) raised "
+                   f"{type(cause).__name__}: {cause}")
             self.runner.fail(msg)
-            perr = PipelineError(msg, stage=a.stage, microbatch=a.microbatch,
-                                 action=str(a.kind), label=str(a), device=mesh.pp_rank)
+            perr = PipelineError(msg, stage=a.stage, microbatch=mb, action=str(a.kind),
+                                 label=str(a), device=mesh.pp_rank, minibatch=t)
             raise perr from cause
         except PeerFailed as err:
             self.runner.fail(str(err))
             raise PipelineError(str(err)) from err
+
+    def fail_after_run(self, pipe: Any, err: BaseException, what: str) -> Any:
+        """Something failed after this rank's row ran (``what``: "ending the step"): post it so
+        the other ranks do not wait for us past a poll, drop the run, return the PipelineError."""
+        from pipetrain.pipeline import PipelineError
+        msg = str(err) if isinstance(err, PeerFailed) else \
+            f"rank {self.mesh.rank}: {what} failed: {type(err).__name__}: {err}"
+        self.runner.fail(msg)
+        for k in self.local:
+            pipe.stages[k].end_run(commit=False)
+        return PipelineError(msg)
+
+    def step(self, pipe: Any, inputs: Any, targets: Any) -> torch.Tensor:
+        pipe._loss.begin(targets if self.is_sink else None)
+        loss_scaling.begin_step(pipe)
+        run, timeline, wall = self.run(pipe, [self.rank_batch(pipe, inputs, targets)])
         try:
             self._record(pipe, run, timeline, wall)
-            return self._finish(pipe, run, sink)
+            return self._finish(pipe, run, self.is_sink)
         except BaseException as err:
-            # Whatever failed here, the other ranks must not wait for us past a poll.
-            msg = str(err) if isinstance(err, PeerFailed) else \
-                f"rank {mesh.rank}: ending the step failed: {type(err).__name__}: {err}"
-            self.runner.fail(msg)
-            for k in self.local:
-                pipe.stages[k].end_run(commit=False)
-            raise PipelineError(msg) from err
+            raise self.fail_after_run(pipe, err, "ending the step") from err
 
     def _record(self, pipe: Any, run: Any, timeline: Any, wall: float) -> None:
         """This rank's stats (compute actions only: transfers are waits, not work) and the
         overlap of its incoming transfers with compute."""
         from pipetrain.stats import measure
         d = self.mesh.pp_rank
-        row = self.plan.actions[d]
+        row = run.plan.actions[d]
         records = [r for r in timeline.records([row])[0]
                    if str(r.kind) in ("F", "B", "I", "W", "U")]
         pipe._stats = measure([records], schedule=pipe.schedule.name, num_stages=pipe.num_stages,
@@ -235,18 +274,27 @@ class Distributed:
         self.last_timeline = timeline
 
     def _finish(self, pipe: Any, run: Any, sink: bool) -> torch.Tensor:
-        """After our row ran: agree on loss / count / finiteness, reduce and commit gradients."""
+        """After our row ran: reduce the gradients (replicas, tied copies), check and unscale
+        them, agree on loss / count / finiteness in one all-reduce over every rank (the
+        pipeline and data-parallel groups at once), commit or drop them everywhere alike."""
         mesh, loss_fn = self.mesh, pipe._loss
         stages = [pipe.stages[k] for k in self.local]
-        nonfinite = any(not bool(torch.isfinite(g).all())
-                        for st in stages for g in (st.staged_grads() or {}).values())
+        for red in run.reducers.values():
+            red.finish(self._wait)
+        if self.ties:
+            grads_mod.sum_tied(self.ties, pipe.stages, mesh.dp_rank, self._wait)
+        # After the reductions, so a sum that overflowed is caught too; one fused pass that
+        # also divides by the loss scale (pipetrain.loss_scaling).
+        inv = 1.0 / pipe.scaler.scale if pipe.scaler is not None else 1.0
+        flag = loss_scaling.check_and_unscale(loss_scaling.local_grads(stages), inv, sync=False)
         vec = torch.zeros(4, dtype=torch.float64)
         if sink:
             vec[0] = float(run.losses_per_minibatch()[0])
             vec[1] = loss_fn.total_count
             vec[2] = 1.0 if loss_fn.token_level else 0.0
-        vec[3] = 1.0 if nonfinite else 0.0
         vec = vec.to(self.device)
+        if flag is not None:    # on the device: read on the host only after the all-reduce
+            vec[3:4].copy_(flag.reshape(1))
         self._wait([dist.all_reduce(vec, async_op=True)], "the end-of-step all-reduce")
         vec = vec.cpu()
         token = bool(vec[2] > 0)
@@ -254,11 +302,7 @@ class Distributed:
             loss, loss_fn.scale = vec[0] / vec[1], 1.0 / float(vec[1])
         else:
             loss, loss_fn.scale = vec[0] / mesh.w, 1.0 / mesh.w
-        pipe.found_inf = bool(vec[3] > 0)
-        for red in run.reducers.values():
-            red.finish(self._wait)
-        if self.ties:
-            grads_mod.sum_tied(self.ties, pipe.stages, mesh.dp_rank, self._wait)
+        loss_scaling.end_step(pipe, bool(vec[3] > 0))   # the same flag and scale on every rank
         for st in stages:
             # A non-finite gradient on any rank skips the step everywhere: nothing committed.
             st.end_run(commit=not pipe.found_inf)
@@ -280,15 +324,9 @@ class Distributed:
                                           ties=self.ties, group=self.group)
             if self.runner is not None:
                 self.runner.companions.append(self.eval_runner)
-        graph = self.plan.graph
-        source = any(not graph.stage(k).inputs for k in self.local)
-        sink = any(not graph.stage(k).outputs for k in self.local)
-        x = inputs if source else None
-        y = targets if sink and targets is not None else None
-        pipe._loss.begin(y)
-        if x is None and y is None:
-            x = y = torch.zeros(pipe.num_microbatches)
-        x, y = (y if x is None else x), (x if y is None else y)
+        sink = self.is_sink
+        pipe._loss.begin(targets if sink else None)
+        x, y = self.rank_batch(pipe, inputs, targets)
         modes = _train_modes(pipe.stages)
         try:
             run_cls = type("EvalRun", (RankEvalRun,), {"has_targets": targets is not None,

@@ -16,7 +16,11 @@ message on a stream has its header posted up to ``LOOKAHEAD`` receives before it
 and each later message's buffer is posted as soon as the previous one is in — before the
 compute that precedes its use; the RF / RB action waits for it on the issuing thread itself.
 After a stage's last backward (B or W) of the step its gradients start their data-parallel
-all-reduce (buckets, async), overlapping the rest of the cool-down.
+all-reduce (buckets, async), overlapping the rest of the cool-down. A plan over several
+mini-batches with updates (the asynchronous schedules, :mod:`.training`) starts one such
+all-reduce after the backward that closes each mini-batch on a stage, and its ``U`` waits
+(bounded) for it before the optimizer steps, so every replica updates with the same averaged
+gradient.
 
 At the end of a run one all-reduce over all ranks carries (loss, token count, non-finite
 gradient flag); then gradients are scaled (1/w, or 1/tokens), tied copies summed, committed.
@@ -41,7 +45,7 @@ from pipetrain.transport import Handoff, Transport
 from pipetrain.distributed import grads as grads_mod
 from pipetrain.distributed.wire import Board, PeerFailed, Stream, wait_all
 
-__all__ = ["RankRunner", "RankEdge"]
+__all__ = ["RankRunner", "RankRow", "RankEdge"]
 
 RECEIVES = ("RF", "RB")
 LOOKAHEAD = 2
@@ -73,37 +77,47 @@ class _RankRun(Run):
         super().__init__(plan, stages, runner.transports, runner.devices, batches,
                          runner.num_threads)
         self.runner = runner
+        self.row: RankRow = runner.row_of(plan)
         self.sends: List[Tuple[List[Any], List[torch.Tensor], str]] = []
         self.reducers: Dict[int, Any] = {}
         self.deadline_s = runner.timeout
 
     def dispatch(self, _local: int, index: int) -> None:
-        r = self.runner
+        r, row = self.runner, self.row
         d = r.device_index
         a = self.plan.actions[d][index]
         kind = str(a.kind)
         r.post_ahead(index)
         if kind in RECEIVES:
             direction = VALUE if kind == "RF" else GRAD
-            stream = r.streams[(r.edge_of[index], direction)]
+            stream = r.streams[(row.edge_of[index], direction)]
             value = stream.take(me=r.mesh.rank, what=f"{a} from rank {stream.peer}")
-            self.mailbox.put(direction, r.edge_of[index], a.microbatch, value)
+            self.mailbox.put(direction, row.edge_of[index], a.microbatch, value)
             return
         if kind in ("SF", "SB"):
             direction = VALUE if kind == "SF" else GRAD
-            works, keep = self.mailbox.take(direction, r.edge_of[index], a.microbatch)
-            self.sends.append((works, keep, f"delivery of {a} to rank {r.peer_of[index]}"))
+            works, keep = self.mailbox.take(direction, row.edge_of[index], a.microbatch)
+            self.sends.append((works, keep, f"delivery of {a} to rank {row.peer_of[index]}"))
             return
-        super().dispatch(d, index)
         stage = a.stage
-        if r.last_backward.get(stage) == index and r.mesh.dp_group is not None:
+        if kind == "U" and stage in self.reducers:
+            # The replicas' gradients of this mini-batch, averaged, before the optimizer reads them.
+            self.reducers.pop(stage).finish(self.wait)
+        super().dispatch(d, index)
+        if index in row.reduce_at and r.mesh.dp_group is not None:
             self.reducers[stage] = grads_mod.start_allreduce(self.stages[stage], r.mesh.dp_group)
+
+    def wait(self, works: Sequence[Any], what: str) -> None:
+        """Wait (bounded by the timeout, watching the failure board) for collective ``works``."""
+        r = self.runner
+        wait_all(works, deadline=time.monotonic() + r.timeout, board=r.board, peer=None,
+                 me=r.mesh.rank, what=what)
 
     def finish_sends(self) -> None:
         """Wait (bounded) until every message this run sent was delivered."""
         r = self.runner
         works = [w for ws, _, _ in self.sends for w in ws]
-        peers = sorted({r.peer_of[i] for i in r.sends_at})
+        peers = sorted({self.row.peer_of[i] for i in self.row.sends_at})
         wait_all(works, deadline=time.monotonic() + r.timeout, board=r.board,
                  peer=peers[0] if len(peers) == 1 else None, me=r.mesh.rank,
                  what=f"the delivery of this step's sends to rank(s) {peers}")
@@ -118,12 +132,66 @@ class RankEvalRun(EvalMixin, _RankRun):
         self.outputs: Dict[int, Any] = {}
 
 
+class RankRow:
+    """This rank's row of one lowered plan, indexed for the run: per transfer action its edge
+    and peer rank, the messages each receiving stream expects, and where data-parallel
+    all-reduces start.
+
+    Attributes:
+        edge_of, peer_of: ``{index: edge id}`` / ``{index: global rank}`` of transfer actions.
+        expected: ``{(edge, direction): messages}`` this row receives per stream.
+        receives, sends_at: indices of RF / RB and of SF / SB actions, in row order.
+        recv_seq: ``{index of a receive: ((edge, direction), its sequence number)}``.
+        reduce_at: indices of the B / W after which a stage's gradients are all-reduced
+            across replicas: the backward closing each mini-batch before that stage's ``U``,
+            and a stage's last backward of the run when no ``U`` follows it (``step()``).
+        compiled: the row compiled for the runner's one-device executor.
+    """
+
+    def __init__(self, plan: Any, device_index: int, mesh: Any, executor: Any) -> None:
+        graph = plan.graph
+        dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
+        edge_by_pair = {(e.src, e.dst): e.id for e in graph.edges}
+        row = plan.actions[device_index]
+        self.edge_of: Dict[int, int] = {}
+        self.peer_of: Dict[int, int] = {}
+        self.expected: Dict[Tuple[int, str], int] = {}
+        self.sends_at: List[int] = []
+        self.receives: List[int] = []
+        self.recv_seq: Dict[int, Tuple[Tuple[int, str], int]] = {}
+        self.reduce_at: set = set()
+        last: Dict[int, int] = {}      # stage -> its latest B / W not yet followed by a U
+        for i, a in enumerate(row):
+            kind = str(a.kind)
+            if kind in ("SF", "RB"):
+                self.edge_of[i] = edge_by_pair[(a.stage, a.peer)]
+            elif kind in ("RF", "SB"):
+                self.edge_of[i] = edge_by_pair[(a.peer, a.stage)]
+            if kind in ("SF", "SB", "RF", "RB"):
+                self.peer_of[i] = mesh.rank_of(dev_of[a.peer])
+            if kind in RECEIVES:
+                self.receives.append(i)
+                key = (self.edge_of[i], VALUE if kind == "RF" else GRAD)
+                self.recv_seq[i] = (key, self.expected.get(key, 0))
+                self.expected[key] = self.expected.get(key, 0) + 1
+            elif kind in ("SF", "SB"):
+                self.sends_at.append(i)
+            elif kind in ("B", "W"):
+                last[a.stage] = i
+            elif kind == "U" and a.stage in last:
+                self.reduce_at.add(last.pop(a.stage))
+        self.reduce_at.update(last.values())
+        self.compiled = executor.compile([[(str(a), []) for a in row]])
+
+
 class RankRunner:
     """Runs this rank's row of lowered plans; see the module docstring.
 
     Args:
         mesh: the :class:`~pipetrain.distributed.mesh.Mesh`.
-        plan: the lowered :class:`~pipetrain.plan.Plan` (all devices' rows).
+        plan: the lowered :class:`~pipetrain.plan.Plan` run by default (all devices' rows);
+            ``execute(..., plan=)`` runs another plan of the same stage graph (the
+            asynchronous plans over several mini-batches) on the same streams.
         device: this rank's torch device.
         timeout: seconds any single wait may last.
         num_threads: torch intra-op threads on the issuing thread (0: leave torch's).
@@ -158,55 +226,40 @@ class RankRunner:
                     if (direction == VALUE) == (d == a):
                         self.outgoing.append(st)
             self.transports[e.id] = RankEdge(streams, a)
-        # Per action of our row: the edge / peer of transfers, the stream of receives.
-        row = plan.actions[d]
-        self.edge_of: Dict[int, int] = {}
-        self.peer_of: Dict[int, int] = {}
-        self.expected: Dict[Tuple[int, str], int] = {}   # messages per receiving stream
-        self.sends_at: List[int] = []
-        self.receives: List[int] = []           # indices of RF / RB in the row
-        self._posted = 0
-        self.recv_seq: Dict[int, Tuple[Tuple[int, str], int]] = {}
-        self.last_backward: Dict[int, int] = {}  # stage -> index of its last B / W
-        edge_by_pair = {(e.src, e.dst): e.id for e in graph.edges}
-        for i, a in enumerate(row):
-            kind = str(a.kind)
-            if kind in ("SF", "RB"):
-                self.edge_of[i] = edge_by_pair[(a.stage, a.peer)]
-            elif kind in ("RF", "SB"):
-                self.edge_of[i] = edge_by_pair[(a.peer, a.stage)]
-            if kind in ("SF", "SB", "RF", "RB"):
-                self.peer_of[i] = mesh.rank_of(dev_of[a.peer])
-            if kind in RECEIVES:
-                self.receives.append(i)
-                key = (self.edge_of[i], VALUE if kind == "RF" else GRAD)
-                self.recv_seq[i] = (key, self.expected.get(key, 0))
-                self.expected[key] = self.expected.get(key, 0) + 1
-            elif kind in ("SF", "SB"):
-                self.sends_at.append(i)
-            if kind in ("B", "W"):
-                self.last_backward[a.stage] = i
         self.executor = Executor(1, backend="cuda" if device.type == "cuda" else "cpu")
-        self.compiled = self.executor.compile([[(str(a), []) for a in row]])
+        self._rows: Dict[int, Tuple[Any, RankRow]] = {}
+        self.row = self.row_of(plan)            # the row of the run in progress (or the last)
+        self._posted = 0
         self.broken: Optional[str] = None
         self.companions: List["RankRunner"] = []
 
+    def row_of(self, plan: Any) -> RankRow:
+        """This rank's :class:`RankRow` of ``plan`` (made once per plan)."""
+        entry = self._rows.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            entry = self._rows[id(plan)] = (plan, RankRow(plan, self.device_index, self.mesh,
+                                                          self.executor))
+        return entry[1]
+
     # -- a run -------------------------------------------------------------------------------
     def execute(self, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
-                run_cls: Any = None) -> Tuple[_RankRun, Any, float]:
-        """Run our row; returns (run, timeline, wall seconds). Raises ExecutorError (an
-        action failed: PeerFailed as its cause when another rank did) or PeerFailed."""
+                run_cls: Any = None, plan: Any = None) -> Tuple[_RankRun, Any, float]:
+        """Run our row of ``plan`` (default: the runner's); returns (run, timeline, wall
+        seconds). Raises ExecutorError (an action failed: PeerFailed as its cause when another
+        rank did) or PeerFailed."""
         from pipetrain.executor import ExecutorError
 
         if self.broken:
             raise PeerFailed(f"an earlier step failed ({self.broken}); the process group may "
                              "hold unmatched messages: restart the job (torchrun restarts it)")
+        plan = self.plan if plan is None else plan
         t0 = time.perf_counter()
         self.board.step += 1
+        self.row = row = self.row_of(plan)
         for key, st in self.streams.items():
-            st.begin_run(self.expected.get(key, 0))
+            st.begin_run(row.expected.get(key, 0))
         self._posted = 0
-        run = (run_cls or _RankRun)(self, self.plan, stages, batches)
+        run = (run_cls or _RankRun)(self, plan, stages, batches)
         d = self.device_index
         local = [st for st in stages if st is not None]
         for st in local:
@@ -216,7 +269,7 @@ class RankRunner:
             torch.set_num_threads(self.num_threads)
         try:
             # The executor's own timeout is a backstop: every wait inside an action is bounded.
-            timeline = self.executor.run(self.compiled, run.dispatch,
+            timeline = self.executor.run(row.compiled, run.dispatch,
                                          timeout=min(2 * self.timeout + 10, 1e9))
             run.finish_sends()
         except BaseException as err:
@@ -232,11 +285,11 @@ class RankRunner:
     def post_ahead(self, index: int) -> None:
         """Before action ``index``: post the headers of the receives up to ``LOOKAHEAD``
         past it (in row order, which is each stream's message order)."""
-        upto = min(bisect.bisect_right(self.receives, index) + LOOKAHEAD, len(self.receives))
-        row = self.plan.actions[self.device_index]
+        rr = self.row
+        upto = min(bisect.bisect_right(rr.receives, index) + LOOKAHEAD, len(rr.receives))
         while self._posted < upto:
-            i = self.receives[self._posted]
-            self.streams[(self.edge_of[i], VALUE if str(row[i].kind) == "RF" else GRAD)].post()
+            key, _ = rr.recv_seq[rr.receives[self._posted]]
+            self.streams[key].post()
             self._posted += 1
 
     def fail(self, text: str) -> None:
@@ -265,7 +318,7 @@ class RankRunner:
         ``hidden_fraction`` (1.0 when nothing was received)."""
         del timeline
         total = exposed = 0
-        for i, (key, seq) in self.recv_seq.items():
+        for i, (key, seq) in self.row.recv_seq.items():
             times = self.streams[key].times.get(seq)
             if times is None:
                 continue

@@ -2,10 +2,13 @@
 
 One *stream* per (edge, direction) of the stage graph carries the messages of that edge in
 one direction (forward values producer -> consumer, gradients back), in the order the
-schedule sends them (:class:`Stream` describes a message: one packed buffer per value, its
-description only when it changes). Each part has its own tag (``tag_of``): gloo matches
-messages per source and tag, in order, so receives of different parts can be posted ahead
-independently. A sequence number in every message catches ranks whose schedules disagree.
+schedule sends them (:class:`Stream` describes a message: a small header and a description
+on the control plane — a gloo group on CPU tensors — and one packed buffer per value on the
+data plane — the device's group, NCCL on GPU). Each part has its own tag (``tag_of``): gloo
+matches messages per source and tag, in order, so receives of different parts can be posted
+ahead independently; NCCL ignores tags, so there every edge has a data group of its own
+(:class:`~pipetrain.distributed.mesh.P2PGroups`). A sequence number in every header catches
+ranks whose schedules disagree.
 
 Waits. Receives block on the issuing thread, bounded by the point-to-point group's timeout
 (the pipeline's ``timeout``); a dead peer makes gloo fail them at once (connection closed)
@@ -150,45 +153,53 @@ ALIGN = 16   # byte offset of every tensor in a packed message (dtype views need
 
 
 def _layout(desc: Sequence[Any]) -> Tuple[List[Tuple[int, int]], int]:
-    """(offset, nbytes) of each tensor leaf in a packed message after the 3-int64 header,
-    and the message's total size."""
-    out, off = [], ALIGN * 2
+    """(offset, nbytes) of each tensor leaf in a packed message, and the message's size
+    (at least ``ALIGN``: a message without tensors still has a buffer to send)."""
+    out, off = [], 0
     for d in desc:
         if d[0] != "t":
             continue
         n = torch.Size(d[1]).numel() * torch.empty((), dtype=d[2]).element_size()
         out.append((off, n))
         off += (n + ALIGN - 1) // ALIGN * ALIGN
-    return out, off
+    return out, max(off, ALIGN)
 
 
 class Stream:
     """The messages of one (edge, direction) between this rank and ``peer``.
 
-    A message is *packed*: one uint8 buffer holding a header (sequence number, a flag, the
-    sender's clock) and every tensor leaf, so an unchanged message is one ``isend`` and one
-    ``irecv``. Its description (structure, shapes, dtypes, plain leaves) travels apart, on
-    the header tag, only for the first message of a run and when it changes::
+    Two planes, so that on CUDA no message costs a host synchronization:
 
-        first of a run, or changed:  header int64[3] (seq, description bytes, packed size)
-                                     [description]  then the packed message (resized tag)
-        unchanged (seq >= 1):        the packed message (data tag), received into a buffer
-                                     the receiver posted when the previous message came in
-        changed (seq >= 1):          first a packed message of the previous size flagged
-                                     "resized" (fills the posted receive), then as above
+    - control (``groups.ctrl``, gloo, CPU tensors): per message an int64[5] *header*
+      ``(seq, flag, packed size, description bytes, sender clock ns)``, then the
+      description (structure, shapes, dtypes, plain leaves) when it changed, or an error's
+      text. The receiver reads flags and sequence numbers here, on the host, from CPU memory.
+    - data (``groups.data(edge)``: NCCL on GPU, gloo on CPU): one *packed* buffer per message
+      on the rank's device holding every tensor leaf. The receiver never reads it on the host:
+      it waits for it with ``work.wait()`` on the current (compute) stream (NCCL makes the
+      stream wait, not the host; on gloo the wait is the host's, which is the compute).
 
-    Both halves run on this rank's issuing thread (no helper thread: no hand-over of the
-    GIL delays a message). Blocking waits are bounded by the point-to-point group's timeout
-    (the pipeline's ``timeout``). A failing rank sends an error (sequence number -1 and its
-    message) on its outgoing streams, where the peer waits, so it learns the origin at once.
+    ::
+
+        first message of a run:  header + [description] + packed (resized tag, fresh receive)
+        unchanged (seq >= 1):    header + packed (data tag), into the buffer the receiver
+                                 posted as soon as the previous message was in
+        changed (seq >= 1):      a filler of the previous size (data tag: fills the posted
+                                 receive), header flagged RESIZE + description + packed (resized tag)
+        error:                   a filler (if a receive may be posted), header seq -1 + text
+
+    Headers are posted ahead too (the first ``LOOKAHEAD`` actions early, each later one when
+    its predecessor arrives), so a message's two parts are in flight before their action.
+    Both halves run on this rank's issuing thread. Blocking waits are bounded by the groups'
+    timeout (the pipeline's ``timeout``); a dead peer fails them at once.
     """
 
-    RESIZE, ERROR = 1, 2    # flags in a packed message's header
+    RESIZE, ERROR = 1, 2    # flags in a header
 
     def __init__(self, edge: int, direction: str, peer: int, device: torch.device,
                  name: str, group: Any = None) -> None:
         self.edge, self.direction, self.peer, self.device = edge, direction, peer, device
-        self.group = group
+        self.ctrl_group, self.data_group = _split(group, edge)
         self.name = f"{name} ({'values' if direction == VALUE else 'gradients'})"
         self.tags = [tag_of(edge, direction, part) for part in (HEADER, META, DATA, RESIZED)]
         self.meta: Any = None            # receiving: the description in force
@@ -199,7 +210,7 @@ class Stream:
         self.seq = 0                     # sending: next sequence number, per run
         self._next = 0                   # receiving: next sequence number, per run
         self._expected = 0               # receiving: messages in this run
-        self._header: Optional[Tuple[torch.Tensor, Any]] = None   # first header, posted ahead
+        self._header: Optional[Tuple[torch.Tensor, Any]] = None   # next header, posted ahead
         self._spec: Optional[Tuple[torch.Tensor, Any]] = None     # next packed message, posted
         self.times: Dict[int, Tuple[int, int, int, int]] = {}  # seq -> sent, arrived, wait from, to
 
@@ -209,65 +220,68 @@ class Stream:
         self._expected, self._header, self._spec = expected, None, None
 
     def _isend(self, t: torch.Tensor, part: int) -> Any:
-        return dist.isend(t, dst=self.peer, tag=self.tags[part], group=self.group)
+        group = self.data_group if part in (DATA, RESIZED) else self.ctrl_group
+        return dist.isend(t, dst=self.peer, tag=self.tags[part], group=group)
 
     def _irecv(self, t: torch.Tensor, part: int) -> Any:
-        return dist.irecv(t, src=self.peer, tag=self.tags[part], group=self.group)
+        group = self.data_group if part in (DATA, RESIZED) else self.ctrl_group
+        return dist.irecv(t, src=self.peer, tag=self.tags[part], group=group)
 
     # -- sending -------------------------------------------------------------------------
     def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
         """Post the message for ``value``; returns the works and the buffers to keep alive."""
         tensors, meta = encode(value)
-        desc = pickle.loads(meta)[1] if meta != self.sent_meta else None
-        layout, size = _layout(desc) if desc is not None else (self._layout, self.sent_size)
+        changed = meta != self.sent_meta
+        desc = pickle.loads(meta)[1] if changed else None
+        layout, size = _layout(desc) if changed else (self._layout, self.sent_size)
         seq = self.seq
         self.seq += 1
         buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-        buf[:24].view(torch.int64).copy_(torch.tensor([seq, 0, time.monotonic_ns()]))
         for t, (off, n) in zip(tensors, layout):
             buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
         works, keep = [], [buf]
-        if seq > 0 and desc is None:
-            works.append(self._isend(buf, DATA))
-            return works, keep
-        if seq > 0:      # changed: fill the receive the peer posted, flagged
+        flag = 0
+        if seq > 0 and changed:      # fill the receive the peer posted, flagged in the header
             filler = torch.zeros(self.sent_size, dtype=torch.uint8, device=self.device)
-            filler[:24].view(torch.int64)[:2] = torch.tensor([seq, self.RESIZE])
             works.append(self._isend(filler, DATA))
             keep.append(filler)
-        described = meta if meta != self.sent_meta else b""   # the peer keeps the last one
-        header = torch.tensor([seq, len(described), size], dtype=torch.int64)
+            flag = self.RESIZE
+        described = meta if changed else b""   # the peer keeps the last one
+        header = torch.tensor([seq, flag, size, len(described), time.monotonic_ns()],
+                              dtype=torch.int64)
         works.append(self._isend(header, HEADER))
         keep.append(header)
         if described:
             mbuf = torch.frombuffer(bytearray(described), dtype=torch.uint8)
             works.append(self._isend(mbuf, META))
             keep.append(mbuf)
-        works.append(self._isend(buf, RESIZED))
+        works.append(self._isend(buf, RESIZED if seq == 0 or changed else DATA))
         self.sent_meta, self.sent_size, self._layout = meta, size, layout
         return works, keep
 
     def send_error(self, text: str) -> Tuple[List[Any], List[torch.Tensor]]:
         """Tell the peer, waiting (or about to wait) on this stream, that this step failed."""
         works, keep = [], []
-        if self.seq > 0 and self.sent_size:   # the peer may wait on a posted packed receive
+        if self.seq > 0 and self.sent_size:   # the peer may have a packed receive posted
             filler = torch.zeros(self.sent_size, dtype=torch.uint8, device=self.device)
-            filler[:24].view(torch.int64)[:2] = torch.tensor([-1, self.ERROR])
             works.append(self._isend(filler, DATA))
             keep.append(filler)
         raw = text.encode()
-        header = torch.tensor([-1, len(raw), 0], dtype=torch.int64)
+        header = torch.tensor([-1, self.ERROR, 0, len(raw), time.monotonic_ns()], dtype=torch.int64)
         mbuf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         works += [self._isend(header, HEADER), self._isend(mbuf, META)]
         return works, keep + [header, mbuf]
 
     # -- receiving -----------------------------------------------------------------------
+    def _post_header(self) -> None:
+        header = torch.zeros(5, dtype=torch.int64)
+        self._header = (header, self._irecv(header, HEADER))
+
     def post(self) -> None:
-        """Post the receive of the run's first header ahead of its action (later messages
-        are posted as their predecessor comes in)."""
+        """Post the receive of the run's first header ahead of its action (later headers
+        and packed messages are posted as their predecessor comes in)."""
         if self._next == 0 and self._header is None and self._expected:
-            header = torch.zeros(3, dtype=torch.int64)
-            self._header = (header, self._irecv(header, HEADER))
+            self._post_header()
 
     def _wait(self, work: Any, me: int, what: str) -> None:
         try:
@@ -275,53 +289,62 @@ class Stream:
         except Exception as err:  # noqa: BLE001  closed connection (dead peer) or timeout
             raise _peer_error(err, self.peer, me, what) from None
 
+    def _wait_data(self, work: Any, me: int, what: str) -> None:
+        """The consumer's wait for a packed message: on CUDA the current stream (the stage's
+        compute stream on the issuing thread) waits for the transfer, the host does not."""
+        if self.device.type == "cuda":
+            with torch.cuda.stream(torch.cuda.current_stream(self.device)):
+                self._wait(work, me, what)
+        else:
+            self._wait(work, me, what)
+
     def take(self, *, me: int, what: str) -> Any:
-        """The next message's value (blocking, bounded by the group's timeout). Raises
-        PeerFailed when the peer died, timed out or reported an error."""
+        """The next message's value (blocking on its header, bounded by the group's timeout).
+        Raises PeerFailed when the peer died, timed out or reported an error."""
         seq = self._next
         self._next += 1
         t0 = time.monotonic_ns()
-        buf = None
-        if seq > 0 and self._spec is not None:
-            packed, work = self._spec
-            self._spec = None
-            self._wait(work, me, what)
-            flag = packed[:24].view(torch.int64)[1].item()
-            if flag == 0:
-                buf = packed
-            elif flag not in (self.RESIZE, self.ERROR):
-                raise RuntimeError(f"{what}: a malformed message from rank {self.peer}")
-        if buf is None:
-            if self._header is None:
-                header = torch.zeros(3, dtype=torch.int64)
-                self._header = (header, self._irecv(header, HEADER))
-            header, work = self._header
-            self._header = None
-            self._wait(work, me, what)
-            got, meta_len, size = (int(v) for v in header)
-            if meta_len:
-                mbuf = torch.empty(meta_len, dtype=torch.uint8)
-                self._wait(self._irecv(mbuf, META), me, what)
-                raw = mbuf.numpy().tobytes()
-                if got == -1:
-                    raise PeerFailed(f"{raw.decode(errors='replace')} (rank {me} was waiting "
-                                     f"for {what})")
-                self.meta = pickle.loads(raw)
-            if self.meta is None:
-                raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            self._wait(self._irecv(buf, RESIZED), me, what)
-        got, _, sent_ns = buf[:24].view(torch.int64).tolist()
+        if self._header is None:
+            self._post_header()
+        header, work = self._header
+        self._header = None
+        self._wait(work, me, what)
+        got, flag, size, meta_len, sent_ns = header.tolist()    # CPU memory: no device sync
+        if meta_len:
+            mbuf = torch.empty(meta_len, dtype=torch.uint8)
+            self._wait(self._irecv(mbuf, META), me, what)
+            raw = mbuf.numpy().tobytes()
+            if got == -1:
+                raise PeerFailed(f"{raw.decode(errors='replace')} (rank {me} was waiting "
+                                 f"for {what})")
+            self.meta = pickle.loads(raw)
         if got != seq:
             raise RuntimeError(f"{what}: rank {self.peer} sent message {got} of {self.name} "
                                f"where {seq} was expected (the ranks' schedules disagree)")
+        if self.meta is None:
+            raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
+        posted, self._spec = self._spec, None
+        if flag == 0 and posted is not None:
+            buf, work = posted
+            if buf.numel() != size:
+                raise RuntimeError(f"{what}: rank {self.peer} sent {size} bytes unflagged where "
+                                   f"{buf.numel()} were posted on {self.name}")
+        elif flag in (0, self.RESIZE):
+            if posted is not None:       # the filler that completes the posted receive
+                self._wait(posted[1], me, what)
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            work = self._irecv(buf, RESIZED)
+        else:
+            raise RuntimeError(f"{what}: a malformed header from rank {self.peer}: {header.tolist()}")
+        if seq + 1 < self._expected:
+            # The next message most likely looks the same: post its header and packed
+            # receive now, so both are in place long before they are sent.
+            self._post_header()
+            nxt = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self._spec = (nxt, self._irecv(nxt, DATA))
+        self._wait_data(work, me, what)
         t1 = time.monotonic_ns()
         self.times[seq] = (sent_ns, t1, t0, t1)
-        if seq + 1 < self._expected:
-            # The next message most likely looks the same: post its receive now, so it is
-            # in place long before it is sent (no rendezvous on the way).
-            nxt = torch.empty(buf.numel(), dtype=torch.uint8, device=self.device)
-            self._spec = (nxt, self._irecv(nxt, DATA))
         spec, desc = self.meta
         if self._recv_layout[0] is not self.meta:     # computed once per description
             self._recv_layout = (self.meta, _layout(desc)[0])
@@ -334,3 +357,11 @@ class Stream:
             else:
                 leaves.append(d[1])
         return unflatten(leaves, spec)
+
+
+def _split(group: Any, edge: int) -> Tuple[Any, Any]:
+    """(control group, data group of ``edge``) from a
+    :class:`~pipetrain.distributed.mesh.P2PGroups` (or one plain group for both)."""
+    if hasattr(group, "ctrl"):
+        return group.ctrl, group.data(edge)
+    return group, group

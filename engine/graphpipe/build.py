@@ -193,8 +193,8 @@ def build(model: Any, sample: Any, *, schedule: Any, num_devices: int, num_micro
     from pipetrain.graphpipe import CostModel, opgraph_from_fx, partition
     from pipetrain.graphpipe.dag_schedule import dag_1f1b_actions
 
-    gm = capture(model, leaf_modules)
     sample_args = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+    gm = capture(model, leaf_modules, sample_args)
     if times is None:
         times, _, batch = measure(gm, sample_args)
     else:

@@ -6,16 +6,19 @@ modules named in ``leaf_modules`` (classes or instances) are kept whole, as one 
 rather than traced through. Dead code (values the output does not use) is removed: every
 operator then reaches the output, which the stage builder relies on (one sink stage).
 
-A model that cannot be traced (data-dependent control flow, calls fx cannot proxy) gets a
-:class:`CaptureError` naming the failing line of the user's code and how to mark the module
-around it as a leaf.
+A model fx cannot trace (Python control flow on shapes, calls fx cannot proxy) is captured
+with ``torch.export`` instead when a sample input is given
+(:mod:`pipetrain.graphpipe.export_capture`: ATen operators, grouped back into the user's
+layers, over the user's parameters). If that fails too (control flow on tensor *values*),
+the :class:`CaptureError` names the failing line of the user's code and how to mark the
+module around it as a leaf.
 """
 
 from __future__ import annotations
 
 import os
 import traceback
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional, Sequence
 
 from torch import fx, nn
 
@@ -47,16 +50,20 @@ def _user_frame(tb) -> Any:
     return frames[-1] if frames else None
 
 
-def capture(model: nn.Module, leaf_modules: Iterable[Any] = ()) -> fx.GraphModule:
+def capture(model: nn.Module, leaf_modules: Iterable[Any] = (),
+            sample_args: Optional[Sequence[Any]] = None) -> fx.GraphModule:
     """``model`` as an ``fx.GraphModule`` sharing its parameters (the same objects).
 
     Args:
         model: an ``nn.Module`` (or an ``fx.GraphModule``, returned as is after dead-code
             elimination).
         leaf_modules: module classes or instances to keep as single operators.
+        sample_args: the model's positional arguments for one micro-batch; with them, a model
+            fx cannot trace is exported with ``torch.export`` (specialised to these shapes).
 
     Raises:
-        CaptureError: tracing failed; the message names the file, line and code.
+        CaptureError: tracing failed (and exporting, if tried); the message names the file,
+            line and code where fx failed, and why export failed.
     """
     if isinstance(model, fx.GraphModule):
         gm = model
@@ -68,14 +75,33 @@ def capture(model: nn.Module, leaf_modules: Iterable[Any] = ()) -> fx.GraphModul
         try:
             graph = tracer.trace(model)
         except Exception as err:  # noqa: BLE001 -- any tracing failure gets the same advice
-            frame = _user_frame(err.__traceback__)
+            fx_err = err
+        else:
+            fx_err = None
+        if fx_err is not None:
+            export_err = None
+            if sample_args is not None:
+                from pipetrain.graphpipe.export_capture import capture_export
+                try:
+                    gm = capture_export(model, sample_args, leaves)
+                except Exception as err:  # noqa: BLE001 -- reported with fx's failure
+                    export_err = err
+                else:
+                    gm.graph.eliminate_dead_code()
+                    gm.recompile()
+                    return gm
+            frame = _user_frame(fx_err.__traceback__)
             where = (f" at {frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
                      if frame else "")
+            first_line = (str(export_err).strip().splitlines() or [""])[0] \
+                if export_err is not None else ""
+            tried = ("" if export_err is None else
+                     f" torch.export failed too: {type(export_err).__name__}: {first_line}.")
             raise CaptureError(
                 f"cannot trace {type(model).__name__} with torch.fx{where}: "
-                f"{type(err).__name__}: {err}. Mark the module whose forward contains this line "
-                "as a leaf (leaf_modules=[ThatModule]) so it runs as one operator, or remove "
-                "the data-dependent control flow") from err
+                f"{type(fx_err).__name__}: {fx_err}.{tried} Mark the module whose forward "
+                "contains this line as a leaf (leaf_modules=[ThatModule]) so it runs as one "
+                "operator, or remove the data-dependent control flow") from fx_err
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.graph.eliminate_dead_code()
     gm.recompile()

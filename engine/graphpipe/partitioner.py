@@ -53,13 +53,24 @@ Reconstruction walks the same recurrences back from the root's cell.
 **Search space.** Every stage graph produced is valid (convex stages, acyclic, within
 memory), but not every convex partition is reachable: e.g. a stage holding the fork
 operator together with the head of one branch only. Against exhaustive search on small
-graphs (tests/graphpipe) the result is exact on chains and within 25 % on the hand-built
+graphs (tests/graphpipe) the DP alone is exact on chains and within 25 % on the hand-built
 multi-branch graphs, most cases exact. :func:`partition` also tries the best chain (the
 sequential baseline) and keeps it when strictly better.
+
+**Refinement.** The DP's objective is the bottleneck, then the depth; what a step costs is
+the simulated DAG 1F1B schedule (fill/drain, bubbles of unbalanced paths). For one device
+per stage (what the runtime runs) and graphs of up to ``REFINE_MAX_OPS`` operators,
+:func:`partition` also takes the DP's plans at a few smaller depth limits (the
+time/depth frontier) and the best chain as starts of a local search on the simulated time
+(refine.py: move/swap operators, split/merge stages -- fork/join absorption and branch
+grouping included). On random SP graphs of 3..8 operators it reaches the exhaustive
+optimum of the simulated time in every case measured (tests/graphpipe/test_refine.py).
+Larger graphs keep the DP's plan (the search would cost seconds there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -67,11 +78,15 @@ import numpy as np
 from pipetrain.graphpipe.batched import ParallelBatch, SeriesBatch, series_batch_key
 from pipetrain.graphpipe.cost import CostModel
 from pipetrain.graphpipe.opgraph import OpGraph
+from pipetrain.graphpipe.refine import refine as refine_stage_graph
 from pipetrain.graphpipe.sp_decompose import SPNode, SPTree, decompose
 
 __all__ = ["partition", "plan_stages"]
 
 INF = np.inf
+# Refinement (refine.py) runs on graphs up to this many operators (bounded by its
+# evaluation budget in any case; large graphs keep the DP's answer).
+REFINE_MAX_OPS = 200
 
 
 class _Series:
@@ -357,8 +372,11 @@ class _Planner:
 
 
 def plan_stages(graph: OpGraph, num_devices: int, cost: CostModel, *,
-                rel_tol: float = 1e-3, tree: Optional[SPTree] = None):
-    """The search itself: (stages as (operator indices, devices), depth, SP tree).
+                rel_tol: float = 1e-3, tree: Optional[SPTree] = None, frontier: bool = False):
+    """The search itself: (stages as (operator indices, devices), depth, SP tree); with
+    ``frontier``, a fourth item: for a few depth limits below that depth (geometrically
+    spaced), the (stages, depth) of the least target (to 1 %) the DP meets within each --
+    the starts of the refinement.
 
     Raises ValueError if no configuration fits in memory, saying by how much the best misses.
     """
@@ -393,7 +411,34 @@ def plan_stages(graph: OpGraph, num_devices: int, cost: CostModel, *,
         else:
             hi = mid
     depth = planner.feasible(hi)
-    return planner.stages_of_root(depth), depth, tree
+    best = planner.stages_of_root(depth)
+    if not frontier:
+        return best, depth, tree
+    # The (time, depth) frontier: for each smaller depth limit, the least target meeting it.
+    T_max, shallower = W + 2 * s * P + 1e-300, []
+
+    def depth_within(T, limit):
+        planner.feasible(T)
+        g = planner.root.G[0, :, 0]
+        ok = np.nonzero(g[:limit + 1] <= num_devices)[0]
+        return int(ok[0]) if len(ok) else None
+
+    # A few limits, geometrically spaced (each costs a bisection), coarse: they are starts.
+    limits = sorted({depth - 1, depth - 2, (3 * depth) // 4, depth // 2, depth // 4, 1}
+                    - {0, -1}, reverse=True)
+    for limit in (lim for lim in limits if lim < depth):
+        if depth_within(T_max, limit) is None:
+            break  # no smaller limit is feasible either
+        lo2, hi2 = hi, T_max
+        while hi2 - lo2 > max(rel_tol, 1e-2) * hi2:
+            mid = 0.5 * (lo2 + hi2)
+            if depth_within(mid, limit) is None:
+                lo2 = mid
+            else:
+                hi2 = mid
+        d = depth_within(hi2, limit)
+        shallower.append((planner.stages_of_root(d), d))
+    return best, depth, tree, shallower
 
 
 def _memory_shortfall(graph, tree, num_devices, cost: CostModel, T: float) -> str:
@@ -422,7 +467,7 @@ def _memory_shortfall(graph, tree, num_devices, cost: CostModel, T: float) -> st
 
 
 def partition(graph: OpGraph, num_devices: int, cost: Optional[CostModel] = None, *,
-              rel_tol: float = 1e-3, chain_candidate: bool = True):
+              rel_tol: float = 1e-3, chain_candidate: bool = True, refine: bool = True):
     """GraphPipe's partition of ``graph`` onto ``num_devices`` devices: a :class:`StageGraph`.
 
     Minimises the bottleneck time per sample (to ``rel_tol``), then the pipeline depth,
@@ -430,25 +475,71 @@ def partition(graph: OpGraph, num_devices: int, cost: Optional[CostModel] = None
     ``chain_candidate`` the best *chain* (contiguous stages of one topological order, the
     sequential baseline) is searched too and kept if strictly better -- so GraphPipe is
     never worse than the sequential partitioner, as in the paper's sequential models.
+    With ``refine`` (and ``cost.max_replicas == 1``, at most ``REFINE_MAX_OPS`` operators)
+    the result is then the best found by the local search of refine.py on the *simulated*
+    time per sample (:attr:`StageGraph.simulated_time_per_sample`), started from those
+    plans; its ``search`` attribute is ``"refined"`` when it moved.
     Raises ValueError if nothing fits in ``cost.memory_limit``.
     """
-    from pipetrain.graphpipe.stage_graph import StageGraph
     cost = cost or CostModel()
+    do_refine = refine and cost.max_replicas == 1 and len(graph) <= REFINE_MAX_OPS
+    results, errors = _searches(graph, num_devices, cost, rel_tol, chain_candidate,
+                                frontier=do_refine)
+    if not results and do_refine and cost.memory_limit is not None:
+        # Nothing the DP can express fits: start the refinement (which ranks memory
+        # overflow first) from the unconstrained plans instead.
+        free = dataclasses.replace(cost, memory_limit=None)
+        starts, _ = _searches(graph, num_devices, free, rel_tol, chain_candidate, True)
+        best = refine_stage_graph([_with_cost(sg, cost) for sg in starts],
+                                  max_evals=_refine_evals(graph))
+        if best.fits:
+            best.search = "refined"
+            return best
+    if not results:
+        raise errors[0]
+    if do_refine:
+        best = refine_stage_graph(results, max_evals=_refine_evals(graph))
+        if best not in results:
+            best.search = "refined"
+        return best
+    # Strictly better only: ties keep the SP result (listed first).
+    return min(results, key=lambda sg: (sg.time_per_sample, sg.depth))
+
+
+def _refine_evals(graph: OpGraph) -> int:
+    """The refinement's budget of simulated candidates: 3000 on small graphs (where that is
+    about every convex partition), fewer as each candidate's stage graph costs more to
+    build (~40 000 operator-candidates in all: about 0.3 s of CPU)."""
+    return int(min(3000, 4e4 / max(1, len(graph))))
+
+
+def _with_cost(sg, cost: CostModel):
+    from pipetrain.graphpipe.stage_graph import StageGraph
+    out = StageGraph(sg.graph, sg.stages, sg.replicas, sg.num_devices, cost, tree=sg.tree)
+    out.search = sg.search
+    return out
+
+
+def _searches(graph: OpGraph, num_devices: int, cost: CostModel, rel_tol: float,
+              chain_candidate: bool, frontier: bool = False):
+    """The SP search's stage graph (and the best chain's): (results, errors); with
+    ``frontier``, each search's shallower plans follow its result in ``results``."""
+    from pipetrain.graphpipe.stage_graph import StageGraph
     results, errors = [], []
     searches = [(graph, None)] + ([(graph.as_chain(), "chain")] if chain_candidate else [])
     for g, label in searches:
         try:
-            stages, _, tree = plan_stages(g, num_devices, cost, rel_tol=rel_tol)
+            found = plan_stages(g, num_devices, cost, rel_tol=rel_tol, frontier=frontier)
         except ValueError as err:
             errors.append(err)
             continue
-        # Chain stages name operators of the chain copy: same names, map back by name.
-        ops = [[graph.index(g.ops[o].name) for o in st] for st, _ in stages]
-        sg = StageGraph(graph, ops, [d for _, d in stages], num_devices, cost,
-                        tree=tree if label is None else None)
-        sg.search = label or "sp"
-        results.append(sg)
-    if not results:
-        raise errors[0]
-    # Strictly better only: ties keep the SP result (listed first).
-    return min(results, key=lambda sg: (sg.time_per_sample, sg.depth))
+        stages, depth, tree = found[:3]
+        plans = [(stages, depth)] + (found[3] if frontier else [])
+        for k, (stages, _) in enumerate(plans):
+            # Chain stages name operators of the chain copy: same names, map back by name.
+            ops = [[graph.index(g.ops[o].name) for o in st] for st, _ in stages]
+            sg = StageGraph(graph, ops, [d for _, d in stages], num_devices, cost,
+                            tree=tree if label is None else None)
+            sg.search = (label or "sp") + ("" if k == 0 else f"-depth{sg.depth}")
+            results.append(sg)
+    return results, errors

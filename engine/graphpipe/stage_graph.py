@@ -105,6 +105,21 @@ class StageGraph:
         return self.cost.step_time_per_sample(self.time_per_sample, self.depth)
 
     @property
+    def simulated_time_per_sample(self) -> float:
+        """Seconds per sample of one step of the DAG 1F1B schedule (``cost.num_microbatches``
+        micro-batches of ``cost.microbatch_size``) in the schedule simulator: the makespan
+        divided by the samples. Per micro-batch a stage's forward is ``B F / d`` and its
+        backward ``B Bw / d`` plus its all-reduce share ``B sync(d)`` (cost.py), so the
+        bubble is the one the schedule really has, not the ``(m + D - 1) / m`` bound."""
+        c = self.cost
+        B, m = c.microbatch_size, c.num_microbatches
+        fwd = [B * sum(self.graph.ops[o].forward for o in st) / d
+               for st, d in zip(self.stages, self.replicas)]
+        bwd = [B * (t - f / B) for t, f in zip(self.stage_time, fwd)]
+        r = self.dag_1f1b(m).simulate(forward=fwd, backward=bwd)
+        return r.makespan / (m * B)
+
+    @property
     def fits(self) -> bool:
         """Every stage within ``cost.memory_limit``."""
         return all(self.cost.fits(p, a, d, f) for p, a, d, f in

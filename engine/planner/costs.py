@@ -31,7 +31,24 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from pipetrain.microbatch import detach_for_backward
 
-__all__ = ["Affine", "CostTable", "Network", "measure_costs", "parse_bytes"]
+__all__ = ["Affine", "CostTable", "Network", "measure_costs", "parse_bytes", "contention",
+           "measure_action_overhead"]
+
+
+def contention(threads: int, cores: int, load: float = 0.0) -> float:
+    """Time factor of one busy thread among ``threads`` of ours and ``load`` other runnable
+    threads on ``cores`` cores, relative to one thread of ours alone with the same load: a
+    fair scheduler gives each runnable thread ``min(1, cores / runnable)`` of a core, so
+
+        contention(n) = max(1, (load + n) / cores) / max(1, (load + 1) / cores)
+
+    (1 while everything fits on the cores; n / cores on an idle machine past that; and only
+    (load + n) / (load + 1) on a machine already loaded by others, whose threads were
+    slowing the one-thread probe as well)."""
+    if threads < 1 or cores < 1 or load < 0:
+        raise ValueError(f"contention needs threads >= 1, cores >= 1, load >= 0; "
+                         f"got {threads}, {cores}, {load}")
+    return max(1.0, (load + threads) / cores) / max(1.0, (load + 1) / cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +135,17 @@ class CostTable:
         param_bytes: bytes of each layer's parameters (one weight version).
         split_factor: how much a backward split into I and W costs, in total, relative to
             the full B (measured: the runtime runs them as two autograd passes).
-        slowdown: depth p -> factor on every action when p devices compute at once.
+        slowdown: depth p -> factor on every action when p devices compute at once
+            (measured); depths not measured are extrapolated with :func:`contention` from the
+            nearest measured one when ``cores`` is known.
+        cores, load: the CPU cores the devices' threads share and the other runnable threads
+            (load average) when the costs were measured (None: not a shared CPU).
         action_overhead: seconds between consecutive actions of one device when nothing is
             waited for (the executor's dispatch; measured as the gaps of a one-stage run).
+        forward_overhead, backward_overhead: seconds of engine work inside every F (and B, I,
+            W) action beyond its layers' compute: a per-action constant, not per layer, so a
+            stage of one layer pays it as a stage of ten does (measured once per machine by
+            :func:`measure_action_overhead`).
         handoff_latency: seconds from an action's end to the start of the action on another
             device that waits for it (a thread waking up; measured on a two-stage run).
         inner_input: per layer, whether its input counts in a stage's stash (:meth:`stash`).
@@ -146,16 +171,29 @@ class CostTable:
     split_factor: float = 1.0
     action_overhead: float = 0.0
     handoff_latency: float = 0.0
+    forward_overhead: float = 0.0
+    backward_overhead: float = 0.0
+    cores: Optional[int] = None
+    load: float = 0.0
 
     def slowdown_at(self, p: int) -> float:
         """How much slower each action runs when p devices compute at once (measured on CPU,
         where p threads share the cores and memory bandwidth with each other and whatever
-        else runs; 1 on GPUs, which do not share). ``slowdown[p]``, else the nearest
-        measured depth below p, else 1."""
+        else runs; 1 on GPUs, which do not share). ``slowdown[p]`` where measured; else the
+        nearest measured depth q below p times ``contention(p) / contention(q)`` (the CPU
+        share model, when ``cores`` is known), else 1."""
         if not self.slowdown:
             return 1.0
+        if p in self.slowdown:
+            return self.slowdown[p]
         known = [q for q in self.slowdown if q <= p]
-        return self.slowdown[max(known)] if known else 1.0
+        if not known:
+            return 1.0
+        q = max(known)
+        if self.cores is None:
+            return self.slowdown[q]
+        return self.slowdown[q] * contention(p, self.cores, self.load) \
+            / contention(q, self.cores, self.load)
 
     def stash(self, first: int, last: int, b: float) -> float:
         """Bytes a stage of layers ``first..last`` keeps per micro-batch of b without
@@ -251,9 +289,19 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.nbytes)
 
 
+def _needs_grad(obj: Any) -> bool:
+    return any(t.requires_grad for t in _leaves(obj))
+
+
+def _detached(obj: Any) -> Any:
+    from pipetrain.microbatch import tree_map
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, obj)
+
+
 def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional[Sequence[int]] = None,
                   repeats: int = 5, threads: int = 1, optimizer_factor: float = 0.0,
-                  calibrate: bool = True, depths: Sequence[int] = (2,)) -> CostTable:
+                  calibrate: bool = True, depths: Sequence[int] = (2,),
+                  statistic: str = "median") -> CostTable:
     """Time and weigh each layer of ``model`` on slices of ``sample = (inputs, targets)``.
 
     For each micro-batch size in ``sizes`` (default: a quarter, half and all of the sample's
@@ -265,17 +313,23 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
     threads (restored after); gradients produced are discarded.
 
     ``calibrate``: layers timed one by one miss what the executor adds (dispatch, the
-    sink's loss weighting, staged gradient accumulation, a loaded machine's slowdown); so
-    the whole model also runs as a one-stage :class:`~pipetrain.Pipeline` (1F1B) at each
-    size, and each layer's F and B (I, W) are scaled by the ratio of that run's median
-    per-micro-batch F and B to the sum of the layers' — the split between layers comes
-    from the layer timings, the total from the runtime that will execute them. Then, for each
-    p in ``depths``, a p-stage 1F1B Pipeline runs at the middle size, and the ratio of its
-    median makespan to the simulator's for the same shape and these costs is
-    :attr:`CostTable.slowdown` at p (p threads sharing the cores run each action slower).
+    sink's loss weighting, staged gradient accumulation, a loaded machine's slowdown); so the
+    whole model also runs as Pipelines, interleaved (:mod:`pipetrain.planner.calibration`):
+    one stage at each size (the layers are scaled to its F and B less the engine's
+    per-action overhead, :func:`measure_action_overhead`, which each action of a stage then
+    pays once: :attr:`CostTable.forward_overhead`, ``backward_overhead``), p stages for each
+    p in ``depths`` (:attr:`CostTable.slowdown`, the hand-off latency) and ZB-H1's split
+    backward. ``statistic`` ("median" or "min") summarises their rounds: the median predicts
+    a typical step at the load of the moment; the minimum the least-disturbed step, which on
+    a machine shared with others is the reproducible one. The first layer is probed without
+    an input gradient, as the first stage runs it. The machine's cores and other load are
+    recorded for :func:`contention`.
     """
     from pipetrain.partition import layers_of
     layers = layers_of(model)
+    load = _other_load()
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}")
     inputs, targets = sample
     n = _leaves(inputs)[0].shape[0]
     sizes = sorted(set(sizes or [max(1, n // 4), max(1, n // 2), n]))
@@ -296,7 +350,9 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                 last = li == L - 1
                 f_t, b_t, i_t = [], [], []
                 for r in range(repeats + 1):
-                    inp = detach_for_backward(x)
+                    # The first stage computes no gradient for the model's input (unless the
+                    # caller's input requires one): its first layer is timed the same way.
+                    inp = detach_for_backward(x) if li or _needs_grad(inputs) else _detached(x)
                     in_keys = {_key(t) for t in _leaves(inp)}
                     packed: dict = {}
 
@@ -340,10 +396,14 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
         for p, g in zip(params, saved_grads):
             p.grad = g
 
-    slowdown, split, gap, handoff = None, 1.0, 0.0, 0.0
+    slowdown, split, gap, handoff, overhead = None, 1.0, 0.0, 0.0, {"F": 0.0, "B": 0.0}
     if calibrate:
-        slowdown, split, gap, handoff = _calibrate(model, sample, loss_fn, sizes, rows, threads, repeats,
-                                     [q for q in depths if 1 < q <= L])
+        from pipetrain.distributed import in_process
+        with in_process():   # under torchrun each rank probes its own pipelines
+            from pipetrain.planner.calibration import calibrate as _calibrate
+            slowdown, split, gap, handoff, overhead = _calibrate(
+                model, sample, loss_fn, sizes, rows, threads, repeats,
+                [q for q in depths if 1 < q <= L], STATISTICS[statistic])
 
     def fit(kind, li):
         return Affine.fit(sizes, rows[kind][li])
@@ -357,126 +417,63 @@ def measure_costs(model: Any, sample: Any, loss_fn: Callable, *, sizes: Optional
                      optimizer_factor=optimizer_factor,
                      slowdown=slowdown, split_factor=split,
                      action_overhead=gap, handoff_latency=handoff,
+                     forward_overhead=overhead["F"], backward_overhead=overhead["B"],
+                     cores=_cores() if calibrate else None, load=load,
                      inner_input=[li > 0 and in_saved[li] and not out_saved[li - 1] for li in range(L)],
                      name=f"measured ({L} layers, b in {sizes})")
 
 
-def _calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], rows: dict,
-               threads: int, repeats: int, depths: Sequence[int]) -> dict:
-    """Scale ``rows`` (per layer, per size) to one-stage Pipeline runs and measure the
-    slowdown at each depth (see measure_costs)."""
-    from pipetrain.partition import balance_costs
-    inputs, targets = sample
-    params = list(model.parameters())
-    saved = [p.grad for p in params]
-    slowdown = {1: 1.0}
-    gaps, handoff = [], 0.0
+def _cores() -> int:
+    from pipetrain import arguments
+    return arguments.cores()
+
+
+def _other_load() -> float:
+    """Runnable threads besides the probe's own: the 1-minute load average minus one."""
+    import os
     try:
-        for si, b in enumerate(sizes):
-            f1, b1, gap = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads,
-                                     repeats)
-            gaps.append(gap)
-            sum_f = sum(row[si] for row in rows["F"])
-            sum_b = sum(row[si] for row in rows["B"])
-            kf = f1 / sum_f if sum_f > 0 else 1.0
-            kb = b1 / sum_b if sum_b > 0 else 1.0
-            for li in range(len(rows["F"])):
-                rows["F"][li][si] *= kf
-                rows["B"][li][si] *= kb
-                rows["I"][li][si] *= kb
-        mid = len(sizes) // 2
-        b = sizes[mid]
-        L = len(rows["F"])
-        for q in depths:
-            costs = [rows["F"][li][mid] + rows["B"][li][mid] for li in range(L)]
-            balance = balance_costs(costs, q)
-            m, span, wake = _run_makespan(model, inputs, targets, loss_fn, b, q, balance, threads,
-                                          repeats)
-            handoff = wake if q == min(depths) else handoff
-            F, B, i = [], [], 0
-            for n in balance:
-                F.append(sum(rows["F"][li][mid] for li in range(i, i + n)))
-                B.append(sum(rows["B"][li][mid] for li in range(i, i + n)))
-                i += n
-            from pipetrain import schedules
-            sim = schedules.build("1f1b", num_stages=q, num_microbatches=m).simulate(
-                forward=F, backward=B, transfer=wake).makespan
-            slowdown[q] = span / sim if sim > 0 else 1.0
-        # A split backward (zero-bubble schedules) as the runtime runs it: I then W.
-        _, b_full, _ = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats)
-        i_w = _run_costs(model, inputs, targets, loss_fn, b, 1, None, threads, repeats,
-                         schedule="zb-h1")[1]
-        split = i_w / b_full if b_full > 0 else 1.0
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    return slowdown, split, statistics.median(gaps), handoff
+        return max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        return 0.0
 
 
-def _run_makespan(model, inputs, targets, loss_fn, b, p, balance, threads, repeats):
-    """(m, median makespan, median hand-off latency), seconds, of a p-stage 1F1B Pipeline on
-    up to 8 micro-batches of b. A hand-off sample: an F whose input comes from the previous
-    device (or a B whose gradient comes from the next) and whose own device was free before
-    that input was ready: its start minus the input's end."""
+_OVERHEAD: dict = {}
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+def measure_action_overhead(rounds: int = 5, m: int = 32, refresh: bool = False) -> float:
+    """Seconds of engine work per action on this machine, measured once per process (cached):
+    a one-stage 1F1B :class:`~pipetrain.Pipeline` over ``m`` one-row micro-batches of a tiny
+    model (two Linear(16, 16), one torch thread) against the plain loop doing the same
+    forwards and backwards, interleaved for ``rounds`` rounds; the median over rounds of
+    ``(pipeline - loop) / (2 m)``, floored at 0. Tiny compute makes the difference the
+    engine's own (the dispatch, stashing, loss weighting, gradient staging of each action)."""
+    if "s" in _OVERHEAD and not refresh:
+        return _OVERHEAD["s"]
+    from torch import nn
     from pipetrain.pipeline import Pipeline
-    m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
-    x, y = _slice(inputs, m * b), _slice(targets, m * b)
-    pipe = Pipeline(model, p, schedule="1f1b", num_microbatches=m, loss_fn=loss_fn,
-                    balance=balance, num_threads=threads)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    x, y = torch.randn(m, 16), torch.randn(m, 16)
+    fn = nn.functional.mse_loss
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe = Pipeline(model, 1, schedule="1f1b", num_microbatches=m, loss_fn=fn, num_threads=1)
+    per_round = []
     try:
-        spans, wakes = [], []
-        for r in range(max(3, repeats) + 1):
+        pipe.step(x, y)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for k in range(m):
+                (fn(model(x[k:k + 1]), y[k:k + 1]) / m).backward()
+            t1 = time.perf_counter()
             pipe.step(x, y)
-            if r:
-                st = pipe.stats()
-                spans.append(st.makespan_s)
-                wakes.extend(_handoffs(st.records, p))
+            t2 = time.perf_counter()
+            per_round.append(((t2 - t1) - (t1 - t0)) / (2 * m))
     finally:
         pipe.close()
-    return m, statistics.median(spans), statistics.median(wakes) if wakes else 0.0
-
-
-def _handoffs(records, p):
-    """Hand-off latency samples (seconds) from one run's records (see _run_makespan)."""
-    end = {(r.kind, r.stage, r.microbatch): r.end_ns for d in records for r in d}
-    out = []
-    for d in records:
-        prev_end = None
-        for r in d:
-            if r.start_ns < 0:
-                continue
-            dep = None
-            if r.kind == "F" and r.stage > 0:
-                dep = end.get(("F", r.stage - 1, r.microbatch))
-            elif r.kind == "B" and r.stage < p - 1:
-                dep = end.get(("B", r.stage + 1, r.microbatch))
-            if dep is not None and (prev_end is None or prev_end <= dep) and r.start_ns >= dep:
-                out.append((r.start_ns - dep) * 1e-9)
-            prev_end = r.end_ns
-    return out
-
-
-def _run_costs(model, inputs, targets, loss_fn, b, p, balance, threads, repeats,
-               schedule="1f1b"):
-    """Median per-micro-batch F and backward (B, or I + W for a split schedule) seconds,
-    summed over stages, of a p-stage Pipeline on micro-batches of b (up to 8 of them), and
-    the median idle time per action of a one-stage run (its gaps: the dispatch overhead)."""
-    from pipetrain.pipeline import Pipeline
-    m = max(1, min(8, _leaves(inputs)[0].shape[0] // b))
-    x, y = _slice(inputs, m * b), _slice(targets, m * b)
-    pipe = Pipeline(model, p, schedule=schedule, num_microbatches=m, loss_fn=loss_fn,
-                    balance=balance, num_threads=threads)
-    try:
-        f_runs, b_runs, gaps = [], [], []
-        for r in range(max(2, repeats // 2) + 1):
-            pipe.step(x, y)
-            if r:
-                c = pipe.stats().costs_s
-                f_runs.append(sum(c["F"]))
-                b_runs.append(sum(c["B"]) if "B" in c else sum(c["I"]) + sum(c["W"]))
-                st = pipe.stats()
-                actions = sum(len(d) for d in st.records)
-                gaps.append(max(0.0, st.makespan_s - sum(st.busy_s)) / max(1, actions))
-    finally:
-        pipe.close()
-    return statistics.median(f_runs), statistics.median(b_runs), statistics.median(gaps)
+        torch.set_num_threads(old)
+        for q in model.parameters():
+            q.grad = None
+    _OVERHEAD["s"] = max(0.0, statistics.median(per_round))
+    return _OVERHEAD["s"]

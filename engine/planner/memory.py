@@ -20,11 +20,11 @@ one layer, small next to the stash). Units: bytes.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from pipetrain.planner.costs import CostTable
 
-__all__ = ["Memory", "stage_ranges", "device_memory"]
+__all__ = ["Memory", "stage_ranges", "device_memory", "order_activations"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +57,44 @@ def stage_ranges(balance: Sequence[int]) -> List[tuple]:
     return out
 
 
+def order_activations(schedule: Any, table: CostTable, balance: Sequence[int], b: float,
+                      recompute: bool) -> List[float]:
+    """Per device, the peak activation bytes held, walking the device's actions in the
+    schedule's order: an F of stage k adds stage k's per-micro-batch stash (its input with
+    re-materialization), its B (or I, for a split backward: W needs only small tensors)
+    removes it. Exact where stages of one device differ in size (interleaved chunks of
+    unequal layers), where ``inflight x largest stash`` is an upper bound. Bytes."""
+    from pipetrain.schedules import _KINDS, Kind
+    held_by = [table.input_bytes[first](b) if recompute else table.stash(first, last, b)
+               for first, last in stage_ranges(balance)]
+    fwd, bwd = _KINDS.index(Kind.F), (_KINDS.index(Kind.B), _KINDS.index(Kind.I))
+    out = []
+    for d in range(schedule.num_devices):
+        held = peak = 0.0
+        # The core's raw (kind, stage, ...) rows: no Action objects (a 64-device order has
+        # hundreds of thousands of actions).
+        for kind, stage, *_ in schedule._core.actions(d):
+            if kind == fwd:
+                held += held_by[stage]
+                if held > peak:
+                    peak = held
+            elif kind in bwd:
+                held -= held_by[stage]
+        out.append(peak)
+    return out
+
+
 def device_memory(table: CostTable, balance: Sequence[int], p: int, b: float,
                   inflight: Sequence[int], versions: Sequence[int],
-                  recompute: bool) -> List[Memory]:
+                  recompute: bool, activations: Optional[Sequence[float]] = None
+                  ) -> List[Memory]:
     """Per device, the :class:`Memory` of a configuration (stage k on device k % p).
 
     Args:
         table: per-layer costs; balance: layers per (virtual) stage; p: devices;
-        b: micro-batch size; inflight / versions: per device; recompute: re-materialization.
+        b: micro-batch size; inflight / versions: per device; recompute: re-materialization;
+        activations: per device, exact activation bytes from the order
+            (:func:`order_activations`) instead of ``inflight x largest stash``.
     """
     ranges = stage_ranges(balance)
     params = [0.0] * p
@@ -77,7 +107,8 @@ def device_memory(table: CostTable, balance: Sequence[int], p: int, b: float,
         inputs[d] = max(inputs[d], table.input_bytes[first](b))
     out = []
     for d in range(p):
-        act = inflight[d] * (inputs[d] if recompute else stash[d])
+        act = activations[d] if activations is not None else \
+            inflight[d] * (inputs[d] if recompute else stash[d])
         out.append(Memory(versions[d] * params[d], table.grad_factor * params[d],
                           table.optimizer_factor * params[d], act,
                           stash[d] if recompute else 0.0))

@@ -109,15 +109,21 @@ class TrainingPlan:
         num_devices, depth (p), width (w), micro_batch_size (b), num_microbatches (m),
         schedule, num_chunks (v), recompute, balance: the configuration.
         search_s: seconds the search took; simulations: simulator calls it made.
+        optimizer: the optimizer factory :meth:`pipeline` passes on (None: none).
+        graph: the model is an operator graph (GraphPipe), not a sequence of layers;
+        op_times: then its per-operator times, which :meth:`pipeline` passes on.
     """
 
     def __init__(self, candidates: List[Candidate], *, table: Any, model: Any = None,
                  loss_fn: Optional[Callable] = None, search_s: float = 0.0,
-                 simulations: int = 0, memory_limit: float = math.inf) -> None:
+                 simulations: int = 0, memory_limit: float = math.inf,
+                 optimizer: Optional[Callable] = None, graph: bool = False,
+                 op_times: Optional[dict] = None) -> None:
         self.candidates = candidates
         self.best = candidates[0]
         self.table, self._model, self._loss_fn = table, model, loss_fn
         self.search_s, self.simulations, self.memory_limit = search_s, simulations, memory_limit
+        self.optimizer, self.graph, self.op_times = optimizer, graph, op_times
         c = self.best
         self.step_time, self.samples_per_s, self.peak_memory = c.step_time, c.samples_per_s, c.peak_memory
         self.num_devices, self.depth, self.width = c.p * c.w, c.p, c.w
@@ -132,27 +138,14 @@ class TrainingPlan:
         k = max(1, n - 2) if over else n
         return fit[:k] + over[:n - len(fit[:k])]
 
-    def pipeline(self, **kwargs: Any) -> Any:
-        """The :class:`~pipetrain.Pipeline` of this plan, for one replica in this process
-        (width w > 1 needs the multi-process pipeline of issue 9: this builds one replica of
-        the w). Keyword arguments go to ``Pipeline`` (e.g. ``num_threads``).
-
-        Raises ValueError when the plan came from a cost table (no model), or its schedule has
-        no runtime in this build (asynchronous schedules: issue 8)."""
-        from pipetrain.pipeline import Pipeline
-        if self._model is None:
-            raise ValueError("this plan was made from a cost table: there is no model to build; "
-                             "call pipetrain.plan(model, sample=...) to get a runnable plan")
-        if not self.best.model.runnable:
-            raise ValueError(f"schedule {self.schedule!r} has no runtime in this build yet; "
-                             "plan with schedules=[...] of runnable ones to get a Pipeline")
-        opts = dict(num_devices=self.depth, schedule=self.schedule,
-                    num_microbatches=self.num_microbatches, balance=self.balance,
-                    checkpoint="always" if self.recompute else "never", loss_fn=self._loss_fn)
-        if self.num_chunks > 1:
-            opts["num_chunks"] = self.num_chunks
-        opts.update(kwargs)
-        return Pipeline(self._model, **opts)
+    def pipeline(self, *, one_replica: bool = False, **kwargs: Any) -> Any:
+        """The :class:`~pipetrain.Pipeline` of this plan: in one process when w = 1, this
+        rank's part under torchrun with w * p ranks, one replica of the w with
+        ``one_replica=True`` (else ValueError when w > 1 in one process); see
+        :mod:`pipetrain.planner.build`. Keyword arguments go to ``Pipeline`` (e.g.
+        ``num_threads``, ``optimizer``)."""
+        from pipetrain.planner.build import build_pipeline
+        return build_pipeline(self, one_replica=one_replica, **kwargs)
 
     def __str__(self) -> str:
         c = self.best

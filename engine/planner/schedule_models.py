@@ -5,8 +5,8 @@ micro-batches, v chunks): its step time (the discrete-event simulator on the bui
 or a closed form for schedules without a builder yet), how many weight versions each device
 holds, how many micro-batches' activations are in flight at peak (a closed form, tested against
 the simulator), whether it is asynchronous and whether :class:`~pipetrain.Pipeline` can run it
-today. New schedules (issue 8's ``2bw``, ``pipedream``, ...; issue 10's GraphPipe runtime)
-plug in by adding a row: :func:`register` — the search has no special cases.
+today (the asynchronous ones through ``Pipeline(..., optimizer=...).train()``). New
+schedules plug in by adding a row: :func:`register` — the search has no special cases.
 
 Conventions: per-stage costs in seconds (F, full backward B, weight part W), one entry per
 (virtual) stage, stage k on device k % p; ``latency`` the time of one boundary transfer.
@@ -32,6 +32,9 @@ class ScheduleModel:
             with ``allow_async=True``.
         runnable: ``Pipeline(schedule=name)`` runs it in this build.
         split_backward: the backward is split into I and W (zero bubble).
+        graph: the schedule runs a stage DAG of a multi-branch model (graphpipe): evaluated
+            by :mod:`pipetrain.planner.graph` on the partitioner's stages, not by the chain
+            search.
         chunks: the values of v (stages per device) to try.
         versions: ``versions(p, d)`` weight versions device d holds.
         inflight: ``inflight(p, m, v, d)`` peak micro-batch activations held on device d (in
@@ -46,6 +49,7 @@ class ScheduleModel:
     asynchronous: bool = False
     runnable: bool = True
     split_backward: bool = False
+    graph: bool = False
     chunks: Tuple[int, ...] = (1,)
     versions: Callable[[int, int], int] = lambda p, d: 1
     inflight: Callable[[int, int, int, int], int] = lambda p, m, v, d: min(p - d, m)
@@ -104,14 +108,17 @@ register(ScheduleModel("zb-h1", split_backward=True,
 register(ScheduleModel("zb-h2", split_backward=True,
                        inflight=lambda p, m, v, d: min(2 * (p - d) - 1, m),
                        note="zero bubble H2: about twice 1F1B's in-flight"))
-register(ScheduleModel("2bw", asynchronous=True, runnable=False, step_time=_steady_1f1b,
+register(ScheduleModel("graphpipe", graph=True,
+                       note="GraphPipe: the partitioner's stage DAG, DAG 1F1B; multi-branch "
+                            "models only"))
+register(ScheduleModel("2bw", asynchronous=True, step_time=_steady_1f1b,
                        versions=lambda p, d: 2, valid=lambda p, m, v: m >= p,
                        note="PipeDream-2BW: 1F1B without flush, 2 weight versions, m >= p"))
-register(ScheduleModel("2bw-predict", asynchronous=True, runnable=False,
+register(ScheduleModel("2bw-predict", asynchronous=True,
                        step_time=_steady_1f1b, versions=lambda p, d: 3,
                        valid=lambda p, m, v: m >= p,
                        note="2BW with weight prediction: 2 versions + 1 predicted buffer"))
-register(ScheduleModel("pipedream", asynchronous=True, runnable=False, step_time=_steady_1f1b,
+register(ScheduleModel("pipedream", asynchronous=True, step_time=_steady_1f1b,
                        versions=lambda p, d: p - d,
                        note="PipeDream weight stashing: p - d versions on device d"))
 

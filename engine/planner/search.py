@@ -28,7 +28,7 @@ from pipetrain.planner.memory import device_memory, stage_ranges
 from pipetrain.planner.result import Candidate
 from pipetrain.planner.schedule_models import ScheduleModel
 
-__all__ = ["search", "evaluate", "fast_balance", "divisors"]
+__all__ = ["search", "evaluate", "fast_balance", "divisors", "rank", "exact_memory"]
 
 
 def divisors(n: int) -> List[int]:
@@ -118,17 +118,20 @@ class _Evaluator:
         key = (tuple(balance), b, recompute, split, p)
         if key in self._stage:
             return self._stage[key]
-        o = self.network.action_overhead + self.table.action_overhead
-        k = self.table.slowdown_at(p)
-        ks = k * (self.table.split_factor if split else 1.0)
+        t = self.table
+        o = self.network.action_overhead + t.action_overhead
+        k = t.slowdown_at(p)
+        ks = k * (t.split_factor if split else 1.0)
+        # Engine work inside each action (per action, not per layer), slowed like compute.
+        of, ob = k * t.forward_overhead, k * t.backward_overhead
         pf, pb, pw = self._prefixes(b)
         F, B, W = [], [], []
         for first, last in stage_ranges(balance):
             f = pf[last + 1] - pf[first]
-            F.append(k * f + o)
+            F.append(k * f + of + o)
             B.append(ks * (pb[last + 1] - pb[first]) + k * (f if recompute else 0.0)
-                     + (2 * o if split else o))
-            W.append(ks * (pw[last + 1] - pw[first]) + o)
+                     + (2 * (ob + o) if split else ob + o))
+            W.append(ks * (pw[last + 1] - pw[first]) + ob + o)
         self._stage[key] = (F, B, W)
         return F, B, W
 
@@ -183,6 +186,8 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
             boundary = max(table.input_bytes[i](b) for i in range(L))
             latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
             for model in models:
+                if model.graph:     # stage DAGs: pipetrain.planner.graph
+                    continue
                 for v in model.chunks:
                     if p * v > L or (v > 1 and p == 1) or not model.valid(p, m, v):
                         continue
@@ -219,21 +224,41 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
         c.step_time = ev.simulate(c.model, c.p, c.m, c.v, F, B, W, c.latency) + c.extra
         c.status = "simulated"
         if c.step_time < best:
-            # Confirm with the built schedule's exact in-flight counts before trusting it.
-            exact = c.model.peak_inflight(c.p, c.m, c.v)
-            if exact != [c.model.inflight(c.p, c.m, c.v, d) for d in range(c.p)]:
-                c.memory = device_memory(table, c.balance, c.p, c.b, exact,
-                                         [c.model.versions(c.p, d) for d in range(c.p)],
-                                         c.recompute)
-                if not c.fits:
-                    c.status = "over"
-                    continue
+            # Confirm with the built schedule's order before trusting it.
+            c.memory = exact_memory(table, c)
+            if not c.fits:
+                c.status = "over"
+                continue
             best = c.step_time
-    ok = [c for c in fitting if c.fits]
+    return rank(cands), ev
+
+
+def exact_memory(table: CostTable, c: Candidate) -> list:
+    """The candidate's memory from its built schedule's order (exact in-flight bytes per
+    device), or from the row's closed form where the schedule has no builder."""
+    from pipetrain import schedules
+    from pipetrain.planner.memory import order_activations
+    versions = [c.model.versions(c.p, d) for d in range(c.p)]
+    if c.model.step_time is None and c.schedule in schedules.NAMES:
+        built = schedules.build(c.schedule, num_stages=c.p, num_microbatches=c.m, num_chunks=c.v)
+        # One stage per device: in-flight count x its stash is exact already (and walking the
+        # order in Python would cost more than the rest of a 64-device search).
+        acts = order_activations(built, table, c.balance, c.b, c.recompute) if c.v > 1 else None
+        return device_memory(table, c.balance, c.p, c.b, built.peak_inflight(), versions,
+                             c.recompute, activations=acts)
+    return device_memory(table, c.balance, c.p, c.b, c.model.peak_inflight(c.p, c.m, c.v),
+                         versions, c.recompute)
+
+
+def rank(cands: Sequence[Candidate]) -> List[Candidate]:
+    """Best first: the fitting simulated ones by step time, the fitting pruned ones by bound,
+    then those that do not fit by how much they need."""
+    ok = [c for c in cands if c.fits and c.status != "over"]
     sim = sorted((c for c in ok if c.status == "simulated"), key=lambda c: c.step_time)
     rest = sorted((c for c in ok if c.status != "simulated"), key=lambda c: c.bound)
-    over = sorted((c for c in cands if not c.fits), key=lambda c: c.peak_memory)
-    return sim + rest + over, ev
+    over = sorted((c for c in cands if not c.fits or c.status == "over"),
+                  key=lambda c: c.peak_memory)
+    return sim + rest + over
 
 
 def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, schedule: str,
@@ -245,9 +270,6 @@ def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, sche
     model = MODELS[schedule]
     ev = _Evaluator(table, network)
     bal = list(balance) if balance is not None else ev.balance(p * v, b, recompute)
-    inflight = model.peak_inflight(p, m, v)
-    mem = device_memory(table, bal, p, b, inflight, [model.versions(p, d) for d in range(p)],
-                        recompute)
     F, B, W = ev.stage_costs(bal, b, recompute, model.split_backward, p)
     boundary = max(table.input_bytes[i](b) for i in range(table.num_layers))
     latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
@@ -256,8 +278,9 @@ def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, sche
         params[k % p] += sum(table.param_bytes[first:last + 1])
     extra = network.allreduce(table.grad_factor * max(params), w) + table.update * max(params)
     c = Candidate(p=p, w=w, b=b, m=m, schedule=schedule, v=v, recompute=recompute, balance=bal,
-                  memory=mem, bound=0.0, extra=extra, latency=latency, costs=(F, B, W),
+                  memory=[], bound=0.0, extra=extra, latency=latency, costs=(F, B, W),
                   model=model, limit=memory_limit)
+    c.memory = exact_memory(table, c)
     c.step_time = ev.simulate(model, p, m, v, F, B, W, latency) + extra
     c.status = "simulated"
     return c

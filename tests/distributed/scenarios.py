@@ -280,3 +280,43 @@ def meta_init(p: int) -> dict:
            "loss": abs(float(loss) - float(ref_loss.detach()))}
     pipe.close()
     return res
+
+
+def loss_scaled(p: int, poison_rank: int, data_parallel=None) -> dict:
+    """``loss_scale`` with a growth every 2 clean steps; step 1 has an infinite gradient on
+    ``poison_rank`` only. Per step: found_inf, the scale, whether optimizer_step stepped, and
+    on clean steps the error of loss and gradients against the unsplit model (unscaled)."""
+    import torch.distributed as dist
+    net = model(p + 1, False)
+    ref = copy.deepcopy(net)
+    names = _names(net)
+    pipe = pipetrain.Pipeline(net, num_devices=p, schedule="1f1b", num_microbatches=3,
+                              loss_fn=mse, data_parallel=data_parallel, timeout=30,
+                              loss_scale=pipetrain.LossScaler(growth_interval=2))
+    opt = torch.optim.SGD(pipe.parameters(), lr=0.0)    # lr 0: the reference stays valid
+    poison = {"on": False}
+    if dist.get_rank() == poison_rank:
+        pipe.parameters()[0].register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    w = data_parallel or 1
+    ref_params = dict(ref.named_parameters())
+    steps = []
+    for step in range(4):
+        poison["on"] = step == 1
+        x, y = batch(6 * w, step, False)
+        lo, hi = pipe.dp_rank * 6, (pipe.dp_rank + 1) * 6
+        loss = pipe.step(x[lo:hi], y[lo:hi])
+        rec = {"found_inf": pipe.found_inf, "scale": pipe.loss_scale,
+               "stepped": pipe.optimizer_step(opt),
+               "committed": any(q.grad is not None for q in pipe.parameters())}
+        ref.zero_grad()
+        ref_loss = mse(ref(x), y)
+        ref_loss.backward()
+        rec["loss"] = abs(float(loss) - float(ref_loss.detach()))
+        if rec["committed"]:
+            rec["grad"] = max(float((q.grad - ref_params[names[id(q)]].grad).abs().max())
+                              for q in pipe.parameters())
+        steps.append(rec)
+        for q in pipe.parameters():
+            q.grad = None
+    pipe.close()
+    return {"steps": steps, "rank": dist.get_rank()}

@@ -1,5 +1,7 @@
 """The multi-process pipeline on 2 GPUs with NCCL (one rank per GPU), against the unsplit
-model; skipped without 2 CUDA devices."""
+model: the wire's NCCL layout (headers on a gloo control group, packed tensors on a NCCL
+data group per edge, the compute stream waiting on each transfer) with changing shapes and
+interleaved stages, and loss scaling; skipped without 2 CUDA devices (it has not run yet)."""
 
 import os
 import subprocess
@@ -14,27 +16,39 @@ from tests.distributed.pool import free_port  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WORKER = r"""
-import os, sys, torch, torch.distributed as dist
+import copy, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from tests.distributed import scenarios as sc
 import pipetrain
 dist.init_process_group("nccl")
 rank = dist.get_rank()
 torch.cuda.set_device(rank)
-net = sc.model(3, False)
-import copy
-ref = copy.deepcopy(net).cuda()
-pipe = pipetrain.Pipeline(net, num_devices=2, schedule="1f1b", num_microbatches=4,
-                          loss_fn=sc.mse, timeout=60)
-x, y = sc.batch(8, 0, False)
-x, y = x.cuda(), y.cuda()
-loss = pipe.step(x, y)
-out = ref(x); ref_loss = sc.mse(out, y); ref_loss.backward()
-names = {id(p): n for n, p in net.named_parameters()}
-refp = dict(ref.named_parameters())
-err = max(float((p.grad - refp[names[id(p)]].grad).abs().max()) for p in pipe.parameters())
-assert abs(float(loss) - float(ref_loss.detach())) < 1e-10, (float(loss), float(ref_loss))
-assert err < 1e-10, err
+# 1f1b: one data group per edge; interleaved: several edges between the same two ranks in both
+# directions (NCCL ignores tags: each edge's data group keeps its messages in order). Tuples
+# cross every boundary; the batch size changes between steps (the resize path of the wire).
+for schedule, v in (("1f1b", 1), ("interleaved-1f1b", 2)):
+    net = sc.model(2 * v + 1, False)
+    ref = copy.deepcopy(net).cuda()
+    pipe = pipetrain.Pipeline(net, num_devices=2, schedule=schedule, num_microbatches=4,
+                              loss_fn=sc.mse, timeout=60, loss_scale="dynamic")
+    g = pipe.dist.group
+    assert g.separate and g.per_edge and g.ctrl is not g.shared
+    names = {id(p): n for n, p in net.named_parameters()}
+    refp = dict(ref.named_parameters())
+    for step, n in enumerate((8, 11, 8)):
+        x, y = sc.batch(n, step, False)
+        x, y = x.cuda(), y.cuda()
+        loss = pipe.step(x, y)
+        ref.zero_grad()
+        ref_loss = sc.mse(ref(x), y)
+        ref_loss.backward()
+        err = max(float((p.grad - refp[names[id(p)]].grad).abs().max()) for p in pipe.parameters())
+        assert abs(float(loss) - float(ref_loss.detach())) < 1e-10, (schedule, float(loss), float(ref_loss))
+        assert err < 1e-10, (schedule, step, err)
+        assert not pipe.found_inf
+        for p in pipe.parameters():
+            p.grad = None
+    pipe.close()
 print("OK", rank)
 dist.destroy_process_group()
 """

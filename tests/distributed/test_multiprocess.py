@@ -36,7 +36,7 @@ def _check(results, world, clip=False):
 # Every synchronous schedule, p in {2, 3, 4}; m < p and m not a multiple of p among them.
 CASES = [("gpipe", 2, 4), ("1f1b", 3, 4), ("interleaved-1f1b", 2, 4), ("zb-h1", 4, 4),
          ("zb-h2", 3, 5), ("1f1b", 4, 2), ("gpipe", 3, 2), ("zb-h1", 2, 3), ("zb-h2", 4, 6),
-         ("interleaved-1f1b", 3, 6)]
+         ("interleaved-1f1b", 3, 6), ("zb-h1-bw", 3, 5), ("zb-h2-bw", 2, 4)]
 
 
 @pytest.mark.parametrize("schedule,p,m", CASES)

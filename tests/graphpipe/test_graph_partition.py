@@ -1,6 +1,6 @@
 """GraphPipe's partitioner against an exhaustive reference (tests/graphpipe/brute_force.py).
 
-The DP searches the partitions the SP tree can express (see partitioner.py), a subset of all
+The SP dynamic programme (without the refinement, see dp_partition below) searches the partitions the SP tree can express (see partitioner.py), a subset of all
 convex partitions, so its time per sample is >= the brute force's always, equal on chains,
 and close on branchy graphs (bounds below are the measured worst cases, not wishes).
 """
@@ -20,6 +20,13 @@ from pipetrain import schedules  # noqa: E402
 from pipetrain.graphpipe import CostModel, OpGraph, StageGraph, decompose, partition  # noqa: E402
 
 EXACT = 1e-6  # tolerance of the partitioner's bisection in these tests
+
+
+def dp_partition(*args, **kwargs):
+    """The SP dynamic programme alone (no refinement): what these tests pin down is the
+    DP's own search space and objective (bottleneck, then depth); the refined partition
+    is tested against the simulated optimum in test_partition_quality.py."""
+    return partition(*args, refine=False, **kwargs)
 PIPE = CostModel(max_replicas=1, num_microbatches=4)
 DP_SYNC = CostModel(allreduce_bandwidth=1.0, num_microbatches=4)
 
@@ -72,7 +79,7 @@ def test_n_shape_is_reduced_by_merging_the_middle_edge():
     assert tree.merges == [("b", "c")]
     assert str(tree) == "S(s, a, [b+c], d, t)"
     check_sp(tree)
-    sg = partition(n_shape(), 4, PIPE, rel_tol=EXACT, chain_candidate=False)
+    sg = dp_partition(n_shape(), 4, PIPE, rel_tol=EXACT, chain_candidate=False)
     assert sg.stage_of[n_shape().index("b")] == sg.stage_of[n_shape().index("c")]
 
 
@@ -91,7 +98,7 @@ def test_wide_n_merges_only_the_cross_edge():
 # --- against brute force ----------------------------------------------------------------
 def compare(g, n, cost, chain_candidate=True):
     bf = brute_force(g, n, cost)
-    sg = partition(g, n, cost, rel_tol=EXACT, chain_candidate=chain_candidate)
+    sg = dp_partition(g, n, cost, rel_tol=EXACT, chain_candidate=chain_candidate)
     assert sg.fits and sum(sg.replicas) <= n
     assert sg.time_per_sample >= bf[0] * (1 - 1e-9), "DP beat exhaustive search: a bug"
     return sg.time_per_sample / bf[0], sg, bf
@@ -110,7 +117,7 @@ def test_unique_optima_by_construction():
     # Memory holds one operator's weights per device: every op its own stage, one device.
     g = chain([2, 7, 3, 5], params=10.0)
     cost = CostModel(max_replicas=1, memory_limit=3 * 10.0 + 4 * 1.0)
-    sg = partition(g, 4, cost, rel_tol=EXACT)
+    sg = dp_partition(g, 4, cost, rel_tol=EXACT)
     assert sg.time_per_sample == 7 and sg.num_stages == 4
     # Two towers, 2 devices: the only split at 9 is {src, a0, b0} | {a1, a2, b1, head}.
     ratio, sg, bf = compare(two_towers(), 2, PIPE)
@@ -165,16 +172,16 @@ def test_impossible_memory_raises_with_shortfall():
     g = chain([1, 1, 1], act=1.0, params=10.0)  # one op alone needs 30 + inflight bytes
     cost = CostModel(max_replicas=1, memory_limit=20.0)
     with pytest.raises(ValueError, match=r"needs 3\d\.?\d* bytes per device.*too many"):
-        partition(g, 3, cost)
+        dp_partition(g, 3, cost)
     # The shortfall is the real one: on a chain (exact DP) brute force agrees.
     g = chain([1] * 6, act=4.0, params=2.0)
     cost = CostModel(max_replicas=2, memory_limit=25.0, num_microbatches=4)
     assert brute_force(g, 4, cost) is None
     with pytest.raises(ValueError) as err:
-        partition(g, 4, cost)
+        dp_partition(g, 4, cost)
     need = float(err.value.args[0].split("needs ")[1].split(" bytes")[0])
     ok = CostModel(max_replicas=2, memory_limit=need * 1.001, num_microbatches=4)
-    assert brute_force(g, 4, ok) is not None and partition(g, 4, ok).fits
+    assert brute_force(g, 4, ok) is not None and dp_partition(g, 4, ok).fits
     below = CostModel(max_replicas=2, memory_limit=need * 0.999, num_microbatches=4)
     assert brute_force(g, 4, below) is None
 
@@ -214,11 +221,11 @@ def test_random_sp_graphs_never_crash_and_are_convex(g, n, mem, replicas):
     bf = brute_force(g, n, cost)
     if bf is None:
         with pytest.raises(ValueError):
-            partition(g, n, cost, rel_tol=EXACT)
+            dp_partition(g, n, cost, rel_tol=EXACT)
         return
     # (300 random examples, measured: always found when brute force fits; 291/294 exact,
     # worst ratio 1.19.)
-    sg = partition(g, n, cost, rel_tol=EXACT)
+    sg = dp_partition(g, n, cost, rel_tol=EXACT)
     # StageGraph's constructor rejects a cyclic stage graph (= a non-convex stage).
     StageGraph(g, sg.stages, sg.replicas, n, cost)
     assert sorted(o for s in sg.stages for o in s) == list(range(len(g)))
@@ -251,9 +258,9 @@ def test_batched_evaluation_matches_node_by_node(monkeypatch):
     g = random_sp_graph(120, seed=3)
     cost = CostModel(microbatch_size=8, num_microbatches=16, memory_limit=1.0e9,
                      allreduce_bandwidth=1e9)
-    batched = partition(g, 12, cost)
+    batched = dp_partition(g, 12, cost)
     monkeypatch.setattr(partitioner, "series_batch_key", lambda node: None)
-    single = partition(g, 12, cost)
+    single = dp_partition(g, 12, cost)
     assert batched.time_per_sample == single.time_per_sample
     assert batched.stages == single.stages and batched.replicas == single.replicas
 

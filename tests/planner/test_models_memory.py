@@ -77,3 +77,33 @@ def test_transformer_table_parameter_count():
     # Megatron's 8.3B: 72 layers, h = 3072; 12 h^2 L + V h = 8.3e9 (within 1 %).
     t = CostTable.transformer(72, 3072, 1024, 32, vocab=51200)
     assert sum(t.param_bytes) / 2 == pytest.approx(8.3e9, rel=0.01)
+
+
+def test_order_activations_walk_each_stage_its_own_bytes():
+    # Against the Action API's own walk (the function reads the core's raw rows).
+    from pipetrain import schedules
+    from pipetrain.planner import Affine, CostTable
+    from pipetrain.planner.memory import order_activations, stage_ranges
+    from pipetrain.schedules import Kind
+    n = 6
+    t = CostTable(forward=[Affine(0, 1)] * n, backward=[Affine(0, 2)] * n,
+                  weight=[Affine(0, 1)] * n, activation=[Affine(0, 10 * (i + 1)) for i in range(n)],
+                  input_bytes=[Affine(0, 1)] * n, param_bytes=[1.0] * n, inner_input=[False] * n)
+    balance = [2, 1, 2, 1]
+    for name, v in (("interleaved-1f1b", 2), ("1f1b", 1), ("zb-h1", 1)):
+        bal = balance if v > 1 else [3, 3]
+        s = schedules.build(name, num_stages=2, num_microbatches=4, num_chunks=v)
+        per = [t.stash(f, l, 1) for f, l in stage_ranges(bal)]
+        want = []
+        for d in range(2):
+            held = peak = 0.0
+            for a in s.actions(d):
+                if a.kind == Kind.F:
+                    held += per[a.stage]
+                    peak = max(peak, held)
+                elif a.kind in (Kind.B, Kind.I):
+                    held -= per[a.stage]
+            want.append(peak)
+        assert order_activations(s, t, bal, 1, False) == want, name
+        if v == 1:    # one stage per device: in-flight count x its stash
+            assert want == [k * per[d] for d, k in enumerate(s.peak_inflight())]

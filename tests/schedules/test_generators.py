@@ -144,7 +144,9 @@ def reference_plan(one, T, updates):
         row = []
         for t in range(T):
             for i, a in enumerate(acts):
-                row.append(f"{a.stage}{a.kind}{a.microbatch + t * m}" + (f"@{t}" if updates else ""))
+                span = f"-{a.microbatch + a.count - 1 + t * m}" if a.count > 1 else ""  # batched W
+                row.append(f"{a.stage}{a.kind}{a.microbatch + t * m}{span}"
+                           + (f"@{t}" if updates else ""))
                 if updates and last[a.stage] == i:
                     row.append(f"{a.stage}U{t}")
         plan.append(row)

@@ -123,14 +123,18 @@ def test_bad_costs():
         s.simulate(forward=-1.0)
 
 
-def reference_makespan(s, fwd, bwd, wgt, transfer):
-    """Plain fixed-point simulation: sweep until no start time changes."""
+def reference_makespan(s, fwd, bwd, wgt, transfer, fixed=None):
+    """Plain fixed-point simulation: sweep until no start time changes. A batched W of n
+    micro-batches costs fixed + (W - fixed) * n (fixed None: n W's)."""
     acts = [s.actions(d) for d in range(s.num_devices)]
     deps = [s.dependencies(d) for d in range(s.num_devices)]
 
     def dur(a):
         w = wgt[a.stage] if wgt is not None else bwd[a.stage] / 2
-        return {"F": fwd[a.stage], "B": bwd[a.stage], "I": bwd[a.stage] - w, "W": w}.get(a.kind, 0)
+        if a.kind == "W":
+            a0 = fixed[a.stage] if fixed is not None else 0.0
+            return a0 + (w - a0) * a.count
+        return {"F": fwd[a.stage], "B": bwd[a.stage], "I": bwd[a.stage] - w}.get(a.kind, 0)
 
     end = [[0.0] * len(r) for r in acts]
     changed = True
@@ -163,8 +167,13 @@ def test_matches_reference_with_random_costs(name, p, k, v, lowered, data):
     wgt = data.draw(st.one_of(st.none(), st.just([b * Fraction(1, 3) for b in bwd])))
     wgt = None if wgt is None else [float(x) for x in wgt]
     t = data.draw(st.sampled_from([0.0, 0.5]))
-    r = s.simulate(forward=fwd, backward=bwd, weight=wgt, transfer=t)
-    assert r.makespan == pytest.approx(reference_makespan(s, fwd, bwd, wgt, t))
+    # Batched W's: the fixed part of a + b * n, a fraction of each stage's W.
+    share = data.draw(st.sampled_from([None, 0.0, 0.5, 1.0]))
+    fixed = None if share is None else [
+        share * (wgt[i] if wgt is not None else bwd[i] / 2) for i in range(n)]
+    r = s.simulate(forward=fwd, backward=bwd, weight=wgt, transfer=t,
+                   weight_fixed=0.0 if fixed is None else fixed)
+    assert r.makespan == pytest.approx(reference_makespan(s, fwd, bwd, wgt, t, fixed))
     assert sum(r.busy) + sum(r.idle) == pytest.approx(r.makespan * s.num_devices)
 
 
@@ -222,5 +231,5 @@ def test_printed_grid_is_the_unit_cost_simulation(name, p, k, T, updates):
     s = schedules.build(name, p, p * k, num_minibatches=T, updates=updates, **kw)
     unit_b = 2.0 if s.split_backward else 1.0
     r = s.simulate(forward=1.0, backward=unit_b, weight=1.0 if s.split_backward else None,
-                   update=1.0)
+                   update=1.0, weight_fixed=1.0 if s.split_backward else 0.0)  # batched W: 1
     assert grid_slots(s) == [[int(x) for x in r.starts(d)] for d in range(s.num_devices)]

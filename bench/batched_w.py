@@ -1,0 +1,189 @@
+"""Bench section ``batched_w``: the I/W split's cost against B, and batched weight gradients.
+
+Two grains, one run, rows interleaved (every row once per round), medians of per-round
+ratios (the machine is shared, so only ratios measured side by side mean anything):
+
+- fine: 8 x (Linear(16, 16) + GELU), one-row micro-batches, m = 64, one torch thread;
+- training: 2 pre-norm residual MLP blocks, d = 256, 64-row micro-batches, m = 8.
+
+Stage alone (one stage, its m forwards then its backwards; the times are the backwards):
+
+- ``B``: the full backward of each micro-batch;
+- ``I + W, before``: I capturing through Python pre-hooks, W restarting autograd at every
+  frontier node, one accumulation per node and micro-batch (``split_backward.BATCH =
+  False``: the path before this work);
+- ``I + W``: W per micro-batch as now (Linears as direct GEMMs, one accumulation per W);
+- ``I + W(batch m)``: the m W's as one batched W (one GEMM per Linear over m micro-batches).
+
+``acc bytes`` is what the backwards' gradient accumulation moves per step (each add of a
+gradient into another reads both and writes one; an in-place GEMM accumulation re-reads
+the gradient once), counted in a separate pass. Then, at p = 2, the zero-bubble schedules
+with and without batched W (``zb-h1`` vs ``zb-h1-bw``, ``zb-h2`` vs ``zb-h2-bw``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from pipetrain import split_backward, stage as stage_mod
+from pipetrain.pipeline import Pipeline
+from pipetrain.stage import Meter, Stage
+
+from bench.training import Block
+
+
+def _fine(seed=0):
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(8)]
+
+
+def _coarse(seed=0):
+    torch.manual_seed(seed)
+    return [Block(256) for _ in range(2)]
+
+
+GRAINS = {  # name -> (layers, width, rows per micro-batch, m, torch threads)
+    "fine": (_fine, 16, 1, 64, 1),
+    "training": (_coarse, 256, 64, 8, 0),
+}
+
+
+def _stage_rows(st: Stage, x: torch.Tensor, g: torch.Tensor, m: int):
+    def fwd():
+        st.begin_run(Meter())
+        for k in range(m):
+            st.forward(k, x)
+
+    def timed(body):
+        def run():
+            fwd()
+            t = time.perf_counter()
+            body()
+            d = time.perf_counter() - t
+            st.end_run(commit=False)
+            return d
+        return run
+
+    def b():
+        for k in range(m):
+            st.backward(k, g)
+
+    def iw(count):
+        def body():
+            for k in range(m):
+                st.backward_input(k, g)
+            for k in range(0, m, count):
+                st.backward_weight(k, count)
+        return body
+
+    def before():
+        for k in range(m):
+            st.backward_input(k, g)
+        for k in range(m):
+            st.backward_weight(k)
+
+    def lever_off(fn):
+        def run():
+            split_backward.BATCH = False
+            try:
+                return fn()
+            finally:
+                split_backward.BATCH = True
+        return run
+
+    return {"B": timed(b), "I + W, before": lever_off(timed(before)), "I + W": timed(iw(1)),
+            f"I + W(batch {m})": timed(iw(m))}
+
+
+def _bytes(rows: dict) -> dict:
+    """Accumulation bytes of one call of each row (B's via the stage's own accumulate)."""
+    real = stage_mod._accumulate
+    out = {}
+
+    def counting(into, params, grads):
+        split_backward._count_accumulation(into, params, grads)
+        return real(into, params, grads)
+
+    for name, fn in rows.items():
+        split_backward.ACC_BYTES = [0]
+        stage_mod._accumulate = counting
+        try:
+            fn()
+        finally:
+            stage_mod._accumulate = real
+            out[name] = split_backward.ACC_BYTES[0]
+            split_backward.ACC_BYTES = None
+    return out
+
+
+def _stage_table(quick: bool) -> None:
+    print(f"{'grain':<9}{'row':<18}{'us / micro-batch':>17}{'/ B':>7}{'acc bytes':>11}")
+    for grain, (layers, width, rows_, m, threads) in GRAINS.items():
+        if quick:
+            m = min(m, 16)
+        old = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            st = Stage(0, layers())
+            x, g = torch.randn(rows_, width), torch.randn(rows_, width)
+            rows = _stage_rows(st, x, g, m)
+            acc = _bytes(rows)
+            rounds = 3 if quick else (15 if grain == "fine" else 8)
+            times = {k: [] for k in rows}
+            for r in range(rounds + 1):
+                for k, fn in rows.items():
+                    d = fn()
+                    if r:
+                        times[k].append(d)
+            for k in rows:
+                ratio = statistics.median([a / b for a, b in zip(times[k], times["B"])])
+                print(f"{grain:<9}{k:<18}{statistics.median(times[k]) / m * 1e6:>17.1f}"
+                      f"{ratio:>7.3f}{acc[k]:>11,d}")
+        finally:
+            torch.set_num_threads(old)
+
+
+def _pipeline_table(quick: bool) -> None:
+    print(f"\np = 2, zero-bubble schedules with / without batched W (step ms, medians; "
+          f"ratio = batched / plain, per round)")
+    print(f"{'grain':<9}{'schedule':<10}{'plain ms':>10}{'-bw ms':>9}{'-bw / plain':>13}")
+    for grain, (layers, width, rows_, m, threads) in GRAINS.items():
+        if quick:
+            m = min(m, 16)
+        steps = 3 if quick else (12 if grain == "fine" else 6)
+        x, y = torch.randn(rows_ * m, width), torch.randn(rows_ * m, width)
+        for base in ("zb-h1", "zb-h2"):
+            pipes = {name: Pipeline(layers(), 2, schedule=name, num_microbatches=m,
+                                    loss_fn=nn.functional.mse_loss,
+                                    **({"num_threads": threads} if threads else {}))
+                     for name in (base, base + "-bw")}
+            times = {name: [] for name in pipes}
+            try:
+                for r in range(steps + 1):
+                    for name, pipe in pipes.items():
+                        t = time.perf_counter()
+                        pipe.step(x, y)
+                        if r:
+                            times[name].append(time.perf_counter() - t)
+            finally:
+                for pipe in pipes.values():
+                    pipe.close()
+            a, b = times[base], times[base + "-bw"]
+            ratio = statistics.median([q / w for q, w in zip(b, a)])
+            print(f"{grain:<9}{base:<10}{statistics.median(a) * 1e3:>10.2f}"
+                  f"{statistics.median(b) * 1e3:>9.2f}{ratio:>13.3f}")
+
+
+def run(quick: bool, out: pathlib.Path) -> None:
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"fine grain: 8 x (Linear(16,16)+GELU), 1-row micro-batches, 1 torch thread; "
+          f"training grain: 2 residual blocks d=256, 64-row micro-batches")
+    _stage_table(quick)
+    _pipeline_table(quick)
