@@ -127,9 +127,11 @@ class Runner:
         t0 = time.perf_counter()
         run = Run(plan, stages, self.transports, self.devices, batches, self.num_threads, carry)
         self.meters = run.meters
-        resume = carry is not None
+        # resume / keep only for a window of a stream (stage kinds that never stream, such as
+        # CUDA-graphed stages, take neither).
+        resume = {"resume": True} if carry is not None else {}
         for st in stages:
-            st.begin_run(run.meters[plan.graph.stage(st.index).device], resume=resume)
+            st.begin_run(run.meters[plan.graph.stage(st.index).device], **resume)
         old_threads = torch.get_num_threads()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -152,7 +154,7 @@ class Runner:
             if self.num_threads:
                 torch.set_num_threads(old_threads)
             for st in stages:
-                st.end_run(commit=ok, keep=carry is not None)
+                st.end_run(commit=ok, **({"keep": True} if carry is not None else {}))
             if not ok:
                 run.mailbox.clear()
             elif carry is not None:
