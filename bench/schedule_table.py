@@ -31,6 +31,8 @@ def closed_form(name: str, p: int, m: int, v: int = CHUNKS) -> tuple[float | Non
         return (p - 1) / (m + p - 1), peak
     if name == "interleaved-1f1b":
         return (p - 1) / (v * m + p - 1), min(2 * (p - 1) + (v - 1) * p + 1, v * m)
+    if name.endswith("-bw"):  # a batched W priced as n W's (weight_fixed = 0): the same step
+        return closed_form(name[:-3], p, m, v)
     if name == "zb-h1":  # idle (p-1)(F+I-W) = p-1 per device out of 3m + (p-1)
         return ((p - 1) / (3 * m + p - 1) if m >= p else None), min(p, m)
     if name == "zb-h2":  # parallelogram: idle (p-1)F per device
