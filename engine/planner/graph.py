@@ -104,44 +104,36 @@ def graphpipe_candidates(gc: GraphCosts, devices: int, memory_limit: float, batc
     """Every (p, w, b) of the graphpipe schedule, simulated (see the module docstring).
     Returns (candidates, simulations)."""
     from pipetrain.graphpipe import CostModel, partition
-    from pipetrain.planner.search import divisors
+    from pipetrain.planner.search import grid
     row, t, g = MODELS["graphpipe"], gc.table, gc.graph
     out, sims = [], 0
-    for p in depths or divisors(devices):
-        w = devices // p
-        # (The partitioner may use fewer than p devices: a stage per operator at most.)
-        if devices % p or p > len(g.ops) or batch_size % w or (widths and w not in widths):
+    # (The partitioner may use fewer than p devices: a stage per operator at most.)
+    for p, w, b, m in grid(devices, batch_size, len(g.ops), depths, widths, micro_batch_sizes):
+        try:
+            sg = partition(g, p, CostModel(microbatch_size=b, num_microbatches=m,
+                                           max_replicas=1))
+            sched = sg.dag_1f1b(m)
+        except ValueError:
             continue
-        per_replica = batch_size // w
-        for b in micro_batch_sizes or divisors(per_replica):
-            if per_replica % b:
-                continue
-            m = per_replica // b
-            try:
-                sg = partition(g, p, CostModel(microbatch_size=b, num_microbatches=m,
-                                               max_replicas=1))
-                sched = sg.dag_1f1b(m)
-            except ValueError:
-                continue
-            k = t.slowdown_at(p)
-            o = t.forward_overhead + t.action_overhead + network.action_overhead
-            F = [k * b * sum(g.ops[i].forward for i in st) + o for st in sg.stages]
-            B = [k * b * sum(g.ops[i].backward for i in st) + o for st in sg.stages]
-            params = [sum(g.ops[i].params for i in st) for st in sg.stages]
-            acts = [b * sum(g.ops[i].activation for i in st) for st in sg.stages]
-            boundary = max((b * g.ops[u].activation for u, v in g.edges
-                            if sg.stage_of[u] != sg.stage_of[v]), default=0.0)
-            latency = network.transfer(boundary) + t.handoff_latency if len(sg.stages) > 1 else 0.0
-            inflight = sched.peak_inflight()
-            mem = [Memory(pr, t.grad_factor * pr, t.optimizer_factor * pr, n * a)
-                   for pr, a, n in zip(params, acts, inflight)]
-            extra = network.allreduce(t.grad_factor * max(params), w) + t.update * max(params)
-            step = sched.simulate(forward=F, backward=B, transfer=latency).makespan + extra
-            sims += 1
-            c = Candidate(p=p, w=w, b=b, m=m, schedule="graphpipe", v=1, recompute=False,
-                          balance=[len(st) for st in sg.stages], memory=mem, bound=step,
-                          extra=extra, latency=latency, costs=(F, B, [0.0] * len(F)),
-                          model=row, limit=memory_limit)
-            c.step_time, c.status = step, "simulated"
-            out.append(c)
+        k = t.slowdown_at(p)
+        o = t.forward_overhead + t.action_overhead + network.action_overhead
+        F = [k * b * sum(g.ops[i].forward for i in st) + o for st in sg.stages]
+        B = [k * b * sum(g.ops[i].backward for i in st) + o for st in sg.stages]
+        params = [sum(g.ops[i].params for i in st) for st in sg.stages]
+        acts = [b * sum(g.ops[i].activation for i in st) for st in sg.stages]
+        boundary = max((b * g.ops[u].activation for u, v in g.edges
+                        if sg.stage_of[u] != sg.stage_of[v]), default=0.0)
+        latency = network.transfer(boundary) + t.handoff_latency if len(sg.stages) > 1 else 0.0
+        inflight = sched.peak_inflight()
+        mem = [Memory(pr, t.grad_factor * pr, t.optimizer_factor * pr, n * a)
+               for pr, a, n in zip(params, acts, inflight)]
+        extra = network.allreduce(t.grad_factor * max(params), w) + t.update * max(params)
+        step = sched.simulate(forward=F, backward=B, transfer=latency).makespan + extra
+        sims += 1
+        c = Candidate(p=p, w=w, b=b, m=m, schedule="graphpipe", v=1, recompute=False,
+                      balance=[len(st) for st in sg.stages], memory=mem, bound=step,
+                      extra=extra, latency=latency, costs=(F, B, [0.0] * len(F)),
+                      model=row, limit=memory_limit)
+        c.step_time, c.status = step, "simulated"
+        out.append(c)
     return out, sims

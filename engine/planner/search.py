@@ -20,7 +20,7 @@ Times are seconds; memory bytes.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pipetrain.partition import balance_costs
 from pipetrain.planner.costs import CostTable, Network
@@ -29,6 +29,25 @@ from pipetrain.planner.result import Candidate
 from pipetrain.planner.schedule_models import ScheduleModel
 
 __all__ = ["search", "evaluate", "fast_balance", "divisors", "rank", "exact_memory"]
+
+
+def grid(devices: int, batch_size: int, max_depth: int,
+         depths: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
+         micro_batch_sizes: Optional[Sequence[int]] = None) -> Iterator[Tuple[int, int, int, int]]:
+    """Every shape ``(p, w, b, m)`` to try: depth p (of ``depths``, default every divisor of
+    ``devices``) up to ``max_depth``, width w = devices / p (of ``widths`` if given) dividing
+    ``batch_size``, micro-batch size b (of ``micro_batch_sizes``, default every divisor)
+    dividing the per-replica batch, and m = batch_size / (w b)."""
+    for p in depths or divisors(devices):
+        if devices % p or p > max_depth:
+            continue
+        w = devices // p
+        if batch_size % w or (widths is not None and w not in widths):
+            continue
+        per_replica = batch_size // w
+        for b in micro_batch_sizes or divisors(per_replica):
+            if per_replica % b == 0:
+                yield p, w, b, per_replica // b
 
 
 def divisors(n: int) -> List[int]:
@@ -172,48 +191,38 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
     ev = evaluator or _Evaluator(table, network)
     L = table.num_layers
     cands: List[Candidate] = []
-    for p in depths or divisors(devices):
-        if devices % p or p > L:
-            continue
-        w = devices // p
-        if batch_size % w or (widths is not None and w not in widths):
-            continue
-        per_replica = batch_size // w
-        for b in micro_batch_sizes or divisors(per_replica):
-            if per_replica % b:
+    for p, w, b, m in grid(devices, batch_size, L, depths, widths, micro_batch_sizes):
+        boundary = max(table.input_bytes[i](b) for i in range(L))
+        latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+        for model in models:
+            if model.graph:     # stage DAGs: pipetrain.planner.graph
                 continue
-            m = per_replica // b
-            boundary = max(table.input_bytes[i](b) for i in range(L))
-            latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
-            for model in models:
-                if model.graph:     # stage DAGs: pipetrain.planner.graph
+            for v in model.chunks:
+                if p * v > L or (v > 1 and p == 1) or not model.valid(p, m, v):
                     continue
-                for v in model.chunks:
-                    if p * v > L or (v > 1 and p == 1) or not model.valid(p, m, v):
-                        continue
-                    inflight = [model.inflight(p, m, v, d) for d in range(p)]
-                    versions = [model.versions(p, d) for d in range(p)]
-                    for rc in recompute:
-                        bal = ev.balance(p * v, b, rc)
-                        mem = ev.memory(bal, p, b, inflight, versions, rc)
-                        F, B, W = ev.stage_costs(bal, b, rc, model.split_backward, p)
-                        params = [0.0] * p
-                        for k, (first, last) in enumerate(stage_ranges(bal)):
-                            params[k % p] += sum(table.param_bytes[first:last + 1])
-                        extra = network.allreduce(table.grad_factor * max(params), w) \
-                            + table.update * max(params)
-                        busy = [0.0] * p
-                        for k in range(p * v):
-                            busy[k % p] += F[k] + B[k]
-                        I = [bb - ww for bb, ww in zip(B, W)] if model.split_backward else B
-                        crit = (m - 1) * F[0] + sum(F) + sum(I) + 2 * (p * v - 1) * latency \
-                            if not model.asynchronous else 0.0
-                        bound = max(m * max(busy), crit) + extra
-                        cands.append(Candidate(p=p, w=w, b=b, m=m, schedule=model.name, v=v,
-                                               recompute=rc, balance=bal, memory=mem,
-                                               bound=bound, extra=extra, latency=latency,
-                                               costs=(F, B, W), model=model,
-                                               limit=memory_limit))
+                inflight = [model.inflight(p, m, v, d) for d in range(p)]
+                versions = [model.versions(p, d) for d in range(p)]
+                for rc in recompute:
+                    bal = ev.balance(p * v, b, rc)
+                    mem = ev.memory(bal, p, b, inflight, versions, rc)
+                    F, B, W = ev.stage_costs(bal, b, rc, model.split_backward, p)
+                    params = [0.0] * p
+                    for k, (first, last) in enumerate(stage_ranges(bal)):
+                        params[k % p] += sum(table.param_bytes[first:last + 1])
+                    extra = network.allreduce(table.grad_factor * max(params), w) \
+                        + table.update * max(params)
+                    busy = [0.0] * p
+                    for k in range(p * v):
+                        busy[k % p] += F[k] + B[k]
+                    I = [bb - ww for bb, ww in zip(B, W)] if model.split_backward else B
+                    crit = (m - 1) * F[0] + sum(F) + sum(I) + 2 * (p * v - 1) * latency \
+                        if not model.asynchronous else 0.0
+                    bound = max(m * max(busy), crit) + extra
+                    cands.append(Candidate(p=p, w=w, b=b, m=m, schedule=model.name, v=v,
+                                           recompute=rc, balance=bal, memory=mem,
+                                           bound=bound, extra=extra, latency=latency,
+                                           costs=(F, B, W), model=model,
+                                           limit=memory_limit))
     fitting = sorted((c for c in cands if c.fits), key=lambda c: c.bound)
     best = math.inf
     for c in fitting:
