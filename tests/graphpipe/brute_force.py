@@ -9,7 +9,7 @@ Exponential: only for graphs of <= ~8 operators and <= 4 devices.
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from pipetrain.graphpipe import CostModel, OpGraph
 
@@ -54,21 +54,27 @@ def stage_inflight(graph: OpGraph, labels: List[int], nb: int) -> Optional[List[
         return None
 
 
+def convex_partitions(graph: OpGraph, max_stages: int) -> Iterator[Tuple[List[List[int]], List[int]]]:
+    """Every partition of the operators into at most ``max_stages`` stages whose stage graph
+    is acyclic (convex stages): ``(blocks, in-flight count per stage)``."""
+    n = len(graph)
+    for labels in set_partitions(n):
+        nb = max(labels) + 1
+        if nb > max_stages:
+            continue
+        infl = stage_inflight(graph, labels, nb)
+        if infl is not None:
+            yield [[o for o in range(n) if labels[o] == b] for b in range(nb)], infl
+
+
 def brute_force(graph: OpGraph, num_devices: int, cost: CostModel
                 ) -> Optional[Tuple[float, int, List[List[int]], List[int]]]:
     """(best bottleneck time per sample, its least depth, stages, devices per stage), or
     None if nothing fits in memory."""
-    n = len(graph)
     cap = min(num_devices, cost.max_replicas or num_devices)
     best = None
-    for labels in set_partitions(n):
-        nb = max(labels) + 1
-        if nb > num_devices:
-            continue
-        infl = stage_inflight(graph, labels, nb)
-        if infl is None:
-            continue
-        blocks = [[o for o in range(n) if labels[o] == b] for b in range(nb)]
+    for blocks, infl in convex_partitions(graph, num_devices):
+        nb = len(blocks)
         W = [sum(graph.ops[o].work for o in bl) for bl in blocks]
         P = [sum(graph.ops[o].params for o in bl) for bl in blocks]
         A = [sum(graph.ops[o].activation for o in bl) for bl in blocks]

@@ -23,7 +23,7 @@ import sys
 from typing import List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(__file__))
-from brute_force import set_partitions, stage_inflight  # noqa: E402
+from brute_force import convex_partitions  # noqa: E402
 
 from pipetrain.graphpipe import CostModel, OpGraph, StageGraph  # noqa: E402
 
@@ -54,16 +54,9 @@ def exhaustive(graph: OpGraph, num_devices: int, cost: CostModel
                ) -> Optional[Tuple[float, StageGraph]]:
     """(least simulated time per sample, its stage graph) over every convex partition into
     at most ``num_devices`` stages on one device each, within memory; None if none fits."""
-    n = len(graph)
     best = None
-    for labels in set_partitions(n):
-        nb = max(labels) + 1
-        if nb > num_devices:
-            continue
-        infl = stage_inflight(graph, labels, nb)
-        if infl is None:
-            continue
-        blocks = [[o for o in range(n) if labels[o] == b] for b in range(nb)]
+    for blocks, infl in convex_partitions(graph, num_devices):
+        nb = len(blocks)
         if not all(cost.fits(sum(graph.ops[o].params for o in bl),
                              sum(graph.ops[o].activation for o in bl), 1, f)
                    for bl, f in zip(blocks, infl)):

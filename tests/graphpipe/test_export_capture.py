@@ -8,9 +8,9 @@ import torch
 from torch import fx, nn
 
 import pipetrain
-from pipetrain.graphpipe import build as build_mod
 from pipetrain.graphpipe.capture import CaptureError, capture
 from tests.graphpipe.dag_models import D, mse
+from tests.graphpipe.test_runtime import fixed_costs  # noqa: F401  (autouse: fixed operator costs)
 
 
 class ShapeBranchy(nn.Module):
@@ -62,16 +62,6 @@ class ValueBranchy(nn.Module):
         if x.sum() > 0:  # on a tensor's value: neither fx nor export can capture this
             return self.lin(x)
         return x
-
-
-@pytest.fixture(autouse=True)
-def fixed_costs(monkeypatch):
-    real = build_mod.measure
-
-    def fake(gm, args, repeats=3):
-        times, act, batch = real(gm, args, repeats=1)
-        return {k: (1e-3, 2e-3) for k in times}, act, batch
-    monkeypatch.setattr(build_mod, "measure", fake)
 
 
 def test_fx_fails_export_captures_with_module_boundaries():
