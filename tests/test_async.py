@@ -25,10 +25,14 @@ def _model(p, seed=1):
         [nn.Linear(5, 2).double()]
 
 
-def _data(T, n=8, seed=2):
+def _data(T, n=8, seed=2, last=None):
+    """T mini-batches of n samples; the last one of ``last`` samples (uneven) if given."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 5, generator=g, dtype=torch.float64),
-             torch.randn(n, 2, generator=g, dtype=torch.float64)) for _ in range(T)]
+    sizes = [n] * T
+    if last is not None:
+        sizes[-1] = last
+    return [(torch.randn(s, 5, generator=g, dtype=torch.float64),
+             torch.randn(s, 2, generator=g, dtype=torch.float64)) for s in sizes]
 
 
 def _sgd(ps):

@@ -18,38 +18,10 @@ from pipetrain import async_reference as ref
 from pipetrain import async_windows
 from pipetrain.async_schedules import ASYNC
 
+from tests.test_async import _adam, _allowed, _data, _model, _sgd
+
 FN = nn.functional.mse_loss
 TOL = 1e-9
-
-
-def _model(p, seed=1):
-    torch.manual_seed(seed)
-    return [nn.Sequential(nn.Linear(5, 5), nn.Tanh()).double() for _ in range(p - 1)] + \
-        [nn.Linear(5, 2).double()]
-
-
-def _data(T, n=8, seed=2, last=None):
-    """T mini-batches of n samples; the last one of ``last`` samples (uneven) if given."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = [n] * T
-    if last is not None:
-        sizes[-1] = last
-    return [(torch.randn(s, 5, generator=g, dtype=torch.float64),
-             torch.randn(s, 2, generator=g, dtype=torch.float64)) for s in sizes]
-
-
-def _sgd(ps):
-    return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
-
-
-def _adam(ps):
-    return torch.optim.Adam(ps, lr=0.02)
-
-
-def _allowed(name, p, m, opt):
-    if name.startswith("2bw") and m < p:
-        return False
-    return {"spectrain": opt is _sgd, "xpipe": opt is _adam}.get(name, True)
 
 
 def _same_weights(stages, weights):
