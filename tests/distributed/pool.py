@@ -91,3 +91,16 @@ class Pool:
             if pr.is_alive():
                 pr.kill()
                 pr.join(timeout=5)
+
+
+def module_pool(size: int) -> Any:
+    """A module-scoped pytest fixture ``pool``: one :class:`Pool` of ``size`` workers for the
+    whole test module, killed at its end (also on failure). Use ``pool = module_pool(4)``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def pool() -> Any:
+        pl = Pool(size)
+        yield pl
+        pl.close()
+    return pool

@@ -21,17 +21,13 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from pipetrain.async_schedules import ASYNC, build_async  # noqa: E402
-from tests.distributed.pool import Pool  # noqa: E402
+from tests.distributed.pool import module_pool  # noqa: E402
 
 S = "tests.distributed.async_scenarios"
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pl = Pool(4)
-    yield pl
-    pl.close()
+pool = module_pool(4)
 
 
 def _cases(p, fused):

@@ -10,16 +10,12 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from tests.distributed.pool import Pool  # noqa: E402
+from tests.distributed.pool import module_pool  # noqa: E402
 
 S = "tests.distributed.scenarios"
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pl = Pool(4)
-    yield pl
-    pl.close()
+pool = module_pool(4)
 
 
 @pytest.mark.parametrize("p,dp,poison", [(3, None, 1), (2, 2, 3)])

@@ -10,7 +10,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from tests.distributed.pool import Pool  # noqa: E402
+from tests.distributed.pool import module_pool  # noqa: E402
 
 PARTS = ("header", "meta", "data", "resized")
 
@@ -97,11 +97,7 @@ def exchange(separate: bool, per_edge: bool) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pl = Pool(2)
-    yield pl
-    pl.close()
+pool = module_pool(2)
 
 
 @pytest.mark.parametrize("separate,per_edge", [(True, False), (True, True), (False, False)])

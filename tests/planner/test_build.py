@@ -10,6 +10,7 @@ from torch import nn
 import pipetrain
 from pipetrain import async_reference as ref
 from pipetrain.planner import Affine, CostTable
+from tests.distributed.pool import module_pool
 
 FN = nn.functional.mse_loss
 
@@ -103,12 +104,7 @@ def test_width_in_one_process_raises_unless_one_replica():
         assert torch.allclose(q.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def pool():
-    from tests.distributed.pool import Pool
-    pl = Pool(2)
-    yield pl
-    pl.close()
+pool = module_pool(2)
 
 
 def test_data_parallel_plan_on_a_device_mesh_under_gloo(pool):
