@@ -17,7 +17,7 @@ import torch
 from pipetrain import schedules
 
 __all__ = ["resolve_num_devices", "build_schedule", "resolve_devices", "check_profile_steps",
-           "check_num_threads", "check_flag", "cores", "check_acceleration", "Acceleration"]
+           "check_num_threads", "check_flag", "check_wire", "cores", "check_acceleration", "Acceleration"]
 
 
 def _is_int(v: Any) -> bool:
@@ -230,3 +230,20 @@ def check_acceleration(compile: Any, cuda_graphs: Any, checkpoint: str, schedule
                              "which compiled backwards that donate saved buffers refuse "
                              "(and mode='reduce-overhead' captures CUDA graphs itself)")
     return Acceleration(options, backend)
+
+
+WIRES = ("auto", "shm", "gloo")
+
+
+def check_wire(wire: Any) -> str:
+    """``Pipeline(wire=)``: how the ranks of a multi-process pipeline exchange boundary
+    values. ``"shm"``: shared memory (ranks on one host, CPU tensors;
+    :mod:`pipetrain.distributed.shm_wire`); ``"gloo"``: torch.distributed point-to-point
+    messages (:mod:`pipetrain.distributed.wire`); ``"auto"`` (default): shared memory between
+    ranks on the same host when the tensors are on the CPU, else the process group."""
+    if wire not in WIRES:
+        raise ValueError(f"wire must be one of {WIRES} (how the ranks of a "
+                         f"multi-process pipeline exchange boundary values: 'shm' shared memory "
+                         f"on one host, 'gloo' the process group, 'auto' shm where possible); "
+                         f"got {wire!r}")
+    return wire

@@ -92,6 +92,10 @@ class Pipeline(GlobalOps, Reporting):
             classes / instances kept as one operator; bytes per device for the partitioner;
             a sample micro-batch to build at construction (default: the first step's); given
             per-operator ``(forward_s, backward_s)`` per sample instead of measuring.
+        wire: across processes, how ranks exchange boundary values
+            (:func:`pipetrain.arguments.check_wire`): ``"auto"`` (shared memory between ranks
+            on one host with CPU tensors, :mod:`pipetrain.distributed.shm_wire`; else the
+            process group), ``"shm"``, ``"gloo"``.
 
         optimizer: ``optimizer(params) -> optimizer``, called once per stage with its
             parameters; the pipeline then steps it (``train()``). Required by asynchronous
@@ -117,7 +121,7 @@ class Pipeline(GlobalOps, Reporting):
                  leaf_modules: Sequence[Any] = (), memory_limit: Optional[float] = None,
                  example_inputs: Any = None, op_times: Optional[dict] = None,
                  optimizer: Optional[Callable[[Any], Any]] = None, loss_scale: Any = None,
-                 compile: Any = False, cuda_graphs: bool = False) -> None:
+                 compile: Any = False, cuda_graphs: bool = False, wire: str = "auto") -> None:
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn is required: loss_fn(output, target) -> scalar tensor")
         accel = args.check_acceleration(compile, cuda_graphs, checkpoint, schedule, model)
@@ -128,6 +132,7 @@ class Pipeline(GlobalOps, Reporting):
         layers = partition.layers_of(model) if self._graph_model is None else []
         timeout = check_timeout(timeout)
         transport.check_mode(transfer)
+        args.check_wire(wire)
         ckpt.checkpoint_flags(checkpoint, 1)
         args.check_flag("check_finite", check_finite)
         args.check_flag("rng_lock", rng_lock, allow_none=True)
@@ -178,7 +183,7 @@ class Pipeline(GlobalOps, Reporting):
         loss_fn = self._loss = losses.LossFn(loss_fn)
         self.dist = distributed.wanted(data_parallel) and distributed.Distributed(
             self, layers, parts, order, data_parallel=data_parallel, init_fn=init_fn,
-            timeout=timeout) or None
+            timeout=timeout, wire=wire) or None
         self.stages = build_stages(
             graph, parts, self.devices, loss_fn=loss_fn, checkpoint=checkpoint, rng_lock=rng_lock,
             check_finite=check_finite, grad_scale=self._loss.grad_scale, stage_cls=accel.stage_cls,

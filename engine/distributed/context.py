@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from pipetrain import loss_scaling
 from pipetrain.distributed import grads as grads_mod
 from pipetrain.distributed.mesh import Mesh, P2PGroups, local_device
 from pipetrain.distributed.runner import RankRunner
+from pipetrain.distributed.shm_wire import ShmWire, host_id
 from pipetrain.distributed.wire import Board, PeerFailed, wait_all
 from pipetrain.plan import Plan
 
@@ -89,13 +90,15 @@ def _fingerprint(pipe: Any, layers: Sequence[nn.Module], mesh: Mesh) -> dict:
                                 for layer in layers]}
 
 
-def _check_agreement(mine: dict, mesh: Mesh) -> int:
+def _check_agreement(mine: dict, mesh: Mesh, hosts: Dict[int, str]) -> int:
     """Raise ValueError naming the first rank whose pipeline differs from rank 0's; returns
     rank 0's pipeline number (processes may have built different numbers of pipelines
-    before, so the board's keys use rank 0's)."""
+    before, so the board's keys use rank 0's). Fills ``hosts`` with every rank's host id
+    (the same gather: which edges can use shared memory)."""
     everyone: List[Any] = [None] * mesh.world_size
-    dist.all_gather_object(everyone, (next(_PIPELINES), mine))
+    dist.all_gather_object(everyone, (next(_PIPELINES), mine, host_id()))
     number = everyone[0][0]
+    hosts.update({r: e[2] for r, e in enumerate(everyone)})
     everyone = [e[1] for e in everyone]
     ref = everyone[0]
     for r, theirs in enumerate(everyone):
@@ -116,13 +119,14 @@ class Distributed:
 
     def __init__(self, pipe: Any, layers: Sequence[nn.Module], parts: Sequence[Sequence[nn.Module]],
                  order: Sequence[int], *, data_parallel: Optional[int], init_fn: Any,
-                 timeout: float) -> None:
+                 timeout: float, wire: str = "auto") -> None:
         graph = pipe.plan.graph
         self.mesh = mesh = Mesh(graph.num_devices, data_parallel)
         self.device = local_device()
         self.timeout = timeout
         pipe.devices = [self.device] * graph.num_devices
-        number = _check_agreement(_fingerprint(pipe, layers, mesh), mesh)
+        hosts: Dict[int, str] = {}
+        number = _check_agreement(_fingerprint(pipe, layers, mesh), mesh, hosts)
         dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
         self.local = [k for k in range(graph.num_stages) if dev_of[k] == mesh.pp_rank]
         stage_of_layer: List[int] = []
@@ -158,6 +162,11 @@ class Distributed:
                                timeout)
         store = dist.distributed_c10d._get_default_store()
         self.board = Board(store, f"pipetrain/{number}")
+        # Same-host CPU edges through shared memory (shm_wire); gloo stays for collectives.
+        if wire == "shm" and self.device.type != "cpu":
+            raise ValueError(f"wire='shm' carries CPU tensors; this rank's device is "
+                             f"{self.device} (use wire='auto' or 'gloo')")
+        self.wire = ShmWire(hosts, wire, store, self.board)
         self.runner: Optional[RankRunner] = None
         self.eval_runner: Optional[RankRunner] = None
 
@@ -169,7 +178,7 @@ class Distributed:
             pipe.stages[k].grad_scale = pipe._loss.grad_scale
         self.runner = RankRunner(self.mesh, self.plan, self.device, timeout=self.timeout,
                                  num_threads=pipe.num_threads, board=self.board, ties=self.ties,
-                                 group=self.group)
+                                 group=self.group, wire=self.wire)
         return self.runner
 
     def _wait(self, works: Sequence[Any], what: str) -> None:
@@ -321,7 +330,7 @@ class Distributed:
             plan = EvalPlan(forward_schedule(graph, pipe.num_microbatches), graph, lowered=True)
             self.eval_runner = RankRunner(self.mesh, plan, self.device, timeout=self.timeout,
                                           num_threads=pipe.num_threads, board=self.board,
-                                          ties=self.ties, group=self.group)
+                                          ties=self.ties, group=self.group, wire=self.wire)
             if self.runner is not None:
                 self.runner.companions.append(self.eval_runner)
         sink = self.is_sink

@@ -43,6 +43,7 @@ from pipetrain.evaluation import EvalMixin
 from pipetrain.mailbox import GRAD, VALUE
 from pipetrain.transport import Handoff, Transport
 from pipetrain.distributed import grads as grads_mod
+from pipetrain.distributed.shm_wire import ShmStream, ShmWire
 from pipetrain.distributed.wire import Board, PeerFailed, Stream, wait_all
 
 __all__ = ["RankRunner", "RankRow", "RankEdge"]
@@ -184,6 +185,25 @@ class RankRow:
         self.compiled = executor.compile([[(str(a), []) for a in row]])
 
 
+def _messages(plan: Any) -> Dict[Tuple[int, str], int]:
+    """``{(edge, direction): messages per run}`` of a lowered plan (the size of a shared-
+    memory ring that never makes a sender wait for a free slot within a run)."""
+    graph = plan.graph
+    edge_by_pair = {(e.src, e.dst): e.id for e in graph.edges}
+    out: Dict[Tuple[int, str], int] = {}
+    for row in plan.actions:
+        for a in row:
+            kind = str(a.kind)
+            if kind == "SF":
+                key = (edge_by_pair[(a.stage, a.peer)], VALUE)
+            elif kind == "SB":
+                key = (edge_by_pair[(a.peer, a.stage)], GRAD)
+            else:
+                continue
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 class RankRunner:
     """Runs this rank's row of lowered plans; see the module docstring.
 
@@ -197,10 +217,14 @@ class RankRunner:
         num_threads: torch intra-op threads on the issuing thread (0: leave torch's).
         board: the failure :class:`Board`.
         ties: :class:`~pipetrain.distributed.grads.Ties` of the pipeline.
+        group: the :class:`~pipetrain.distributed.mesh.P2PGroups` of gloo / NCCL streams.
+        wire: a :class:`~pipetrain.distributed.shm_wire.ShmWire` choosing the edges whose
+            streams go through shared memory (same host, CPU); None: all through ``group``.
     """
 
     def __init__(self, mesh: Any, plan: Any, device: torch.device, *, timeout: float,
-                 num_threads: int, board: Board, ties: Any, group: Any = None) -> None:
+                 num_threads: int, board: Board, ties: Any, group: Any = None,
+                 wire: Optional[ShmWire] = None) -> None:
         from pipetrain.executor import Executor
         self.mesh, self.plan, self.timeout, self.num_threads = mesh, plan, timeout, num_threads
         self.board, self.ties = board, ties
@@ -209,8 +233,10 @@ class RankRunner:
         graph = plan.graph
         dev_of = [graph.stage(k).device for k in range(graph.num_stages)]
         self.transports: Dict[int, Transport] = {}
-        self.streams: Dict[Tuple[int, str], Stream] = {}
-        self.outgoing: List[Stream] = []
+        self.streams: Dict[Tuple[int, str], Any] = {}
+        self.outgoing: List[Any] = []
+        shm: List[ShmStream] = []
+        counts = _messages(plan)
         handoff = Handoff()
         for e in graph.edges:
             a, b = dev_of[e.src], dev_of[e.dst]
@@ -220,12 +246,21 @@ class RankRunner:
             streams: Dict[str, Optional[Stream]] = {VALUE: None, GRAD: None}
             if d in (a, b):
                 peer = mesh.rank_of(b if d == a else a)
+                use_shm = wire is not None and device.type == "cpu" and wire.uses(mesh.rank, peer)
                 for direction in (VALUE, GRAD):
-                    st = Stream(e.id, direction, peer, device, e.name, group)
+                    sending = (direction == VALUE) == (d == a)
+                    if use_shm:
+                        st = wire.make(e.id, direction, mesh.rank, peer, e.name, sending,
+                                       timeout, slots=counts.get((e.id, direction), 1))
+                        shm.append(st)
+                    else:
+                        st = Stream(e.id, direction, peer, device, e.name, group)
                     streams[direction] = self.streams[(e.id, direction)] = st
-                    if (direction == VALUE) == (d == a):
+                    if sending:
                         self.outgoing.append(st)
             self.transports[e.id] = RankEdge(streams, a)
+        if wire is not None:       # every rank: its sending segments first, then the others'
+            wire.connect(shm)
         self.executor = Executor(1, backend="cuda" if device.type == "cuda" else "cpu")
         self._rows: Dict[int, Tuple[Any, RankRow]] = {}
         self.row = self.row_of(plan)            # the row of the run in progress (or the last)
@@ -334,3 +369,6 @@ class RankRunner:
             other.close()
         if self.executor is not None:
             self.executor.close()
+        for st in self.streams.values():
+            if isinstance(st, ShmStream):
+                st.close()
