@@ -14,7 +14,7 @@ import sys
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
 SECTIONS = ["schedule_table", "executor_overhead", "step_overhead", "batched_w", "training",
             "optim_kernels",
-            "peers", "compiled", "graph_partition", "graph_runtime", "convergence", "async_throughput",
+            "peers", "shm_wire", "compiled", "graph_partition", "graph_runtime", "convergence", "async_throughput",
             "planner"]
 
 

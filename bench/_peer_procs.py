@@ -32,8 +32,11 @@ PIPPY_SCHEDULES = {   # row name -> (torch class name, stages per process)
 }
 
 
-#: pipetrain's schedules run by its multi-process runner in the same two workers.
+#: pipetrain's schedules run by its multi-process runner in the same two workers, on its
+#: default wire (``wire="auto"``: shared memory between the two processes of this host).
 PIPETRAIN_MP_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"]
+#: ... and on gloo's point-to-point messages (``wire="gloo"``, PiPPy's transport), to compare.
+PIPETRAIN_MP_GLOO = ["1f1b", "interleaved-1f1b"]
 
 
 def pippy_available() -> Optional[str]:
@@ -113,14 +116,16 @@ class _Worker:
             params = [p for k in range(rank, n_stages, world) for p in parts[k].parameters()]
             self.rows[row] = ("pippy", sched, params, log)
         import pipetrain
-        for sched in PIPETRAIN_MP_SCHEDULES:
+        for sched, wire in [(s, "auto") for s in PIPETRAIN_MP_SCHEDULES] + \
+                [(s, "gloo") for s in PIPETRAIN_MP_GLOO]:
             # The same units and split as the PiPPy rows (interleaved: 4 stages, stage k on
             # process k % 2); the pipeline sees the process group and keeps its own stages.
             v = 2 if sched.startswith("interleaved") else 1
             pipe = pipetrain.Pipeline(pm.make_layers(wl), num_devices=world, schedule=sched,
                                       num_microbatches=wl.microbatches, loss_fn=pm.mse,
-                                      balance=pm.balance(wl, world * v), timeout=120)
-            self.rows[f"pipetrain-mp {sched}"] = ("pipetrain", pipe, pipe.parameters(), None)
+                                      balance=pm.balance(wl, world * v), timeout=120, wire=wire)
+            key = f"pipetrain-mp {sched}" + (" gloo" if wire == "gloo" else "")
+            self.rows[key] = ("pipetrain", pipe, pipe.parameters(), None)
         parts = pm.split(pm.make_layers(wl), pm.balance(wl, world))
         work = pm.floor_inputs(wl, parts)[rank]
         self.rows["floor"] = ("floor", parts[rank], list(parts[rank].parameters()), work)

@@ -307,10 +307,16 @@ def make_rows(wl: Workload) -> List[Row]:
     rows += [Pipetrain(s) for s in PIPETRAIN_SCHEDULES]
     rows += [InWorkers(k, f"pippy {k}", "pippy", "4 stages, 2 per process" if per == 2 else "")
              for k, (_, per) in PIPPY_SCHEDULES.items()]
-    from bench._peer_procs import PIPETRAIN_MP_SCHEDULES
+    from bench._peer_procs import PIPETRAIN_MP_GLOO, PIPETRAIN_MP_SCHEDULES
+    # The default wire between 2 processes of one host is shared memory; the gloo rows keep
+    # the transport PiPPy uses, for comparison.
+    per = "4 stages, 2 per process; "
     rows += [InWorkers(f"pipetrain-mp {s}", f"pipetrain {s}, 2 processes", "pipetrain",
-                       "4 stages, 2 per process" if s.startswith("interleaved") else "")
+                       (per if s.startswith("interleaved") else "") + "shared memory")
              for s in PIPETRAIN_MP_SCHEDULES]
+    rows += [InWorkers(f"pipetrain-mp {s} gloo", f"pipetrain {s}, 2 processes (gloo)",
+                       "pipetrain", (per if s.startswith("interleaved") else "") + "gloo p2p")
+             for s in PIPETRAIN_MP_GLOO]
     rows += [FloorThreads(), InWorkers("floor", "floor, 2 processes", "floor")]
     return rows
 

@@ -334,8 +334,11 @@ class ShmStream:
         for _ in range(SPIN):
             if ctl[PUBLISHED] >= target:
                 return
-        deadline = time.monotonic() + self.timeout
-        check_at = 0.0
+        start = time.monotonic()
+        deadline = start + self.timeout
+        # The first check after one poll: a message usually comes sooner, and the board is
+        # a round trip to the store.
+        check_at = start + POLL_S
         while ctl[PUBLISHED] < target:
             now = time.monotonic()
             if now >= check_at:
