@@ -21,7 +21,8 @@ def main() -> None:
     rank = dist.get_rank()
     net = sc.model(4, False)
     pipe = pipetrain.Pipeline(net, num_devices=dist.get_world_size(), schedule="1f1b",
-                              num_microbatches=4, loss_fn=sc.mse, timeout=30)
+                              num_microbatches=4, loss_fn=sc.mse, timeout=30,
+                              wire=os.environ.get("WIRE", "auto"))
     x, y = sc.batch(8, 0, False)
     pipe.step(x, y)             # one good step first
     if rank == kill:
@@ -36,6 +37,7 @@ def main() -> None:
     except pipetrain.PipelineError as err:
         result = {"error": str(err)}
     result["seconds"] = time.monotonic() - t0
+    result["pid"] = os.getpid()
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(result, f)
     os._exit(0)     # the process group is broken: do not wait for a clean shutdown

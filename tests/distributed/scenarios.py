@@ -84,7 +84,8 @@ def _names(model_: nn.Module) -> dict:
 
 
 def train(schedule: str, p: int, m: int, tied: bool = False, clip: bool = False,
-          token: bool = False, data_parallel=None, sizes=(8, 11), num_chunks=None) -> dict:
+          token: bool = False, data_parallel=None, sizes=(8, 11), num_chunks=None,
+          wire: str = "auto") -> dict:
     """Steps with changing batch sizes; max |loss - ref| and |grad - ref| per step."""
     import torch.distributed as dist
     v = 2 if schedule == "interleaved-1f1b" else 1
@@ -94,7 +95,7 @@ def train(schedule: str, p: int, m: int, tied: bool = False, clip: bool = False,
     loss_fn = masked if token else mse
     pipe = pipetrain.Pipeline(net, num_devices=p, schedule=schedule, num_microbatches=m,
                               loss_fn=loss_fn, data_parallel=data_parallel, timeout=30,
-                              num_chunks=num_chunks)
+                              num_chunks=num_chunks, wire=wire)
     w = data_parallel or 1
     ref_params = dict(ref.named_parameters())
     errs = []
@@ -128,12 +129,13 @@ def train(schedule: str, p: int, m: int, tied: bool = False, clip: bool = False,
         errs.append(err)
         for prm in pipe.parameters():
             prm.grad = None
+    wires = sorted({type(st).__name__ for st in pipe.dist.runner.streams.values()})
     pipe.close()
     return {"errs": errs, "pp_rank": pipe.pp_rank, "dp_rank": pipe.dp_rank,
-            "world": dist.get_world_size()}
+            "world": dist.get_world_size(), "wires": wires}
 
 
-def fail_in_stage(p: int, bad_rank: int) -> dict:
+def fail_in_stage(p: int, bad_rank: int, wire: str = "auto") -> dict:
     """A stage raises on ``bad_rank``: every rank gets a PipelineError naming the origin."""
     import time
     net = model(p + 1, False)
@@ -145,7 +147,7 @@ def fail_in_stage(p: int, bad_rank: int) -> dict:
             raise ValueError("boom in a stage")
         block.register_forward_pre_hook(boom)
     pipe = pipetrain.Pipeline(net, num_devices=p, schedule="1f1b", num_microbatches=4,
-                              loss_fn=mse, timeout=20)
+                              loss_fn=mse, timeout=20, wire=wire)
     x, y = batch(8, 0, False)
     t0 = time.monotonic()
     try:
