@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from pipetrain.mailbox import VALUE
-from pipetrain.microbatch import unflatten
+from pipetrain.microbatch import _LEAF, unflatten
 from pipetrain.arguments import check_wire
 from pipetrain.distributed.wire import ALIGN, Board, PeerFailed, _layout, encode
 
@@ -131,7 +131,9 @@ class ShmStream:
         self.peer_pid = 0
         self.sent_meta: Optional[bytes] = None
         self._send_layout: Tuple[List[Tuple[int, int]], int] = ([], 0)
+        self._fast_key: Any = None               # sending: (shape, dtype) of a lone tensor
         self.meta: Any = None
+        self._single: Any = None                 # receiving: (shape, dtype) of a lone tensor
         self._recv_layout: Tuple[Any, List[Tuple[int, int]]] = (None, [])
         self.seq = self._next = self._expected = 0
         self.times: Dict[int, Tuple[int, int, int, int]] = {}
@@ -276,10 +278,18 @@ class ShmStream:
         ctl = self.ctl
         if ctl is None:
             raise PeerFailed(f"{self.name} is closed", rank=self.peer)
-        tensors, meta = encode(value)
-        changed = meta != self.sent_meta
-        if changed:
-            self._send_layout = _layout(pickle.loads(meta)[1])
+        if type(value) is torch.Tensor and self._fast_key == (value.shape, value.dtype):
+            # The common case: one tensor shaped like the previous message (no description
+            # to build, compare or send).
+            t = value.detach()
+            tensors, meta, changed = [t if t.is_contiguous() else t.contiguous()], \
+                self.sent_meta, False
+        else:
+            tensors, meta = encode(value)
+            changed = meta != self.sent_meta
+            if changed:
+                self._send_layout = _layout(pickle.loads(meta)[1])
+            self._fast_key = (value.shape, value.dtype) if type(value) is torch.Tensor else None
         layout, size = self._send_layout
         if self.count - ctl[RELEASED] >= self.slots:
             self._wait_free()
@@ -369,18 +379,28 @@ class ShmStream:
         start = (meta_len + ALIGN - 1) // ALIGN * ALIGN
         buf = self._slot(s, start + size)
         if meta_len:
-            self.meta = pickle.loads(self.slot_mm[s][:meta_len])
+            self.meta = spec, desc = pickle.loads(self.slot_mm[s][:meta_len])
+            # A lone tensor (flatten's leaf spec): received straight into a tensor of its shape.
+            self._single = (desc[0][1], desc[0][2]) \
+                if spec == _LEAF and len(desc) == 1 and desc[0][0] == "t" else None
         if got != seq:
             raise RuntimeError(f"{what}: rank {self.peer} sent message {got} of {self.name} "
                                f"where {seq} was expected (the ranks' schedules disagree)")
         if self.meta is None:
             raise RuntimeError(f"{what}: rank {self.peer} sent no description on {self.name}")
-        out = torch.empty(max(size, ALIGN), dtype=torch.uint8)
-        out[:size].copy_(buf[start:start + size])
+        single = self._single
+        if single is not None:
+            value = torch.empty(single[0], dtype=single[1])
+            value.view(-1).view(torch.uint8).copy_(buf[start:start + size])
+        else:
+            out = torch.empty(max(size, ALIGN), dtype=torch.uint8)
+            out[:size].copy_(buf[start:start + size])
         self.count += 1
         ctl[RELEASED] = self.count           # after the copy: the sender may reuse the slot
         t1 = time.monotonic_ns()
         self.times[seq] = (sent_ns, t1, t0, t1)
+        if single is not None:
+            return value
         spec, desc = self.meta
         if self._recv_layout[0] is not self.meta:
             self._recv_layout = (self.meta, _layout(desc)[0])

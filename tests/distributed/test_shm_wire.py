@@ -80,6 +80,7 @@ def test_stage_exception_reaches_every_rank_through_shm_and_leaves_no_shm(pool):
     res = pool.run(W, "fail_and_list", 3, p=3, bad_rank=1)
     for r in res:
         assert r["error"] is not None and "rank 1" in r["error"] and "boom" in r["error"], r
+        assert "(1F0)" in r["error"], r          # the failing action
         assert r["seconds"] < 20, r
         assert r["left"] == [], r
 
