@@ -391,7 +391,8 @@ class ShmStream:
         single = self._single
         if single is not None:
             value = torch.empty(single[0], dtype=single[1])
-            value.view(-1).view(torch.uint8).copy_(buf[start:start + size])
+            dst = value.view(-1).view(torch.uint8)      # ``size`` is rounded up to ALIGN
+            dst.copy_(buf[start:start + dst.numel()])
         else:
             out = torch.empty(max(size, ALIGN), dtype=torch.uint8)
             out[:size].copy_(buf[start:start + size])
