@@ -6,20 +6,23 @@ gloo's that wake up and take the GIL; on one host the same bytes can go through 
 :class:`ShmStream` has the same interface (``begin_run`` / ``send`` / ``post`` / ``take`` /
 ``send_error`` / ``times``), so the runner does not care which one an edge uses.
 
-Per stream (edge, direction) the sending rank creates, in ``/dev/shm``:
+Per stream (edge, direction) the sending rank creates, in ``/dev/shm``, one segment and
+one FIFO (two file descriptors per stream, whatever the ring's size):
 
-- a *control* segment: int64 words ``published`` (messages written, by the sender),
-  ``released`` (messages taken, by the receiver), both pids, an error text, and one header
-  per slot ``(seq, flag, size, description bytes, sender clock ns, capacity)``;
-- ``slots`` *slot* segments (a ring), each holding one message: its description (pickled
-  structure, shapes, dtypes: only when it changed) then every tensor leaf at a 16-byte
-  aligned offset. A slot grows (``ftruncate`` + a new mapping) when a message does not fit,
-  so any value goes through; it only grows while the sender owns it (free);
-- a FIFO the sender writes one byte to per message, which a waiting receiver blocks on
-  (``select``) instead of spinning on a core its peer computes on.
+- the segment's first pages are *control*: int64 words ``published`` (messages written, by
+  the sender), ``released`` (messages taken, by the receiver), both pids, the segment's
+  end, an error text, and one header per slot ``(seq, flag, size, description bytes,
+  sender clock ns, capacity, offset)``;
+- then the regions of a ring of ``slots`` slots, each holding one message: its
+  description (pickled structure, shapes, dtypes: only when it changed) then every tensor
+  leaf at a 16-byte aligned offset. A slot gets its region when first used and a larger one
+  (appended, ``ftruncate``) when a message outgrows it, so any value goes through; only
+  while the sender owns it (free). Pages never touched use no memory;
+- the FIFO: the sender writes one byte per message, and a waiting receiver blocks on it
+  (``poll``) instead of spinning on a core its peer computes on.
 
 The receiver opens them by the name the sender put in the process group's store, then
-unlinks every name: from then on the memory lives only as long as the two mappings, so no
+unlinks both names: from then on the memory lives only as long as the two mappings, so no
 file is left in ``/dev/shm`` when either process ends, even by SIGKILL (the sender unlinks
 its names at ``close`` in case the receiver never opened them).
 
@@ -61,11 +64,11 @@ from pipetrain.distributed.wire import ALIGN, Board, PeerFailed, _layout, encode
 __all__ = ["ShmStream", "ShmWire", "SHM_DIR", "alive", "host_id"]
 
 SHM_DIR = "/dev/shm"
-PUBLISHED, RELEASED, SENDER_PID, RECEIVER_PID, ERROR_LEN, NSLOTS = range(6)
+PUBLISHED, RELEASED, SENDER_PID, RECEIVER_PID, ERROR_LEN, NSLOTS, END = range(7)
 HEAD = 8                    # words before the slot headers
-SLOT_WORDS = 8              # seq, flag, size, meta_len, sent_ns, capacity, -, -
+SLOT_WORDS = 8              # seq, flag, size, meta_len, sent_ns, capacity, offset, -
 ERROR_BYTES = 4096          # room for an error text (longer ones are cut)
-MIN_CAPACITY = 1 << 16      # a slot's first size; it doubles (at least) when outgrown
+MIN_CAPACITY = 1 << 16      # a slot's first region; a new one (at least twice) when outgrown
 SPIN = 200                  # reads of ``published`` before blocking (a few microseconds)
 POLL_S = 0.05               # between checks of the peer, the board and the deadline
 def host_id() -> str:
@@ -96,8 +99,12 @@ def alive(pid: int) -> bool:
             return True
 
 
-def _map(fd: int, size: int) -> Tuple[mmap.mmap, torch.Tensor]:
-    mm = mmap.mmap(fd, size)
+def _pages(n: int) -> int:
+    return (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _map(fd: int, size: int, offset: int) -> Tuple[mmap.mmap, torch.Tensor]:
+    mm = mmap.mmap(fd, size, offset=offset)
     return mm, torch.frombuffer(mm, dtype=torch.uint8)
 
 
@@ -121,7 +128,9 @@ class ShmStream:
         self.key, self.store, self.slots = key, store, max(1, int(slots))
         self.timeout, self.board, self.me = timeout, board, me
         self.paths: List[str] = []
-        self.fds: List[int] = []
+        self.fd = -1
+        self.poller: Any = None
+        self.slot_at: List[int] = [-1] * self.slots   # offset of each slot's mapped region
         self.ctl_mm: Optional[mmap.mmap] = None
         self.ctl: Any = None                       # memoryview of the control words (int64)
         self.slot_mm: List[Optional[mmap.mmap]] = [None] * self.slots
@@ -141,80 +150,81 @@ class ShmStream:
 
     # -- setup ---------------------------------------------------------------------------
     def _ctl_bytes(self) -> int:
-        return (HEAD + SLOT_WORDS * self.slots) * 8 + ERROR_BYTES
+        raw = (HEAD + SLOT_WORDS * self.slots) * 8 + ERROR_BYTES
+        return _pages(raw)              # slot regions start page-aligned after it
 
     def create(self) -> None:
-        """Sender: make the segments and the FIFO, publish their base name."""
+        """Sender: make the segment and the FIFO, publish their base name."""
         base = os.path.join(SHM_DIR, f"pipetrain-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
-            names = [base + "-ctl"] + [f"{base}-s{i}" for i in range(self.slots)]
-            for i, path in enumerate(names):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                self.paths.append(path)
-                self.fds.append(fd)
-                os.ftruncate(fd, self._ctl_bytes() if i == 0 else MIN_CAPACITY)
+            self.fd = os.open(base, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            self.paths.append(base)
+            os.ftruncate(self.fd, self._ctl_bytes())
             os.mkfifo(base + "-fifo", 0o600)
             self.paths.append(base + "-fifo")
             # O_RDWR: opening never blocks, and the write end exists before the reader.
             self.fifo = os.open(base + "-fifo", os.O_RDWR | os.O_NONBLOCK)
-            self._map_all()
+            self._map_ctl()
             self.ctl[SENDER_PID] = os.getpid()
             self.ctl[NSLOTS] = self.slots
-            for s in range(self.slots):
-                self.ctl[HEAD + SLOT_WORDS * s + 5] = MIN_CAPACITY
+            self.ctl[END] = self._ctl_bytes()
             self.store.set(self.key, base)
         except BaseException:
             self.close()
             raise
 
     def attach(self) -> None:
-        """Receiver: open the sender's segments by the name in the store, then unlink them."""
+        """Receiver: open the sender's segment and FIFO by the name in the store, then
+        unlink both names."""
         base = self.store.get(self.key).decode()
-        names = [base + "-ctl"] + [f"{base}-s{i}" for i in range(self.slots)] + [base + "-fifo"]
         try:
-            for path in names[:-1]:
-                try:
-                    self.fds.append(os.open(path, os.O_RDWR))
-                except FileNotFoundError:
-                    raise RuntimeError(
-                        f"{self.name}: rank {self.peer}'s shared-memory segment {path} is not "
-                        f"visible here (not the same host or /dev/shm?): use wire='gloo'"
-                    ) from None
-            self.fifo = os.open(names[-1], os.O_RDWR | os.O_NONBLOCK)
-            self._map_all()
+            try:
+                self.fd = os.open(base, os.O_RDWR)
+            except FileNotFoundError:
+                raise RuntimeError(
+                    f"{self.name}: rank {self.peer}'s shared-memory segment {base} is not "
+                    f"visible here (not the same host or /dev/shm?): use wire='gloo'") from None
+            self.fifo = os.open(base + "-fifo", os.O_RDWR | os.O_NONBLOCK)
+            self._map_ctl()
             if self.ctl[NSLOTS] != self.slots:
                 raise RuntimeError(f"{self.name}: rank {self.peer} made {self.ctl[NSLOTS]} slots "
                                    f"where {self.slots} were expected")
             self.ctl[RECEIVER_PID] = os.getpid()
             self.peer_pid = self.ctl[SENDER_PID]
+        except BaseException:
+            self.close()
+            raise
         finally:
-            for path in names:         # both ends hold them now: the names can go
+            for path in (base, base + "-fifo"):   # both ends hold them now: the names can go
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        if self.fifo < 0:
-            self.close()
 
-    def _map_all(self) -> None:
-        self.ctl_mm = mmap.mmap(self.fds[0], self._ctl_bytes())
+    def _map_ctl(self) -> None:
+        self.ctl_mm = mmap.mmap(self.fd, self._ctl_bytes())
         self.ctl = memoryview(self.ctl_mm).cast("q")
+        self.poller = select.poll()       # no FD_SETSIZE limit, unlike select.select
+        self.poller.register(self.fifo, select.POLLIN)
 
     def _slot(self, s: int, need: int) -> torch.Tensor:
-        """Slot ``s``'s bytes, mapped (again) when it is missing or smaller than ``need``."""
-        t = self.slot_t[s]
-        if t is None or t.numel() < need:
-            cap = self.ctl[HEAD + SLOT_WORDS * s + 5]
-            if self.sending and cap < need:
-                cap = max(need, 2 * cap)
-                cap = (cap + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-                os.ftruncate(self.fds[1 + s], cap)
-                self.ctl[HEAD + SLOT_WORDS * s + 5] = cap
-            # The old mapping stays valid for whoever still views it (the file only grows);
-            # it is unmapped when the last view goes.
-            self.slot_mm[s], self.slot_t[s] = _map(self.fds[1 + s], cap)
-            t = self.slot_t[s]
-        return t
+        """Slot ``s``'s bytes: its region of the segment (``capacity`` bytes at ``offset``,
+        in its header). The sender gives a slot that a message outgrows a new region at the
+        end of the segment (at least twice the old one: the abandoned regions add up to less
+        than the live one); either side maps a region when its offset changed."""
+        h = HEAD + SLOT_WORDS * s
+        cap, off = self.ctl[h + 5], self.ctl[h + 6]
+        if self.sending and cap < need:
+            cap = _pages(max(need, 2 * cap, MIN_CAPACITY))
+            off = self.ctl[END]
+            os.ftruncate(self.fd, off + cap)
+            self.ctl[END] = off + cap
+            self.ctl[h + 5], self.ctl[h + 6] = cap, off
+        if self.slot_at[s] != off:
+            # An old mapping stays valid for whoever still views it; it goes with its views.
+            self.slot_mm[s], self.slot_t[s] = _map(self.fd, cap, off)
+            self.slot_at[s] = off
+        return self.slot_t[s]
 
     def close(self) -> None:
         """Unmap, close, unlink whatever name is left (the receiver never came)."""
@@ -235,12 +245,14 @@ class ShmStream:
                 except BufferError:    # a view is still alive: unmapped when it goes
                     pass
         self.ctl_mm, self.slot_mm = None, [None] * self.slots
-        for fd in self.fds + ([self.fifo] if self.fifo >= 0 else []):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds, self.fifo = [], -1
+        self.slot_at = [-1] * self.slots
+        for fd in (self.fd, self.fifo):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd, self.fifo, self.poller = -1, -1, None
 
     # -- runs ----------------------------------------------------------------------------
     def begin_run(self, expected: int = 0) -> None:
@@ -351,11 +363,11 @@ class ShmStream:
         check_at = start + POLL_S
         while ctl[PUBLISHED] < target:
             now = time.monotonic()
-            if now >= check_at:
+            if now >= check_at or ctl[ERROR_LEN]:    # an error text wakes us up at once
                 self._check(deadline, what)
                 check_at = now + POLL_S
             # Blocks (the GIL released, no core used) until the sender's next byte.
-            if select.select([self.fifo], [], [], POLL_S)[0]:
+            if self.poller.poll(POLL_S * 1000):
                 try:
                     os.read(self.fifo, 4096)
                 except BlockingIOError:

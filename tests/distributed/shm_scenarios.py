@@ -73,7 +73,9 @@ def exchange(n: int, runs: int, slots: int) -> Dict[str, Any]:
     """``runs`` runs of ``n`` messages through a ring of ``slots`` (fewer than ``n``: the
     sender waits for free slots); the receiver checks each. Returns the names left in
     /dev/shm after connect (both ends opened) and after close."""
+    fds = len(os.listdir("/proc/self/fd"))
     st, rank = _streams(slots)
+    fds = len(os.listdir("/proc/self/fd")) - fds
     dist.barrier()                       # both ends attached: every name unlinked
     after_connect = mine()
     expected = messages(n)
@@ -89,7 +91,8 @@ def exchange(n: int, runs: int, slots: int) -> Dict[str, Any]:
                     bad.append((r, i))
     dist.barrier()
     st.close()
-    return {"bad": bad, "after_connect": after_connect, "after_close": mine(), "count": st.count}
+    return {"bad": bad, "after_connect": after_connect, "after_close": mine(), "count": st.count,
+            "fds": fds}
 
 
 def error_delivered() -> Dict[str, Any]:
