@@ -59,6 +59,19 @@ def mine() -> List[str]:
     return glob.glob(os.path.join(SHM_DIR, f"pipetrain-{os.getpid()}-*"))
 
 
+def shm_fds() -> List[str]:
+    """This process's open descriptors on /dev/shm/pipetrain-* files (FIFOs included)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(os.path.join(SHM_DIR, "pipetrain-")):
+            out.append(target)
+    return out
+
+
 def _streams(slots: int, timeout: float = 20.0):
     rank = dist.get_rank()
     store = dist.distributed_c10d._get_default_store()
@@ -73,9 +86,8 @@ def exchange(n: int, runs: int, slots: int) -> Dict[str, Any]:
     """``runs`` runs of ``n`` messages through a ring of ``slots`` (fewer than ``n``: the
     sender waits for free slots); the receiver checks each. Returns the names left in
     /dev/shm after connect (both ends opened) and after close."""
-    fds = len(os.listdir("/proc/self/fd"))
     st, rank = _streams(slots)
-    fds = len(os.listdir("/proc/self/fd")) - fds
+    fds = len(shm_fds())
     dist.barrier()                       # both ends attached: every name unlinked
     after_connect = mine()
     expected = messages(n)
@@ -92,7 +104,7 @@ def exchange(n: int, runs: int, slots: int) -> Dict[str, Any]:
     dist.barrier()
     st.close()
     return {"bad": bad, "after_connect": after_connect, "after_close": mine(), "count": st.count,
-            "fds": fds}
+            "fds": fds, "fds_after_close": shm_fds()}
 
 
 def error_delivered() -> Dict[str, Any]:

@@ -64,6 +64,7 @@ def test_messages_of_changing_shape_dtype_structure_and_size_arrive_exactly(pool
     # One segment and one FIFO per stream, whatever the ring's size (a descriptor per slot
     # ran a bench with m = 64 out of select()'s 1024).
     assert res[0]["fds"] == res[1]["fds"] == 2
+    assert res[0]["fds_after_close"] == res[1]["fds_after_close"] == []
     assert res[0]["count"] == res[1]["count"] == 54
     for out in res:
         assert out["after_connect"] == [] and out["after_close"] == [], out
