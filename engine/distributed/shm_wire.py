@@ -12,12 +12,15 @@ one FIFO (two file descriptors per stream, whatever the ring's size):
 - the segment's first pages are *control*: int64 words ``published`` (messages written, by
   the sender), ``released`` (messages taken, by the receiver), both pids, the segment's
   end, an error text, and one header per slot ``(seq, flag, size, description bytes,
-  sender clock ns, capacity, offset)``;
+  sender clock ns, capacity, offset)``, the arenas' ``(offset, size)``;
 - then the regions of a ring of ``slots`` slots, each holding one message: its
   description (pickled structure, shapes, dtypes: only when it changed) then every tensor
   leaf at a 16-byte aligned offset. A slot gets its region when first used and a larger one
-  (appended, ``ftruncate``) when a message outgrows it, so any value goes through; only
-  while the sender owns it (free). Pages never touched use no memory;
+  when a message outgrows it (only while the sender owns it: free), so any value goes
+  through. Regions are carved from a few *arenas* appended to the segment (``ftruncate``;
+  each at least twice the last, with room for a ring of the region's size), one mapping
+  each: Python's mmap holds a file descriptor per mapping. Pages never touched use no
+  memory;
 - the FIFO: the sender writes one byte per message, and a waiting receiver blocks on it
   (``poll``) instead of spinning on a core its peer computes on.
 
@@ -64,10 +67,11 @@ from pipetrain.distributed.wire import ALIGN, Board, PeerFailed, _layout, encode
 __all__ = ["ShmStream", "ShmWire", "SHM_DIR", "alive", "host_id"]
 
 SHM_DIR = "/dev/shm"
-PUBLISHED, RELEASED, SENDER_PID, RECEIVER_PID, ERROR_LEN, NSLOTS, END = range(7)
+PUBLISHED, RELEASED, SENDER_PID, RECEIVER_PID, ERROR_LEN, NSLOTS, END, ARENAS = range(8)
 HEAD = 8                    # words before the slot headers
 SLOT_WORDS = 8              # seq, flag, size, meta_len, sent_ns, capacity, offset, -
 ERROR_BYTES = 4096          # room for an error text (longer ones are cut)
+MAX_ARENAS = 40             # (offset, size) pairs after the slot headers; each at least doubles
 MIN_CAPACITY = 1 << 16      # a slot's first region; a new one (at least twice) when outgrown
 SPIN = 200                  # reads of ``published`` before blocking (a few microseconds)
 POLL_S = 0.05               # between checks of the peer, the board and the deadline
@@ -97,6 +101,11 @@ def alive(pid: int) -> bool:
             return False
         except PermissionError:
             return True
+
+
+def ARENA_TABLE(slots: int) -> int:  # noqa: N802  a layout constant, per ring size
+    """Word index of the arena table (after the slot headers)."""
+    return HEAD + SLOT_WORDS * slots
 
 
 def _pages(n: int) -> int:
@@ -133,7 +142,8 @@ class ShmStream:
         self.slot_at: List[int] = [-1] * self.slots   # offset of each slot's mapped region
         self.ctl_mm: Optional[mmap.mmap] = None
         self.ctl: Any = None                       # memoryview of the control words (int64)
-        self.slot_mm: List[Optional[mmap.mmap]] = [None] * self.slots
+        self.slot_mm: List[Any] = [None] * self.slots   # (arena mapping, offset in it)
+        self.arenas: List[Tuple[int, mmap.mmap, torch.Tensor]] = []   # mapped: offset, map, bytes
         self.slot_t: List[Optional[torch.Tensor]] = [None] * self.slots
         self.fifo = -1
         self.count = 0                             # messages written / taken, all runs
@@ -150,7 +160,7 @@ class ShmStream:
 
     # -- setup ---------------------------------------------------------------------------
     def _ctl_bytes(self) -> int:
-        raw = (HEAD + SLOT_WORDS * self.slots) * 8 + ERROR_BYTES
+        raw = (ARENA_TABLE(self.slots) + 2 * MAX_ARENAS) * 8 + ERROR_BYTES
         return _pages(raw)              # slot regions start page-aligned after it
 
     def create(self) -> None:
@@ -208,23 +218,62 @@ class ShmStream:
         self.poller.register(self.fifo, select.POLLIN)
 
     def _slot(self, s: int, need: int) -> torch.Tensor:
-        """Slot ``s``'s bytes: its region of the segment (``capacity`` bytes at ``offset``,
-        in its header). The sender gives a slot that a message outgrows a new region at the
-        end of the segment (at least twice the old one: the abandoned regions add up to less
-        than the live one); either side maps a region when its offset changed."""
+        """Slot ``s``'s bytes: its region (``capacity`` bytes at ``offset`` in the segment,
+        from its header). The sender gives a slot a message outgrows a new region, at least
+        twice the old one (abandoned regions add up to less than the live ones); either side
+        looks the region up again when its offset changed."""
         h = HEAD + SLOT_WORDS * s
         cap, off = self.ctl[h + 5], self.ctl[h + 6]
         if self.sending and cap < need:
             cap = _pages(max(need, 2 * cap, MIN_CAPACITY))
-            off = self.ctl[END]
-            os.ftruncate(self.fd, off + cap)
-            self.ctl[END] = off + cap
+            off = self._carve(cap)
             self.ctl[h + 5], self.ctl[h + 6] = cap, off
         if self.slot_at[s] != off:
-            # An old mapping stays valid for whoever still views it; it goes with its views.
-            self.slot_mm[s], self.slot_t[s] = _map(self.fd, cap, off)
+            a_off, a_mm, a_t = self._arena_of(off)
+            base = off - a_off
+            self.slot_t[s] = a_t[base:base + cap]
+            self.slot_mm[s] = (a_mm, base)
             self.slot_at[s] = off
         return self.slot_t[s]
+
+    def _carve(self, cap: int) -> int:
+        """Sender: ``cap`` bytes of the newest arena, or of a new one (at least twice the
+        last, room for a whole ring of such regions) appended to the segment. Arenas, not
+        a mapping per slot: Python's mmap holds a file descriptor per mapping."""
+        ctl, n = self.ctl, self.ctl[ARENAS]
+        t = ARENA_TABLE(self.slots)
+        if n:
+            a_off, a_size = ctl[t + 2 * (n - 1)], ctl[t + 2 * (n - 1) + 1]
+            if ctl[END] + cap <= a_off + a_size:
+                off = ctl[END]
+                ctl[END] = off + cap
+                return off
+            last_end, last_size = a_off + a_size, a_size
+        else:
+            last_end, last_size = self._ctl_bytes(), 0
+        if n == MAX_ARENAS:
+            raise RuntimeError(f"{self.name}: more than {MAX_ARENAS} shared-memory arenas")
+        size = _pages(max(cap * self.slots, 2 * last_size))
+        os.ftruncate(self.fd, last_end + size)
+        ctl[t + 2 * n], ctl[t + 2 * n + 1] = last_end, size
+        ctl[ARENAS] = n + 1
+        ctl[END] = last_end + cap
+        return last_end
+
+    def _arena_of(self, off: int) -> Tuple[int, mmap.mmap, torch.Tensor]:
+        """(offset, mapping, bytes) of the arena holding segment offset ``off`` (mapping the
+        arenas the sender added since the last look)."""
+        t = ARENA_TABLE(self.slots)
+        for a in self.arenas:
+            if a[0] <= off < a[0] + len(a[1]):
+                return a
+        for i in range(len(self.arenas), self.ctl[ARENAS]):
+            a_off, a_size = self.ctl[t + 2 * i], self.ctl[t + 2 * i + 1]
+            mm, ten = _map(self.fd, a_size, a_off)
+            self.arenas.append((a_off, mm, ten))
+            if a_off <= off < a_off + a_size:
+                return self.arenas[-1]
+        raise RuntimeError(f"{self.name}: offset {off} is in no arena of rank {self.peer}'s segment")
 
     def close(self) -> None:
         """Unmap, close, unlink whatever name is left (the receiver never came)."""
@@ -238,13 +287,16 @@ class ShmStream:
                 pass
         self.ctl = None
         self.slot_t = [None] * self.slots
-        for mm in [self.ctl_mm] + self.slot_mm:
+        self.slot_mm = [None] * self.slots
+        mms = [self.ctl_mm] + [a[1] for a in self.arenas]
+        self.arenas = []
+        for mm in mms:
             if mm is not None:
                 try:
                     mm.close()
                 except BufferError:    # a view is still alive: unmapped when it goes
                     pass
-        self.ctl_mm, self.slot_mm = None, [None] * self.slots
+        self.ctl_mm = None
         self.slot_at = [-1] * self.slots
         for fd in (self.fd, self.fifo):
             if fd >= 0:
@@ -310,7 +362,8 @@ class ShmStream:
         start = (len(described) + ALIGN - 1) // ALIGN * ALIGN
         buf = self._slot(s, start + size)
         if described:
-            self.slot_mm[s][:len(described)] = described
+            mm, base = self.slot_mm[s]
+            mm[base:base + len(described)] = described
         for t, (off, n) in zip(tensors, layout):
             buf[start + off:start + off + n].copy_(t.reshape(-1).view(torch.uint8))
         h = HEAD + SLOT_WORDS * s
@@ -391,7 +444,8 @@ class ShmStream:
         start = (meta_len + ALIGN - 1) // ALIGN * ALIGN
         buf = self._slot(s, start + size)
         if meta_len:
-            self.meta = spec, desc = pickle.loads(self.slot_mm[s][:meta_len])
+            mm, base = self.slot_mm[s]
+            self.meta = spec, desc = pickle.loads(mm[base:base + meta_len])
             # A lone tensor (flatten's leaf spec): received straight into a tensor of its shape.
             self._single = (desc[0][1], desc[0][2]) \
                 if spec == _LEAF and len(desc) == 1 and desc[0][0] == "t" else None

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
-from pipetrain.distributed.shm_wire import MIN_CAPACITY, SHM_DIR, ShmWire, host_id
+from pipetrain.distributed.shm_wire import ARENAS, MIN_CAPACITY, SHM_DIR, ShmWire, host_id
 from pipetrain.distributed.wire import Board, PeerFailed
 from pipetrain.mailbox import GRAD, VALUE
 
@@ -102,8 +102,9 @@ def exchange(n: int, runs: int, slots: int) -> Dict[str, Any]:
                 if not _same(expected[i], got):
                     bad.append((r, i))
     dist.barrier()
+    fds_run, arenas = len(shm_fds()), st.ctl[ARENAS]
     st.close()
-    return {"bad": bad, "after_connect": after_connect, "after_close": mine(), "count": st.count,
+    return {"fds_run": fds_run, "arenas": arenas, "bad": bad, "after_connect": after_connect, "after_close": mine(), "count": st.count,
             "fds": fds, "fds_after_close": shm_fds()}
 
 
