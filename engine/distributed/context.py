@@ -32,6 +32,7 @@ from pipetrain import loss_scaling
 from pipetrain.distributed import grads as grads_mod
 from pipetrain.distributed.mesh import Mesh, P2PGroups, local_device
 from pipetrain.distributed.runner import RankRunner
+from pipetrain.distributed.host_memory import keep_freed_memory
 from pipetrain.distributed.shm_wire import ShmWire, host_id
 from pipetrain.distributed.wire import Board, PeerFailed, wait_all
 from pipetrain.plan import Plan
@@ -123,6 +124,8 @@ class Distributed:
         graph = pipe.plan.graph
         self.mesh = mesh = Mesh(graph.num_devices, data_parallel)
         self.device = local_device()
+        if self.device.type == "cpu":
+            keep_freed_memory()   # actions allocate on the executor's thread: see host_memory
         self.timeout = timeout
         pipe.devices = [self.device] * graph.num_devices
         hosts: Dict[int, str] = {}

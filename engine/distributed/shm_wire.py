@@ -382,10 +382,15 @@ class ShmStream:
 
     def _wait_free(self) -> None:
         what = f"a free slot on {self.name} (rank {self.peer} has not taken its messages)"
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        deadline, check_at = start + self.timeout, start + POLL_S
         nap = 1e-5
         while self.count - self.ctl[RELEASED] >= self.slots:
-            self._check(deadline, what)
+            now = time.monotonic()
+            if now >= check_at:
+                self._check(deadline, what)
+                check_at = now + POLL_S
+            # Rare (a ring holds a run's messages): a backing-off sleep, no wake-up channel.
             time.sleep(nap)
             nap = min(2 * nap, 1e-3)
 
