@@ -11,7 +11,10 @@ dependencies on other ranks are the transfer actions:
                 them at its end)
     RF / RB     wait (bounded) for the message and put the value in the mailbox
 
-Receives are posted ahead (:class:`~pipetrain.distributed.wire.Stream`): a run's first
+A stream is a :class:`~pipetrain.distributed.shm_wire.ShmStream` (shared memory) when its
+edge joins two CPU ranks of one host and ``wire`` allows it, else a gloo / NCCL
+:class:`~pipetrain.distributed.wire.Stream`; both have one interface. On gloo / NCCL
+receives are posted ahead (:class:`~pipetrain.distributed.wire.Stream`): a run's first
 message on a stream has its header posted up to ``LOOKAHEAD`` receives before its action,
 and each later message's buffer is posted as soon as the previous one is in — before the
 compute that precedes its use; the RF / RB action waits for it on the issuing thread itself.
