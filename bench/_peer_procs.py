@@ -171,6 +171,12 @@ def _worker_main(rank: int, world: int, port: int, conn) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)   # one core per process: p = 2 processes on 2 cores
+    # pipetrain's multi-process runner sets glibc's malloc thresholds when its first pipeline
+    # is built (pipetrain.distributed.host_memory); set them before any row builds a model,
+    # so every row's tensors are placed under the same settings (rows built before the
+    # switch measured up to 2x slower steps, whatever their engine).
+    from pipetrain.distributed.host_memory import keep_freed_memory
+    keep_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
