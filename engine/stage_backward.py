@@ -32,7 +32,13 @@ from pipetrain.microbatch import _LEAF, flatten, unflatten
 from pipetrain.stage_run import Saved as _Saved, StageRun as _Run
 from pipetrain.stage_run import tensor_bytes as _tensor_bytes
 
-__all__ = ["StageBackward", "pack_into", "unpack"]
+__all__ = ["StageBackward", "pack_into", "unpack", "WHOLE_W_AS_B"]
+
+#: A ``W`` that is the whole backward (its ``I`` had no input gradient to compute: a source
+#: stage, every stage at p = 1) runs as ``B`` does: one autograd call without keeping the
+#: graph, accumulated through the run's cached path. False: through
+#: :func:`pipetrain.split_backward.batched_weight` like every other W (the bench's "before").
+WHOLE_W_AS_B = True
 
 
 def pack_into(packed: List[torch.Tensor]):
@@ -214,6 +220,22 @@ class StageBackward:
         # accumulation per frontier node, the per-call toll that made I + W cost ~1.9x B at
         # the fine grain.
         run = self._run
+        if count == 1:
+            saved = self._get(run, mb)
+            if saved.w_full is not None and not saved.w_edges and saved.w_fallback is None \
+                    and WHOLE_W_AS_B and split.ACC_BYTES is None:
+                # W is the whole backward (I had no input gradient to compute: a source
+                # stage, every stage at p = 1): the graph has no other user, so B's path --
+                # one autograd call without retain_graph, the run's cached accumulation --
+                # instead of batched_weight's grouping and its per-parameter dict look-ups.
+                try:
+                    tensors, grads = saved.w_full
+                    params = self.params
+                    run.accumulate(params, fast_grad(tensors, params, grads,
+                                                     plain_tail=self._plain_params), cache=True)
+                finally:
+                    self._pop(run, mb)
+                return
         mbs = range(mb, mb + count)
         saveds = [self._get(run, k) for k in mbs]
         try:
