@@ -182,7 +182,7 @@ class StageBackward:
         if not leaves:
             saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
             self._after_input(run, saved, mb)
-            return self._input_grads(saved)
+            return self._input_grads(saved, leaves)
         if self._accumulators is None:
             # Holding each parameter's AccumulateGrad node keeps it alive, so every later
             # graph uses the same node objects (as DDP does for its hooks).
@@ -200,15 +200,19 @@ class StageBackward:
 
     def _after_input(self, run: _Run, saved: _Saved, mb: int) -> None:
         # I ends the micro-batch's flight; until W the graph stays (kept or recomputed).
-        self._keep_target_grad(run, mb, saved)
+        if saved.target_leaves:
+            self._keep_target_grad(run, mb, saved)
         w = saved.nbytes
         if saved.recomputed:
             exclude = {p.data_ptr() for p in self.params}
             w = _tensor_bytes(saved.inputs + saved.recomputed, exclude)
             saved.recomputed = []
-        self._leave_inflight(run, saved)
         saved.w_nbytes = w
-        run.add(0, 0, w)
+        if saved.inflight:      # leaving the flight and waiting for W: one meter update
+            run.add(-saved.nbytes, -1, w)
+            saved.nbytes, saved.inflight = 0, False
+        else:
+            run.add(0, 0, w)
 
     def backward_weight(self, mb: int, count: int = 1) -> None:
         """``W`` of micro-batch ``mb``: accumulate the parameter gradients. ``count > 1``: a
