@@ -15,7 +15,9 @@ Sections:
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import statistics
 import time
 
@@ -115,19 +117,26 @@ def _pipes(model, cands):
                                **({"num_chunks": c.v} if c.v > 1 else {})) for c in cands]
 
 
-def _measure_all(model, x, y, cands, rounds, label=""):
+def _measure_all(model, x, y, cands, rounds, label="", shuffle=False, budget_s=None):
     """Per candidate (makespans of every round, s; peak bytes = weights + grads + metered
     stash). The pipelines run interleaved, one step each per round, so a change of the
     machine's load hits every configuration alike and per-round ratios cancel it; the first
     round is a warm-up (a stage's first forward runs on a copy of its input, which the meter
-    counts: pipetrain.stage). Prints progress every 10 s."""
+    counts: pipetrain.stage). ``shuffle``: each round in its own (seeded) random order, so no
+    configuration always runs right after the same neighbour. ``budget_s``: stop after the
+    round that passes this many seconds (at least 5 rounds). Prints progress every 10 s."""
     pipes = _pipes(model, cands)
     spans = [[] for _ in cands]
     peaks = [[] for _ in cands]
-    t_last = time.perf_counter()
+    rng = random.Random(0)
+    t_start = t_last = time.perf_counter()
     try:
         for r in range(rounds + 1):
-            for i, pipe in enumerate(pipes):
+            order = list(range(len(pipes)))
+            if shuffle:
+                rng.shuffle(order)
+            for i in order:
+                pipe = pipes[i]
                 pipe.step(x, y)
                 if r:
                     st = pipe.stats()
@@ -136,6 +145,8 @@ def _measure_all(model, x, y, cands, rounds, label=""):
             if time.perf_counter() - t_last > 10:
                 print(f"  ... {label} round {r}/{rounds} ({len(cands)} configurations)", flush=True)
                 t_last = time.perf_counter()
+            if budget_s is not None and r >= 5 and time.perf_counter() - t_start > budget_s:
+                break
         out = []
         for c, pipe, sp, pk in zip(cands, pipes, spans, peaks):
             params = [0] * c.p
@@ -243,14 +254,16 @@ def predicted_vs_measured(quick: bool) -> list:
     return rows
 
 
-def grid(quick: bool) -> dict:
-    """Every runnable synchronous configuration the planner considered for one model,
-    measured interleaved; where the plan's choices land (costs calibrated with medians:
-    ``typical``, judged by the median over rounds of each configuration's time relative to
-    the round's fastest; with minima: ``quiet``, judged by each configuration's fastest
-    round). When the noise (median over configurations of their rounds' interquartile range
-    / median) exceeds 5 %, smaller differences are not measurable: the choice is also judged
-    against the configurations measured slower than the fastest by more than the noise."""
+def _median_ci(values) -> tuple:
+    """(median, low, high): the median of ``values`` and a distribution-free ~95 % interval
+    for it from order statistics (sorted ranks n/2 -+ 0.98 sqrt(n))."""
+    v = sorted(values)
+    n = len(v)
+    k = max(0, int(n / 2 - 0.98 * math.sqrt(n)))
+    return statistics.median(v), v[k], v[n - 1 - k]
+
+
+def _grid_plans(quick: bool):
     model = _mlp()
     x, y = torch.randn(64, 768), torch.randn(64, 768)
     fn = nn.functional.mse_loss
@@ -262,6 +275,24 @@ def grid(quick: bool) -> dict:
                                    memory_per_device="1GB", batch_size=64,
                                    micro_batch_sizes=sizes, costs=table,
                                    recompute=(False,) if quick else (False, True))
+    return model, x, y, plans
+
+
+def grid(quick: bool) -> dict:
+    """Every runnable synchronous configuration the planner considered for one model, then a
+    run-off; where the plan's choices land.
+
+    1. screening: every configuration, a few interleaved rounds (each in a shuffled order);
+       each configuration's median over rounds of its time relative to the round's fastest;
+    2. run-off: the plans' choices with the screening's fastest few (by median and by
+       minimum) head to head, many more shuffled rounds (about 20 s). A round of a few
+       configurations takes ~0.1 s, so the load barely changes within one: each finalist's
+       time over the choice's time in the same round (paired) cancels it, and the median
+       of those ratios (with its ~95 % order-statistic interval) is the verdict for the plan
+       from costs calibrated with medians (``typical``); the plan from minima (``quiet``) is
+       judged by each finalist's fastest round. The paired ratios' spread is the noise left.
+    """
+    model, x, y, plans = _grid_plans(quick)
     plan = plans["median"]
     print(f"\ngrid on CPU: mlp 8x768, 2 devices, batch 64 ({_load()})")
     print(plan)
@@ -275,40 +306,71 @@ def grid(quick: bool) -> dict:
             runnable.append(c)
     labels = [c.label() for c in runnable]
     rounds = 3 if quick else 5
-    spans = [sp for sp, _ in _measure_all(model, x, y, runnable, rounds, "grid")]
+    spans = [sp for sp, _ in _measure_all(model, x, y, runnable, rounds, "grid screening",
+                                          shuffle=True)]
     # Per round, each configuration relative to the round's fastest: load drift cancels.
-    rel = [statistics.median(sp[r] / min(s[r] for s in spans) for r in range(rounds))
+    rel = [statistics.median(sp[r] / min(s[r] for s in spans) for r in range(len(sp)))
            for sp in spans]
-    quiet = [min(sp) for sp in spans]
     noise = statistics.median(_spread(sp) for sp in spans)
     order = sorted(range(len(runnable)), key=lambda i: rel[i])
+    by_min = sorted(range(len(runnable)), key=lambda i: min(spans[i]))
     chosen = {st: labels.index(pl.best.label()) for st, pl in plans.items()}
+    print(f"screening: {len(runnable)} configurations, {rounds} shuffled interleaved rounds, "
+          f"noise {100 * noise:.0f} %; the fastest 8:")
     print(f"{'configuration':40s} {'pred ms':>8s} {'median ms':>9s} {'vs fastest':>10s} "
           f"{'min ms':>7s} {'noise':>6s}")
-    for i in order[:10] + [i for i in chosen.values() if i not in order[:10]]:
-        mark = "".join(f"  <- {'typical' if st == 'median' else 'quiet'} plan"
-                       for st, j in chosen.items() if j == i)
+    for i in order[:8]:
         print(f"{labels[i]:40s} {runnable[i].step_time * 1e3:8.2f} "
               f"{statistics.median(spans[i]) * 1e3:9.2f} "
               f"{100 * (rel[i] / rel[order[0]] - 1):+9.1f}% "
-              f"{quiet[i] * 1e3:7.2f} {100 * _spread(spans[i]):5.0f}%{mark}")
-    out = dict(noise=noise, n=len(runnable))
+              f"{min(spans[i]) * 1e3:7.2f} {100 * _spread(spans[i]):5.0f}%")
+
+    # The run-off: the choices and the screening's leaders, head to head.
+    fin = list(dict.fromkeys(list(chosen.values()) + order[:4] + by_min[:2]))
+    cands = [runnable[i] for i in fin]
+    t0 = time.perf_counter()
+    runs = [sp for sp, _ in _measure_all(model, x, y, cands, 20 if quick else 200, "run-off",
+                                         shuffle=True, budget_s=6 if quick else 20)]
+    n = len(runs[0])
+    print(f"run-off: {len(fin)} configurations, {n} shuffled interleaved rounds in "
+          f"{time.perf_counter() - t0:.0f} s ({_load()})")
+    ref = fin.index(chosen["median"])
+    paired = [_median_ci([a / b for a, b in zip(sp, runs[ref])]) for sp in runs]
+    pred0 = runnable[chosen["median"]].step_time
+    print(f"{'configuration':40s} {'pred ms':>8s} {'pred/choice':>11s} {'meas/choice':>11s} "
+          f"{'95 % interval':>15s} {'median ms':>9s} {'min ms':>7s} {'noise':>6s}")
+    for k, i in enumerate(fin):
+        mark = "".join(f"  <- {'typical' if st == 'median' else 'quiet'} plan"
+                       for st, j in chosen.items() if j == i)
+        med, lo, hi = paired[k]
+        spread = _spread([a / b for a, b in zip(runs[k], runs[ref])])
+        print(f"{labels[i]:40s} {runnable[i].step_time * 1e3:8.2f} "
+              f"{runnable[i].step_time / pred0:11.3f} {med:11.3f} "
+              f"{f'[{lo:.3f}, {hi:.3f}]':>15s} {statistics.median(runs[k]) * 1e3:9.2f} "
+              f"{min(runs[k]) * 1e3:7.2f} {100 * spread:5.0f}%{mark}")
+    out = dict(noise=noise, n=len(runnable), rounds=n,
+               runoff_noise=statistics.median(
+                   _spread([a / b for a, b in zip(sp, runs[ref])]) for sp in runs))
     for st, i in chosen.items():
-        if st == "median":
-            gap = rel[i] / rel[order[0]] - 1
-            fastest = labels[order[0]]
-        else:
-            gap = quiet[i] / min(quiet) - 1
-            fastest = labels[min(range(len(quiet)), key=quiet.__getitem__)]
-        clear = [j for j in range(len(runnable)) if rel[j] / rel[order[0]] - 1 > noise]
         name = "typical" if st == "median" else "quiet"
-        print(f"{name} plan {labels[i]}: +{100 * gap:.1f} % from the fastest measured "
-              f"({fastest}); within 5 %: {'yes' if gap <= 0.05 else 'no'}; within the noise "
-              f"({100 * noise:.0f} %): {'yes' if gap <= max(0.05, noise) else 'no'} "
-              f"({len(clear)}/{len(runnable)} configurations measured slower than the fastest "
-              f"by more than the noise; the choice {'IS' if i in clear else 'is not'} one)")
+        k = fin.index(i)
+        if st == "median":
+            # Each finalist over this choice, paired per round: the fastest has the lowest.
+            f = min(range(len(fin)), key=lambda j: paired[j][0] / paired[k][0])
+            mf, lo, hi = paired[f]
+            gap = paired[k][0] / mf - 1 if f != k else 0.0
+            interval = (f"95 % interval [{100 * (1 / hi - 1):+.1f}, {100 * (1 / lo - 1):+.1f}] %"
+                        if f != k else "no finalist measured faster")
+        else:
+            f = min(range(len(fin)), key=lambda j: min(runs[j]))
+            gap = min(runs[k]) / min(runs[f]) - 1
+            interval = "fastest rounds"
+        print(f"{name} plan {labels[i]}: +{100 * gap:.1f} % from the fastest in the run-off "
+              f"({labels[fin[f]]}; {interval}); within 5 %: {'yes' if gap <= 0.05 else 'no'}")
         out[name] = gap
-    print(f"{len(runnable)} configurations, {rounds} interleaved rounds; {_load()}")
+    print(f"run-off noise (interquartile range of the paired ratios over their median, median "
+          f"over finalists): {100 * out['runoff_noise']:.1f} %; screening noise "
+          f"{100 * noise:.0f} %")
     return out
 
 
