@@ -11,7 +11,8 @@ repeated), so that a change of the machine's load between measurements hits ever
   at that b;
 - a p-stage 1F1B pipeline at the middle size, for each depth p to calibrate: per round, its
   makespan over the same round's one-stage makespan, against the simulator's ratio of the
-  two on the calibrated costs, is :attr:`CostTable.slowdown` at p (p threads sharing the
+  two on the calibrated costs (hand-offs as wake-ups: :mod:`pipetrain.planner.wake`), is
+  :attr:`CostTable.slowdown` at p (p threads sharing the
   cores, the GIL and memory bandwidth run each action slower); its hand-offs (an action
   waiting for another device's output: start minus that output's end) give the hand-off
   latency;
@@ -73,6 +74,7 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
     from pipetrain.partition import balance_costs
     from pipetrain.pipeline import Pipeline
     from pipetrain.planner.costs import _leaves, _slice, measure_action_overhead
+    from pipetrain.planner.wake import makespan
     inputs, targets = sample
     n = _leaves(inputs)[0].shape[0]
     L, mid = len(rows["F"]), len(sizes) // 2
@@ -138,8 +140,9 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
             F.append(sum(rows["F"][li][mid] for li in range(i, i + k)) + o)
             B.append(sum(rows["B"][li][mid] for li in range(i, i + k)) + o)
             i += k
-        sim = schedules.build("1f1b", num_stages=q, num_microbatches=m_mid).simulate(
-            forward=F, backward=B, transfer=wake).makespan
+        # The hand-off as the search charges it: a wake-up of an idle device only.
+        sim = makespan(schedules.build("1f1b", num_stages=q, num_microbatches=m_mid),
+                       F, B, [0.0] * len(F), 0.0, wake)
         ratio = _ratio([d.makespan_s for d in sts], [s.makespan_s for s in ones], stat)
         slowdown[q] = ratio * sim_one / sim if sim > 0 else 1.0
     # The split's factor on the layers' compute: I and W each pay the per-action overhead.

@@ -44,6 +44,8 @@ class Candidate:
         memory: per device, predicted :class:`Memory`; limit: the memory limit (bytes).
         bound: lower bound on the step time (s); step_time: simulated step time (s), None
         when pruned or over the limit; extra: all-reduce + update seconds in it.
+        latency: seconds of every cross-device transfer; wake: seconds a device idle for
+        another's output pays to start (CPU threads; :mod:`pipetrain.planner.wake`).
         status: "simulated", "pruned" (bound above the best) or "over" (does not fit).
     """
 
@@ -64,6 +66,7 @@ class Candidate:
     limit: float
     step_time: Optional[float] = None
     status: str = "new"
+    wake: float = 0.0
 
     @property
     def peak_memory(self) -> float:

@@ -161,12 +161,12 @@ class _Evaluator:
                                               recompute)
         return self._memory[key]
 
-    def simulate(self, model: ScheduleModel, p, m, v, F, B, W, latency) -> float:
+    def simulate(self, model: ScheduleModel, p, m, v, F, B, W, latency, wake=0.0) -> float:
         key = (model.name, p, m, v, tuple(F), tuple(B), tuple(W) if model.split_backward else (),
-               latency)
+               latency, wake)
         if key not in self._sims:
             self.simulations += 1
-            self._sims[key] = model.simulate(p, m, v, F, B, W, latency)
+            self._sims[key] = model.simulate(p, m, v, F, B, W, latency, wake)
         return self._sims[key]
 
 
@@ -193,7 +193,10 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
     cands: List[Candidate] = []
     for p, w, b, m in grid(devices, batch_size, L, depths, widths, micro_batch_sizes):
         boundary = max(table.input_bytes[i](b) for i in range(L))
-        latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+        # A link's transfer delays every hand-off; a CPU stage thread's wake-up only those its
+        # device sat idle for (pipetrain.planner.wake): kept apart for the simulation.
+        latency = network.transfer(boundary) if p > 1 else 0.0
+        wake = table.handoff_latency if p > 1 else 0.0
         for model in models:
             if model.graph:     # stage DAGs: pipetrain.planner.graph
                 continue
@@ -221,6 +224,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                     cands.append(Candidate(p=p, w=w, b=b, m=m, schedule=model.name, v=v,
                                            recompute=rc, balance=bal, memory=mem,
                                            bound=bound, extra=extra, latency=latency,
+                                           wake=wake,
                                            costs=(F, B, W), model=model,
                                            limit=memory_limit))
     fitting = sorted((c for c in cands if c.fits), key=lambda c: c.bound)
@@ -230,7 +234,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
             c.status = "pruned"
             continue
         F, B, W = c.costs
-        c.step_time = ev.simulate(c.model, c.p, c.m, c.v, F, B, W, c.latency) + c.extra
+        c.step_time = ev.simulate(c.model, c.p, c.m, c.v, F, B, W, c.latency, c.wake) + c.extra
         c.status = "simulated"
         if c.step_time < best:
             # Confirm with the built schedule's order before trusting it.
@@ -281,15 +285,16 @@ def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, sche
     bal = list(balance) if balance is not None else ev.balance(p * v, b, recompute)
     F, B, W = ev.stage_costs(bal, b, recompute, model.split_backward, p)
     boundary = max(table.input_bytes[i](b) for i in range(table.num_layers))
-    latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+    latency = network.transfer(boundary) if p > 1 else 0.0
+    wake = table.handoff_latency if p > 1 else 0.0
     params = [0.0] * p
     for k, (first, last) in enumerate(stage_ranges(bal)):
         params[k % p] += sum(table.param_bytes[first:last + 1])
     extra = network.allreduce(table.grad_factor * max(params), w) + table.update * max(params)
     c = Candidate(p=p, w=w, b=b, m=m, schedule=schedule, v=v, recompute=recompute, balance=bal,
-                  memory=[], bound=0.0, extra=extra, latency=latency, costs=(F, B, W),
+                  memory=[], bound=0.0, extra=extra, latency=latency, wake=wake, costs=(F, B, W),
                   model=model, limit=memory_limit)
     c.memory = exact_memory(table, c)
-    c.step_time = ev.simulate(model, p, m, v, F, B, W, latency) + extra
+    c.step_time = ev.simulate(model, p, m, v, F, B, W, latency, wake) + extra
     c.status = "simulated"
     return c
