@@ -130,8 +130,10 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
     slowdown, handoff = {1: 1.0}, 0.0
     for q in depths:
         sts = rec[("deep", q)]
-        # Each round's median hand-off, summarised over rounds like every other time.
-        per_round = [statistics.median(w) for w in (handoffs(s.records, q) for s in sts) if w]
+        # Each round's mean hand-off, summarised over rounds like every other time. The mean,
+        # not the median: a wake-up is fast mostly and ~1 ms when the thread lost its core
+        # (mean ~3x the median on 2 cores), and a schedule pays the sum of its hand-offs.
+        per_round = [statistics.fmean(w) for w in (handoffs(s.records, q) for s in sts) if w]
         wake = stat(per_round) if per_round else 0.0
         handoff = wake if q == min(depths) else handoff
         balance = balance_costs(probe, q)

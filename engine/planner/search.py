@@ -11,8 +11,10 @@ schedule table (:mod:`pipetrain.planner.schedule_models`):
 3. bound the step time from below without simulating: the busiest device's m * (F + B), and
    the critical path of the last micro-batch, ``(m - 1) F_0 + sum_k (F_k + I_k)``;
 4. simulate the fitting candidates in increasing order of bound, stopping when the bound
-   reaches the best simulated time (branch and bound); simulations are cached by shape and
-   costs. The winner's memory is re-checked with the built schedule's exact in-flight counts.
+   passes the best simulated time (branch and bound; equal times go to less memory);
+   simulations are cached by shape and costs. Hand-offs: a link's transfer on every
+   cross-device edge, a CPU thread's wake-up only where the device sat idle
+   (:mod:`pipetrain.planner.wake`). The winner's memory is re-checked with the built schedule's exact in-flight counts.
 
 Times are seconds; memory bytes.
 """
@@ -230,7 +232,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
     fitting = sorted((c for c in cands if c.fits), key=lambda c: c.bound)
     best = math.inf
     for c in fitting:
-        if c.bound >= best:
+        if c.bound > best:   # an equal bound may still tie, and ties go to less memory
             c.status = "pruned"
             continue
         F, B, W = c.costs
@@ -264,10 +266,12 @@ def exact_memory(table: CostTable, c: Candidate) -> list:
 
 
 def rank(cands: Sequence[Candidate]) -> List[Candidate]:
-    """Best first: the fitting simulated ones by step time, the fitting pruned ones by bound,
-    then those that do not fit by how much they need."""
+    """Best first: the fitting simulated ones by step time (equal times: less peak memory
+    first, e.g. 1F1B before GPipe at the same bubble), the fitting pruned ones by bound, then
+    those that do not fit by how much they need."""
     ok = [c for c in cands if c.fits and c.status != "over"]
-    sim = sorted((c for c in ok if c.status == "simulated"), key=lambda c: c.step_time)
+    sim = sorted((c for c in ok if c.status == "simulated"),
+                 key=lambda c: (round(c.step_time, 12), c.peak_memory))
     rest = sorted((c for c in ok if c.status != "simulated"), key=lambda c: c.bound)
     over = sorted((c for c in cands if not c.fits or c.status == "over"),
                   key=lambda c: c.peak_memory)
