@@ -30,7 +30,8 @@ from pipetrain.planner.memory import device_memory, stage_ranges
 from pipetrain.planner.result import Candidate
 from pipetrain.planner.schedule_models import ScheduleModel
 
-__all__ = ["search", "evaluate", "fast_balance", "divisors", "rank", "exact_memory"]
+__all__ = ["search", "evaluate", "fast_balance", "divisors", "rank", "exact_memory",
+           "handoffs_per_step", "prefer_fewer_handoffs"]
 
 
 def grid(devices: int, batch_size: int, max_depth: int,
@@ -176,7 +177,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
            models: Sequence[ScheduleModel], network: Network, *,
            micro_batch_sizes: Optional[Sequence[int]] = None,
            recompute: Sequence[bool] = (False, True), depths: Optional[Sequence[int]] = None,
-           widths: Optional[Sequence[int]] = None,
+           widths: Optional[Sequence[int]] = None, handoff_tolerance: float = 0.0,
            evaluator: Optional[_Evaluator] = None) -> Tuple[List[Candidate], _Evaluator]:
     """Evaluate the configurations; return them best first (fitting and simulated, then the
     pruned ones, then those that do not fit, by how much they miss) and the evaluator used.
@@ -188,7 +189,8 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
         divisor of B / w); recompute: the re-materialization settings to try; depths: the p
         to try (default: every divisor of devices up to the layer count); widths: the w to
         try (default: all; ``[1]`` until issue 9's data-parallel Pipeline lands, to get only
-        configurations one process runs).
+        configurations one process runs); handoff_tolerance: see
+        :func:`prefer_fewer_handoffs` (0: the fastest predicted wins).
     """
     ev = evaluator or _Evaluator(table, network)
     L = table.num_layers
@@ -232,7 +234,9 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
     fitting = sorted((c for c in cands if c.fits), key=lambda c: c.bound)
     best = math.inf
     for c in fitting:
-        if c.bound > best:   # an equal bound may still tie, and ties go to less memory
+        # An equal bound may still tie (ties go to less memory); within the hand-off
+        # tolerance a slower candidate may still be preferred: simulate those too.
+        if c.bound > best * (1 + handoff_tolerance):
             c.status = "pruned"
             continue
         F, B, W = c.costs
@@ -245,7 +249,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                 c.status = "over"
                 continue
             best = c.step_time
-    return rank(cands), ev
+    return prefer_fewer_handoffs(rank(cands), handoff_tolerance), ev
 
 
 def exact_memory(table: CostTable, c: Candidate) -> list:
@@ -276,6 +280,37 @@ def rank(cands: Sequence[Candidate]) -> List[Candidate]:
     over = sorted((c for c in cands if not c.fits or c.status == "over"),
                   key=lambda c: c.peak_memory)
     return sim + rest + over
+
+
+def handoffs_per_step(c: Candidate) -> int:
+    """Cross-device hand-offs in one step of a chain schedule: each of the m micro-batches
+    crosses the p v - 1 stage boundaries forward and again backward."""
+    return 2 * (c.p * c.v - 1) * c.m
+
+
+def prefer_fewer_handoffs(ranked: List[Candidate], tolerance: float) -> List[Candidate]:
+    """``ranked`` (best first, :func:`rank`) with, in front, the candidate of the fastest's
+    depth and width with the fewest :func:`handoffs_per_step` among those predicted within
+    ``tolerance`` (a fraction) of the fastest (then the fastest of those).
+
+    Why: on CPU each hand-off costs a stage thread's wake-up, the least reproducible number
+    the calibration measures (its mean moved 0.3 -> 1.9 ms between runs on a shared 2-core
+    machine; and in 5 measurements there interleaved 1F1B, with 2 v - 1 times 1F1B's
+    hand-offs, ran 4-22 % slower than ZB-H1 of the same shape, which the model had put
+    from 5 % slower to 10 % faster than it). A predicted gain smaller than the model's error, bought with more hand-offs, is
+    not worth the risk. The depth and width stay the fastest's: fewer devices has fewer
+    hand-offs too, but the gain of a second device is no small margin to second-guess.
+    ``tolerance`` 0 (the default off CPU, where a hand-off is a measured transfer) keeps
+    the order."""
+    if tolerance <= 0 or not ranked or ranked[0].status != "simulated":
+        return ranked
+    top = ranked[0]
+    near = [c for c in ranked if c.status == "simulated" and c.fits and c.p == top.p
+            and c.w == top.w and c.step_time <= top.step_time * (1 + tolerance)]
+    pick = min(near, key=lambda c: (handoffs_per_step(c), c.step_time, c.peak_memory))
+    if pick is top:
+        return ranked
+    return [pick] + [c for c in ranked if c is not pick]
 
 
 def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, schedule: str,
