@@ -374,8 +374,83 @@ def grid(quick: bool) -> dict:
     return out
 
 
+def two_bw_and_impossible() -> dict:
+    """PipeDream-2BW's rule on GPT 2.5B (64 V100s of 16 GB, batch 512): per depth p, the
+    2BW-only search's choice next to the largest b that fits without and with recompute;
+    the rule holds when the choice is the faster of the largest b that fits without
+    recompute and the larger b recompute allows, if any (both priced by the same model: this
+    checks the search; tests/planner/test_search.py checks the rule against the paper's
+    formulas). Then an impossible request: GPT 8.3B on 8 devices of
+    8 GB, whose error must say by how much the smallest configuration misses and what would
+    make it fit (predicted from the memory model, nothing is run)."""
+    from pipetrain.planner.schedule_models import MODELS
+    from pipetrain.planner.search import search
+    L, h, a = GPTS[0][1:]
+    table = CostTable.transformer(L, h, 1024, a, vocab=51200, device_flops=125e12,
+                                  efficiency=0.4)
+    print("\n2BW rule: GPT 2.5B, 64 x 16 GB, batch 512 (per depth: the choice; the largest "
+          "b that fits without / with recompute)")
+    ok = True
+    for p in (4, 8, 16, 32):
+        cands = [c for c in search(table, 64, 16e9, 512, [MODELS["2bw"]],
+                                   Network.cluster(150, 12.5), depths=[p])[0] if c.fits]
+        if not cands:
+            print(f"  p={p}: nothing fits")
+            continue
+        best = cands[0]
+        plain = max((c.b for c in cands if not c.recompute), default=0)
+        rc = max((c.b for c in cands if c.recompute), default=0)
+        # The rule's options: the largest b without recompute, and the larger b recompute
+        # allows (if it does); the faster of the two.
+        opts = [(b, r) for b, r in ((plain, False), (rc, True)) if b and (not r or rc > plain)]
+        times = {o: evaluate(table, Network.cluster(150, 12.5), p=p, w=64 // p, b=o[0],
+                             m=512 // (64 // p) // o[0], schedule="2bw",
+                             recompute=o[1]).step_time for o in opts}
+        rule = (best.b, best.recompute) == min(opts, key=times.__getitem__)
+        ok &= rule
+        priced = ", ".join(f"b={b}{' +rc' if r else ''} {t:.2f} s" for (b, r), t in times.items())
+        print(f"  p={p:2d} w={64 // p:2d}: {best.label():40s} largest b {plain} / {rc} "
+              f"({priced}): {'follows the rule' if rule else 'BREAKS the rule'}")
+    L, h, a = GPTS[1][1:]
+    big = CostTable.transformer(L, h, 1024, a, vocab=51200, device_flops=125e12)
+    try:
+        pipetrain.plan(costs=big, devices=8, memory_per_device="8GB", batch_size=512)
+        said = False
+        print("impossible request: GPT 8.3B on 8 x 8 GB was planned (expected a ValueError)")
+    except ValueError as err:
+        said = "more than the limit" in str(err) and "would fit with" in str(err)
+        print(f"impossible request (GPT 8.3B on 8 x 8 GB): ValueError: {err}")
+    return dict(two_bw=ok, impossible=said)
+
+
 def run(quick: bool, out) -> None:
-    search_speed(quick)
+    t0 = time.perf_counter()
+    speed = search_speed(quick)
     paper_table(quick)
-    predicted_vs_measured(quick)
-    grid(quick)
+    checks = two_bw_and_impossible()
+    rows = predicted_vs_measured(quick)
+    g = grid(quick)
+    models = {r["model"] for r in rows}
+
+    def over_models(ok):
+        hit = [r for r in rows if ok(r)]
+        return len(hit) >= 6 and {r["model"] for r in hit} == models, len(hit)
+    t_typ = over_models(lambda r: abs(r["err"]) <= 0.15)
+    t_q = over_models(lambda r: abs(r["qerr"]) <= 0.15)
+    mem = over_models(lambda r: abs(r["pmem"] / r["mmem"] - 1) <= 0.10)
+    yn = {True: "yes", False: "NO"}
+    print(f"\nmust-holds (issue 12; {_load()}; section {time.perf_counter() - t0:.0f} s):")
+    print(f"  search 64 devices x 128 layers, every schedule, < 1 s: {yn[speed < 1]} "
+          f"({speed * 1e3:.0f} ms)")
+    print(f"  step time within 15 % for >= 6 configurations over {len(models)} models: typical "
+          f"{yn[t_typ[0]]} ({t_typ[1]}/{len(rows)}), quiet {yn[t_q[0]]} ({t_q[1]}/{len(rows)})")
+    print(f"  peak memory within 10 % for >= 6 over {len(models)} models: {yn[mem[0]]} "
+          f"({mem[1]}/{len(rows)})")
+    print(f"  grid: the plan's choice within 5 % of the fastest (run-off, {g['rounds']} rounds, "
+          f"paired noise {100 * g['runoff_noise']:.0f} %): typical {yn[g['typical'] <= 0.05]} "
+          f"(+{100 * g['typical']:.1f} %), quiet {yn[g['quiet'] <= 0.05]} "
+          f"(+{100 * g['quiet']:.1f} %)")
+    print(f"  2BW special case follows the paper's rule: {yn[checks['two_bw']]}")
+    print(f"  impossible request: ValueError with the shortfall and what would fit: "
+          f"{yn[checks['impossible']]}")
+    print("  planning table for GPT 2.5B / 8.3B on 64 GPUs next to the papers: printed above")
