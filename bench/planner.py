@@ -285,7 +285,7 @@ def grid(quick: bool) -> dict:
     1. screening: every configuration, a few interleaved rounds (each in a shuffled order);
        each configuration's median over rounds of its time relative to the round's fastest;
     2. run-off: the plans' choices with the screening's fastest few (by median and by
-       minimum) head to head, many more shuffled rounds (about 20 s). A round of a few
+       minimum) head to head, many more shuffled rounds (about 15 s). A round of a few
        configurations takes ~0.1 s, so the load barely changes within one: each finalist's
        time over the choice's time in the same round (paired) cancels it, and the median
        of those ratios (with its ~95 % order-statistic interval) is the verdict for the plan
@@ -305,7 +305,8 @@ def grid(quick: bool) -> dict:
                              v=c.v, recompute=c.recompute)
             runnable.append(c)
     labels = [c.label() for c in runnable]
-    rounds = 3 if quick else 5
+    # Few rounds: the screening only has to bring the fastest into the run-off.
+    rounds = 2 if quick else 3
     spans = [sp for sp, _ in _measure_all(model, x, y, runnable, rounds, "grid screening",
                                           shuffle=True)]
     # Per round, each configuration relative to the round's fastest: load drift cancels.
@@ -330,7 +331,7 @@ def grid(quick: bool) -> dict:
     cands = [runnable[i] for i in fin]
     t0 = time.perf_counter()
     runs = [sp for sp, _ in _measure_all(model, x, y, cands, 20 if quick else 200, "run-off",
-                                         shuffle=True, budget_s=6 if quick else 20)]
+                                         shuffle=True, budget_s=6 if quick else 15)]
     n = len(runs[0])
     print(f"run-off: {len(fin)} configurations, {n} shuffled interleaved rounds in "
           f"{time.perf_counter() - t0:.0f} s ({_load()})")
