@@ -249,7 +249,8 @@ class Pipeline(GlobalOps, Reporting):
         finally:
             self._lock.release()
 
-    def train(self, batches: Any, minibatches_per_run: Optional[int] = None) -> Any:
+    def train(self, batches: Any, minibatches_per_run: Optional[int] = None, *,
+              undo_failed_updates: bool = True) -> Any:
         """Train on ``batches`` (an iterable of ``(inputs, targets)`` mini-batches) with the
         optimizer inside the pipeline (``optimizer=`` factory); yields each mini-batch's loss
         in order. Synchronous schedules: step() then each stage's optimizer step, per
@@ -261,9 +262,15 @@ class Pipeline(GlobalOps, Reporting):
         as each run ends, and when it ends the pipeline drains: the model holds W(T). See
         :mod:`pipetrain.training`. Raises ValueError (no optimizer, bad batches) and
         PipelineError (naming stage, micro-batch, mini-batch and action; every stage is then
-        at one version, ``err.version``, and a new train() continues from it)."""
+        at one version, ``err.version``, and a new train() continues from it).
+
+        ``undo_failed_updates`` (synchronous schedules in one process): True snapshots each
+        stage's weights and optimizer state before its optimizer step (about half an Adam
+        step's time per stage and mini-batch) so that an optimizer step raising on one stage
+        is undone on all; False skips the copies, and such a failure leaves the stages that
+        stepped first one version ahead (``err.version`` is None)."""
         from pipetrain.training import train
-        return train(self, batches, minibatches_per_run)
+        return train(self, batches, minibatches_per_run, undo_failed_updates=undo_failed_updates)
 
     def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]], gate: Any = None,
                  carry: Any = None) -> Any:

@@ -99,8 +99,11 @@ class AsyncStats:
 RECORDS_KEPT = 50_000
 
 
-def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None) -> Iterator[torch.Tensor]:
+def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None, *,
+          undo_failed_updates: bool = True) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
+    if not isinstance(undo_failed_updates, bool):
+        raise ValueError(f"undo_failed_updates must be True or False; got {undo_failed_updates!r}")
     if getattr(pipe, "dist", None) is not None:     # across processes: every rank runs its row
         from pipetrain.distributed import training as dist_training
         return dist_training.train(pipe, batches, minibatches_per_run)
@@ -114,11 +117,15 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
                                             or minibatches_per_run < 1):
         raise ValueError(f"minibatches_per_run must be an int >= 1 or None; got {minibatches_per_run!r}")
     if not async_schedules.is_async(name):
-        return _train_sync(pipe, batches)
+        return _train_sync(pipe, batches, undo_failed_updates)
     return _train_async(pipe, batches, minibatches_per_run)
 
 
-def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
+def _train_sync(pipe: Any, batches: Iterable, undo: bool = True) -> Iterator[torch.Tensor]:
+    """``undo``: snapshot each stage's weights and optimizer state before its optimizer step
+    (~0.5x an Adam step per stage, every mini-batch), so a step that raises on one stage is
+    undone on every stage. Without it a raising step leaves the stages that stepped before it
+    one version ahead (the error says which)."""
     from pipetrain.errors import PipelineError
     for st in pipe.stages:
         if st is not None:
@@ -134,27 +141,35 @@ def _train_sync(pipe: Any, batches: Iterable) -> Iterator[torch.Tensor]:
         # multi-process pipeline holds only its own.
         stages = [st for st in pipe.stages if st is not None]
         for st in stages:
-            if id(st) not in logs:
+            if undo and id(st) not in logs:
                 logs[id(st)] = UpdateLog(st.parameters(), st.optimizer, 0)
-        order = [logs[id(st)] for st in stages]
+        order = [logs.get(id(st)) for st in stages]
         skip = getattr(pipe, "_inf_since_update", False)     # loss scaling found inf / NaN:
         pipe._inf_since_update = False                        # every stage skips its update
         for i, (st, log) in enumerate(zip(stages if not skip else [], order)):
-            log.save(t)
+            if log is not None:
+                log.save(t)
             try:
                 st.optimizer.step()
             except Exception as cause:
-                for done in order[:i + 1]:
-                    done.restore(t)
+                if undo:
+                    for done in order[:i + 1]:
+                        done.restore(t)
+                    what = (f"every stage was put back to the weights and optimizer state before "
+                            f"this update (version {t}: the {t} mini-batch(es) completed in this "
+                            "train()); a new train() starts from them")
+                else:
+                    ahead = ", ".join(str(s.index) for s in stages[:i]) or "none"
+                    what = (f"train(undo_failed_updates=False): stages updated before it ({ahead}) "
+                            f"hold version {t + 1}, stage {st.index} may be partly updated, the "
+                            f"others hold version {t}")
                 for other in stages:
                     other.optimizer.zero_grad()
                 err = PipelineError(
                     f"stage {st.index}, update after mini-batch {t}, action U raised "
-                    f"{type(cause).__name__}: {cause}; every stage was put back to the weights "
-                    f"and optimizer state before this update (version {t}: the {t} mini-batch(es) "
-                    "completed in this train()); a new train() starts from them",
+                    f"{type(cause).__name__}: {cause}; {what}",
                     stage=st.index, action="U", label=f"{st.index}U{t}", minibatch=t)
-                err.version = t
+                err.version = t if undo else None
                 raise err from cause
         for st in stages:
             st.optimizer.zero_grad()

@@ -304,6 +304,44 @@ def test_sync_schedule_failed_update_keeps_the_last_completed_minibatch():
     pipe.close()
 
 
+def test_sync_train_without_undo_matches_and_says_which_stages_stepped():
+    p, m = 3, 2
+    data = _data(4)
+    layers = _model(p)
+    clean = copy.deepcopy(layers)
+    pipe = pipetrain.Pipeline(nn.Sequential(*layers), num_devices=p, schedule="1f1b",
+                              num_microbatches=m, loss_fn=FN, optimizer=_adam)
+    losses = [float(x) for x in pipe.train(data, undo_failed_updates=False)]
+    r_losses, r_weights = ref.reference_train(clean, data, schedule="sync", num_microbatches=m,
+                                              loss_fn=FN, optimizer_factory=_cached(_adam))
+    assert losses == pytest.approx(r_losses, abs=TOL, rel=0)
+    _same_weights(layers, r_weights)
+    pipe.close()
+    # A raising update: stages 0 and 1 stepped for mini-batch 2 and are not put back.
+    layers = _model(p)
+    clean = copy.deepcopy(layers)
+    pipe = pipetrain.Pipeline(nn.Sequential(*layers), num_devices=p, schedule="1f1b",
+                              num_microbatches=m, loss_fn=FN,
+                              optimizer=_failing_opt(_adam, list(layers[2].parameters()), 3))
+    with pytest.raises(pipetrain.PipelineError) as info:
+        list(pipe.train(data, undo_failed_updates=False))
+    err = info.value
+    assert (err.stage, err.minibatch, err.version) == (2, 2, None)
+    assert "stages updated before it (0, 1) hold version 3" in str(err)
+    _, w2 = ref.reference_train(copy.deepcopy(clean), data[:2], schedule="sync", num_microbatches=m,
+                                loss_fn=FN, optimizer_factory=_cached(_adam))
+    _, w3 = ref.reference_train(clean, data[:3], schedule="sync", num_microbatches=m,
+                                loss_fn=FN, optimizer_factory=_cached(_adam))
+    for r, want in ((0, w3), (1, w3)):
+        assert all(torch.allclose(a.detach(), b, rtol=0, atol=TOL)
+                   for a, b in zip(layers[r].parameters(), want[r].values())), r
+    assert not all(torch.allclose(a.detach(), b, rtol=0, atol=TOL)
+                   for a, b in zip(layers[0].parameters(), w2[0].values()))
+    with pytest.raises(ValueError, match="undo_failed_updates"):
+        list(pipe.train(data, undo_failed_updates="no"))
+    pipe.close()
+
+
 def test_sync_schedule_failed_step_changes_no_weight():
     p, m = 2, 2
     layers = _model(p)
