@@ -296,6 +296,14 @@ def grid(quick: bool) -> dict:
     plan = plans["median"]
     print(f"\ngrid on CPU: mlp 8x768, 2 devices, batch 64 ({_load()})")
     print(plan)
+    for st, pl in plans.items():
+        t = pl.table
+        print(f"{'typical' if st == 'median' else 'quiet'} costs: slowdown at p=2 "
+              f"{t.slowdown_at(2):.2f}, hand-off {t.handoff_latency * 1e3:.2f} ms, split "
+              f"backward x{t.split_factor:.2f}; choice {pl.best.label()} "
+              f"({pl.step_time * 1e3:.2f} ms), then " + ", ".join(
+                  f"{c.label()} ({c.step_time * 1e3:.2f})" for c in pl.candidates[1:3]
+                  if c.step_time))
     runnable, seen = [], set()
     for c in plan.candidates:
         if c.fits and c.model.runnable and not c.model.asynchronous and c.label() not in seen:
