@@ -5,12 +5,15 @@ Sections:
 1. search speed: 64 devices x 128 layers, every schedule (async included), median of runs;
 2. planning table: GPT 2.5B and 8.3B (Megatron-LM shapes) on 64 V100s of 16 / 32 GB, NVLink
    within a pipeline, InfiniBand for the all-reduce, next to what ../shared/PAPERS.md records;
-3. predicted vs measured on CPU: step time (interleaved rounds; raw, and at the load of each
+3. PipeDream-2BW's rule per depth on GPT 2.5B, and an impossible request's error;
+4. predicted vs measured on CPU: step time (interleaved rounds; raw, and at the load of each
    round through a one-stage anchor run in the same round) and peak memory (weights +
    gradients + metered stash, from the second step) for configurations of two models, with
    the noise of each (interquartile range / median of its rounds) and the load average;
-4. grid: every runnable synchronous configuration of one model measured interleaved; where
-   the plan's choice lands, judged at 5 % and against the noise.
+5. grid: every runnable synchronous configuration of one model screened in a few
+   interleaved rounds, then the plans' choices against the screening's fastest in a run-off
+   of many rounds; where the choice lands, judged at 5 % (paired median, 95 % interval);
+6. every must-hold of issue 12 with yes / no.
 """
 
 from __future__ import annotations
