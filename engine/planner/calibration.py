@@ -17,7 +17,7 @@ repeated), so that a change of the machine's load between measurements hits ever
   waiting for another device's output: start minus that output's end) give the hand-off
   latency;
 - a one-stage ZB-H1 pipeline at the middle size: per round its I + W over the one-stage B
-  is the split backward's factor.
+  is the split backward's factor (the median over rounds whatever ``stat``).
 
 ``stat`` summarises the rounds (median or min). Units: seconds.
 """
@@ -148,10 +148,13 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
         ratio = _ratio([d.makespan_s for d in sts], [s.makespan_s for s in ones], stat)
         slowdown[q] = ratio * sim_one / sim if sim > 0 else 1.0
     # The split's factor on the layers' compute: I and W each pay the per-action overhead.
+    # Always the paired median: a ratio of two unpaired minima put it anywhere from 0.6 to
+    # 1.75 between runs on a loaded 2-core machine (and a "quiet" plan then never or always
+    # chose the zero-bubble schedules), the paired median from 0.94 to 1.25.
     iw = [_backward(z.costs_s) for z in rec[("split", b_mid)]]
     full = [_backward(s.costs_s) for s in ones]
     if min(iw) > 2 * o and min(full) > o:
-        split = _ratio([v - 2 * o for v in iw], [v - o for v in full], stat)
+        split = _ratio([v - 2 * o for v in iw], [v - o for v in full], statistics.median)
     else:   # the model's compute is below the engine's overhead (tiny layers): raw ratio
-        split = _ratio(iw, full, stat)
+        split = _ratio(iw, full, statistics.median)
     return slowdown, split, statistics.median(gaps), handoff, {"F": o, "B": o}
