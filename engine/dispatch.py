@@ -36,7 +36,7 @@ from pipetrain.stage_run import Meter
 from pipetrain.transport import to_device
 from pipetrain.versions import LIVE, WeightVersions
 
-__all__ = ["Run", "Feed", "Carry", "split_minibatches", "action_table"]
+__all__ = ["Run", "Feed", "Carry", "split_minibatches", "action_table", "edge_table"]
 
 _Tensor = torch.Tensor
 _COMPUTE = frozenset(("F", "B", "I", "W"))
@@ -68,6 +68,24 @@ def action_table(plan: Any) -> List[List[Tuple[str, int, int, int, Any, int]]]:
         table = (plan.actions, rows)
         plan._dispatch_table = table
     return table[1]
+
+
+def edge_table(plan: Any, transports: Dict[int, Any]) -> Tuple[list, list]:
+    """Per stage of ``plan``'s graph, ``(edge, transport, from device, to device)`` of each
+    output edge and of each input edge. Kept on the plan for the transports it was made with
+    (a runner keeps its transports until its executor is replaced), like :func:`action_table`:
+    rebuilt only when they change, not at every run."""
+    cached = getattr(plan, "_edge_table", None)
+    if cached is not None and cached[0] is transports:
+        return cached[1]
+    graph = plan.graph
+    dev = [graph.stage(s).device for s in range(graph.num_stages)]
+    out = [[(e, transports[e], dev[s], dev[graph.edge(e).dst]) for e in graph.stage(s).outputs]
+           for s in range(graph.num_stages)]
+    ins = [[(e, transports[e], dev[graph.edge(e).src], dev[s]) for e in graph.stage(s).inputs]
+           for s in range(graph.num_stages)]
+    plan._edge_table = (transports, (out, ins))
+    return out, ins
 
 
 def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list, list, list, list]:
@@ -204,12 +222,7 @@ class Run:
         # Autocast is thread-local: the caller's carries over to the issuing threads.
         self.autocast = [(dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda")
                          if torch.is_autocast_enabled(dt)]
-        dev = [graph.stage(s).device for s in range(graph.num_stages)]
-        # Per stage: (edge, transport, from device, to device) of each output / input edge.
-        self._out = [[(e, transports[e], dev[s], dev[graph.edge(e).dst])
-                      for e in graph.stage(s).outputs] for s in range(graph.num_stages)]
-        self._in = [[(e, transports[e], dev[graph.edge(e).src], dev[s])
-                     for e in graph.stage(s).inputs] for s in range(graph.num_stages)]
+        self._out, self._in = edge_table(plan, transports)
         self.devices = devices
         self.table = action_table(plan)      # per device: (kind, stage, mb, version, action, count)
 

@@ -11,7 +11,8 @@ sink) computes the loss.
 Between a micro-batch's forward and its backward the stage keeps its *stash*: the boundary
 inputs (detached leaves) and the autograd graph, or only the inputs and the RNG state when
 re-materialized (the backward recomputes). Backward comes whole (``B``) or split for
-zero-bubble schedules into ``I`` and ``W`` (:mod:`pipetrain.split_backward`).
+zero-bubble schedules into ``I`` and ``W``: those live in :mod:`pipetrain.stage_backward`
+(a mixin of :class:`Stage`; the split itself in :mod:`pipetrain.split_backward`).
 
 Runs and failures. All state a step creates (stash, memory meters, gradients) lives in a
 per-run object made by :meth:`Stage.begin_run`; each method picks the run up when it starts.
@@ -29,18 +30,15 @@ the optimizer.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
+from torch.autograd.graph import saved_tensors_hooks
 
 from pipetrain import checkpoint as ckpt
-from pipetrain import split_backward as split
-from pipetrain.autograd_fast import grad as fast_grad
-from pipetrain.compiled_stage import backward_input as compiled_backward_input
-from pipetrain.microbatch import _LEAF, flatten, tree_sum, unflatten
+from pipetrain.microbatch import flatten, tree_sum, unflatten
+from pipetrain.stage_backward import StageBackward, pack_into, unpack
 from pipetrain.stage_run import Meter, Saved as _Saved, StageRun as _Run
 from pipetrain.stage_run import accumulate as _accumulate, saved_bytes_key, tensor_bytes as _tensor_bytes
 from pipetrain.versions import WeightVersions
@@ -54,7 +52,7 @@ _Tensor = torch.Tensor
 MEASURE_EACH_FORWARD = False
 
 
-class Stage:
+class Stage(StageBackward):
     """One pipeline stage.
 
     Args:
@@ -384,7 +382,7 @@ class Stage:
                 if self._clone_inputs is None:
                     key = None
                 packed: List[torch.Tensor] = []
-                with torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
+                with torch.enable_grad(), saved_tensors_hooks(pack_into(packed), unpack):
                     out = self._forward_checked(saved)
                 exclude = {p.data_ptr() for p in self.params}
                 nbytes = _tensor_bytes(x_leaves + packed, exclude)
@@ -451,195 +449,6 @@ class Stage:
         if (self.input_grad or wants) and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
         return t
-
-    @staticmethod
-    def _pack(packed: List[torch.Tensor]):
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            packed.append(t)
-            return t
-        return pack
-
-
-    def _materialize(self, saved: _Saved) -> List[Any]:
-        """The output leaves with their graph, recomputing the forward if re-materialized."""
-        if saved.outputs is not None:
-            return saved.outputs
-        packed: List[torch.Tensor] = []
-        random = saved.rng is not None
-        replay = ckpt.restore_rng_state(saved.rng) if random else contextlib.nullcontext()
-        # The recomputation must not update buffers a second time (BatchNorm running stats):
-        # snapshot them and restore after. Through .data, so that autograd's version counters
-        # (BatchNorm saves its running stats for backward) do not see a change.
-        buffers = [(b, b.detach().clone()) for b in self._buffers] if self._training() else []
-        with ckpt.maybe_lock(random), replay, \
-                torch.enable_grad(), saved_tensors_hooks(self._pack(packed), _unpack):
-            out = self._call(saved)
-        for b, value in buffers:
-            b.data.copy_(value)
-        saved.outputs = flatten(out)[0]
-        saved.recomputed = packed
-        return saved.outputs
-
-    def _pairs(self, outputs: List[Any], grad_outputs: Any, weight: float = 1.0) -> Tuple[list, list]:
-        """(tensors, grads) to backpropagate: outputs that require grad and received one.
-
-        A sink backpropagates its loss with gradient ``weight`` (micro-batch size / batch
-        size), so that summed over micro-batches the gradients are those of the size-weighted
-        mean loss (the unsplit model's). The weight is the loss's incoming gradient rather
-        than a ``loss * weight`` node in the forward: the same values (the multiply's backward
-        would hand ``ones * weight`` to the loss's backward), one op and one node fewer."""
-        if self.loss_fn is not None:
-            loss = outputs[0]
-            if not loss.requires_grad:
-                return [], []
-            return [loss], [None if weight == 1.0 else
-                            torch.full((), weight, dtype=loss.dtype, device=loss.device)]
-        grads = flatten(grad_outputs)[0] if grad_outputs is not None else [None] * len(outputs)
-        if len(grads) != len(outputs):
-            raise RuntimeError(f"stage {self.index}: {len(grads)} output gradients for "
-                               f"{len(outputs)} outputs")
-        pairs = [(o, g) for o, g in zip(outputs, grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        return [o for o, _ in pairs], [g for _, g in pairs]
-
-    @staticmethod
-    def _grad_leaves(saved: _Saved) -> List[torch.Tensor]:
-        out = [t for t in saved.inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        if saved.target_leaves:
-            out += [t for t in saved.target_leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-        return out
-
-    def take_target_grad(self, mb: int) -> Any:
-        """Sink: the gradient w.r.t. micro-batch ``mb``'s target (nested like it), if the
-        target required grad; None otherwise. Available after the backward (B or I)."""
-        return self._run.target_grads.pop(mb, None)
-
-    @staticmethod
-    def _keep_target_grad(run: _Run, mb: int, saved: _Saved) -> None:
-        if saved.target_leaves:
-            run.target_grads[mb] = unflatten(
-                [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
-                 for t in saved.target_leaves], saved.target_spec)
-
-    def _input_grads(self, saved: _Saved, leaves: Optional[List[Any]] = None) -> Any:
-        """The gradients w.r.t. the boundary inputs, nested like them (``leaves``: the
-        stage's :meth:`_grad_leaves` for this micro-batch, if the caller has them)."""
-        if not self.input_grad and not (self._grad_leaves(saved) if leaves is None else leaves):
-            return None
-        if saved.spec is _LEAF:
-            t = saved.inputs[0]
-            return t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
-        return unflatten([t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None
-                          for t in saved.inputs], saved.spec)
-
-    # -- backward ------------------------------------------------------------------------
-    def backward(self, mb: int, grad_outputs: Any = None) -> Any:
-        """Full backward (``B``) of micro-batch ``mb``: accumulate parameter gradients and
-        return the gradients w.r.t. the boundary inputs (same nesting as the inputs; ``None``
-        for leaves without a gradient, and ``None`` for a source whose inputs need none).
-
-        Args:
-            grad_outputs: gradients w.r.t. this stage's outputs, nested like the outputs
-                (``None`` entries allowed; the sum over output edges); ignored by a sink.
-        """
-        run = self._run
-        saved = self._get(run, mb)
-        try:
-            outputs = saved.outputs if saved.outputs is not None else self._materialize(saved)
-            tensors, grads = self._pairs(outputs, grad_outputs, saved.weight)
-            leaves = self._grad_leaves(saved)
-            params = self.params
-            if tensors and (leaves or params):
-                if leaves:
-                    gs = fast_grad(tensors, leaves + params, grads, plain_tail=self._plain_params)
-                    for t, g in zip(leaves, gs):
-                        t.grad = g
-                    gs = gs[len(leaves):]
-                else:
-                    gs = fast_grad(tensors, params, grads, plain_tail=self._plain_params)
-                run.accumulate(params, gs, cache=True)
-            if saved.target_leaves:
-                self._keep_target_grad(run, mb, saved)
-            return self._input_grads(saved, leaves)
-        finally:
-            self._pop(run, mb)
-
-    def backward_input(self, mb: int, grad_outputs: Any = None) -> Any:
-        """``I`` of micro-batch ``mb``: gradients w.r.t. the boundary inputs only; the weight
-        gradients are left for :meth:`backward_weight` (the graph is kept until then)."""
-        run = self._run
-        saved = self._get(run, mb)
-        outputs = self._materialize(saved)
-        tensors, grads = self._pairs(outputs, grad_outputs, saved.weight)
-        leaves = self._grad_leaves(saved)
-        if not tensors or not self.params:
-            if tensors and leaves:
-                for t, g in zip(leaves, fast_grad(tensors, leaves, grads)):
-                    t.grad = g
-            self._after_input(run, saved, mb)
-            return self._input_grads(saved)
-        if self.compiled is not None:    # one compiled node computes all: no split (compiled_stage)
-            return compiled_backward_input(self, run, saved, mb, tensors, grads, leaves)
-        if not leaves:
-            saved.w_full = (tensors, grads)        # nothing to do for I: W is the whole backward
-            self._after_input(run, saved, mb)
-            return self._input_grads(saved)
-        if self._accumulators is None:
-            # Holding each parameter's AccumulateGrad node keeps it alive, so every later
-            # graph uses the same node objects (as DDP does for its hooks).
-            self._accumulators = [get_gradient_edge(p).node for p in self.params]
-        edges, fallback, ri_nodes = split.split_plan(tensors, grads, leaves, self.params,
-                                                     self._accumulators)
-        in_grads, captured = split.input_pass(tensors, grads, leaves, edges)
-        for t, g in zip(leaves, in_grads):
-            t.grad = g
-        saved.w_edges = split.weight_work(edges, captured, tensors, grads, ri_nodes)
-        if fallback:
-            saved.w_fallback = (tensors, grads, fallback)
-        self._after_input(run, saved, mb)
-        return self._input_grads(saved)
-
-    def _after_input(self, run: _Run, saved: _Saved, mb: int) -> None:
-        # I ends the micro-batch's flight; until W the graph stays (kept or recomputed).
-        self._keep_target_grad(run, mb, saved)
-        w = saved.nbytes
-        if saved.recomputed:
-            exclude = {p.data_ptr() for p in self.params}
-            w = _tensor_bytes(saved.inputs + saved.recomputed, exclude)
-            saved.recomputed = []
-        self._leave_inflight(run, saved)
-        saved.w_nbytes = w
-        run.add(0, 0, w)
-
-    def backward_weight(self, mb: int, count: int = 1) -> None:
-        """``W`` of micro-batch ``mb``: accumulate the parameter gradients. ``count > 1``: a
-        batched W of micro-batches ``mb .. mb + count - 1`` as one computation
-        (:func:`pipetrain.split_backward.batched_weight`)."""
-        # One micro-batch or several, W is the same computation (batched_weight): each
-        # Linear's gradient as one GEMM accumulated in place, other layers restarted through
-        # autograd, one accumulation call -- instead of one autograd call and one
-        # accumulation per frontier node, the per-call toll that made I + W cost ~1.9x B at
-        # the fine grain.
-        run = self._run
-        mbs = range(mb, mb + count)
-        saveds = [self._get(run, k) for k in mbs]
-        try:
-            works = []
-            for saved in saveds:
-                work = list(saved.w_edges)
-                if saved.w_full is not None:
-                    work.append((saved.w_full[0], saved.w_full[1], self.params))
-                if saved.w_fallback is not None:
-                    work.append(saved.w_fallback)
-                works.append(work)
-            split.batched_weight(works, run.staged)
-        finally:
-            for k in mbs:
-                self._pop(run, k)
-
-
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _detach_tree(out: Any) -> Any:

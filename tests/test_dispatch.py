@@ -38,6 +38,29 @@ def test_action_table_is_read_once_per_plan_and_matches_the_ir():
         pipe.close()
 
 
+def test_edge_table_is_kept_per_transports_and_matches_the_graph():
+    pipe = pipetrain.Pipeline(_layers(), 2, schedule="1f1b", num_microbatches=4,
+                              loss_fn=nn.functional.mse_loss)
+    try:
+        plan, transports = pipe.plan, pipe.runner.transports
+        out, ins = dispatch.edge_table(plan, transports)
+        assert dispatch.edge_table(plan, transports)[0] is out        # cached on the plan
+        graph = plan.graph
+        dev = [graph.stage(s).device for s in range(graph.num_stages)]
+        for s in range(graph.num_stages):
+            assert [(e, transports[e], dev[s], dev[graph.edge(e).dst])
+                    for e in graph.stage(s).outputs] == out[s]
+            assert [(e, transports[e], dev[graph.edge(e).src], dev[s])
+                    for e in graph.stage(s).inputs] == ins[s]
+        assert sum(map(len, out)) == sum(map(len, ins)) == len(graph.edges) > 0
+        # Other transports (a replaced executor): a new table, with those transports.
+        other = dict(transports)
+        out2, _ = dispatch.edge_table(plan, other)
+        assert out2 is not out and out2 == out
+    finally:
+        pipe.close()
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 def test_a_different_batch_size_after_cached_steps_gives_the_unsplit_gradients(schedule):
     """Steps reuse the plan's action table and each stage's per-run caches (saved-bytes

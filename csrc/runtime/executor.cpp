@@ -387,6 +387,12 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
   const auto slice = std::chrono::microseconds(
       std::clamp<std::int64_t>(limit_ns / 8000, 1000, 20000));
   std::int64_t cancelled_at = -1;
+  // Polling the host takes the GIL, which the issuing thread holds across its consecutive
+  // actions: each poll makes it hand the interpreter over and take it back (a forced switch
+  // after Python's switch interval, and two thread wake-ups). So poll at most every
+  // kPollNs -- Ctrl-C is still seen within ~0.1 s -- not at every watchdog slice.
+  constexpr std::int64_t kPollNs = 50'000'000;
+  std::int64_t polled_at = base_ns_;
   {
     std::unique_lock<std::mutex> lock(job_mutex_);
     finished_ = 0;
@@ -396,7 +402,9 @@ RunError Executor::run(std::shared_ptr<const Plan> plan, ActionFn fn, std::share
       if (finished_cv_.wait_for(lock, slice, [&] { return finished_ == num_devices_; })) break;
       lock.unlock();
       const std::int64_t now = now_ns();
-      if (!host_->poll()) {
+      const bool poll_now = now - polled_at >= kPollNs || cancel_.load();
+      if (poll_now) polled_at = now;
+      if (poll_now && !host_->poll()) {
         // A second interrupt while threads finish their actions: stop waiting for them.
         if (cancel_.load()) grace_ns_.store(0);
         fail({RunError::Kind::kInterrupted, -1, -1, -1, -1, "interrupted"});

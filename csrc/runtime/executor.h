@@ -44,7 +44,8 @@ class HostContext {
   virtual void detach(int device) { (void)device; }  // once, on the thread, when it exits
   virtual void enter(int device) { (void)device; }   // before running actions
   virtual void leave(int device) { (void)device; }   // before waiting
-  // Called by the watchdog (calling) thread every few milliseconds; false interrupts the run.
+  // Called by the watchdog (calling) thread at most every 50 ms (the Python host takes the
+  // GIL in it, away from the issuing threads); false interrupts the run.
   virtual bool poll() { return true; }
 };
 
