@@ -307,15 +307,31 @@ def grid(quick: bool) -> dict:
               f"({pl.step_time * 1e3:.2f} ms), then " + ", ".join(
                   f"{c.label()} ({c.step_time * 1e3:.2f})" for c in pl.candidates[1:3]
                   if c.step_time))
-    runnable, seen = [], set()
+    # One configuration per distinct run: schedules whose built orders are the same (ZB-H1
+    # and ZB-H2 at m = 2) run the same actions, and two Pipelines of the same run were
+    # measured up to 17 % apart in a run-off (per-instance effects), which would judge the
+    # plan against its own twin; the first of each is kept.
+    from pipetrain import schedules as _schedules
+    runnable, seen, twins = [], set(), {}
     for c in plan.candidates:
         if c.fits and c.model.runnable and not c.model.asynchronous and c.label() not in seen:
             seen.add(c.label())
+            order = str(_schedules.build(c.schedule, num_stages=c.p, num_microbatches=c.m,
+                                         num_chunks=c.v)).split("\n", 1)[1]
+            key = (c.p, c.b, c.m, c.v, c.recompute, order)
+            if key in twins:
+                twins[key].append(c.label())
+                continue
+            twins[key] = [c.label()]
             if c.step_time is None:   # pruned by the search: predict it for the table
                 c = evaluate(plan.table, Network(), p=c.p, b=c.b, m=c.m, schedule=c.schedule,
                              v=c.v, recompute=c.recompute)
             runnable.append(c)
     labels = [c.label() for c in runnable]
+    same = [" = ".join(v) for v in twins.values() if len(v) > 1]
+    if same:
+        print(f"the same run (one measured): {'; '.join(same[:4])}"
+              f"{f' and {len(same) - 4} more' if len(same) > 4 else ''}")
     # Few rounds: the screening only has to bring the fastest into the run-off.
     rounds = 2 if quick else 3
     spans = [sp for sp, _ in _measure_all(model, x, y, runnable, rounds, "grid screening",
@@ -326,7 +342,9 @@ def grid(quick: bool) -> dict:
     noise = statistics.median(_spread(sp) for sp in spans)
     order = sorted(range(len(runnable)), key=lambda i: rel[i])
     by_min = sorted(range(len(runnable)), key=lambda i: min(spans[i]))
-    chosen = {st: labels.index(pl.best.label()) for st, pl in plans.items()}
+    def index(label):   # the measured one of the choice's twins
+        return next(labels.index(v[0]) for v in twins.values() if label in v)
+    chosen = {st: index(pl.best.label()) for st, pl in plans.items()}
     print(f"screening: {len(runnable)} configurations, {rounds} shuffled interleaved rounds, "
           f"noise {100 * noise:.0f} %; the fastest 8:")
     print(f"{'configuration':40s} {'pred ms':>8s} {'median ms':>9s} {'vs fastest':>10s} "
