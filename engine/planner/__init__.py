@@ -27,7 +27,7 @@ from pipetrain.planner.costs import Affine, CostTable, Network, measure_costs, p
 from pipetrain.planner.memory import Memory, device_memory
 from pipetrain.planner.result import Candidate, TrainingPlan, fmt_bytes
 from pipetrain.planner.schedule_models import MODELS, ScheduleModel, models_for, register
-from pipetrain.planner.search import rank, search
+from pipetrain.planner.search import prefer_fewer_handoffs, rank, search
 from pipetrain.planner.graph import graphpipe_candidates, is_graph_model, measure_graph
 
 __all__ = ["plan", "DeviceSpec", "device_spec", "Affine", "CostTable", "Network",
@@ -43,7 +43,8 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
          measure_sizes: Optional[Sequence[int]] = None, repeats: int = 5,
          threads: int = 1, widths: Optional[Sequence[int]] = None,
          optimizer: Optional[Callable] = None, leaf_modules: Sequence[Any] = (),
-         op_times: Optional[dict] = None) -> TrainingPlan:
+         op_times: Optional[dict] = None,
+         handoff_tolerance: Optional[float] = None) -> TrainingPlan:
     """Choose the fastest configuration that fits.
 
     Args:
@@ -78,6 +79,10 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
         leaf_modules, op_times: graph models only (as for ``Pipeline``): modules kept as one
             operator; ``{fx node name: (forward_s, backward_s)}`` per sample instead of
             timing the operators.
+        handoff_tolerance: among configurations of the fastest's depth and width predicted
+            within this fraction of it, take the one with the fewest cross-device hand-offs
+            (:func:`~pipetrain.planner.search.prefer_fewer_handoffs`). Default: 0.10 when
+            the costs carry a measured CPU hand-off (``handoff_latency > 0``), else 0.
         optimizer: ``optimizer(params) -> torch optimizer``, passed on to the Pipeline that
             :meth:`TrainingPlan.pipeline` builds (required there for asynchronous schedules,
             which step it themselves). Its state bytes are ``optimizer_factor``'s to say.
@@ -125,16 +130,22 @@ def plan(model: Any = None, sample: Any = None, loss_fn: Optional[Callable] = No
         costs = measure_costs(model, sample, loss_fn, sizes=measure_sizes, repeats=repeats,
                               threads=threads, optimizer_factor=optimizer_factor)
     network = network or Network()
+    if handoff_tolerance is None:
+        handoff_tolerance = 0.10 if costs.handoff_latency > 0 else 0.0
+    if not 0 <= handoff_tolerance < 1:
+        raise ValueError(f"handoff_tolerance must be a fraction in [0, 1), got {handoff_tolerance}")
     t0 = time.perf_counter()
     cands, ev = search(costs, devices, limit, batch_size, rows, network,
                        micro_batch_sizes=micro_batch_sizes, recompute=recompute,
-                       widths=widths, depths=[spec.depth] if spec.depth else None)
+                       widths=widths, depths=[spec.depth] if spec.depth else None,
+                       handoff_tolerance=handoff_tolerance)
     simulations = ev.simulations
     if gc is not None and any(r.graph for r in rows):
         extra, sims = graphpipe_candidates(gc, devices, limit, batch_size, network,
                                            micro_batch_sizes=micro_batch_sizes, widths=widths,
                                            depths=[spec.depth] if spec.depth else None)
-        cands, simulations = rank(list(cands) + extra), simulations + sims
+        cands = prefer_fewer_handoffs(rank(list(cands) + extra), handoff_tolerance)
+        simulations += sims
     elapsed = time.perf_counter() - t0
     if not cands:
         raise ValueError(f"no configuration of {devices} devices divides batch {batch_size} "

@@ -11,12 +11,13 @@ repeated), so that a change of the machine's load between measurements hits ever
   at that b;
 - a p-stage 1F1B pipeline at the middle size, for each depth p to calibrate: per round, its
   makespan over the same round's one-stage makespan, against the simulator's ratio of the
-  two on the calibrated costs, is :attr:`CostTable.slowdown` at p (p threads sharing the
+  two on the calibrated costs (hand-offs as wake-ups: :mod:`pipetrain.planner.wake`), is
+  :attr:`CostTable.slowdown` at p (p threads sharing the
   cores, the GIL and memory bandwidth run each action slower); its hand-offs (an action
   waiting for another device's output: start minus that output's end) give the hand-off
   latency;
 - a one-stage ZB-H1 pipeline at the middle size: per round its I + W over the one-stage B
-  is the split backward's factor.
+  is the split backward's factor (the median over rounds whatever ``stat``).
 
 ``stat`` summarises the rounds (median or min). Units: seconds.
 """
@@ -73,6 +74,7 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
     from pipetrain.partition import balance_costs
     from pipetrain.pipeline import Pipeline
     from pipetrain.planner.costs import _leaves, _slice, measure_action_overhead
+    from pipetrain.planner.wake import makespan
     inputs, targets = sample
     n = _leaves(inputs)[0].shape[0]
     L, mid = len(rows["F"]), len(sizes) // 2
@@ -128,8 +130,10 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
     slowdown, handoff = {1: 1.0}, 0.0
     for q in depths:
         sts = rec[("deep", q)]
-        # Each round's median hand-off, summarised over rounds like every other time.
-        per_round = [statistics.median(w) for w in (handoffs(s.records, q) for s in sts) if w]
+        # Each round's mean hand-off, summarised over rounds like every other time. The mean,
+        # not the median: a wake-up is fast mostly and ~1 ms when the thread lost its core
+        # (mean ~3x the median on 2 cores), and a schedule pays the sum of its hand-offs.
+        per_round = [statistics.fmean(w) for w in (handoffs(s.records, q) for s in sts) if w]
         wake = stat(per_round) if per_round else 0.0
         handoff = wake if q == min(depths) else handoff
         balance = balance_costs(probe, q)
@@ -138,15 +142,19 @@ def calibrate(model: Any, sample: Any, loss_fn: Callable, sizes: Sequence[int], 
             F.append(sum(rows["F"][li][mid] for li in range(i, i + k)) + o)
             B.append(sum(rows["B"][li][mid] for li in range(i, i + k)) + o)
             i += k
-        sim = schedules.build("1f1b", num_stages=q, num_microbatches=m_mid).simulate(
-            forward=F, backward=B, transfer=wake).makespan
+        # The hand-off as the search charges it: a wake-up of an idle device only.
+        sim = makespan(schedules.build("1f1b", num_stages=q, num_microbatches=m_mid),
+                       F, B, [0.0] * len(F), 0.0, wake)
         ratio = _ratio([d.makespan_s for d in sts], [s.makespan_s for s in ones], stat)
         slowdown[q] = ratio * sim_one / sim if sim > 0 else 1.0
     # The split's factor on the layers' compute: I and W each pay the per-action overhead.
+    # Always the paired median: a ratio of two unpaired minima put it anywhere from 0.6 to
+    # 1.75 between runs on a loaded 2-core machine (and a "quiet" plan then never or always
+    # chose the zero-bubble schedules), the paired median from 0.94 to 1.25.
     iw = [_backward(z.costs_s) for z in rec[("split", b_mid)]]
     full = [_backward(s.costs_s) for s in ones]
     if min(iw) > 2 * o and min(full) > o:
-        split = _ratio([v - 2 * o for v in iw], [v - o for v in full], stat)
+        split = _ratio([v - 2 * o for v in iw], [v - o for v in full], statistics.median)
     else:   # the model's compute is below the engine's overhead (tiny layers): raw ratio
-        split = _ratio(iw, full, stat)
+        split = _ratio(iw, full, statistics.median)
     return slowdown, split, statistics.median(gaps), handoff, {"F": o, "B": o}

@@ -44,6 +44,8 @@ class Candidate:
         memory: per device, predicted :class:`Memory`; limit: the memory limit (bytes).
         bound: lower bound on the step time (s); step_time: simulated step time (s), None
         when pruned or over the limit; extra: all-reduce + update seconds in it.
+        latency: seconds of every cross-device transfer; wake: seconds a device idle for
+        another's output pays to start (CPU threads; :mod:`pipetrain.planner.wake`).
         status: "simulated", "pruned" (bound above the best) or "over" (does not fit).
     """
 
@@ -64,6 +66,7 @@ class Candidate:
     limit: float
     step_time: Optional[float] = None
     status: str = "new"
+    wake: float = 0.0
 
     @property
     def peak_memory(self) -> float:
@@ -91,6 +94,12 @@ class Candidate:
         """Why this candidate lost to ``best``."""
         if not self.fits:
             return f"does not fit: {fmt_bytes(self.peak_memory)} > {fmt_bytes(self.limit)}"
+        if self.step_time is not None and best.step_time and self.step_time < best.step_time:
+            from pipetrain.planner.search import handoffs_per_step
+            return (f"predicted faster: {fmt_time(self.step_time)} "
+                    f"({100 * (self.step_time / best.step_time - 1):+.1f} %), but with "
+                    f"{handoffs_per_step(self)} hand-offs per step to the choice's "
+                    f"{handoffs_per_step(best)}: within the hand-off tolerance")
         if self.step_time is None:
             return (f"slower: at least {fmt_time(self.bound)} "
                     f"(bound, +{100 * (self.bound / best.step_time - 1):.0f} %)")

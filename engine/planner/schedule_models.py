@@ -9,7 +9,8 @@ today (the asynchronous ones through ``Pipeline(..., optimizer=...).train()``). 
 schedules plug in by adding a row: :func:`register` — the search has no special cases.
 
 Conventions: per-stage costs in seconds (F, full backward B, weight part W), one entry per
-(virtual) stage, stage k on device k % p; ``latency`` the time of one boundary transfer.
+(virtual) stage, stage k on device k % p; ``latency`` the time of one boundary transfer,
+``wake`` the wake-up of a device that waited for it (0 off CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pipetrain import schedules
+from pipetrain.planner.wake import makespan
 
 __all__ = ["ScheduleModel", "MODELS", "register", "models_for"]
 
@@ -58,11 +60,16 @@ class ScheduleModel:
     note: str = ""
 
     def simulate(self, p: int, m: int, v: int, F: Sequence[float], B: Sequence[float],
-                 W: Sequence[float], latency: float) -> float:
-        """Seconds of one mini-batch from the built schedule's simulation (or the closed form)."""
+                 W: Sequence[float], latency: float, wake: float = 0.0) -> float:
+        """Seconds of one mini-batch from the built schedule's simulation (or the closed form).
+        ``latency``: every cross-device hand-off's transfer; ``wake``: what a device that sat
+        idle waiting for another's output pays on top (:mod:`pipetrain.planner.wake`; a
+        closed form charges it on every hand-off)."""
         if self.step_time is not None:
-            return self.step_time(p, m, v, F, B, W, latency)
+            return self.step_time(p, m, v, F, B, W, latency + wake)
         s = schedules.build(self.name, num_stages=p, num_microbatches=m, num_chunks=v)
+        if wake > 0:
+            return makespan(s, F, B, W if self.split_backward else [0.0] * len(F), latency, wake)
         return s.simulate(forward=list(F), backward=list(B),
                           weight=list(W) if self.split_backward else None,
                           transfer=latency).makespan

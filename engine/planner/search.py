@@ -11,8 +11,10 @@ schedule table (:mod:`pipetrain.planner.schedule_models`):
 3. bound the step time from below without simulating: the busiest device's m * (F + B), and
    the critical path of the last micro-batch, ``(m - 1) F_0 + sum_k (F_k + I_k)``;
 4. simulate the fitting candidates in increasing order of bound, stopping when the bound
-   reaches the best simulated time (branch and bound); simulations are cached by shape and
-   costs. The winner's memory is re-checked with the built schedule's exact in-flight counts.
+   passes the best simulated time (branch and bound; equal times go to less memory);
+   simulations are cached by shape and costs. Hand-offs: a link's transfer on every
+   cross-device edge, a CPU thread's wake-up only where the device sat idle
+   (:mod:`pipetrain.planner.wake`). The winner's memory is re-checked with the built schedule's exact in-flight counts.
 
 Times are seconds; memory bytes.
 """
@@ -28,7 +30,8 @@ from pipetrain.planner.memory import device_memory, stage_ranges
 from pipetrain.planner.result import Candidate
 from pipetrain.planner.schedule_models import ScheduleModel
 
-__all__ = ["search", "evaluate", "fast_balance", "divisors", "rank", "exact_memory"]
+__all__ = ["search", "evaluate", "fast_balance", "divisors", "rank", "exact_memory",
+           "handoffs_per_step", "prefer_fewer_handoffs"]
 
 
 def grid(devices: int, batch_size: int, max_depth: int,
@@ -161,12 +164,12 @@ class _Evaluator:
                                               recompute)
         return self._memory[key]
 
-    def simulate(self, model: ScheduleModel, p, m, v, F, B, W, latency) -> float:
+    def simulate(self, model: ScheduleModel, p, m, v, F, B, W, latency, wake=0.0) -> float:
         key = (model.name, p, m, v, tuple(F), tuple(B), tuple(W) if model.split_backward else (),
-               latency)
+               latency, wake)
         if key not in self._sims:
             self.simulations += 1
-            self._sims[key] = model.simulate(p, m, v, F, B, W, latency)
+            self._sims[key] = model.simulate(p, m, v, F, B, W, latency, wake)
         return self._sims[key]
 
 
@@ -174,7 +177,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
            models: Sequence[ScheduleModel], network: Network, *,
            micro_batch_sizes: Optional[Sequence[int]] = None,
            recompute: Sequence[bool] = (False, True), depths: Optional[Sequence[int]] = None,
-           widths: Optional[Sequence[int]] = None,
+           widths: Optional[Sequence[int]] = None, handoff_tolerance: float = 0.0,
            evaluator: Optional[_Evaluator] = None) -> Tuple[List[Candidate], _Evaluator]:
     """Evaluate the configurations; return them best first (fitting and simulated, then the
     pruned ones, then those that do not fit, by how much they miss) and the evaluator used.
@@ -186,14 +189,18 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
         divisor of B / w); recompute: the re-materialization settings to try; depths: the p
         to try (default: every divisor of devices up to the layer count); widths: the w to
         try (default: all; ``[1]`` until issue 9's data-parallel Pipeline lands, to get only
-        configurations one process runs).
+        configurations one process runs); handoff_tolerance: see
+        :func:`prefer_fewer_handoffs` (0: the fastest predicted wins).
     """
     ev = evaluator or _Evaluator(table, network)
     L = table.num_layers
     cands: List[Candidate] = []
     for p, w, b, m in grid(devices, batch_size, L, depths, widths, micro_batch_sizes):
         boundary = max(table.input_bytes[i](b) for i in range(L))
-        latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+        # A link's transfer delays every hand-off; a CPU stage thread's wake-up only those its
+        # device sat idle for (pipetrain.planner.wake): kept apart for the simulation.
+        latency = network.transfer(boundary) if p > 1 else 0.0
+        wake = table.handoff_latency if p > 1 else 0.0
         for model in models:
             if model.graph:     # stage DAGs: pipetrain.planner.graph
                 continue
@@ -221,16 +228,19 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                     cands.append(Candidate(p=p, w=w, b=b, m=m, schedule=model.name, v=v,
                                            recompute=rc, balance=bal, memory=mem,
                                            bound=bound, extra=extra, latency=latency,
+                                           wake=wake,
                                            costs=(F, B, W), model=model,
                                            limit=memory_limit))
     fitting = sorted((c for c in cands if c.fits), key=lambda c: c.bound)
     best = math.inf
     for c in fitting:
-        if c.bound >= best:
+        # An equal bound may still tie (ties go to less memory); within the hand-off
+        # tolerance a slower candidate may still be preferred: simulate those too.
+        if c.bound > best * (1 + handoff_tolerance):
             c.status = "pruned"
             continue
         F, B, W = c.costs
-        c.step_time = ev.simulate(c.model, c.p, c.m, c.v, F, B, W, c.latency) + c.extra
+        c.step_time = ev.simulate(c.model, c.p, c.m, c.v, F, B, W, c.latency, c.wake) + c.extra
         c.status = "simulated"
         if c.step_time < best:
             # Confirm with the built schedule's order before trusting it.
@@ -239,7 +249,7 @@ def search(table: CostTable, devices: int, memory_limit: float, batch_size: int,
                 c.status = "over"
                 continue
             best = c.step_time
-    return rank(cands), ev
+    return prefer_fewer_handoffs(rank(cands), handoff_tolerance), ev
 
 
 def exact_memory(table: CostTable, c: Candidate) -> list:
@@ -260,14 +270,47 @@ def exact_memory(table: CostTable, c: Candidate) -> list:
 
 
 def rank(cands: Sequence[Candidate]) -> List[Candidate]:
-    """Best first: the fitting simulated ones by step time, the fitting pruned ones by bound,
-    then those that do not fit by how much they need."""
+    """Best first: the fitting simulated ones by step time (equal times: less peak memory
+    first, e.g. 1F1B before GPipe at the same bubble), the fitting pruned ones by bound, then
+    those that do not fit by how much they need."""
     ok = [c for c in cands if c.fits and c.status != "over"]
-    sim = sorted((c for c in ok if c.status == "simulated"), key=lambda c: c.step_time)
+    sim = sorted((c for c in ok if c.status == "simulated"),
+                 key=lambda c: (round(c.step_time, 12), c.peak_memory))
     rest = sorted((c for c in ok if c.status != "simulated"), key=lambda c: c.bound)
     over = sorted((c for c in cands if not c.fits or c.status == "over"),
                   key=lambda c: c.peak_memory)
     return sim + rest + over
+
+
+def handoffs_per_step(c: Candidate) -> int:
+    """Cross-device hand-offs in one step of a chain schedule: each of the m micro-batches
+    crosses the p v - 1 stage boundaries forward and again backward."""
+    return 2 * (c.p * c.v - 1) * c.m
+
+
+def prefer_fewer_handoffs(ranked: List[Candidate], tolerance: float) -> List[Candidate]:
+    """``ranked`` (best first, :func:`rank`) with, in front, the candidate of the fastest's
+    depth and width with the fewest :func:`handoffs_per_step` among those predicted within
+    ``tolerance`` (a fraction) of the fastest (then the fastest of those).
+
+    Why: on CPU each hand-off costs a stage thread's wake-up, the least reproducible number
+    the calibration measures (its mean moved 0.3 -> 1.9 ms between runs on a shared 2-core
+    machine; and in 5 measurements there interleaved 1F1B, with 2 v - 1 times 1F1B's
+    hand-offs, ran 4-22 % slower than ZB-H1 of the same shape, which the model had put
+    from 5 % slower to 10 % faster than it). A predicted gain smaller than the model's error, bought with more hand-offs, is
+    not worth the risk. The depth and width stay the fastest's: fewer devices has fewer
+    hand-offs too, but the gain of a second device is no small margin to second-guess.
+    ``tolerance`` 0 (the default off CPU, where a hand-off is a measured transfer) keeps
+    the order."""
+    if tolerance <= 0 or not ranked or ranked[0].status != "simulated":
+        return ranked
+    top = ranked[0]
+    near = [c for c in ranked if c.status == "simulated" and c.fits and c.p == top.p
+            and c.w == top.w and c.step_time <= top.step_time * (1 + tolerance)]
+    pick = min(near, key=lambda c: (handoffs_per_step(c), c.step_time, c.peak_memory))
+    if pick is top:
+        return ranked
+    return [pick] + [c for c in ranked if c is not pick]
 
 
 def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, schedule: str,
@@ -281,15 +324,16 @@ def evaluate(table: CostTable, network: Network, *, p: int, b: int, m: int, sche
     bal = list(balance) if balance is not None else ev.balance(p * v, b, recompute)
     F, B, W = ev.stage_costs(bal, b, recompute, model.split_backward, p)
     boundary = max(table.input_bytes[i](b) for i in range(table.num_layers))
-    latency = network.transfer(boundary) + table.handoff_latency if p > 1 else 0.0
+    latency = network.transfer(boundary) if p > 1 else 0.0
+    wake = table.handoff_latency if p > 1 else 0.0
     params = [0.0] * p
     for k, (first, last) in enumerate(stage_ranges(bal)):
         params[k % p] += sum(table.param_bytes[first:last + 1])
     extra = network.allreduce(table.grad_factor * max(params), w) + table.update * max(params)
     c = Candidate(p=p, w=w, b=b, m=m, schedule=schedule, v=v, recompute=recompute, balance=bal,
-                  memory=[], bound=0.0, extra=extra, latency=latency, costs=(F, B, W),
+                  memory=[], bound=0.0, extra=extra, latency=latency, wake=wake, costs=(F, B, W),
                   model=model, limit=memory_limit)
     c.memory = exact_memory(table, c)
-    c.step_time = ev.simulate(model, p, m, v, F, B, W, latency) + extra
+    c.step_time = ev.simulate(model, p, m, v, F, B, W, latency, wake) + extra
     c.status = "simulated"
     return c

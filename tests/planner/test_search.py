@@ -1,4 +1,5 @@
-"""The search against brute force, PipeDream-2BW's rule, and its speed."""
+"""The search against brute force, PipeDream-2BW's rule and its speed; its choice among
+near-equal predictions (less memory; fewer hand-offs within the tolerance)."""
 
 import random
 import time
@@ -121,3 +122,50 @@ def test_impossible_request_says_by_how_much():
         pipetrain.plan(costs=table, devices=2, memory_per_device="100MB", batch_size=64)
     msg = str(err.value)
     assert "more than the limit" in msg and "memory_per_device >=" in msg and "devices" in msg
+
+
+def _uniform(handoff, n=8):
+    return CostTable(forward=[Affine(0.0, 1e-3)] * n, backward=[Affine(0.0, 2e-3)] * n,
+                     weight=[Affine(0.0, 1e-3)] * n, activation=[Affine(0, 1e3)] * n,
+                     input_bytes=[Affine(0, 1e3)] * n, param_bytes=[1e6] * n,
+                     handoff_latency=handoff)
+
+
+@pytest.mark.parametrize("tolerance,expected", [(0.0, 4), (None, 2), (0.10, 2), (0.2, 1)])
+def test_within_the_tolerance_fewer_hand_offs_win(tolerance, expected):
+    # 2 devices, 4 micro-batches of 4: per stage of one layer F 4 ms, B 8 ms; wake 0.1 ms.
+    # Predicted: v=4 205.4 ms < v=2 216.6 ms (+5.5 %) < 1F1B 240.4 ms (+17.0 %), with
+    # 2 (p v - 1) m = 56, 24 and 8 hand-offs per step. The default tolerance for a table
+    # with a measured hand-off is 10 %.
+    plan = pipetrain.plan(costs=_uniform(1e-4), devices=2, widths=[1], memory_per_device="1GB",
+                          batch_size=16, micro_batch_sizes=[4], recompute=(False,),
+                          schedules=["1f1b", "interleaved-1f1b"], handoff_tolerance=tolerance)
+    times = {c.v: c.step_time for c in plan.candidates}
+    assert times[4] == pytest.approx(0.2054) and times[2] == pytest.approx(0.2166)
+    assert times[1] == pytest.approx(0.2404)
+    assert plan.best.v == expected
+    if expected != 4:
+        fastest = next(c for c in plan.candidates if c.v == 4)
+        assert "predicted faster" in fastest.why(plan.best)
+
+
+def test_no_measured_hand_off_no_preference():
+    plan = pipetrain.plan(costs=_uniform(0.0), devices=2, widths=[1], memory_per_device="1GB",
+                          batch_size=16, micro_batch_sizes=[4], recompute=(False,),
+                          schedules=["1f1b", "interleaved-1f1b"])
+    assert plan.best.v == 4 and plan.step_time == min(c.step_time for c in plan.candidates)
+    with pytest.raises(ValueError, match="handoff_tolerance"):
+        pipetrain.plan(costs=_uniform(0.0), devices=2, memory_per_device="1GB",
+                       batch_size=16, handoff_tolerance=1.5)
+
+
+@pytest.mark.parametrize("order", [["gpipe", "1f1b"], ["1f1b", "gpipe"]])
+def test_equal_predicted_times_go_to_less_memory(order):
+    # One device: GPipe and 1F1B take the same time; 1F1B holds 1 micro-batch, GPipe m.
+    plan = pipetrain.plan(costs=_uniform(0.0), devices=1, memory_per_device="1GB",
+                          batch_size=16, micro_batch_sizes=[4], schedules=order,
+                          recompute=(False,))
+    gpipe = next(c for c in plan.candidates if c.schedule == "gpipe")
+    assert plan.best.schedule == "1f1b"
+    assert gpipe.step_time == pytest.approx(plan.step_time)
+    assert gpipe.peak_memory > plan.peak_memory
