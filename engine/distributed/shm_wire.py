@@ -60,9 +60,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from pipetrain.mailbox import VALUE
-from pipetrain.microbatch import _LEAF, unflatten
+from pipetrain.microbatch import _LEAF
 from pipetrain.arguments import check_wire
-from pipetrain.distributed.wire import ALIGN, Board, PeerFailed, _layout, encode
+from pipetrain.distributed.wire import ALIGN, Board, PeerFailed, _layout, encode, unpack
 
 __all__ = ["ShmStream", "ShmWire", "SHM_DIR", "alive", "host_id"]
 
@@ -445,7 +445,7 @@ class ShmStream:
             self._wait_published(self.count + 1, me, what)
         s = self.count % self.slots
         h = HEAD + SLOT_WORDS * s
-        got, flag, size, meta_len, sent_ns = ctl[h], ctl[h + 1], ctl[h + 2], ctl[h + 3], ctl[h + 4]
+        got, _flag, size, meta_len, sent_ns = ctl[h], ctl[h + 1], ctl[h + 2], ctl[h + 3], ctl[h + 4]
         start = (meta_len + ALIGN - 1) // ALIGN * ALIGN
         buf = self._slot(s, start + size)
         if meta_len:
@@ -473,18 +473,8 @@ class ShmStream:
         self.times[seq] = (sent_ns, t1, t0, t1)
         if single is not None:
             return value
-        spec, desc = self.meta
-        if self._recv_layout[0] is not self.meta:
-            self._recv_layout = (self.meta, _layout(desc)[0])
-        it = iter(self._recv_layout[1])
-        leaves = []
-        for d in desc:
-            if d[0] == "t":
-                off, n = next(it)
-                leaves.append(out[off:off + n].view(d[2]).view(d[1]))
-            else:
-                leaves.append(d[1])
-        return unflatten(leaves, spec)
+        value, self._recv_layout = unpack(out, self.meta, self._recv_layout)
+        return value
 
 
 class ShmWire:

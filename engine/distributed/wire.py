@@ -165,6 +165,26 @@ def _layout(desc: Sequence[Any]) -> Tuple[List[Tuple[int, int]], int]:
     return out, max(off, ALIGN)
 
 
+def unpack(buf: torch.Tensor, meta: Tuple[Any, Sequence[Any]],
+           cached: Tuple[Any, List[Tuple[int, int]]]) -> Tuple[Any, Tuple[Any, List[Tuple[int, int]]]]:
+    """The value of the packed message ``buf`` (uint8, the layout of :func:`_layout`) described
+    by ``meta`` = (structure, leaf descriptions): tensor leaves are views into ``buf``.
+    ``cached`` is the (meta, layout) pair a previous call returned; the layout is computed
+    again only when ``meta`` is a different object. Returns (value, the pair to cache)."""
+    spec, desc = meta
+    if cached[0] is not meta:
+        cached = (meta, _layout(desc)[0])
+    it = iter(cached[1])
+    leaves = []
+    for d in desc:
+        if d[0] == "t":
+            off, n = next(it)
+            leaves.append(buf[off:off + n].view(d[2]).view(d[1]))
+        else:
+            leaves.append(d[1])
+    return unflatten(leaves, spec), cached
+
+
 class Stream:
     """The messages of one (edge, direction) between this rank and ``peer``.
 
@@ -345,18 +365,8 @@ class Stream:
         self._wait_data(work, me, what)
         t1 = time.monotonic_ns()
         self.times[seq] = (sent_ns, t1, t0, t1)
-        spec, desc = self.meta
-        if self._recv_layout[0] is not self.meta:     # computed once per description
-            self._recv_layout = (self.meta, _layout(desc)[0])
-        it = iter(self._recv_layout[1])
-        leaves = []
-        for d in desc:
-            if d[0] == "t":
-                off, n = next(it)
-                leaves.append(buf[off:off + n].view(d[2]).view(d[1]))
-            else:
-                leaves.append(d[1])
-        return unflatten(leaves, spec)
+        value, self._recv_layout = unpack(buf, self.meta, self._recv_layout)
+        return value
 
 
 def _split(group: Any, edge: int) -> Tuple[Any, Any]:

@@ -3,11 +3,7 @@ on 127.0.0.1: whole pipelines through it equal the unsplit model (fp64: only sum
 differs, so 1e-10), messages of every shape / dtype / structure arrive exactly, errors and
 dead peers are reported within the timeout, and no /dev/shm name outlives its use."""
 
-import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -16,12 +12,12 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not os.path.isdir("/dev/shm"):
     pytest.skip("torch.distributed or /dev/shm is not available", allow_module_level=True)
 
-from tests.distributed.pool import free_port, module_pool  # noqa: E402
+from tests.distributed.killed import launch  # noqa: E402
+from tests.distributed.pool import module_pool  # noqa: E402
 
 S = "tests.distributed.scenarios"
 W = "tests.distributed.shm_scenarios"
 TOL = 1e-10
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pool = module_pool(3)
 
@@ -114,29 +110,9 @@ def test_killed_peer_detected_within_timeout_and_no_shm_left(tmp_path):
     """A rank SIGKILLed mid-step on the shm wire: the survivors raise naming it well within
     the pipeline's 30 s timeout, and no /dev/shm name of any of the three processes is left."""
     world, kill = 3, 1
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(world), KILL=str(kill), PYTHONPATH=ROOT, TRITON_INTERPRET="1",
-               WIRE="shm")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.killed", str(tmp_path)],
-                              env=dict(env, RANK=str(r)), cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for r in range(world)]
-    t0 = time.monotonic()
-    try:
-        for pr in procs:
-            pr.wait(timeout=max(1.0, 90 - (time.monotonic() - t0)))
-    finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait(timeout=10)
-    assert procs[kill].returncode != 0
-    for r in range(world):
-        if r == kill:
-            continue
-        path = tmp_path / f"{r}.json"
-        assert path.exists(), procs[r].stderr.read().decode()[-2000:]
-        res = json.loads(path.read_text())
+    procs, results = launch(tmp_path, world, kill, WIRE="shm")
+    assert sorted(results) == [r for r in range(world) if r != kill]
+    for res in results.values():
         assert res["error"] is not None and f"rank {kill}" in res["error"], res
         assert res["seconds"] < 15, res
     left = [n for n in os.listdir("/dev/shm")
