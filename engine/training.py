@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional
 import torch
 
 from pipetrain import async_schedules, async_windows, prediction
+from pipetrain.arguments import check_flag
 from pipetrain.dispatch import Carry
 from pipetrain.rollback import UpdateLog
 from pipetrain.versions import PlannedVersions
@@ -102,8 +103,7 @@ RECORDS_KEPT = 50_000
 def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = None, *,
           undo_failed_updates: bool = True) -> Iterator[torch.Tensor]:
     """See :meth:`pipetrain.Pipeline.train`."""
-    if not isinstance(undo_failed_updates, bool):
-        raise ValueError(f"undo_failed_updates must be True or False; got {undo_failed_updates!r}")
+    check_flag("undo_failed_updates", undo_failed_updates)
     if getattr(pipe, "dist", None) is not None:     # across processes: every rank runs its row
         from pipetrain.distributed import training as dist_training
         return dist_training.train(pipe, batches, minibatches_per_run)

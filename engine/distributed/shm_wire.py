@@ -62,7 +62,8 @@ import torch
 from pipetrain.mailbox import VALUE
 from pipetrain.microbatch import _LEAF
 from pipetrain.arguments import check_wire
-from pipetrain.distributed.wire import ALIGN, Board, PeerFailed, _layout, encode, unpack
+from pipetrain.distributed.wire import (ALIGN, Board, PeerFailed, _layout, check_board_and_deadline,
+                                        encode, unpack)
 
 __all__ = ["ShmStream", "ShmWire", "SHM_DIR", "alive", "host_id"]
 
@@ -328,12 +329,7 @@ class ShmStream:
         if pid and not alive(pid):
             raise PeerFailed(f"rank {self.peer} stopped answering (its process {pid} is gone): "
                              f"rank {self.me} was waiting for {what}", rank=self.peer)
-        posted = self.board.read()
-        if posted is not None:
-            raise PeerFailed(f"{posted} (rank {self.me} was waiting for {what})")
-        if time.monotonic() >= deadline:
-            raise PeerFailed(f"rank {self.peer} stopped answering: rank {self.me} waited for "
-                             f"{what} past the timeout", rank=self.peer)
+        check_board_and_deadline(self.board, deadline, peer=self.peer, me=self.me, what=what)
 
     # -- sending -------------------------------------------------------------------------
     def send(self, value: Any) -> Tuple[List[Any], List[torch.Tensor]]:
@@ -445,7 +441,8 @@ class ShmStream:
             self._wait_published(self.count + 1, me, what)
         s = self.count % self.slots
         h = HEAD + SLOT_WORDS * s
-        got, _flag, size, meta_len, sent_ns = ctl[h], ctl[h + 1], ctl[h + 2], ctl[h + 3], ctl[h + 4]
+        # Word h + 1 (the RESIZE flag) is not read: meta_len > 0 says the same.
+        got, size, meta_len, sent_ns = ctl[h], ctl[h + 2], ctl[h + 3], ctl[h + 4]
         start = (meta_len + ALIGN - 1) // ALIGN * ALIGN
         buf = self._slot(s, start + size)
         if meta_len:

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from pipetrain.mailbox import VALUE
 from pipetrain.microbatch import flatten, unflatten
 
-__all__ = ["Board", "PeerFailed", "Stream", "tag_of", "wait_all", "watch", "encode"]
+__all__ = ["Board", "PeerFailed", "Stream", "tag_of", "wait_all", "watch", "encode",
+           "unpack", "check_board_and_deadline"]
 
 HEADER, META, DATA, RESIZED = 0, 1, 2, 3
 
@@ -106,13 +107,20 @@ def watch(done: Callable[[float], bool], *, deadline: float, board: Board,
     """Call ``done(poll_seconds)`` until it is True; between calls read ``board`` and check
     ``deadline``. Raises PeerFailed (another rank's posted failure, or the deadline)."""
     while not done(0.1):
-        posted = board.read()
-        if posted is not None:
-            raise PeerFailed(f"{posted} (rank {me} was waiting for {what})")
-        if time.monotonic() >= deadline:
-            who = f"rank {peer}" if peer is not None else "a rank of the group"
-            raise PeerFailed(f"{who} stopped answering: rank {me} waited for {what} past the "
-                             f"timeout", rank=peer)
+        check_board_and_deadline(board, deadline, peer=peer, me=me, what=what)
+
+
+def check_board_and_deadline(board: Board, deadline: float, *, peer: Optional[int], me: int,
+                             what: str) -> None:
+    """Raise PeerFailed if another rank posted a failure on ``board`` or ``deadline``
+    (``time.monotonic()``) has passed: the checks of every bounded wait between polls."""
+    posted = board.read()
+    if posted is not None:
+        raise PeerFailed(f"{posted} (rank {me} was waiting for {what})")
+    if time.monotonic() >= deadline:
+        who = f"rank {peer}" if peer is not None else "a rank of the group"
+        raise PeerFailed(f"{who} stopped answering: rank {me} waited for {what} past the "
+                         f"timeout", rank=peer)
 
 
 def wait_all(works: Sequence[Any], *, deadline: float, board: Board, peer: Optional[int],
