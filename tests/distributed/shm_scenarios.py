@@ -8,14 +8,14 @@ from __future__ import annotations
 import glob
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from pipetrain.distributed.shm_wire import ARENAS, MIN_CAPACITY, SHM_DIR, ShmWire, host_id
 from pipetrain.distributed.wire import Board, PeerFailed
-from pipetrain.mailbox import GRAD, VALUE
+from pipetrain.mailbox import VALUE
 
 
 def messages(n: int) -> List[Any]:
@@ -108,6 +108,17 @@ def exchange(n: int, runs: int, slots: int) -> Dict[str, Any]:
             "fds": fds, "fds_after_close": shm_fds()}
 
 
+def _failing_take(st: Any, what: str) -> Tuple[Optional[str], float]:
+    """Rank 1 takes a message that must not come: (the PeerFailed text or None, seconds
+    the take lasted)."""
+    t0 = time.monotonic()
+    try:
+        st.take(me=1, what=what)
+    except PeerFailed as err:
+        return str(err), time.monotonic() - t0
+    return None, time.monotonic() - t0
+
+
 def error_delivered() -> Dict[str, Any]:
     """Rank 0 sends one message, then an error; rank 1 takes the message, then the next take
     raises PeerFailed carrying the text."""
@@ -120,12 +131,7 @@ def error_delivered() -> Dict[str, Any]:
     else:
         st.begin_run(2)
         out["first"] = st.take(me=1, what="1RF0").tolist()
-        t0 = time.monotonic()
-        try:
-            st.take(me=1, what="1RF1 from rank 0")
-        except PeerFailed as err:
-            out["error"] = str(err)
-        out["seconds"] = time.monotonic() - t0
+        out["error"], out["seconds"] = _failing_take(st, "1RF1 from rank 0")
     dist.barrier()
     st.close()
     out["after_close"] = mine()
@@ -162,12 +168,7 @@ def silent_peer(wait_s: float) -> Dict[str, Any]:
     out: Dict[str, Any] = {"error": None}
     if rank == 1:
         st.begin_run(1)
-        t0 = time.monotonic()
-        try:
-            st.take(me=1, what="1RF0 from rank 0")
-        except PeerFailed as err:
-            out["error"] = str(err)
-        out["seconds"] = time.monotonic() - t0
+        out["error"], out["seconds"] = _failing_take(st, "1RF0 from rank 0")
     dist.barrier()
     st.close()
     return out
