@@ -68,6 +68,8 @@ _mse_bw = _aten.mse_loss_backward.default
 _I_ONLY = [True, False, False]
 
 _Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled
 _T_TYPE = type(torch.zeros(1, 1, requires_grad=True).t().grad_fn)     # TBackward0
 
 
@@ -436,10 +438,13 @@ def replay(prog: Program, tensors: Sequence[torch.Tensor], grads: Sequence[Any],
     (:class:`LinearW` / :class:`NormW`), and what the autograd split must still run
     (``GradientEdge`` s or output tensors with their gradients). Raises :class:`Mismatch`
     (before anything is written anywhere) if the graph is not the program's."""
-    if not torch.is_grad_enabled():
+    if not _grad_enabled():
         return _replay(prog, tensors, grads, leaves)
-    with torch.no_grad():
+    _set_grad_enabled(False)            # torch.no_grad() without its context-manager toll
+    try:
         return _replay(prog, tensors, grads, leaves)
+    finally:
+        _set_grad_enabled(True)
 
 
 def _replay(prog: Program, tensors: Sequence[torch.Tensor], grads: Sequence[Any],

@@ -282,13 +282,14 @@ def _signature(tensors: Sequence[Any], grads: Sequence[Any], leaves: Sequence[An
     dtype (then the engine's own checks must run: the autograd split)."""
     key = []
     for t, g in zip(tensors, grads):
-        if type(t) is not torch.Tensor:
+        if type(t) is not torch.Tensor or not t.is_cpu:
             return None
-        if g is not None and (type(g) is not torch.Tensor or g.shape != t.shape
-                              or g.dtype != t.dtype or g.device != t.device):
+        shape, dtype = t.shape, t.dtype
+        if g is not None and (type(g) is not torch.Tensor or g.dtype is not dtype
+                              or not g.is_cpu or g.shape != shape):
             return None
-        key.append(t.shape)
-        key.append(t.dtype)
+        key.append(shape)
+        key.append(dtype)
     key.append(None)
     for t in leaves:
         key.append(t.shape)
@@ -479,6 +480,11 @@ def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
                     _count_accumulation(into, params, gs)
                 _accumulate(into, params, gs)
         return
+    if len(works) == 1 and ACC_BYTES is None and all(type(it) is LinearW for it in works[0]):
+        # One micro-batch of Linears only (the fine grain's W): no grouping to do.
+        with torch.no_grad():
+            _linears_weight(works[0], into)
+        return
     groups: Dict[tuple, list] = {}
     for work in works:
         for item in work:
@@ -508,6 +514,27 @@ def _linear_weight(items: list, into: Optional[Dict[Any, torch.Tensor]], acc_par
     if bias is not None:
         acc_params.append(bias)
         acc_grads.append(g.sum(0))
+
+
+def _linears_weight(items: list, into: Optional[Dict[Any, torch.Tensor]]) -> None:
+    """W of one micro-batch's :class:`LinearW` items: each weight's ``g^T x`` accumulated in
+    place (``addmm_``) where a gradient exists, the biases' row sums in one accumulation."""
+    bias_p: list = []
+    bias_g: list = []
+    get = into.get if into is not None else None
+    for it in items:
+        w = it.weight
+        if w is not None:
+            cur = w.grad if get is None else get(w)
+            if cur is None or cur.is_sparse or cur.dtype != w.dtype:
+                _add_product(into, w, it.g, it.x)
+            else:
+                cur.addmm_(it.g.t(), it.x)
+        if it.bias is not None:
+            bias_p.append(it.bias)
+            bias_g.append(it.g.sum(0))
+    if bias_p:
+        _accumulate(into, bias_p, bias_g)
 
 
 def _norm_weight(items: list, acc_params: list, acc_grads: list) -> None:
