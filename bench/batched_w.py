@@ -19,6 +19,15 @@ Stage alone (one stage, its m forwards then its backwards; the times are the bac
 gradient into another reads both and writes one; an in-place GEMM accumulation re-reads
 the gradient once), counted in a separate pass. Then, at p = 2, the zero-bubble schedules
 with and without batched W (``zb-h1`` vs ``zb-h1-bw``, ``zb-h2`` vs ``zb-h2-bw``).
+
+Rows ``I + W, autograd split`` / ``I + W`` compare the split through autograd (a Python
+walk of the graph per micro-batch, an autograd pass with capture points, W reading each
+frontier node back) with the hand-written ``I`` of :mod:`pipetrain.manual_backward`
+(``manual_backward.ENABLED`` off / on, same code otherwise).
+
+Last, issue 11's zero-bubble target per workload (the two grains and the peers bench's
+linear and blocks workloads, p = 2): ZB / 1F1B simulated from each step's measured costs
+and measured, interleaved, with a verdict where the simulator says ZB should be faster.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import time
 import torch
 from torch import nn
 
-from pipetrain import split_backward, stage as stage_mod
+from pipetrain import manual_backward, split_backward, stage as stage_mod
 from pipetrain.pipeline import Pipeline
 from pipetrain.stage import Meter, Stage
 
@@ -97,7 +106,17 @@ def _stage_rows(st: Stage, x: torch.Tensor, g: torch.Tensor, m: int):
                 split_backward.BATCH = True
         return run
 
-    return {"B": timed(b), "I + W, before": lever_off(timed(before)), "I + W": timed(iw(1)),
+    def autograd_split(fn):
+        def run():
+            manual_backward.ENABLED = False
+            try:
+                return fn()
+            finally:
+                manual_backward.ENABLED = True
+        return run
+
+    return {"B": timed(b), "I + W, before": lever_off(timed(before)),
+            "I + W, autograd split": autograd_split(timed(iw(1))), "I + W": timed(iw(1)),
             f"I + W(batch {m})": timed(iw(m))}
 
 
@@ -123,7 +142,7 @@ def _bytes(rows: dict) -> dict:
 
 
 def _stage_table(quick: bool) -> None:
-    print(f"{'grain':<9}{'row':<18}{'us / micro-batch':>17}{'/ B':>7}{'acc bytes':>11}")
+    print(f"{'grain':<9}{'row':<23}{'us / micro-batch':>17}{'/ B':>7}{'acc bytes':>11}")
     for grain, (layers, width, rows_, m, threads) in GRAINS.items():
         if quick:
             m = min(m, 16)
@@ -144,7 +163,7 @@ def _stage_table(quick: bool) -> None:
                         times[k].append(d)
             for k in rows:
                 ratio = statistics.median([a / b for a, b in zip(times[k], times["B"])])
-                print(f"{grain:<9}{k:<18}{statistics.median(times[k]) / m * 1e6:>17.1f}"
+                print(f"{grain:<9}{k:<23}{statistics.median(times[k]) / m * 1e6:>17.1f}"
                       f"{ratio:>7.3f}{acc[k]:>11,d}")
         finally:
             torch.set_num_threads(old)
@@ -181,9 +200,84 @@ def _pipeline_table(quick: bool) -> None:
                   f"{statistics.median(b) * 1e3:>9.2f}{ratio:>13.3f}")
 
 
+# -- zero-bubble vs 1F1B where the simulator says so ----------------------------------------
+
+ZB_SCHEDULES = ("1f1b", "zb-h1", "zb-h2", "zb-h1-bw", "zb-h2-bw")
+
+
+def _zb_workloads(quick: bool):
+    """name -> (layers factory, width, batch rows, m, torch threads or 0, rounds): the two
+    grains above at p = 2 and the peers bench's linear and blocks workloads."""
+    from bench import _peer_models as pm
+
+    def peer(kind, width, layers):
+        wl = pm.Workload(kind, kind, width, layers, 0, 0, 0, 0)
+        return lambda: pm.make_layers(wl)
+
+    if quick:
+        return {"fine": (_fine, 16, 16, 16, 1, 3), "linear": (peer("linear", 128, 8), 128, 128, 8, 0, 3)}
+    return {"fine": (_fine, 16, 64, 64, 1, 12),
+            "training": (_coarse, 256, 512, 8, 0, 10),
+            "linear": (peer("linear", 512, 16), 512, 512, 8, 0, 10),
+            "blocks": (peer("block", 256, 8), 256, 512, 8, 0, 8)}
+
+
+def _zero_bubble_table(quick: bool) -> None:
+    """Issue 11's target, per workload: every zero-bubble schedule at least as fast as 1F1B
+    wherever the simulator, fed each step's measured action costs, says it should be.
+
+    The five pipelines of a workload step in turn (one step each per round, the order
+    alternating); per round, ZB / 1F1B of the step times and of the simulated makespans
+    (``Pipeline.simulate(stats())``: each pipeline's own measured F / B / I / W costs).
+    Medians over rounds. Verdict where the simulated ratio is <= 1: ``holds`` if the
+    measured ratio is <= 1 plus the per-round noise (half the interquartile range of the
+    measured ratios, at least 0.01), else ``MISSES``; elsewhere ``n/a``."""
+    print(f"\np = 2: zero-bubble vs 1f1b, simulated (each step's measured costs) and measured "
+          f"(step time), medians of per-round ratios")
+    print(f"{'workload':<10}{'schedule':<10}{'1f1b ms':>9}{'zb ms':>8}{'sim zb/1f1b':>13}"
+          f"{'meas zb/1f1b':>14}{'noise':>7}  verdict")
+    for wname, (layers, width, rows, m, threads, rounds) in _zb_workloads(quick).items():
+        t0 = time.perf_counter()
+        x = torch.randn(rows, width, generator=torch.Generator().manual_seed(1))
+        y = torch.randn(rows, width, generator=torch.Generator().manual_seed(2))
+        pipes = {name: Pipeline(layers(), 2, schedule=name, num_microbatches=m,
+                                loss_fn=nn.functional.mse_loss,
+                                **({"num_threads": threads} if threads else {}))
+                 for name in ZB_SCHEDULES}
+        wall = {n: [] for n in pipes}
+        sim = {n: [] for n in pipes}
+        try:
+            for r in range(rounds + 1):
+                order = list(pipes) if r % 2 else list(reversed(pipes))
+                for name in order:
+                    pipe = pipes[name]
+                    t = time.perf_counter()
+                    pipe.step(x, y)
+                    d = time.perf_counter() - t
+                    if r:
+                        wall[name].append(d)
+                        sim[name].append(pipe.simulate(pipe.stats()).makespan)
+        finally:
+            for pipe in pipes.values():
+                pipe.close()
+        base = "1f1b"
+        for name in ZB_SCHEDULES[1:]:
+            meas = [a / b for a, b in zip(wall[name], wall[base])]
+            sims = [a / b for a, b in zip(sim[name], sim[base])]
+            mr, sr = statistics.median(meas), statistics.median(sims)
+            q = statistics.quantiles(meas, n=4) if len(meas) >= 4 else [mr, mr, mr]
+            noise = max(0.01, (q[2] - q[0]) / 2)
+            verdict = ("n/a (simulated slower)" if sr > 1.0 else
+                       "holds" if mr <= 1.0 + noise else "MISSES")
+            print(f"{wname:<10}{name:<10}{statistics.median(wall[base]) * 1e3:>9.2f}"
+                  f"{statistics.median(wall[name]) * 1e3:>8.2f}{sr:>13.3f}{mr:>14.3f}{noise:>7.3f}  {verdict}")
+        print(f"  ({wname}: {rounds} rounds, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def run(quick: bool, out: pathlib.Path) -> None:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"fine grain: 8 x (Linear(16,16)+GELU), 1-row micro-batches, 1 torch thread; "
           f"training grain: 2 residual blocks d=256, 64-row micro-batches")
     _stage_table(quick)
     _pipeline_table(quick)
+    _zero_bubble_table(quick)

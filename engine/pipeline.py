@@ -197,6 +197,11 @@ class Pipeline(GlobalOps, Reporting):
         graph = self.plan.graph
         cuda = all(dev.type == "cuda" for dev in self.devices)
         self.num_threads = args.check_num_threads(num_threads, cuda, args.cores(), self.num_devices)
+        if self.dist is None and all(dev.type == "cpu" for dev in self.devices):
+            # Actions run on the executor's threads, each with its own glibc arena that gives
+            # freed blocks back and page-faults them in again every micro-batch: keep them,
+            # as CPU ranks do (host_memory; peers linear, 1F1B: B 8.8 -> 6.3 ms, step -21 %).
+            distributed.host_memory.keep_freed_memory()
         self.runner = Runner(self.num_devices, self.devices,
                              [(e.id, e.src, e.dst) for e in graph.edges],
                              [graph.stage(k).device for k in range(self.num_stages)],

@@ -33,16 +33,19 @@ engine and returns one gradient per parameter: one accumulation for the batch th
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from pipetrain import manual_backward as manual
 from pipetrain.autograd_fast import grad as fast_grad
+from pipetrain.manual_backward import LinearW, NormW
 from pipetrain.stage_run import accumulate as _accumulate
 
 __all__ = ["split_plan", "capture_hooks", "input_pass", "weight_work", "is_custom", "batched_weight",
-           "linear_parts", "BATCH", "ACC_BYTES"]
+           "linear_parts", "split_input", "BATCH", "ACC_BYTES"]
 
 #: Bench lever: False runs the split as before this work -- I capturing through a Python
 #: pre-hook per frontier node, W restarting autograd at every node with one accumulation per
@@ -96,8 +99,13 @@ def _capture(store: Dict[Any, tuple], node: Any):
     return hook
 
 
-def _node_of(t: torch.Tensor) -> Any:
+def _node_of(t: Any) -> Any:
+    if type(t) is GradientEdge:
+        return t.node
     return t.grad_fn if t.grad_fn is not None else get_gradient_edge(t).node
+
+
+_ROOT = (torch.Tensor, GradientEdge)     # a root of the split: an output or a restart edge
 
 
 def split_plan(tensors: List[torch.Tensor], grads: list, leaves: List[torch.Tensor],
@@ -190,7 +198,7 @@ def capture_hooks(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
     for node, _ in edges:
         if is_custom(node):
             handles.append(node.register_hook(_capture_post(captured, node)))
-        elif builtin and not isinstance(node, torch.Tensor):
+        elif builtin and not isinstance(node, _ROOT):
             handles.append(node.register_prehook(_capture(captured, node)))
     return handles
 
@@ -216,7 +224,7 @@ def input_pass(tensors: List[Any], grads: list, leaves: List[torch.Tensor],
                 h.remove()
     nodes, points, spans = [], [], []
     for node, _ in edges:
-        if isinstance(node, torch.Tensor) or is_custom(node):
+        if isinstance(node, _ROOT) or is_custom(node):
             continue
         n = len(node._input_metadata)
         spans.append((node, len(points), len(points) + n))
@@ -239,7 +247,7 @@ def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
     ``outputs`` are GradientEdges (or output tensors whose graph reaches no stage input)."""
     work: List[Tuple[list, list, list]] = []
     for node, params in edges:
-        if isinstance(node, torch.Tensor):     # a root not leading to any input
+        if isinstance(node, _ROOT):     # a root not leading to any input
             work.append(([node], [grads[_index_of(tensors, node)]], params))
             continue
         gs = captured.get(node)
@@ -259,6 +267,108 @@ def weight_work(edges: List[Tuple[Any, list]], captured: Dict[Any, tuple],
         if ks:
             work.append(([GradientEdge(node, k) for k in ks], [gs[k] for k in ks], params))
     return work
+
+
+# -- I of one micro-batch: hand-written where it can be, the autograd split for the rest ---
+
+#: Per stage: ``{"run": (run, usable), signature: Program or None}`` (weak: a stage dropped
+#: drops its programs).
+_PROGRAMS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _signature(tensors: Sequence[Any], grads: Sequence[Any], leaves: Sequence[Any]) -> Optional[tuple]:
+    """Shapes and dtypes of the outputs and the stage inputs (what decides the graph's shape
+    for a given model); None if a gradient is not a plain tensor of its output's shape and
+    dtype (then the engine's own checks must run: the autograd split)."""
+    key = []
+    for t, g in zip(tensors, grads):
+        if type(t) is not torch.Tensor or not t.is_cpu:
+            return None
+        shape, dtype = t.shape, t.dtype
+        if g is not None and (type(g) is not torch.Tensor or g.dtype is not dtype
+                              or not g.is_cpu or g.shape != shape):
+            return None
+        key.append(shape)
+        key.append(dtype)
+    key.append(None)
+    for t in leaves:
+        key.append(t.shape)
+        key.append(t.dtype)
+    return tuple(key)
+
+
+def _hand_written(stage: Any, tensors: list, grads: list, leaves: list) -> Optional[tuple]:
+    """The hand-written part of ``I`` (:mod:`pipetrain.manual_backward`) for this
+    micro-batch, or None when the stage cannot use it."""
+    cache = _PROGRAMS.get(stage)
+    if cache is None:
+        cache = _PROGRAMS[stage] = {}
+    run = stage._run
+    usable = cache.get("run")
+    if usable is None or usable[0] is not run:      # module hooks are checked once per run
+        usable = cache["run"] = (run, manual.usable(stage.layers))
+    if not usable[1] or torch.is_anomaly_enabled():
+        return None
+    key = _signature(tensors, grads, leaves)
+    if key is None:
+        return None
+    params, accs = stage.params, stage._accumulators
+    prog = cache.get(key, _MISSING)
+    if prog is _MISSING:
+        prog = cache[key] = manual.compile_program(tensors, leaves, params, accs)
+    if prog is None:
+        return None
+    try:
+        return manual.replay(prog, tensors, grads, leaves)
+    except manual.Mismatch:
+        pass
+    # Another graph shape under the same signature (control flow): recompile for it.
+    prog = cache[key] = manual.compile_program(tensors, leaves, params, accs)
+    if prog is None:
+        return None
+    try:
+        return manual.replay(prog, tensors, grads, leaves)
+    except manual.Mismatch:
+        cache[key] = None
+        return None
+
+
+_MISSING = object()
+
+
+def split_input(stage: Any, tensors: list, grads: list, leaves: list) -> Tuple[list, list, Optional[tuple]]:
+    """``I`` of one micro-batch of ``stage`` (a :class:`~pipetrain.stage.Stage` with
+    ``params`` and ``_accumulators`` set): the gradients w.r.t. ``leaves``, and what ``W``
+    needs.
+
+    Returns ``(leaf_grads, w_items, fallback)``: ``w_items`` a list of
+    :class:`~pipetrain.manual_backward.LinearW` / :class:`~pipetrain.manual_backward.NormW`
+    items and autograd restart points ``(outputs, grads, params)``, as
+    :func:`batched_weight` takes them; ``fallback`` ``(outputs, grads, params)`` for the
+    parameters only a full pass reaches, or None.
+
+    The hand-written ``I`` of :mod:`pipetrain.manual_backward` runs from the outputs down
+    to the first node it does not know; the rest of the graph, from the edges where it left
+    gradients, goes through the autograd split (:func:`split_plan`, :func:`input_pass`,
+    :func:`weight_work`), and the stage inputs' gradients of both parts are summed.
+    """
+    hand = None
+    if BATCH and manual.ENABLED:
+        hand = _hand_written(stage, tensors, grads, leaves)
+    if hand is None:
+        outs, gs, w, leaf_grads = tensors, grads, [], None
+    else:
+        leaf_grads, w, outs, gs = hand
+        if not outs:
+            return leaf_grads, w, None
+    params, accs = stage.params, stage._accumulators
+    edges, fallback, ri_nodes = split_plan(outs, gs, leaves, params, accs)
+    in_grads, captured = input_pass(outs, gs, leaves, edges)
+    w += weight_work(edges, captured, outs, gs, ri_nodes)
+    if leaf_grads is not None:
+        in_grads = [a if b is None else b if a is None else a + b
+                    for a, b in zip(leaf_grads, in_grads)]
+    return list(in_grads), w, ((outs, gs, fallback) if fallback else None)
 
 
 # -- batched W ----------------------------------------------------------------------------
@@ -370,18 +480,96 @@ def batched_weight(works: Sequence[List[Tuple[list, list, list]]],
                     _count_accumulation(into, params, gs)
                 _accumulate(into, params, gs)
         return
-    groups: Dict[tuple, List[Tuple[list, list, list]]] = {}
+    if len(works) == 1 and ACC_BYTES is None and all(type(it) is LinearW for it in works[0]):
+        # One micro-batch of Linears only (the fine grain's W): no grouping to do.
+        with torch.no_grad():
+            _linears_weight(works[0], into)
+        return
+    groups: Dict[tuple, list] = {}
     for work in works:
         for item in work:
-            groups.setdefault(tuple(id(p) for p in item[2]), []).append(item)
+            tp = type(item)
+            if tp is LinearW or tp is NormW:
+                key = (tp, id(item.weight), id(item.bias))
+            else:
+                key = tuple(id(p) for p in item[2])
+            groups.setdefault(key, []).append(item)
     with torch.no_grad():       # gradients are plain values (as autograd's own are)
         _batched_weight(groups, into)
+
+
+def _linear_weight(items: list, into: Optional[Dict[Any, torch.Tensor]], acc_params: list,
+                   acc_grads: list) -> None:
+    """W of one Linear over the micro-batches of ``items`` (:class:`LinearW`): one GEMM over
+    their stacked rows into the weight's gradient, the bias's row sum to ``acc_*``."""
+    first = items[0]
+    weight, bias = first.weight, first.bias
+    if len(items) == 1:
+        g, x = first.g, first.x
+    else:
+        g = torch.cat([it.g for it in items])
+        x = torch.cat([it.x for it in items]) if weight is not None else None
+    if weight is not None:
+        _add_product(into, weight, g, x)
+    if bias is not None:
+        acc_params.append(bias)
+        acc_grads.append(g.sum(0))
+
+
+def _linears_weight(items: list, into: Optional[Dict[Any, torch.Tensor]]) -> None:
+    """W of one micro-batch's :class:`LinearW` items: each weight's ``g^T x`` accumulated in
+    place (``addmm_``) where a gradient exists, the biases' row sums in one accumulation."""
+    bias_p: list = []
+    bias_g: list = []
+    get = into.get if into is not None else None
+    for it in items:
+        w = it.weight
+        if w is not None:
+            cur = w.grad if get is None else get(w)
+            if cur is None or cur.is_sparse or cur.dtype != w.dtype:
+                _add_product(into, w, it.g, it.x)
+            else:
+                cur.addmm_(it.g.t(), it.x)
+        if it.bias is not None:
+            bias_p.append(it.bias)
+            bias_g.append(it.g.sum(0))
+    if bias_p:
+        _accumulate(into, bias_p, bias_g)
+
+
+def _norm_weight(items: list, acc_params: list, acc_grads: list) -> None:
+    """W of one LayerNorm over the micro-batches of ``items`` (:class:`NormW`): the weight /
+    bias half of ``native_layer_norm_backward``, on their stacked rows when every item has
+    the same trailing shape (normalisation is per row), else per item."""
+    first = items[0]
+    mask = [False, first.weight is not None, first.bias is not None]
+    if len(items) > 1 and all(it.x.dim() > 1 and it.x.shape[1:] == first.x.shape[1:]
+                              for it in items):
+        batches = [(torch.cat([it.g for it in items]), torch.cat([it.x for it in items]),
+                    torch.cat([it.mean for it in items]), torch.cat([it.rstd for it in items]))]
+    else:
+        batches = [(it.g, it.x, it.mean, it.rstd) for it in items]
+    for g, x, mean, rstd in batches:
+        _, dw, db = manual._ln_bw(g, x, first.shape, mean, rstd, first.gamma, first.beta, mask)
+        if first.weight is not None:
+            acc_params.append(first.weight)
+            acc_grads.append(dw)
+        if first.bias is not None:
+            acc_params.append(first.bias)
+            acc_grads.append(db)
 
 
 def _batched_weight(groups: Dict[tuple, list], into: Optional[Dict[Any, torch.Tensor]]) -> None:
     acc_params: list = []
     acc_grads: list = []
     for items in groups.values():
+        tp = type(items[0])
+        if tp is LinearW:
+            _linear_weight(items, into, acc_params, acc_grads)
+            continue
+        if tp is NormW:
+            _norm_weight(items, acc_params, acc_grads)
+            continue
         parts = [linear_parts(*item) for item in items]
         if all(pt is not None for pt in parts):
             weight, bias = parts[0][2], parts[0][3]

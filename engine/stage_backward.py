@@ -187,14 +187,11 @@ class StageBackward:
             # Holding each parameter's AccumulateGrad node keeps it alive, so every later
             # graph uses the same node objects (as DDP does for its hooks).
             self._accumulators = [get_gradient_edge(p).node for p in self.params]
-        edges, fallback, ri_nodes = split.split_plan(tensors, grads, leaves, self.params,
-                                                     self._accumulators)
-        in_grads, captured = split.input_pass(tensors, grads, leaves, edges)
+        # Hand-written where the layers allow (pipetrain.manual_backward), else the autograd
+        # split; W gets Linear / LayerNorm items and autograd restart points.
+        in_grads, saved.w_edges, saved.w_fallback = split.split_input(self, tensors, grads, leaves)
         for t, g in zip(leaves, in_grads):
             t.grad = g
-        saved.w_edges = split.weight_work(edges, captured, tensors, grads, ri_nodes)
-        if fallback:
-            saved.w_fallback = (tensors, grads, fallback)
         self._after_input(run, saved, mb)
         return self._input_grads(saved)
 

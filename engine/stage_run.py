@@ -80,7 +80,7 @@ class Saved:
         self.recomputed: Sequence[Any] = ()      # tensors saved by a recomputation
         # Between I and W: the deferred weight-gradient work.
         self.w_full: Optional[Tuple[list, list]] = None    # (tensors, grads): W is the whole backward
-        self.w_edges: Sequence[Tuple[list, list, list]] = ()  # (outputs, grads, params)
+        self.w_edges: Sequence[Any] = ()  # W items: (outputs, grads, params), LinearW, NormW
         self.w_fallback: Optional[Tuple[list, list, list]] = None  # (tensors, grads, params)
 
 

@@ -12,8 +12,10 @@ settings below 0.9-1.1x.
 
 :func:`keep_freed_memory` raises both thresholds (``mallopt``), as a torch CPU training
 process would with ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` in its
-environment. It is process-wide: the multi-process runner calls it for CPU ranks unless
-``PIPETRAIN_KEEP_FREED_MEMORY=0``; elsewhere (not glibc) it does nothing.
+environment. It is process-wide: the multi-process runner calls it for CPU ranks, and a
+``Pipeline`` on CPU devices in one process (its executor threads have the same arenas: on the
+peers ``linear`` workload, 1F1B on 2 threads, B took 8.8 ms without and 6.3 ms with, the step
+122 vs 96 ms), unless ``PIPETRAIN_KEEP_FREED_MEMORY=0``; elsewhere (not glibc) it does nothing.
 """
 
 from __future__ import annotations
