@@ -16,6 +16,10 @@ per way of computing the same gradients:
 - ``floor``: each stage's micro-batch work (forward + backward of each of its micro-batches)
   run concurrently on 2 threads / 2 processes with no dependency between the stages. No
   schedule can beat it on these cores at this micro-batch size.
+- ``bound`` (a line under each table): the floor plus stage 0's forward of micro-batch 0 (from
+  pipetrain's timelines), during which the last device has nothing to run in any schedule of
+  this 2-stage split; ``best PiPPy / bound`` is the most any such schedule could gain over
+  PiPPy on these cores.
 
 Rows are objects with ``open / measure(steps) / close`` (:class:`Row`); a new engine (such as
 pipetrain's own multi-process runner) is one more object in :func:`make_rows`. Measuring
@@ -80,6 +84,7 @@ class Sample:
     bubbles: Optional[List[float]] = None
     mem: Optional[int] = None
     overlap: Optional[List[float]] = None   # per step: transfer time hidden under compute
+    heads: Optional[List[float]] = None     # per step: seconds of stage 0's first forward
 
 
 class Row:
@@ -182,18 +187,31 @@ class Pipetrain(Row):
         self.ctx = ctx
 
     def measure(self, steps):
-        times, bubbles = [], []
+        times, bubbles, heads = [], [], []
         with pm.PeakRSS() as mem:
             for _ in range(steps):
                 _zero(self.params)
                 t0 = time.perf_counter()
                 self.pipe.step(self.ctx.x, self.ctx.y)
                 times.append(time.perf_counter() - t0)
-                bubbles.append(self.pipe.stats().bubble_ratio)
-        return Sample(times, bubbles, mem.delta)
+                st = self.pipe.stats()
+                bubbles.append(st.bubble_ratio)
+                head = _head(st) if self.p == 2 and not self.note else None
+                if head is not None:
+                    heads.append(head)
+        return Sample(times, bubbles, mem.delta, heads=heads)
 
     def close(self):
         self.pipe.close()
+
+
+def _head(stats) -> Optional[float]:
+    """Seconds of stage 0's forward of micro-batch 0 in one step (device 0's first F): what
+    the last of 2 devices must wait for before it has anything to run, in any schedule."""
+    for r in stats.records[0]:
+        if r.start_ns >= 0 and r.kind == "F" and r.microbatch == 0:
+            return r.duration_s
+    return None
 
 
 def _bubble(spans_per_worker: List[List[tuple]]) -> float:
@@ -329,6 +347,7 @@ class Result:
     mem: Optional[int] = None
     error: Optional[str] = None
     overlaps: List[float] = field(default_factory=list)
+    heads: List[float] = field(default_factory=list)
 
     @property
     def median(self) -> Optional[float]:
@@ -348,6 +367,17 @@ def _ratio(a: Result, b) -> Optional[float]:
         den = [x.round_median(i) for x in bs if x.round_median(i)]
         if a.round_median(i) and den:
             rs.append(a.round_median(i) / min(den))
+    return statistics.median(rs) if rs else None
+
+
+def _over_bound(a: Result, floors: List[Result], head: float) -> Optional[float]:
+    """Median over rounds of a's time / (that round's floor + ``head``): a's time over the
+    least any schedule of the 2-stage split could take (see :func:`_head`)."""
+    rs = []
+    for i in range(len(a.rounds)):
+        den = [x.round_median(i) for x in floors if x.round_median(i)]
+        if a.round_median(i) and den:
+            rs.append(a.round_median(i) / (min(den) + head))
     return statistics.median(rs) if rs else None
 
 
@@ -384,6 +414,7 @@ def measure_workload(wl: Workload, ctx: Context, rows: List[Row], log=print) -> 
             res.rounds.append(s.times)
             res.bubbles += [b for b in (s.bubbles or []) if b is not None]
             res.overlaps += list(s.overlap or [])
+            res.heads += list(s.heads or [])
             if s.mem is not None:
                 res.mem = max(res.mem or 0, s.mem)
         for res in live:   # keep rounds aligned: a row that failed this round gets an empty one
@@ -419,6 +450,13 @@ def summarize(wl: Workload, results: List[Result]) -> Dict[str, object]:
            (_ratio(bt, f) if bt else None) for f in floors},
         "pipetrain_over_unsplit1": _ratio(bt, base) if bt and base else None,
     }
+    # The bound: the last device idles at least while stage 0 runs micro-batch 0's forward,
+    # then has at least its floor's work to do; no schedule of this split is faster.
+    heads = [h for r in results if r.row.group == "pipetrain" for h in r.heads]
+    head = statistics.median(heads) if heads else None
+    out["head_ms"] = None if head is None else head * 1e3
+    out["pippy_over_bound"] = _over_bound(bp, floors, head) if bp and floors and head else None
+    out["pipetrain_over_bound"] = _over_bound(bt, floors, head) if bt and floors and head else None
     # pipetrain's multi-process rows alone (same processes and transport as PiPPy's).
     mp = [r for r in results if r.row.name.startswith("pipetrain") and "processes" in r.row.name
           and r.median]
@@ -471,6 +509,11 @@ def print_table(wl: Workload, results: List[Result], summary: Dict[str, object])
     print(f"best PiPPy / best pipetrain multi-process = {_fmt(s.get('pippy_over_pipetrain_mp'), '.2f')} "
           f"({s['best_pippy']} / {s.get('best_pipetrain_mp')}); its transfers hidden under compute: "
           f"{_fmt(s.get('pipetrain_mp_overlap') and 100 * s['pipetrain_mp_overlap'], '.0f')} %")
+    if s.get("pippy_over_bound") is not None:
+        print(f"bound: floor + stage 0's first forward ({s['head_ms']:.1f} ms), the least any schedule of "
+              f"this 2-stage split can take; best PiPPy / bound = {s['pippy_over_bound']:.2f} (the most "
+              f"any such schedule could gain over PiPPy here), best pipetrain / bound = "
+              f"{_fmt(s['pipetrain_over_bound'], '.2f')}")
     if s["pipetrain_over_floor"] is not None and s["pipetrain_over_floor"] < 0.95:
         print("  (below the floor: the load from other processes changed between rows; "
               "more rounds or a quieter machine)")

@@ -56,6 +56,8 @@ def test_section_reports_every_row_with_sane_numbers(tmp_path):
         assert s["best_pippy"].startswith("pippy ") and s["best_pipetrain"].startswith("pipetrain ")
         # No schedule beats its floor by much (noise on shared cores allows a little).
         assert s["pipetrain_over_floor"] > 0.5 and s["pippy_over_pipetrain"] > 0
+        # The bound is the floor plus a positive head in every round: each ratio to it is lower.
+        assert s["head_ms"] > 0 and s["pipetrain_over_bound"] < s["pipetrain_over_floor"]
     assert {"pipetrain_p1_over_loop", "pipetrain_p1_1thr_over_loop"} <= set(report[1]["summary"])
     assert json.loads((tmp_path / "peers.json").read_text())[0]["workload"] == "blocks"
     assert (tmp_path / "peers.csv").read_text().count("\n") == 1 + sum(len(w["rows"]) for w in report)
@@ -76,6 +78,32 @@ def test_without_processes_the_other_rows_still_run(tmp_path, capsys):
 def test_bubble_uses_pipetrains_definition():
     # Two workers over a makespan of 10: busy 10 and 4 -> idle 6 of 20.
     assert peers._bubble([[(0, 10)], [(2, 4), (6, 8)]]) == pytest.approx(0.3)
+
+
+def test_bound_is_floor_plus_the_first_forward_per_round():
+    a, f1, f2 = (peers.Result(peers.Row(n)) for n in ("a", "floor t", "floor p"))
+    a.rounds, f1.rounds, f2.rounds = [[12.0], [9.0], [20.0]], [[9.0], [8.0], [11.0]], [[10.0], [7.0], []]
+    # Per round: 12 / (9 + 1), 9 / (7 + 1), 20 / (11 + 1) -> median 1.2.
+    assert peers._over_bound(a, [f1, f2], 1.0) == pytest.approx(1.2)
+
+
+def test_head_is_stage_0s_forward_of_micro_batch_0():
+    import pipetrain
+    from bench import _peer_models as pm
+    wl = Workload("linear", "linear", 8, 4, 8, 4, rounds=1, steps=1)
+    x, y = pm.data(wl)
+    pipe = pipetrain.Pipeline(pm.make_layers(wl), num_devices=2, schedule="1f1b", num_microbatches=4,
+                              loss_fn=pm.mse, balance=pm.balance(wl, 2))
+    try:
+        pipe.step(x, y)
+        st = pipe.stats()
+    finally:
+        pipe.close()
+    first = [r for r in st.records[0] if r.start_ns >= 0][0]
+    assert (first.kind, first.microbatch) == ("F", 0)
+    assert peers._head(st) == first.duration_s > 0
+    # Device 1 starts nothing before that forward has ended.
+    assert min(r.start_ns for r in st.records[1] if r.start_ns >= 0) >= first.start_ns + first.duration_s * 1e9 - 1e3
 
 
 @pytest.mark.skipif(bool(NO_PIPPY), reason=f"{NO_PIPPY}")
