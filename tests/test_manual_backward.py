@@ -18,7 +18,7 @@ import pipetrain
 from pipetrain import manual_backward as manual
 from pipetrain import split_backward as split
 from pipetrain.stage import Stage
-from tests.models import assert_grads, mse, reference
+from tests.models import assert_grads, reference
 from tests.test_split_backward import ScaleLayer
 
 F64 = torch.float64
