@@ -171,7 +171,7 @@ def _stage_table(quick: bool) -> None:
 
 def _pipeline_table(quick: bool) -> None:
     print("\np = 2, zero-bubble schedules with / without batched W (step ms, medians; "
-          f"ratio = batched / plain, per round)")
+          "ratio = batched / plain, per round)")
     print(f"{'grain':<9}{'schedule':<10}{'plain ms':>10}{'-bw ms':>9}{'-bw / plain':>13}")
     for grain, (layers, width, rows_, m, threads) in GRAINS.items():
         if quick:
@@ -233,7 +233,7 @@ def _zero_bubble_table(quick: bool) -> None:
     measured ratio is <= 1 plus the per-round noise (half the interquartile range of the
     measured ratios, at least 0.01), else ``MISSES``; elsewhere ``n/a``."""
     print("\np = 2: zero-bubble vs 1f1b, simulated (each step's measured costs) and measured "
-          f"(step time), medians of per-round ratios")
+          "(step time), medians of per-round ratios")
     print(f"{'workload':<10}{'schedule':<10}{'1f1b ms':>9}{'zb ms':>8}{'sim zb/1f1b':>13}"
           f"{'meas zb/1f1b':>14}{'noise':>7}  verdict")
     for wname, (layers, width, rows, m, threads, rounds) in _zb_workloads(quick).items():
