@@ -99,6 +99,9 @@ class Stage(StageBackward):
         self._run = _Run(self.meter, staged=False)
         self.versions = WeightVersions(self._all_params, name=f"stage {index}")
         self.optimizer: Any = None
+        # Called around the optimizer step of each U (pipetrain.tiled_training: snapshots and
+        # the count of updates applied, for a rollback after a failure); None: nothing.
+        self.update_hook: Any = None
         self.grad_scale: Optional[Callable[[], float]] = None   # see commit_grads
         self.compiled: Optional[Callable[[Any], Any]] = None      # see compiled_stage
         # Sink: the loss fed to backward is multiplied by this (pipetrain.loss_scaling).
@@ -223,7 +226,12 @@ class Stage(StageBackward):
         self.commit_grads()
         self.versions.release()
         self.versions.before_update(self.optimizer)   # keeps W(n) if the plan reads it later
+        hook = self.update_hook
+        if hook is not None:
+            hook.before()
         self.optimizer.step()
+        if hook is not None:
+            hook.after()
         self.optimizer.zero_grad()
         self.versions.advance()
 

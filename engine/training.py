@@ -26,12 +26,13 @@ boundary, the same version on every stage.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 import torch
 
-from pipetrain import async_schedules, async_windows, prediction
+from pipetrain import async_schedules, async_windows, prediction, tiled_training
 from pipetrain.arguments import check_flag
 from pipetrain.dispatch import Carry
 from pipetrain.rollback import UpdateLog
@@ -117,11 +118,31 @@ def train(pipe: Any, batches: Iterable, minibatches_per_run: Optional[int] = Non
                                             or minibatches_per_run < 1):
         raise ValueError(f"minibatches_per_run must be an int >= 1 or None; got {minibatches_per_run!r}")
     if not async_schedules.is_async(name):
-        return _train_sync(pipe, batches, undo_failed_updates)
+        if minibatches_per_run == 1:
+            return _train_sync(pipe, batches, undo_failed_updates)
+        return _train_sync_tiled(pipe, batches, minibatches_per_run, undo_failed_updates)
     return _train_async(pipe, batches, minibatches_per_run)
 
 
-def _train_sync(pipe: Any, batches: Iterable, undo: bool = True) -> Iterator[torch.Tensor]:
+def _train_sync_tiled(pipe: Any, batches: Iterable, window: Optional[int],
+                      undo: bool) -> Iterator[torch.Tensor]:
+    """Several mini-batches per executor run where the pipeline allows it
+    (:mod:`pipetrain.tiled_training`), else the per-step loop. Until the loss has been called
+    once its kind (mean or token-level) is unknown: the first mini-batch then runs alone."""
+    it = iter(batches)
+    done = 0
+    if tiled_training.why_not(pipe) is not None and pipe._loss.token_level is None:
+        first = list(itertools.islice(it, 1))
+        yield from _train_sync(pipe, first, undo)
+        done = len(first)
+    if tiled_training.why_not(pipe) is not None:
+        yield from _train_sync(pipe, it, undo, done)
+    else:
+        yield from tiled_training.train_tiled(pipe, it, window, undo, done)
+
+
+def _train_sync(pipe: Any, batches: Iterable, undo: bool = True,
+                done: int = 0) -> Iterator[torch.Tensor]:
     """``undo``: snapshot each stage's weights and optimizer state before its optimizer step
     (~0.5x an Adam step per stage, every mini-batch), so a step that raises on one stage is
     undone on every stage. Without it a raising step leaves the stages that stepped before it
@@ -131,7 +152,7 @@ def _train_sync(pipe: Any, batches: Iterable, undo: bool = True) -> Iterator[tor
         if st is not None:
             st.optimizer.zero_grad()
     logs: dict = {}
-    for t, (inputs, targets) in enumerate(batches):
+    for t, (inputs, targets) in enumerate(batches, done):
         try:
             loss = pipe.step(inputs, targets)  # a failure changes no weight and no p.grad
         except PipelineError as err:

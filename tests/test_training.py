@@ -323,8 +323,9 @@ def test_sync_train_without_undo_matches_and_says_which_stages_stepped():
     pipe = pipetrain.Pipeline(nn.Sequential(*layers), num_devices=p, schedule="1f1b",
                               num_microbatches=m, loss_fn=FN,
                               optimizer=_failing_opt(_adam, list(layers[2].parameters()), 3))
+    # The per-step loop (minibatches_per_run=1): the stages step one after another.
     with pytest.raises(pipetrain.PipelineError) as info:
-        list(pipe.train(data, undo_failed_updates=False))
+        list(pipe.train(data, 1, undo_failed_updates=False))
     err = info.value
     assert (err.stage, err.minibatch, err.version) == (2, 2, None)
     assert "stages updated before it (0, 1) hold version 3" in str(err)
@@ -351,7 +352,7 @@ def test_sync_schedule_failed_step_changes_no_weight():
     data = _data(4)
     seen = []
     with pytest.raises(pipetrain.PipelineError) as info:
-        for loss in pipe.train(data):
+        for loss in pipe.train(data, 1):     # per step: each loss as its mini-batch ends
             seen.append([q.detach().clone() for q in pipe.parameters()])
     assert len(seen) == 2 and info.value.version == 2
     assert all(torch.equal(a, b) for a, b in zip(seen[-1], pipe.parameters()))
