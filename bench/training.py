@@ -5,7 +5,10 @@ per-stage action costs measured in the same step, the step time and samples/s (m
 steps after warm-up), plus a reference row: the unsplit model's step time in the same run.
 It writes each schedule's last measured timeline as a picture (``training_<schedule>.png``,
 one row per device, colour per action kind) and a Chrome trace (``training_<schedule>.json``).
-It also reports what the zero-bubble I/W split costs relative to a full backward B.
+It also reports what the zero-bubble I/W split costs relative to a full backward B, and
+``train()``'s time per mini-batch with its default windows of several mini-batches per run
+(:mod:`pipetrain.tiled_training`) against its per-step loop (``minibatches_per_run=1``),
+with SGD + momentum and with Adam, side by side in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -109,6 +112,45 @@ def _zero_bubble_check(step: dict, sim: dict) -> None:
         print(f"  {name:<10} simulated {s_ratio:5.2f}x  measured {m_ratio:5.2f}x  -> {verdict}")
 
 
+def _train_loop_check(d: int, n_layers: int, x, y, p: int, m: int, quick: bool) -> None:
+    """train() per mini-batch: windows (the default) vs the per-step loop, same model; and
+    windows without the pre-update snapshots (``undo_failed_updates=False``)."""
+    optimizers = {"sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+                  "adam": lambda ps: torch.optim.Adam(ps, lr=1e-4)}
+    n, rounds = (3, 2) if quick else (6, 4)
+    data = [(x, y)] * n
+    ways = {"per-step": (1, True), "windows": (None, True), "no undo": (None, False)}
+    print(f"train() per mini-batch, {n} mini-batches per call, {rounds} interleaved rounds: "
+          "windows of several mini-batches per run (default) vs the per-step loop "
+          "(minibatches_per_run=1); ratios to the per-step loop, medians per round")
+    print(f"{'schedule':<10}{'optimizer':<10}{'per-step ms':>12}{'windows':>9}"
+          f"{'windows, no undo':>18}")
+    for name in ("1f1b", "zb-h1"):
+        for oname, factory in optimizers.items():
+            pipes = {w: Pipeline(make_model(d, n_layers), p, schedule=name, num_microbatches=m,
+                                 loss_fn=mse, optimizer=factory) for w in ways}
+            times: dict = {w: [] for w in ways}
+
+            def once(w):
+                window, undo = ways[w]
+                t0 = time.perf_counter()
+                list(pipes[w].train(data, window, undo_failed_updates=undo))
+                return (time.perf_counter() - t0) / n
+            try:
+                for w in ways:
+                    once(w)                        # warm-up (and the loss kind is learnt)
+                for r in range(rounds):
+                    for w in (list(ways) if r % 2 else list(ways)[::-1]):
+                        times[w].append(once(w))
+            finally:
+                for pipe in pipes.values():
+                    pipe.close()
+            ratio = {w: statistics.median(b / a for a, b in zip(times["per-step"], times[w]))
+                     for w in ways}
+            print(f"{name:<10}{oname:<10}{statistics.median(times['per-step']) * 1e3:>12.1f}"
+                  f"{ratio['windows']:>9.3f}{ratio['no undo']:>18.3f}", flush=True)
+
+
 def run(quick: bool, out: pathlib.Path) -> None:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,4 +220,5 @@ def run(quick: bool, out: pathlib.Path) -> None:
         pipe.close()
     _zero_bubble_check(steps_by, {k: statistics.median(v) for k, v in sims_by.items()})
     _split_cost(d, batch // m, reps=5 if quick else 20)
+    _train_loop_check(d, n_layers, x, y, p, m, quick)
     print(f"pictures and Chrome traces: {out}/training_<schedule>.png / .json")

@@ -17,9 +17,11 @@ the same weights in the same order per stage; tested bitwise in fp64); what chan
 that one device's update and the next mini-batch's first forwards overlap the other
 devices' cool-down, and the optimizer steps run on the devices' threads, in parallel.
 
-Measured on the peers ``linear`` workload (p = 2, m = 8, ZB-H1, 2 cores): 0.88x the
-per-step loop's time per mini-batch with SGD + momentum, 0.86x with Adam (windows of 4,
-no snapshots); ``python -m bench --only training`` prints it.
+Measured (``python -m bench --only training``: 8 residual blocks, p = 2, m = 8, 2 cores,
+time per mini-batch against the per-step loop, interleaved rounds): 0.95-1.02x with the
+default pre-update snapshots (they now run on the devices' threads, inside the critical
+path, and eat most of the gain), 0.92-0.95x with ``undo_failed_updates=False``; on the
+peers ``linear`` workload with Adam, 0.96x and 0.91x.
 
 When it applies (else the per-step loop runs, as before): one process, a named schedule,
 no loss scaling (a non-finite gradient anywhere skips every stage's update: a global
@@ -34,12 +36,14 @@ and losses come back when the window's run ends.
 Failures. Inside a window, stages may have applied different numbers of updates when an
 action fails (stage 0 updated after mini-batch t while the last stage was still in its
 backward). With ``undo_failed_updates`` (the default) each stage snapshots its weights and
-optimizer state before each update (:class:`~pipetrain.rollback.UpdateLog`, two kept: in
-a chain no stage gets more than one update ahead of another, since its next update needs
-the next mini-batch's forward from upstream and backward from downstream, each after that
-stage's own update); the stages ahead are rolled back, so every stage holds version ``n``
-= the fewest updates any stage applied (``err.version``), and a new ``train()`` continues
-from it. Without it the error lists each stage's version (``err.versions_at_failure``).
+optimizer state before each update (:class:`~pipetrain.rollback.UpdateLog`, one kept, as
+the per-step loop keeps). One is enough: a stage starts its update after mini-batch t only
+once its backward of t is done, which needs t's forwards from upstream and gradients from
+downstream, each produced after that stage's update after t - 1; so when any stage starts
+update t, every stage has applied t - 1, no stage is ever two updates ahead, and the one
+snapshot a stage ahead holds is of the version to go back to. The stages ahead are rolled
+back, so every stage holds version ``n`` = the fewest updates any stage applied
+(``err.version``), and a new ``train()`` continues from it. Without it the error lists each stage's version (``err.versions_at_failure``).
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class _Hook:
 
     def __init__(self, stage: Any, undo: bool) -> None:
         self.stage = stage
-        self.log = UpdateLog(stage.parameters(), stage.optimizer, 1) if undo else None
+        self.log = UpdateLog(stage.parameters(), stage.optimizer, 0) if undo else None
         self.base = 0           # the stage's version when the window started
         self.applied = 0        # updates completed in the window
         self.stepping = False   # inside an optimizer step (a raise leaves it half done)

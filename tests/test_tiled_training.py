@@ -66,9 +66,19 @@ def test_a_window_is_one_run_with_each_stages_update_inside():
         pipe.close()
     ups = sorted((r.stage, r.microbatch) for row in st.records for r in row if r.kind == "U")
     assert ups == [(s, t) for s in range(p) for t in range(4)]
-    # Stage 0's first forward of mini-batch 1 runs before the last stage's update of mini-batch 0.
-    rec = {(r.kind, r.stage, r.microbatch): r for row in st.records for r in row}
-    assert rec[("F", 0, m)].start_ns < rec[("U", 1, 0)].end_ns
+    # On each device, in the order run: a stage's update after mini-batch t comes after its
+    # last backward of t and before its first forward of t + 1 (no other stage in between
+    # is waited for: nothing else separates the mini-batches).
+    for row in st.records:
+        order = [(r.kind, r.stage, r.microbatch if r.kind == "U" else r.microbatch // m)
+                 for r in sorted(row, key=lambda r: r.start_ns)]
+        for i, (kind, s, t) in enumerate(order):
+            if kind != "U":
+                continue
+            before = [o for o in order[:i] if o[1] == s]
+            after = [o for o in order[i + 1:] if o[1] == s]
+            assert all(o[2] <= t for o in before) and before[-1][0] in ("B", "W"), order
+            assert all(o[2] > t for o in after), order
 
 
 def test_falls_back_to_the_per_step_loop_where_it_must():
