@@ -263,8 +263,14 @@ class Pipeline(GlobalOps, Reporting):
               undo_failed_updates: bool = True) -> Any:
         """Train on ``batches`` (an iterable of ``(inputs, targets)`` mini-batches) with the
         optimizer inside the pipeline (``optimizer=`` factory); yields each mini-batch's loss
-        in order. Synchronous schedules: step() then each stage's optimizer step, per
-        mini-batch. Asynchronous ones (pipedream, 2bw, spectrain, xpipe, 2bw-predict): the
+        in order. Synchronous schedules: each mini-batch's gradients, then each stage's
+        optimizer step on them -- run ``minibatches_per_run`` mini-batches at a time (None: 4)
+        as one executor run with each stage's update inside it, right after its last
+        backward of the mini-batch, so nothing waits for a flush between mini-batches; the
+        numbers are exactly the per-step loop's (:mod:`pipetrain.tiled_training`), losses
+        come back as each run ends. ``minibatches_per_run=1``, loss scaling, a token-level
+        loss, a graph model, CUDA graphs or several processes: step() then the optimizer
+        steps, per mini-batch. Asynchronous ones (pipedream, 2bw, spectrain, xpipe, 2bw-predict): the
         endless 1F1B order with no flush, streamed in executor runs of
         ``minibatches_per_run`` mini-batches (None: :func:`pipetrain.async_windows.default_window`)
         that carry the in-flight state between them, so the numbers do not depend on it; the
@@ -276,9 +282,11 @@ class Pipeline(GlobalOps, Reporting):
 
         ``undo_failed_updates`` (synchronous schedules in one process): True snapshots each
         stage's weights and optimizer state before its optimizer step (about half an Adam
-        step's time per stage and mini-batch) so that an optimizer step raising on one stage
-        is undone on all; False skips the copies, and such a failure leaves the stages that
-        stepped first one version ahead (``err.version`` is None)."""
+        step's time per stage and mini-batch) so that a failure while some stages have
+        stepped and others not (an optimizer step raising; inside a run of several
+        mini-batches, any action) leaves every stage at one version (``err.version``); False
+        skips the copies, and such a failure leaves the stages that stepped first one version
+        ahead (``err.version`` is None; ``err.versions_at_failure`` lists them)."""
         from pipetrain.training import train
         return train(self, batches, minibatches_per_run, undo_failed_updates=undo_failed_updates)
 
