@@ -189,7 +189,7 @@ def run(quick: bool, out: pathlib.Path) -> None:
         model = make_model(d, n_layers)
         pipe = Pipeline(model, p, schedule=name, num_microbatches=m, loss_fn=mse, **kwargs)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        meas, sim, ideal, wall = [], [], [], []
+        meas, sim, wall = [], [], []
         for i in range(warmup + steps):
             opt.zero_grad()
             pipe.step(x, y)
