@@ -291,10 +291,11 @@ class Pipeline(GlobalOps, Reporting):
         return train(self, batches, minibatches_per_run, undo_failed_updates=undo_failed_updates)
 
     def _execute(self, plan: Plan, batches: Sequence[Tuple[Any, Any]], gate: Any = None,
-                 carry: Any = None) -> Any:
+                 carry: Any = None, first_minibatch: int = 0) -> Any:
         """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError.
         ``gate``: the runner's ``before_commit``; ``carry``: a window of a streamed
-        asynchronous run (:meth:`Runner.execute`)."""
+        asynchronous run (:meth:`Runner.execute`); ``first_minibatch``: how the caller numbers
+        the plan's mini-batch 0, for the error's names (:func:`errors.from_executor`)."""
         from pipetrain.executor import ExecutorError
         from pipetrain.nvtx import range as nvtx_range
 
@@ -302,7 +303,7 @@ class Pipeline(GlobalOps, Reporting):
             try:
                 return self.runner.execute(plan, self.stages, batches, gate, carry=carry)
             except ExecutorError as err:
-                raise errors.from_executor(plan, err) from (err.__cause__ or err)
+                raise errors.from_executor(plan, err, first_minibatch) from (err.__cause__ or err)
 
     # -- measurements ---------------------------------------------------------------------
     @property

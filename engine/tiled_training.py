@@ -48,7 +48,6 @@ back, so every stage holds version ``n`` = the fewest updates any stage applied
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any, Iterable, Iterator, List, Optional
 
@@ -65,9 +64,8 @@ DEFAULT_WINDOW = 4
 
 
 def why_not(pipe: Any) -> Optional[str]:
-    """Why the pipeline's ``train()`` must run the per-step loop (None: it can tile)."""
-    if getattr(pipe, "dist", None) is not None:
-        return "several processes"
+    """Why the pipeline's ``train()`` must run the per-step loop (None: it can tile). Several
+    processes and a missing optimizer are dealt with before (``pipetrain.training.train``)."""
     if pipe.scaler is not None:
         return "loss scaling decides every stage's update together"
     if getattr(getattr(pipe, "runner", None), "graphs", None) is not None:
@@ -79,8 +77,6 @@ def why_not(pipe: Any) -> Optional[str]:
     if pipe._loss.token_level is not False:
         return "the loss may be token-level" if pipe._loss.token_level is None else \
             "a token-level loss is normalized per mini-batch at its commit"
-    if any(st is None or st.optimizer is None for st in pipe.stages):
-        return "a stage without its optimizer"
     return None
 
 
@@ -146,9 +142,8 @@ def train_tiled(pipe: Any, batches: Iterable, window: Optional[int], undo: bool,
                 h.start(t)
             try:
                 pipe._loss.begin(chunk[0][1])
-                outcome = pipe._execute(plan, [tuple(b) for b in chunk])
+                outcome = pipe._execute(plan, [tuple(b) for b in chunk], first_minibatch=t)
             except BaseException as err:
-                _number_globally(err, t, pipe.num_microbatches)
                 _roll_back(err, hooks, t, undo)
                 raise
             pipe._stats = measure_later(outcome, plan, pipe.num_stages)
@@ -158,32 +153,6 @@ def train_tiled(pipe: Any, batches: Iterable, window: Optional[int], undo: bool,
     finally:
         for st in stages:
             st.update_hook = None
-
-
-def _number_globally(err: BaseException, t: int, m: int) -> None:
-    """A window's plan numbers its mini-batches from 0: name the failed action by this
-    train()'s numbers (mini-batch + t, micro-batch + t*m, version + t), as step() would."""
-    from pipetrain.errors import PipelineError
-    if not isinstance(err, PipelineError) or err.minibatch is None or not t:
-        return
-    local = schedules.Action.parse(err.label) if err.label else None
-    if local is None:
-        return
-    shifted = dataclasses.replace(
-        local, microbatch=local.microbatch + (t if local.kind == "U" else t * m),
-        version=local.version + t if local.version >= 0 else local.version)
-    if local.kind == "U":
-        old_what = f"update after mini-batch {err.minibatch}"
-        new_what = f"update after mini-batch {err.minibatch + t}"
-    else:
-        old_what = f"micro-batch {err.microbatch} of mini-batch {err.minibatch}"
-        new_what = f"micro-batch {shifted.microbatch} of mini-batch {err.minibatch + t}"
-        err.microbatch = shifted.microbatch
-    msg = err.args[0] if err.args and isinstance(err.args[0], str) else ""
-    msg = msg.replace(old_what, new_what, 1).replace(f"({err.label} on", f"({shifted} on", 1)
-    err.args = (msg,) + tuple(err.args[1:])
-    err.minibatch += t
-    err.label = str(shifted)
 
 
 def _roll_back(err: BaseException, hooks: List[_Hook], t: int, undo: bool) -> None:

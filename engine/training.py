@@ -131,14 +131,14 @@ def _train_sync_tiled(pipe: Any, batches: Iterable, window: Optional[int],
     once its kind (mean or token-level) is unknown: the first mini-batch then runs alone."""
     it = iter(batches)
     done = 0
-    if tiled_training.why_not(pipe) is not None and pipe._loss.token_level is None:
+    if pipe._loss.token_level is None:
         first = list(itertools.islice(it, 1))
         yield from _train_sync(pipe, first, undo)
         done = len(first)
-    if tiled_training.why_not(pipe) is not None:
-        yield from _train_sync(pipe, it, undo, done)
-    else:
+    if tiled_training.why_not(pipe) is None:
         yield from tiled_training.train_tiled(pipe, it, window, undo, done)
+    else:
+        yield from _train_sync(pipe, it, undo, done)
 
 
 def _train_sync(pipe: Any, batches: Iterable, undo: bool = True,
