@@ -314,23 +314,18 @@ def _hand_written(stage: Any, tensors: list, grads: list, leaves: list) -> Optio
         return None
     params, accs = stage.params, stage._accumulators
     prog = cache.get(key, _MISSING)
-    if prog is _MISSING:
-        prog = cache[key] = manual.compile_program(tensors, leaves, params, accs)
-    if prog is None:
-        return None
-    try:
-        return manual.replay(prog, tensors, grads, leaves)
-    except manual.Mismatch:
-        pass
-    # Another graph shape under the same signature (control flow): recompile for it.
-    prog = cache[key] = manual.compile_program(tensors, leaves, params, accs)
-    if prog is None:
-        return None
-    try:
-        return manual.replay(prog, tensors, grads, leaves)
-    except manual.Mismatch:
-        cache[key] = None
-        return None
+    for _ in range(2):
+        if prog is _MISSING:
+            prog = cache[key] = manual.compile_program(tensors, leaves, params, accs)
+        if prog is None:
+            return None
+        try:
+            return manual.replay(prog, tensors, grads, leaves)
+        except manual.Mismatch:
+            # Another graph shape under the same signature (control flow): recompile for it.
+            prog = _MISSING
+    cache[key] = None
+    return None
 
 
 _MISSING = object()
