@@ -97,26 +97,19 @@ def _stage_rows(st: Stage, x: torch.Tensor, g: torch.Tensor, m: int):
         for k in range(m):
             st.backward_weight(k)
 
-    def lever_off(fn):
+    def off(module, flag, fn):
+        """``fn`` run with ``module.flag`` False (a lever of the step path), then restored."""
         def run():
-            split_backward.BATCH = False
+            old = getattr(module, flag)
+            setattr(module, flag, False)
             try:
                 return fn()
             finally:
-                split_backward.BATCH = True
+                setattr(module, flag, old)
         return run
 
-    def autograd_split(fn):
-        def run():
-            manual_backward.ENABLED = False
-            try:
-                return fn()
-            finally:
-                manual_backward.ENABLED = True
-        return run
-
-    return {"B": timed(b), "I + W, before": lever_off(timed(before)),
-            "I + W, autograd split": autograd_split(timed(iw(1))), "I + W": timed(iw(1)),
+    return {"B": timed(b), "I + W, before": off(split_backward, "BATCH", timed(before)),
+            "I + W, autograd split": off(manual_backward, "ENABLED", timed(iw(1))), "I + W": timed(iw(1)),
             f"I + W(batch {m})": timed(iw(m))}
 
 
