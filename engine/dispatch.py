@@ -88,12 +88,14 @@ def edge_table(plan: Any, transports: Dict[int, Any]) -> Tuple[list, list]:
     return out, ins
 
 
-def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list, list, list, list]:
+def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int,
+                      first_minibatch: int = 0) -> Tuple[list, list, list, list]:
     """Scatter each ``(inputs, targets)`` mini-batch into ``m`` micro-batches.
 
     Returns ``(xs, ys, weights, sizes)``: per global micro-batch ``k = t * m + j`` its inputs,
     targets and loss weight (its size over its mini-batch's size); ``sizes[t]`` the
-    micro-batch sizes of mini-batch ``t``. Raises ValueError naming the mini-batch.
+    micro-batch sizes of mini-batch ``t``. Raises ValueError naming the mini-batch (as the
+    caller numbers it: ``first_minibatch + t``).
     """
     xs, ys, weights, sizes = [], [], [], []
     for t, (inputs, targets) in enumerate(batches):
@@ -101,7 +103,8 @@ def split_minibatches(batches: Sequence[Tuple[Any, Any]], m: int) -> Tuple[list,
             x_mbs, x_sizes = scatter(inputs, m)
             y_mbs, y_sizes = scatter(targets, m)
         except ValueError as err:
-            raise ValueError(f"mini-batch {t}: {err}" if len(batches) > 1 else str(err)) from None
+            several = len(batches) > 1 or first_minibatch
+            raise ValueError(f"mini-batch {first_minibatch + t}: {err}" if several else str(err)) from None
         if x_sizes != y_sizes:
             raise ValueError(f"inputs and targets disagree on the batch size "
                              f"({sum(x_sizes)} vs {sum(y_sizes)})")
@@ -186,7 +189,8 @@ class Run:
 
     def __init__(self, plan: Any, stages: Sequence[Any], transports: Dict[int, Any],
                  devices: Sequence[torch.device], batches: Sequence[Tuple[Any, Any]],
-                 num_threads: int = 0, carry: Optional[Carry] = None) -> None:
+                 num_threads: int = 0, carry: Optional[Carry] = None,
+                 first_minibatch: int = 0) -> None:
         self.plan, self.stages, self.transports = plan, stages, transports
         self.carry = carry
         graph = plan.graph
@@ -195,8 +199,8 @@ class Run:
                 raise ValueError(f"the plan runs {plan.num_minibatches} mini-batches, "
                                  f"got {len(batches)}")
             self.batches = batches
-            self.x, self.y, self.weights, self.sizes = split_minibatches(batches,
-                                                                         plan.num_microbatches)
+            self.x, self.y, self.weights, self.sizes = split_minibatches(
+                batches, plan.num_microbatches, first_minibatch)
             self.mailbox = Mailbox({e.id: e.name for e in graph.edges})
             self.meters = [Meter() for _ in range(plan.num_devices)]
         else:

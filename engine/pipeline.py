@@ -295,13 +295,14 @@ class Pipeline(GlobalOps, Reporting):
         """Run ``plan`` over ``batches`` on the runner, naming a failure as a PipelineError.
         ``gate``: the runner's ``before_commit``; ``carry``: a window of a streamed
         asynchronous run (:meth:`Runner.execute`); ``first_minibatch``: how the caller numbers
-        the plan's mini-batch 0, for the error's names (:func:`errors.from_executor`)."""
+        the plan's mini-batch 0, for the names in its errors."""
         from pipetrain.executor import ExecutorError
         from pipetrain.nvtx import range as nvtx_range
 
         with nvtx_range(f"pipetrain/run {self.schedule.name}"):
             try:
-                return self.runner.execute(plan, self.stages, batches, gate, carry=carry)
+                return self.runner.execute(plan, self.stages, batches, gate, carry=carry,
+                                           first_minibatch=first_minibatch)
             except ExecutorError as err:
                 raise errors.from_executor(plan, err, first_minibatch) from (err.__cause__ or err)
 

@@ -98,7 +98,8 @@ class Runner:
                                                    timeout=min(self.timeout, 1e9))
 
     def execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
-                before_commit: Any = None, carry: Optional[Any] = None) -> RunOutcome:
+                before_commit: Any = None, carry: Optional[Any] = None,
+                first_minibatch: int = 0) -> RunOutcome:
         """Run ``plan`` over ``batches``; see the module docstring. ``before_commit(run,
         stages) -> bool``, after a successful run: whether to commit its gradients (False: the
         run is dropped as a failed one, e.g. a non-finite gradient under loss scaling).
@@ -107,7 +108,8 @@ class Runner:
         asynchronous run (:class:`~pipetrain.async_windows.WindowPlan`); its data comes from
         ``carry.feed`` (``batches`` is ignored), and on success the stages keep their stash,
         versions and meters and the mailbox its pending values for the next window. A failure
-        drops all of it, as for any run.
+        drops all of it, as for any run. ``first_minibatch``: how the caller numbers
+        ``batches[0]`` (in the error of a batch that cannot be split).
 
         Raises:
             ValueError: the batches cannot be split into the plan's micro-batches.
@@ -118,14 +120,16 @@ class Runner:
         # Interpreter exit (pipetrain.executor._close_all) waits until no thread is in here:
         # a daemon thread killed by finalization inside a torch op aborts the process.
         with active():
-            return self._execute(plan, stages, batches, before_commit, carry)
+            return self._execute(plan, stages, batches, before_commit, carry, first_minibatch)
 
     def _execute(self, plan: Any, stages: Sequence[Any], batches: Sequence[Tuple[Any, Any]],
-                 before_commit: Any = None, carry: Optional[Any] = None) -> RunOutcome:
+                 before_commit: Any = None, carry: Optional[Any] = None,
+                 first_minibatch: int = 0) -> RunOutcome:
         from pipetrain.executor import ExecutorError
 
         t0 = time.perf_counter()
-        run = Run(plan, stages, self.transports, self.devices, batches, self.num_threads, carry)
+        run = Run(plan, stages, self.transports, self.devices, batches, self.num_threads, carry,
+                  first_minibatch)
         self.meters = run.meters
         # resume / keep only for a window of a stream (stage kinds that never stream, such as
         # CUDA-graphed stages, take neither).

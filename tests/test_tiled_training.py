@@ -171,3 +171,21 @@ def test_failure_in_a_window_leaves_one_version_or_says_which(schedule, p, m, op
         assert losses == pytest.approx(r_losses, abs=TOL, rel=0)
         _same_weights(inner, r_weights)
     pipe.close()
+
+
+def test_a_batch_that_cannot_be_split_is_named_by_its_number_and_changes_nothing():
+    # Mini-batch 4 (the 4th of the window 1..4) has 1 sample for m = 2: the window does not
+    # run, the model stays at version 1 (mini-batch 0 ran alone, learning the loss kind).
+    p, m = 2, 2
+    layers = _model(p)
+    clean = copy.deepcopy(layers)
+    data = _data(6)
+    data[4] = (data[4][0][:1], data[4][1][:1])
+    pipe = _pipe(layers, p, m, "zb-h1", _sgd)
+    with pytest.raises(ValueError, match="mini-batch 4: batch size 1") as info:
+        list(pipe.train(data, 4))
+    assert info.value.version == 1
+    pipe.close()
+    _, r_weights = ref.reference_train(clean, data[:1], schedule="sync", num_microbatches=m,
+                                       loss_fn=FN, optimizer_factory=_sgd)
+    _same_weights(layers, r_weights)
