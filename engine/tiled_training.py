@@ -141,7 +141,6 @@ def train_tiled(pipe: Any, batches: Iterable, window: Optional[int], undo: bool,
             for h in hooks:
                 h.start(t)
             try:
-                pipe._loss.begin(chunk[0][1])
                 outcome = pipe._execute(plan, [tuple(b) for b in chunk], first_minibatch=t)
             except BaseException as err:
                 _roll_back(err, hooks, t, undo)
