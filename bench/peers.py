@@ -357,26 +357,17 @@ class Result:
         return statistics.median(self.rounds[i]) if i < len(self.rounds) and self.rounds[i] else None
 
 
-def _ratio(a: Result, b) -> Optional[float]:
+def _ratio(a: Result, b, plus: float = 0.0) -> Optional[float]:
     """Median over rounds of (a's round median / b's round median): a side-by-side ratio.
-    ``b`` may be a list of results: then the fastest of them in each round (the floor)."""
+    ``b`` may be a list of results: then the fastest of them in each round (the floor).
+    ``plus`` seconds are added to the denominator of every round (the bound: the floor plus
+    the head of :func:`_head`)."""
     bs = b if isinstance(b, list) else [b]
     rs = []
     for i in range(len(a.rounds)):
         den = [x.round_median(i) for x in bs if x.round_median(i)]
         if a.round_median(i) and den:
-            rs.append(a.round_median(i) / min(den))
-    return statistics.median(rs) if rs else None
-
-
-def _over_bound(a: Result, floors: List[Result], head: float) -> Optional[float]:
-    """Median over rounds of a's time / (that round's floor + ``head``): a's time over the
-    least any schedule of the 2-stage split could take (see :func:`_head`)."""
-    rs = []
-    for i in range(len(a.rounds)):
-        den = [x.round_median(i) for x in floors if x.round_median(i)]
-        if a.round_median(i) and den:
-            rs.append(a.round_median(i) / (min(den) + head))
+            rs.append(a.round_median(i) / (min(den) + plus))
     return statistics.median(rs) if rs else None
 
 
@@ -449,13 +440,14 @@ def summarize(wl: Workload, results: List[Result]) -> Dict[str, object]:
            (_ratio(bt, f) if bt else None) for f in floors},
         "pipetrain_over_unsplit1": _ratio(bt, base) if bt and base else None,
     }
-    # The bound: the last device idles at least while stage 0 runs micro-batch 0's forward,
-    # then has at least its floor's work to do; no schedule of this split is faster.
+    # The bound: the last device idles at least while stage 0 runs a forward (the fastest seen
+    # stands for micro-batch 0's), then has at least its floor's work to do; no schedule of
+    # this split is faster.
     heads = [h for r in results if r.row.group == "pipetrain" for h in r.heads]
     head = statistics.median(heads) if heads else None
     out["head_ms"] = None if head is None else head * 1e3
-    out["pippy_over_bound"] = _over_bound(bp, floors, head) if bp and floors and head else None
-    out["pipetrain_over_bound"] = _over_bound(bt, floors, head) if bt and floors and head else None
+    out["pippy_over_bound"] = _ratio(bp, floors, head) if bp and floors and head else None
+    out["pipetrain_over_bound"] = _ratio(bt, floors, head) if bt and floors and head else None
     # pipetrain's multi-process rows alone (same processes and transport as PiPPy's).
     mp = [r for r in results if r.row.name.startswith("pipetrain") and "processes" in r.row.name
           and r.median]

@@ -84,7 +84,7 @@ def test_bound_is_floor_plus_the_first_forward_per_round():
     a, f1, f2 = (peers.Result(peers.Row(n)) for n in ("a", "floor t", "floor p"))
     a.rounds, f1.rounds, f2.rounds = [[12.0], [9.0], [20.0]], [[9.0], [8.0], [11.0]], [[10.0], [7.0], []]
     # Per round: 12 / (9 + 1), 9 / (7 + 1), 20 / (11 + 1) -> median 1.2.
-    assert peers._over_bound(a, [f1, f2], 1.0) == pytest.approx(1.2)
+    assert peers._ratio(a, [f1, f2], 1.0) == pytest.approx(1.2)
 
 
 def test_head_is_stage_0s_fastest_forward():
