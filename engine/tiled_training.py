@@ -43,7 +43,10 @@ downstream, each produced after that stage's update after t - 1; so when any sta
 update t, every stage has applied t - 1, no stage is ever two updates ahead, and the one
 snapshot a stage ahead holds is of the version to go back to. The stages ahead are rolled
 back, so every stage holds version ``n`` = the fewest updates any stage applied
-(``err.version``), and a new ``train()`` continues from it. Without it the error lists each stage's version (``err.versions_at_failure``).
+(``err.version``), and a new ``train()`` continues from it. A mini-batch that cannot be
+split (too few samples, inputs and targets of different sizes) stops its window before
+anything runs: the model stays at the window's start, the earlier mini-batches of that
+window not applied, and the error names the mini-batch by ``train()``'s count. Without it the error lists each stage's version (``err.versions_at_failure``).
 """
 
 from __future__ import annotations
