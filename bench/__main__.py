@@ -14,7 +14,7 @@ import sys
 # Sections in the order they run; a section whose module is absent is reported, not fatal.
 SECTIONS = ["schedule_table", "executor_overhead", "step_overhead", "batched_w", "training", "floor_gap",
             "optim_kernels",
-            "peers", "shm_wire", "compiled", "graph_partition", "graph_runtime", "convergence", "async_throughput",
+            "peers", "peers_training", "shm_wire", "compiled", "graph_partition", "graph_runtime", "convergence", "async_throughput",
             "planner"]
 
 

@@ -82,6 +82,12 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(out, target)
 
 
+def optimizer(params) -> torch.optim.Optimizer:
+    """The optimizer of every training row (``bench/peers_training.py``): SGD with momentum,
+    a small step so that weights stay put over a benchmark's few hundred mini-batches."""
+    return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+
 def stage_work(stage: nn.Module, x_mbs, y_mbs, out_grads, last: bool) -> None:
     """One stage's share of a step with no pipeline around it: forward + backward of each
     micro-batch. A later stage also computes its input gradient (the pipeline must send it

@@ -10,7 +10,8 @@ rows the workers block on their command pipe and use no CPU, and while a worker 
 parent only waits.
 
 Protocol (parent -> both workers, over a ``multiprocessing`` pipe each): ``("setup", wl)``,
-``("run", row, steps)``, ``("exit",)``; each worker answers ``("ok", payload)`` or
+``("run", row, steps)`` (gradient steps), ``("train", row, n)`` (n mini-batches of training,
+optimizer included: ``bench/peers_training.py``), ``("exit",)``; each worker answers ``("ok", payload)`` or
 ``("error", traceback)``. Every call has a timeout; on timeout or error the parent kills the
 pair (``ProcPair.close`` always runs, from ``finally``), so no process outlives the bench.
 """
@@ -97,6 +98,7 @@ class _Worker:
             if kind == "pipetrain":
                 obj.close()       # the previous workload's executors
         self.rows.clear()
+        self.opts: Dict[str, Any] = {}    # row -> its torch optimizer (train rows), made lazily
         self.wl, (self.x, self.y) = wl, pm.data(wl)
         rank, world = self.rank, self.world
         for row, (cls_name, per_proc) in PIPPY_SCHEDULES.items():
@@ -123,7 +125,8 @@ class _Worker:
             v = 2 if sched.startswith("interleaved") else 1
             pipe = pipetrain.Pipeline(pm.make_layers(wl), num_devices=world, schedule=sched,
                                       num_microbatches=wl.microbatches, loss_fn=pm.mse,
-                                      balance=pm.balance(wl, world * v), timeout=120, wire=wire)
+                                      balance=pm.balance(wl, world * v), timeout=120, wire=wire,
+                                      optimizer=pm.optimizer)   # used by train() only
             key = f"pipetrain-mp {sched}" + (" gloo" if wire == "gloo" else "")
             self.rows[key] = ("pipetrain", pipe, pipe.parameters(), None)
         parts = pm.split(pm.make_layers(wl), pm.balance(wl, world))
@@ -166,6 +169,41 @@ class _Worker:
                 "overlap": overlap}
 
 
+    def train(self, row: str, n: int) -> Dict[str, Any]:
+        """``n`` mini-batches of training in a row, each as its engine's user writes it:
+        PiPPy ``schedule.step`` then this process's optimizer step over its stages'
+        parameters; pipetrain ``pipe.train(batches)`` (the optimizer inside the pipeline);
+        the floor its stage work then the optimizer step. One span, after a barrier."""
+        import torch.distributed as dist
+        from bench import _peer_models as pm
+
+        kind, obj, params, extra = self.rows[row]
+        if kind != "pipetrain" and row not in self.opts:
+            self.opts[row] = pm.optimizer(params)
+        opt = self.opts.get(row)
+        for p in params:
+            p.grad = None
+        batches = [(self.x, self.y)] * n
+        with pm.PeakRSS() as mem:
+            dist.barrier()
+            t0 = pm.now_ns()
+            if kind == "pipetrain":
+                for _ in obj.train(batches):
+                    pass
+            else:
+                for _ in range(n):
+                    if kind == "pippy" and self.rank == 0:
+                        obj.step(self.x, return_outputs=False)
+                    elif kind == "pippy":
+                        obj.step(target=self.y, losses=[], return_outputs=False)
+                    else:
+                        pm.stage_work(obj, *extra)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            t1 = pm.now_ns()
+        return {"starts": [t0], "ends": [t1], "mem": mem.delta}
+
+
 def _worker_main(rank: int, world: int, port: int, conn) -> None:
     import torch
     import torch.distributed as dist
@@ -191,7 +229,8 @@ def _worker_main(rank: int, world: int, port: int, conn) -> None:
             if cmd[0] == "exit":
                 break
             try:
-                payload = worker.setup(cmd[1]) if cmd[0] == "setup" else worker.run(*cmd[1:])
+                payload = (worker.setup(cmd[1]) if cmd[0] == "setup" else
+                           worker.train(*cmd[1:]) if cmd[0] == "train" else worker.run(*cmd[1:]))
                 conn.send(("ok", payload))
             except Exception:         # report, keep serving: the parent decides
                 conn.send(("error", traceback.format_exc()))
@@ -265,7 +304,7 @@ class ProcPair:
         try:
             for c in self.conns:
                 c.send(cmd)
-            return self._gather(timeout, cmd[0] if cmd[0] != "run" else f"run {cmd[1]}")
+            return self._gather(timeout, cmd[0] if cmd[0] not in ("run", "train") else f"{cmd[0]} {cmd[1]}")
         except BaseException:
             self.close()
             raise

@@ -235,6 +235,10 @@ class FloorThreads(Row):
         stages = pm.split(pm.make_layers(wl), pm.balance(wl, 2))
         self.work = list(zip(stages, pm.floor_inputs(wl, stages)))
 
+    def unit(self, k: int, stage, args) -> None:
+        """Worker ``k``'s share of one step (a training floor adds its optimizer step)."""
+        pm.stage_work(stage, *args)
+
     def measure(self, steps):
         times, bubbles = [], []
         gate = threading.Barrier(len(self.work) + 1)
@@ -246,7 +250,7 @@ class FloorThreads(Row):
                 for _ in range(steps):
                     gate.wait()
                     t0 = pm.now_ns()
-                    pm.stage_work(stage, *args)
+                    self.unit(k, stage, args)
                     spans[k].append((t0, pm.now_ns()))
                     gate.wait()
             except BaseException as err:   # re-raised below, in the caller
