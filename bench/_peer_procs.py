@@ -11,7 +11,8 @@ parent only waits.
 
 Protocol (parent -> both workers, over a ``multiprocessing`` pipe each): ``("setup", wl)``,
 ``("run", row, steps)`` (gradient steps), ``("train", row, n)`` (n mini-batches of training,
-optimizer included: ``bench/peers_training.py``), ``("exit",)``; each worker answers ``("ok", payload)`` or
+optimizer included: ``bench/peers_training.py``), ``("digest", row)`` (what a test compares
+the trained weights by), ``("exit",)``; each worker answers ``("ok", payload)`` or
 ``("error", traceback)``. Every call has a timeout; on timeout or error the parent kills the
 pair (``ProcPair.close`` always runs, from ``finally``), so no process outlives the bench.
 """
@@ -204,6 +205,16 @@ class _Worker:
         return {"starts": [t0], "ends": [t1], "mem": mem.delta}
 
 
+    def digest(self, row: str) -> Dict[str, Any]:
+        """This rank's share of the row's weights, as two float64 sums (of the values and of
+        their squares) over its stages' parameters: a test adds the ranks' shares and
+        compares them with the unsplit model trained alike."""
+        _, _, params, _ = self.rows[row]
+        ps = list(params)
+        return {"sum": float(sum(p.detach().double().sum() for p in ps)),
+                "sumsq": float(sum(p.detach().double().pow(2).sum() for p in ps))}
+
+
 def _worker_main(rank: int, world: int, port: int, conn) -> None:
     import torch
     import torch.distributed as dist
@@ -230,7 +241,8 @@ def _worker_main(rank: int, world: int, port: int, conn) -> None:
                 break
             try:
                 payload = (worker.setup(cmd[1]) if cmd[0] == "setup" else
-                           worker.train(*cmd[1:]) if cmd[0] == "train" else worker.run(*cmd[1:]))
+                           worker.train(*cmd[1:]) if cmd[0] == "train" else
+                           worker.digest(*cmd[1:]) if cmd[0] == "digest" else worker.run(*cmd[1:]))
                 conn.send(("ok", payload))
             except Exception:         # report, keep serving: the parent decides
                 conn.send(("error", traceback.format_exc()))
@@ -304,7 +316,8 @@ class ProcPair:
         try:
             for c in self.conns:
                 c.send(cmd)
-            return self._gather(timeout, cmd[0] if cmd[0] not in ("run", "train") else f"{cmd[0]} {cmd[1]}")
+            return self._gather(timeout, cmd[0] if cmd[0] not in ("run", "train", "digest")
+                                else f"{cmd[0]} {cmd[1]}")
         except BaseException:
             self.close()
             raise

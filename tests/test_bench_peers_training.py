@@ -104,3 +104,39 @@ def test_without_processes_the_in_process_rows_run(tmp_path):
     for name in ("unsplit, 1 thr", "pipetrain zb-h1", "pipetrain zb-h1, per-step loop",
                  "floor, 2 threads"):
         assert rows[name]["error"] is None and rows[name]["step_s"] > 0
+
+
+@pytest.mark.skipif(bool(NO_PIPPY), reason=f"{NO_PIPPY}")
+def test_process_rows_train_like_the_unsplit_model():
+    # Every engine's training row in the worker processes (PiPPy with torch.optim on each
+    # rank, pipetrain's multi-process train()) ends at the unsplit model's weights after the
+    # same mini-batches, compared by the sums of the values and of their squares over all
+    # ranks. The bar is 1 % of what training moved those sums (a step missed or run twice
+    # moves them by ~1/3 of it); fp32 summation-order differences are ~1e-5 of it.
+    wl = Workload("blocks", "block", 16, 4, 16, 4, rounds=1, steps=3)
+    n = 3
+    model = torch.nn.Sequential(*pm.make_layers(wl))
+    x, y = pm.data(wl)
+
+    def digest(ps):
+        ps = list(ps)
+        return (sum(p.detach().double().sum() for p in ps).item(),
+                sum(p.detach().double().pow(2).sum() for p in ps).item())
+    start = digest(model.parameters())
+    opt = pm.optimizer(model.parameters())
+    for _ in range(n):
+        opt.zero_grad()
+        pm.mse(model(x), y).backward()
+        opt.step()
+    ref = digest(model.parameters())
+    rows = ["Schedule1F1B", "ScheduleInterleaved1F1B", "pipetrain-mp 1f1b", "pipetrain-mp zb-h1"]
+    with _peer_procs.ProcPair(2) as pair:
+        pair.call(("setup", wl), timeout=120)
+        for row in rows:
+            pair.call(("train", row, n), timeout=120)
+            got = pair.call(("digest", row), timeout=60)
+            s, sq = sum(r["sum"] for r in got), sum(r["sumsq"] for r in got)
+            for name, a, b, a0 in (("sum", s, ref[0], start[0]), ("sumsq", sq, ref[1], start[1])):
+                moved = abs(b - a0)
+                assert moved > 0
+                assert abs(a - b) <= 1e-2 * moved, (row, name, a, b, moved)
