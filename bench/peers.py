@@ -39,8 +39,6 @@ slack). Writes ``peers.json``, ``peers.csv`` and ``peers.png`` to ``--out``.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import pathlib
 import statistics
@@ -52,6 +50,7 @@ from typing import Dict, List, Optional
 import torch
 
 from bench import _peer_models as pm
+from bench._peer_outputs import write_outputs
 from pipetrain import schedules
 from bench._peer_models import Workload
 
@@ -514,45 +513,6 @@ def print_table(wl: Workload, results: List[Result], summary: Dict[str, object])
               "more rounds or a quieter machine)")
 
 
-def write_outputs(out: pathlib.Path, report: List[Dict[str, object]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.json").write_text(json.dumps(report, indent=1))
-    with open(out / "peers.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["workload", "row", "group", "step_s_median", "time_over_unsplit1",
-                    "bubble_median", "peak_rss_bytes", "steps", "error"])
-        for wlr in report:
-            for r in wlr["rows"]:
-                w.writerow([wlr["workload"], r["row"], r["group"], r["step_s"], r["over_unsplit1"],
-                            r["bubble"], r["peak_rss_bytes"], r["steps"], r["error"] or ""])
-    try:
-        import matplotlib
-        import matplotlib.ticker
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib missing: no peers.png)")
-        return
-    colours = {"reference": "#888888", "pippy": "#d62728", "pipetrain": "#1f77b4", "floor": "#2ca02c"}
-    fig, axes = plt.subplots(1, len(report), figsize=(6 * len(report), 6), squeeze=False)
-    for ax, wlr in zip(axes[0], report):
-        rows = [r for r in wlr["rows"] if r["over_unsplit1"] is not None]
-        ax.barh([r["row"] for r in rows], [r["over_unsplit1"] for r in rows],
-                color=[colours[r["group"]] for r in rows])
-        ax.invert_yaxis()
-        ax.axvline(1.0, color="black", lw=0.8)
-        ax.set_xscale("log")     # the fine grain spans 1x (unsplit) to ~500x (PiPPy)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        for i, r in enumerate(rows):
-            ax.text(r["over_unsplit1"], i, f" {r['over_unsplit1']:.2f}", va="center", fontsize=7)
-        ax.set_title(f"{wlr['workload']}: step time / unsplit (1 thread)", fontsize=10)
-        ax.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "peers.png", dpi=110)
-    plt.close(fig)
-
-
 def _report(wl, results, summary) -> Dict[str, object]:
     base = next((r for r in results if r.row.name == "unsplit, 1 thr" and r.median), None)
     return {"workload": wl.name, "describe": wl.describe(), "summary": summary,
@@ -572,15 +532,16 @@ def _load() -> str:
         return "n/a"
 
 
-def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = None,
-                use_procs: bool = True, log=print) -> List[Dict[str, object]]:
-    """Measure every workload (or ``wls``); returns the report written to ``out``."""
+def measure_all(wls: List[Workload], rows_of=None, use_procs: bool = True, log=print,
+                extra=None) -> List[Dict[str, object]]:
+    """Per workload: the worker processes set up, ``rows_of(wl)`` (default :func:`make_rows`)
+    measured, summarized and printed; ``extra(results, summary)`` may add to the summary
+    (and print under the table). Returns the reports. The workers start once for all
+    workloads and always end (``finally``); without them the process rows say why."""
     from bench import _peer_procs
-    wls = wls or workloads(quick)
     reason = None if use_procs else "process rows disabled"
     reason = reason or _peer_procs.pippy_available()
     pair = None
-    t0 = time.monotonic()
     report = []
     try:
         if reason is None:
@@ -592,7 +553,7 @@ def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = 
         if reason:
             log(f"(process rows skipped: {reason})")
         log(f"{torch.get_num_threads()} torch threads by default, {pm.cores()} cores, load "
-            f"average {_load()}; {'quick' if quick else 'full'} mode")
+            f"average {_load()}")
         for wl in wls:
             x, y = pm.data(wl)
             if pair is not None and pair.procs:
@@ -601,13 +562,24 @@ def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = 
                 except Exception as err:
                     reason, pair = f"workers failed to set up {wl.name}: {err}", None
             ctx = Context(wl, x, y, pair if pair is not None and pair.procs else None, reason)
-            results = measure_workload(wl, ctx, make_rows(wl), log)
+            results = measure_workload(wl, ctx, (rows_of or make_rows)(wl), log)
             summary = summarize(wl, results)
             print_table(wl, results, summary)
+            if extra is not None:
+                extra(results, summary)
             report.append(_report(wl, results, summary))
     finally:
         if pair is not None:
             pair.close()
+    return report
+
+
+def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[Workload]] = None,
+                use_procs: bool = True, log=print) -> List[Dict[str, object]]:
+    """Measure every workload (or ``wls``); returns the report written to ``out``."""
+    t0 = time.monotonic()
+    log(f"{'quick' if quick else 'full'} mode")
+    report = measure_all(wls or workloads(quick), make_rows, use_procs, log)
     write_outputs(out, report)
     log("bubble: idle share of device time over the compute actions' makespan (pipetrain: "
         "stats().bubble_ratio; PiPPy: its stages' forward/backward calls, timed by wrapping them; "

@@ -39,7 +39,7 @@ import torch
 
 from bench import _peer_models as pm
 from bench import peers
-from bench.peers import Context, FloorThreads, InWorkers, Pipetrain, Result, Row, Sample, Unsplit
+from bench.peers import FloorThreads, InWorkers, Pipetrain, Result, Row, Sample, Unsplit
 
 #: Mini-batches per measurement: two of train()'s default windows of 4.
 MINIBATCHES = 8
@@ -160,40 +160,16 @@ def windows_gain(results: List[Result]) -> Dict[str, Optional[float]]:
 def run_section(quick: bool, out: pathlib.Path, wls: Optional[List[pm.Workload]] = None,
                 use_procs: bool = True, log=print) -> List[Dict[str, object]]:
     """Measure every workload (or ``wls``); returns the report written to ``out``."""
-    from bench import _peer_procs
-    out = pathlib.Path(out)
     t0 = time.monotonic()
-    reason = _peer_procs.pippy_available() if use_procs else "process rows disabled"
-    pair = None
-    report = []
     log(f"training loop, {MINIBATCHES} mini-batches per measurement, SGD + momentum; "
         f"'step ms' below is the time per mini-batch, optimizer step included")
-    try:
-        if reason is None:
-            try:
-                pair = _peer_procs.ProcPair(2)
-            except Exception as err:
-                reason = f"worker processes did not start: {err}"
-        if reason:
-            log(f"(process rows skipped: {reason})")
-        for wl in wls or workloads(quick):
-            x, y = pm.data(wl)
-            if pair is not None and pair.procs:
-                try:
-                    pair.call(("setup", wl), timeout=120)
-                except Exception as err:
-                    reason, pair = f"workers failed to set up {wl.name}: {err}", None
-            ctx = Context(wl, x, y, pair if pair is not None and pair.procs else None, reason)
-            results = peers.measure_workload(wl, ctx, make_rows(wl), log)
-            summary = peers.summarize(wl, results)
-            summary["windows_over_per_step"] = gain = windows_gain(results)
-            peers.print_table(wl, results, summary)
-            print("train() windows (default) / per-step loop: " + ", ".join(
-                f"{s} {peers._fmt(v, '.3f')}" for s, v in gain.items()))
-            report.append(peers._report(wl, results, summary))
-    finally:
-        if pair is not None:
-            pair.close()
+
+    def gain_line(results, summary):
+        summary["windows_over_per_step"] = gain = windows_gain(results)
+        print("train() windows (default) / per-step loop: " + ", ".join(
+            f"{s} {peers._fmt(v, '.3f')}" for s, v in gain.items()))
+    report = peers.measure_all(wls or workloads(quick), make_rows, use_procs, log, gain_line)
+    out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "peers_training.json").write_text(json.dumps(report, indent=1))
     log(f"peers_training: {time.monotonic() - t0:.0f} s; {out}/peers_training.json")
