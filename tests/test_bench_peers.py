@@ -4,7 +4,6 @@ reported per row, and the worker processes never outlive the bench."""
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import math
 import pathlib
@@ -22,14 +21,8 @@ from bench._peer_models import Workload  # noqa: E402
 TINY = [Workload("blocks", "block", 16, 4, 16, 4, rounds=2, steps=1, warmup=1, budget_s=20),
         Workload("fine", "linear", 8, 4, 8, 8, rounds=2, steps=1, warmup=1, budget_s=20)]
 NO_PIPPY = _peer_procs.pippy_available()
-
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    """No test here may hang (worker processes, barriers): dump stacks and exit after 90 s."""
-    faulthandler.dump_traceback_later(90, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# No test here may hang (worker processes, barriers).
+pytestmark = pytest.mark.hang_bound(90)
 
 
 def _expected_rows(wl):

@@ -4,7 +4,6 @@ per-mini-batch numbers, and train()'s windows are compared with its per-step loo
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import math
 import pathlib
@@ -24,14 +23,8 @@ from bench._peer_models import Workload  # noqa: E402
 TINY = Workload("blocks", "block", 16, 4, 16, 4, rounds=2, steps=pt.MINIBATCHES, warmup=1,
                 budget_s=20)
 NO_PIPPY = _peer_procs.pippy_available()
-
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    """No test here may hang (worker processes, barriers): dump stacks and exit after 120 s."""
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# No test here may hang (worker processes, barriers).
+pytestmark = pytest.mark.hang_bound(120)
 
 
 def _params(row):
