@@ -169,7 +169,6 @@ class _Worker:
         return {"starts": starts, "ends": ends, "actions": actions, "mem": mem.delta,
                 "overlap": overlap}
 
-
     def train(self, row: str, n: int) -> Dict[str, Any]:
         """``n`` mini-batches of training in a row, each as its engine's user writes it:
         PiPPy ``schedule.step`` then this process's optimizer step over its stages'
@@ -204,15 +203,13 @@ class _Worker:
             t1 = pm.now_ns()
         return {"starts": [t0], "ends": [t1], "mem": mem.delta}
 
-
     def digest(self, row: str) -> Dict[str, Any]:
         """This rank's share of the row's weights, as two float64 sums (of the values and of
         their squares) over its stages' parameters: a test adds the ranks' shares and
         compares them with the unsplit model trained alike."""
         _, _, params, _ = self.rows[row]
-        ps = list(params)
-        return {"sum": float(sum(p.detach().double().sum() for p in ps)),
-                "sumsq": float(sum(p.detach().double().pow(2).sum() for p in ps))}
+        return {"sum": float(sum(p.detach().double().sum() for p in params)),
+                "sumsq": float(sum(p.detach().double().pow(2).sum() for p in params))}
 
 
 def _worker_main(rank: int, world: int, port: int, conn) -> None:
@@ -231,6 +228,8 @@ def _worker_main(rank: int, world: int, port: int, conn) -> None:
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
         worker = _Worker(rank, world)
+        handlers = {"setup": worker.setup, "run": worker.run, "train": worker.train,
+                    "digest": worker.digest}
         conn.send(("ok", {"pid": os.getpid()}))
         while True:
             try:
@@ -240,9 +239,7 @@ def _worker_main(rank: int, world: int, port: int, conn) -> None:
             if cmd[0] == "exit":
                 break
             try:
-                payload = (worker.setup(cmd[1]) if cmd[0] == "setup" else
-                           worker.train(*cmd[1:]) if cmd[0] == "train" else
-                           worker.digest(*cmd[1:]) if cmd[0] == "digest" else worker.run(*cmd[1:]))
+                payload = handlers[cmd[0]](*cmd[1:])
                 conn.send(("ok", payload))
             except Exception:         # report, keep serving: the parent decides
                 conn.send(("error", traceback.format_exc()))
@@ -316,7 +313,8 @@ class ProcPair:
         try:
             for c in self.conns:
                 c.send(cmd)
-            return self._gather(timeout, cmd[0] if cmd[0] not in ("run", "train", "digest")
+            # A row's command is named with its row; setup's argument is a whole workload.
+            return self._gather(timeout, cmd[0] if cmd[0] == "setup" or len(cmd) < 2
                                 else f"{cmd[0]} {cmd[1]}")
         except BaseException:
             self.close()

@@ -180,10 +180,12 @@ class Pipetrain(Row):
         self.params = [q for layer in layers for q in layer.parameters()]
         self.pipe = pipetrain.Pipeline(layers, num_devices=self.p, schedule=self.schedule,
                                        num_microbatches=wl.microbatches, loss_fn=pm.mse,
-                                       balance=pm.balance(wl, parts),
-                                       **({} if self.num_threads is None else
-                                          {"num_threads": self.num_threads}))
+                                       balance=pm.balance(wl, parts), **self.options())
         self.ctx = ctx
+
+    def options(self) -> dict:
+        """Pipeline arguments beyond the shared ones (a training row adds its optimizer)."""
+        return {} if self.num_threads is None else {"num_threads": self.num_threads}
 
     def measure(self, steps):
         times, bubbles, heads = [], [], []

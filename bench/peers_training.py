@@ -85,14 +85,8 @@ class PipetrainTrain(Pipetrain):
         if window == 1:
             self.name += ", per-step loop"
 
-    def open(self, wl, ctx):
-        import pipetrain
-        layers = pm.make_layers(wl)
-        parts = 2 * (2 if self.schedule.startswith("interleaved") else 1)
-        self.pipe = pipetrain.Pipeline(layers, num_devices=2, schedule=self.schedule,
-                                       num_microbatches=wl.microbatches, loss_fn=pm.mse,
-                                       balance=pm.balance(wl, parts), optimizer=pm.optimizer)
-        self.ctx = ctx
+    def options(self):
+        return {**super().options(), "optimizer": pm.optimizer}
 
     def measure(self, n):
         batches = [(self.ctx.x, self.ctx.y)] * n
