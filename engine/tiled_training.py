@@ -17,11 +17,11 @@ the same weights in the same order per stage; tested bitwise in fp64); what chan
 that one device's update and the next mini-batch's first forwards overlap the other
 devices' cool-down, and the optimizer steps run on the devices' threads, in parallel.
 
-Measured (``python -m bench --only training``: 8 residual blocks, p = 2, m = 8, 2 cores,
-time per mini-batch against the per-step loop, interleaved rounds): 0.95-1.02x with the
-default pre-update snapshots (they now run on the devices' threads, inside the critical
-path, and eat most of the gain), 0.92-0.95x with ``undo_failed_updates=False``; on the
-peers ``linear`` workload with Adam, 0.96x and 0.91x.
+Measured (time per mini-batch against the per-step loop, interleaved rounds on 2 shared
+cores, p = 2, m = 8): ``python -m bench --only training`` (8 residual blocks, d = 256) ZB-H1
+0.79-0.88x, 1F1B 1.01-1.02x; ``--only peers_training`` (the peers' linear and blocks
+models, SGD + momentum) ZB-H1 0.93-1.01x, 1F1B 0.91-1.00x. The pre-update snapshots run on
+the devices' threads, inside the critical path (0.81-0.89x for ZB-H1 without them).
 
 When it applies (else the per-step loop runs, as before): one process, a named schedule,
 no loss scaling (a non-finite gradient anywhere skips every stage's update: a global
